@@ -1,0 +1,31 @@
+# Every target that needs the virtual environment creates it first when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: setup test test-fast train bench gpu-check clean
+
+$(VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+train: setup
+	$(PY) -m nla_fast.train $(ARGS)
+
+bench: setup
+	$(PY) bench/loss_bench.py $(ARGS)
+
+# On the GPU machine: its own python3 and packages as they are (no venv, no installs).
+gpu-check:
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,6 @@
+"""nla_fast: fast, faithful NLA (Navigating Label Ambiguity, AAAI 2025) for facial expression recognition."""
+from .config import NLAConfig, eps_schedule
+from .loss import BackendUnavailable, NLALoss, naw_weight, nla_loss
+
+__version__ = "0.1.0"
+__all__ = ["NLAConfig", "NLALoss", "BackendUnavailable", "eps_schedule", "naw_weight", "nla_loss"]

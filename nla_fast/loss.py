@@ -1,0 +1,184 @@
+"""The public NLA loss: one function, three implementations picked by ``backend``.
+
+- ``reference``: eager PyTorch autograd (``nla_fast.reference``), the oracle.
+- ``triton``: one fused Triton sweep writing the loss and both gradients (``nla_fast.kernels``).
+- ``extension``: the C++/CUDA op ``torch.ops.nla_fast.nla_loss_fwd`` (``csrc/``).
+- ``auto``: CUDA tensors use triton, else the extension; CPU tensors use the extension, else
+  the reference.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from .config import NLAConfig
+from .reference import naw_weight_reference, nla_loss_reference
+
+BACKENDS = ("auto", "reference", "triton", "extension")
+_DEFAULT_CONFIG = NLAConfig()
+_warned_fallback: set[str] = set()
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend asked for by name cannot run here; the message says why."""
+
+
+def _triton_unavailable_reason(device: torch.device) -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        return f"triton is not installed ({err})"
+    if device.type == "cuda":
+        return None
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return (
+        f"the Triton kernels need CUDA tensors (got {device.type}); on the CPU they run only "
+        "under TRITON_INTERPRET=1 set before nla_fast.kernels is imported"
+    )
+
+
+def _extension_unavailable_reason(device: torch.device) -> str | None:
+    from . import extension
+
+    return extension.unavailable_reason(device)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for tensors on ``device``; raises BackendUnavailable if named and impossible."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return backend
+    if backend == "triton":
+        reason = _triton_unavailable_reason(device)
+        if reason:
+            raise BackendUnavailable(f"backend 'triton' is unavailable: {reason}")
+        return backend
+    if backend == "extension":
+        reason = _extension_unavailable_reason(device)
+        if reason:
+            raise BackendUnavailable(f"backend 'extension' is unavailable: {reason}")
+        return backend
+    order = ("triton", "extension") if device.type == "cuda" else ("extension",)
+    reasons = []
+    for candidate in order:
+        check = _triton_unavailable_reason if candidate == "triton" else _extension_unavailable_reason
+        reason = check(device)
+        if reason is None:
+            return candidate
+        reasons.append(f"{candidate}: {reason}")
+    key = f"{device.type}:{';'.join(reasons)}"
+    if key not in _warned_fallback:
+        _warned_fallback.add(key)
+        warnings.warn(f"nla_fast: using the eager reference loss on {device.type} ({'; '.join(reasons)})")
+    return "reference"
+
+
+def _in_trace_or_capture() -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def check_inputs(logits, logits_flip, target, validate: bool) -> None:
+    """Shape and dtype checks (free); with ``validate`` also the target range (one host sync)."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (B, C), got shape {tuple(logits.shape)}")
+    if logits_flip is not None and logits_flip.shape != logits.shape:
+        raise ValueError(
+            f"logits_flip must match logits: {tuple(logits_flip.shape)} != {tuple(logits.shape)}"
+        )
+    if logits.shape[1] < 2:
+        raise ValueError(f"NLA needs at least 2 classes, got C={logits.shape[1]}")
+    if target.shape != logits.shape[:1]:
+        raise ValueError(f"target must be (B,) = ({logits.shape[0]},), got shape {tuple(target.shape)}")
+    if target.dtype.is_floating_point or target.dtype == torch.bool:
+        raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
+    if not logits.dtype.is_floating_point:
+        raise ValueError(f"logits must be floating point, got dtype {logits.dtype}")
+    if validate and target.numel() and not _in_trace_or_capture():
+        bad = (target < 0) | (target >= logits.shape[1])
+        if bool(bad.any()):
+            index = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"target[{index}] = {int(target[index])} is outside [0, {logits.shape[1]}) "
+                f"(C = {logits.shape[1]} classes); pass validate=False only for labels checked once"
+            )
+
+
+def nla_loss(
+    logits: torch.Tensor,
+    logits_flip: torch.Tensor,
+    target: torch.Tensor,
+    eps: float | torch.Tensor = 0.0,
+    config: NLAConfig | None = None,
+    backend: str = "auto",
+    validate: bool = True,
+    return_weights: bool = False,
+):
+    """The NLA loss (SPEC 1.1) as a 0-d float32 tensor.
+
+    ``logits``/``logits_flip``: (B, C) logits of an image and of its horizontal flip.
+    ``target``: (B,) integer labels. ``eps``: the schedule value, a float or a 0-d tensor on
+    the logits' device (read from memory, so a captured CUDA graph sees updates).
+    ``return_weights``: also return the (B,) NAW weights (detached) from the same pass.
+    """
+    config = config or _DEFAULT_CONFIG
+    check_inputs(logits, logits_flip, target, validate)
+    chosen = resolve_backend(backend, logits.device)
+    if chosen == "reference":
+        loss = nla_loss_reference(logits, logits_flip, target, eps, config).float()
+        if return_weights:
+            return loss, naw_weight_reference(logits.detach(), target, eps, config).float()
+        return loss
+    if chosen == "triton":
+        from .kernels.nla_loss import nla_loss_triton as impl
+    else:
+        from .extension import nla_loss_extension as impl
+    loss, weights = impl(logits, logits_flip, target, eps, config.constants, return_weights)
+    return (loss, weights) if return_weights else loss
+
+
+def naw_weight(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    eps: float | torch.Tensor = 0.0,
+    config: NLAConfig | None = None,
+    backend: str = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """(B,) float32 NAW weight of each sample (no gradient)."""
+    config = config or _DEFAULT_CONFIG
+    check_inputs(logits, None, target, validate)
+    chosen = resolve_backend(backend, logits.device)
+    with torch.no_grad():
+        if chosen == "reference":
+            return naw_weight_reference(logits, target, eps, config).float()
+        if chosen == "triton":
+            from .kernels.nla_loss import naw_weight_triton as impl
+        else:
+            from .extension import naw_weight_extension as impl
+        return impl(logits, target, eps, config.constants)
+
+
+class NLALoss(torch.nn.Module):
+    """``nn.Module`` form of :func:`nla_loss`: ``NLALoss(config)(logits, logits_flip, target, eps)``."""
+
+    def __init__(self, config: NLAConfig | None = None, backend: str = "auto", validate: bool = True):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.config = config or NLAConfig()
+        self.backend = backend
+        self.validate = validate
+
+    def forward(self, logits, logits_flip, target, eps=0.0, return_weights: bool = False):
+        return nla_loss(
+            logits, logits_flip, target, eps, self.config, self.backend, self.validate, return_weights
+        )
+
+    def extra_repr(self) -> str:
+        return f"config={self.config}, backend={self.backend!r}"
