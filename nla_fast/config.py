@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import NamedTuple
 
 CONSISTENCY_VARIANTS = ("official", "jsd")
@@ -76,6 +75,8 @@ class NLAConfig:
             if len(value) != 2:
                 raise ValueError(f"NLAConfig.{name} must be a pair (p_gt, p_nn), got {value!r}")
             object.__setattr__(self, name, (float(value[0]), float(value[1])))
+        # Derived once here (not a dataclass field): plain attribute reads trace cleanly under torch.compile.
+        object.__setattr__(self, "_constants", _derive_constants(self))
 
     @classmethod
     def official(cls, **overrides) -> "NLAConfig":
@@ -86,10 +87,9 @@ class NLAConfig:
 
     @property
     def constants(self) -> NLAConstants:
-        return _derive_constants(self)
+        return self._constants
 
 
-@lru_cache(maxsize=64)
 def _derive_constants(config: NLAConfig) -> NLAConstants:
     o_true = ellipse_off_diagonal(config.diag_true, config.ratio_true)
     o_false = ellipse_off_diagonal(config.diag_false, config.ratio_false)
