@@ -1,0 +1,229 @@
+"""NLA loss benchmark: every backend against the reference-style loss, in one run.
+
+    python bench/loss_bench.py            # full sweep (GPU: do_bench medians, cold L2)
+    python bench/loss_bench.py --quick    # small CPU-friendly sweep, < 30 s
+
+Prints a table and writes bench/results/loss_bench-<device>.{json,md} (and a copy under
+$OUT when set). Bytes counted per call: both logit tensors and the targets read once, plus
+both gradients written once for forward+backward; GB/s is set against a device-to-device
+copy measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference_style import reference_style_nla_loss  # noqa: E402
+
+from nla_fast import NLAConfig, nla_loss  # noqa: E402
+from nla_fast.reference import nla_loss_reference  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FULL_SHAPES = [(32, 7), (64, 7), (4096, 7), (65536, 7), (2**20, 7), (4096, 1000)]
+QUICK_SHAPES = [(32, 7), (4096, 7)]
+CONFIG = NLAConfig.official()  # the constants the reference-style loss uses
+
+
+def device_slug(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+
+def versions() -> dict:
+    out = {"torch": torch.__version__, "python": platform.python_version(), "cuda": torch.version.cuda}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out
+
+
+def median_ms(fn, device: torch.device, quick: bool) -> float:
+    """Median milliseconds of fn(). GPU: triton's do_bench (events, L2 flushed per call)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100 if quick else 200, return_mode="median"))
+    for _ in range(3):
+        fn()
+    times = []
+    budget = 0.3 if quick else 2.0
+    start = time.perf_counter()
+    while len(times) < 5 or (time.perf_counter() - start < budget and len(times) < 200):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(device: torch.device, quick: bool) -> float:
+    """Device-to-device copy, counting bytes read plus bytes written."""
+    n = (2**26 if quick else 2**28) if device.type == "cuda" else 2**23
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, quick)
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def make_backends(device: torch.device, with_compile: bool) -> dict:
+    backends = {
+        "reference-style": lambda z, zf, y, e: reference_style_nla_loss(z, zf, y, float(e)),
+        "reference": lambda z, zf, y, e: nla_loss_reference(z, zf, y, e, CONFIG),
+    }
+    if with_compile:
+        compiled = torch.compile(nla_loss_reference, dynamic=False)
+        backends["reference+compile"] = lambda z, zf, y, e: compiled(z, zf, y, e, CONFIG)
+    for name in ("triton", "extension"):
+        if device.type == "cpu" and name == "triton":
+            continue  # the interpreter's timings mean nothing
+        try:
+            probe = torch.randn(2, 7, device=device)
+            nla_loss(probe, probe, torch.zeros(2, dtype=torch.long, device=device), backend=name)
+        except Exception as err:  # noqa: BLE001 - report and go on without that backend
+            print(f"[loss_bench] backend {name} unavailable: {err}", file=sys.stderr)
+            continue
+        backends[name] = lambda z, zf, y, e, _n=name: nla_loss(z, zf, y, e, CONFIG, backend=_n, validate=False)
+    return backends
+
+
+def run(args) -> dict:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    quick = args.quick
+    shapes = QUICK_SHAPES if quick else FULL_SHAPES
+    dtypes = [torch.float32] if (quick or device.type == "cpu") else [torch.float32, torch.bfloat16]
+    with_compile = args.compile if args.compile is not None else (device.type == "cuda")
+    backends = make_backends(device, with_compile)
+    bandwidth = copy_bandwidth_gbs(device, quick)
+    print(f"[loss_bench] {device_slug(device)}: copy bandwidth {bandwidth:.0f} GB/s; backends {list(backends)}")
+
+    rows = []
+    for batch, classes in shapes:
+        for dtype in dtypes:
+            gen = torch.Generator(device=device).manual_seed(batch + classes)
+            z = (2 * torch.randn(batch, classes, device=device, generator=gen)).to(dtype)
+            zf = (z.float() + 0.5 * torch.randn(batch, classes, device=device, generator=gen)).to(dtype)
+            y = torch.randint(0, classes, (batch,), device=device, generator=gen)
+            eps = torch.tensor(0.37, device=device)
+            io_bytes = 2 * z.numel() * z.element_size() + y.numel() * y.element_size()
+            for mode in ("fwd", "fwd+bwd"):
+                zg = z.detach().requires_grad_(mode == "fwd+bwd")
+                zfg = zf.detach().requires_grad_(mode == "fwd+bwd")
+                nbytes = io_bytes + (2 * z.numel() * z.element_size() if mode == "fwd+bwd" else 0)
+                baseline = None
+                for name, fn in backends.items():
+                    if mode == "fwd":
+                        def call(fn=fn):
+                            with torch.no_grad():
+                                fn(zg, zfg, y, eps)
+                    else:
+                        def call(fn=fn):
+                            torch.autograd.grad(fn(zg, zfg, y, eps), (zg, zfg))
+                    try:
+                        ms = median_ms(call, device, quick)
+                    except Exception as err:  # noqa: BLE001 - a failing backend is a row, not a crash
+                        print(f"[loss_bench] {name} {batch}x{classes} {dtype} {mode}: {err}", file=sys.stderr)
+                        continue
+                    if name == "reference-style":
+                        baseline = ms
+                    gbs = nbytes / ms / 1e6
+                    rows.append({
+                        "batch": batch, "classes": classes, "dtype": str(dtype).replace("torch.", ""),
+                        "mode": mode, "backend": name, "median_ms": ms, "bytes": nbytes, "gb_per_s": gbs,
+                        "fraction_of_copy_bw": gbs / bandwidth,
+                        "speedup_vs_reference_style": (baseline / ms) if baseline else None,
+                    })
+    result = {
+        "benchmark": "loss_bench", "device": device_slug(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "versions": versions(), "quick": quick, "copy_bandwidth_gb_per_s": bandwidth,
+        "timer": "triton.testing.do_bench median" if device.type == "cuda" else "perf_counter median",
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows, "targets": targets(rows),
+    }
+    return result
+
+
+def _find(rows, **key):
+    for row in rows:
+        if all(row[k] == v for k, v in key.items()):
+            return row
+    return None
+
+
+def targets(rows) -> dict:
+    """SPEC 4: (32,7) fwd+bwd >= 50x reference-style and >= 2x compiled reference; (2^20,7) bf16 >= 70% copy BW."""
+    out = {}
+    for fast in ("triton", "extension"):
+        small = _find(rows, batch=32, classes=7, dtype="float32", mode="fwd+bwd", backend=fast)
+        comp = _find(rows, batch=32, classes=7, dtype="float32", mode="fwd+bwd", backend="reference+compile")
+        big = _find(rows, batch=2**20, classes=7, dtype="bfloat16", mode="fwd+bwd", backend=fast)
+        if small:
+            out[f"{fast}: 32x7 speedup vs reference-style (>= 50)"] = small["speedup_vs_reference_style"]
+        if small and comp:
+            out[f"{fast}: 32x7 speedup vs compiled reference (>= 2)"] = comp["median_ms"] / small["median_ms"]
+        if big:
+            out[f"{fast}: 2^20x7 bf16 fraction of copy bandwidth (>= 0.70)"] = big["fraction_of_copy_bw"]
+    return out
+
+
+def to_markdown(result) -> str:
+    lines = [
+        f"# loss_bench on {result['device_name']} ({result['device']})",
+        f"torch {result['versions']['torch']}, triton {result['versions']['triton']}, "
+        f"CUDA {result['versions']['cuda']}; {result['timer']}; copy bandwidth "
+        f"{result['copy_bandwidth_gb_per_s']:.0f} GB/s; {result['time']}",
+        "",
+        "| B | C | dtype | mode | backend | median ms | GB/s | % copy BW | x ref-style |",
+        "|---:|---:|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        speed = f"{r['speedup_vs_reference_style']:.1f}" if r["speedup_vs_reference_style"] else "-"
+        lines.append(
+            f"| {r['batch']} | {r['classes']} | {r['dtype']} | {r['mode']} | {r['backend']} | "
+            f"{r['median_ms']:.4f} | {r['gb_per_s']:.1f} | {100 * r['fraction_of_copy_bw']:.1f} | {speed} |"
+        )
+    lines += ["", "Targets (SPEC 4):", ""]
+    lines += [f"- {k}: {v:.2f}" for k, v in result["targets"].items()] or ["- (no fast backend ran)"]
+    return "\n".join(lines) + "\n"
+
+
+def write(result, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"loss_bench-{result['device']}{'-quick' if result['quick'] else ''}"
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+    paths[0].write_text(json.dumps(result, indent=2))
+    paths[1].write_text(to_markdown(result))
+    return paths
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sweep (CPU-friendly, < 30 s)")
+    parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    parser.add_argument("--compile", dest="compile", action="store_true", default=None,
+                        help="include torch.compile of the reference (default: on for CUDA)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON and Markdown go")
+    args = parser.parse_args(argv)
+    result = run(args)
+    paths = write(result, args.out_dir)
+    if os.environ.get("OUT"):
+        write(result, Path(os.environ["OUT"]))
+    print(to_markdown(result))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return result
+
+
+if __name__ == "__main__":
+    main()
