@@ -93,6 +93,9 @@ def check_inputs(logits, logits_flip, target, validate: bool) -> None:
         )
     if logits.shape[1] < 2:
         raise ValueError(f"NLA needs at least 2 classes, got C={logits.shape[1]}")
+    for name, tensor in (("logits_flip", logits_flip), ("target", target)):
+        if tensor is not None and tensor.device != logits.device:
+            raise ValueError(f"{name} is on {tensor.device} but logits are on {logits.device}")
     if target.shape != logits.shape[:1]:
         raise ValueError(f"target must be (B,) = ({logits.shape[0]},), got shape {tuple(target.shape)}")
     if target.dtype.is_floating_point or target.dtype == torch.bool:

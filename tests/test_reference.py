@@ -194,6 +194,8 @@ def test_bad_targets_are_named():
         nla_loss(z, z, torch.tensor([0.0, 1.0, 2.0]), backend="reference")
     with pytest.raises(ValueError, match="must match logits"):
         nla_loss(z, torch.randn(3, 8), torch.tensor([0, 1, 2]), backend="reference")
+    with pytest.raises(ValueError, match="target is on meta"):
+        nla_loss(z, z, torch.zeros(3, dtype=torch.long, device="meta"), backend="reference")
     with pytest.raises(ValueError, match="at least 2 classes"):
         nla_loss(torch.randn(3, 1), torch.randn(3, 1), torch.zeros(3, dtype=torch.long), backend="reference")
 
