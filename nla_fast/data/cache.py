@@ -1,0 +1,130 @@
+"""Decode-once uint8 cache.
+
+Each loader decodes its split once into plain tensors (uint8 images, votes/labels,
+names) and stores them with ``torch.save`` under ``$NLA_FAST_CACHE`` (default
+``~/.cache/nla_fast``). The file name carries a key hashed from: the dataset, the split,
+the options that change the decoded pixels, the *contents* of the label files (SHA-256)
+and the size and modification time of every image file. Any change of an input gives a
+new key, hence a rebuild. Files are written under a temporary name in the same folder,
+flushed to disk and renamed (atomic on POSIX), so an interrupted build never leaves a
+file that a later run would read. Label rules, noise and imbalance protocols are applied
+after loading and are not part of the cached payload.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+
+CACHE_FORMAT = 1  # bump when the payload layout or a decoder changes
+
+
+def cache_dir(override=None) -> Path:
+    if override is not None:
+        return Path(override).expanduser()
+    env = os.environ.get("NLA_FAST_CACHE")
+    return Path(env).expanduser() if env else Path("~/.cache/nla_fast").expanduser()
+
+
+def file_digest(path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file's contents."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def stat_digest(paths: Iterable) -> str:
+    """Hash of (path, size, mtime_ns) of many files: detects replaced images cheaply."""
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()
+
+
+def make_key(parts: dict) -> str:
+    blob = json.dumps({"format": CACHE_FORMAT, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def cache_path(dataset: str, split: str, key: str, directory=None) -> Path:
+    return cache_dir(directory) / f"{dataset}-{split}-{key}.pt"
+
+
+def _atomic_save(payload: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
+def _load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except TypeError:  # very old torch without mmap
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_or_build(
+    dataset: str,
+    split: str,
+    key_parts: dict,
+    build: Callable[[], dict],
+    use_cache: bool = True,
+    directory=None,
+    verbose: bool = True,
+) -> tuple[dict, Optional[Path], bool]:
+    """``(payload, cache_file or None, was_built)``: the cached payload for ``key_parts`` or a fresh build.
+
+    ``build()`` returns a dict of tensors / lists / strings / numbers (``torch.load``
+    with ``weights_only=True`` must read it back).
+    """
+    if not use_cache:
+        return build(), None, True
+    key = make_key({"dataset": dataset, "split": split, **key_parts})
+    path = cache_path(dataset, split, key, directory)
+    if path.exists():
+        try:
+            payload = _load(path)
+            if isinstance(payload, dict) and payload.get("__key__") == key:
+                return payload, path, False
+            reason = "key mismatch"
+        except Exception as err:  # truncated by a disk error, or written by an incompatible torch
+            reason = f"{type(err).__name__}: {err}"
+        if verbose:
+            print(f"[nla_fast.data] cache file {path} unreadable ({reason}); rebuilding", file=sys.stderr)
+    payload = build()
+    payload["__key__"] = key
+    try:
+        _atomic_save(payload, path)
+    except OSError as err:  # read-only or full disk: carry on without a cache
+        if verbose:
+            print(f"[nla_fast.data] could not write cache {path}: {err}", file=sys.stderr)
+        return payload, None, True
+    if verbose:
+        print(f"[nla_fast.data] cached {dataset}/{split} -> {path}", file=sys.stderr)
+    return payload, path, True

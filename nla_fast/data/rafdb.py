@@ -1,0 +1,111 @@
+"""RAF-DB (basic emotions), aligned 100x100 images.
+
+Layout (``root`` is the ``basic`` folder, or a folder holding ``basic/``)::
+
+    EmoLabel/list_patition_label.txt     lines 'train_00001.jpg 5' (labels 1..7)
+    Image/aligned/train_00001_aligned.jpg
+
+Labels 1..7 in the file become 0..6: Surprise, Fear, Disgust, Happiness, Sadness, Anger,
+Neutral. Names starting with ``train`` form the training split, ``test`` the test split.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import cache as _cache
+from .decode import decode_images
+from .errors import DatasetNotFoundError, LabelFormatError, LabelRangeError
+
+CLASSES = ("Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral")
+TRAIN_COUNTS = (1290, 281, 717, 4772, 1982, 705, 2524)
+TEST_COUNTS = (329, 74, 160, 1185, 478, 162, 680)
+LABEL_FILE = Path("EmoLabel") / "list_patition_label.txt"
+IMAGE_DIR = Path("Image") / "aligned"
+WHERE = (
+    "RAF-DB is distributed by its authors on request (academic use): "
+    "http://www.whdeng.cn/RAF/model1.html ; nothing is downloaded automatically"
+)
+
+
+def _expected(root: Path) -> str:
+    return (
+        f"expected {root / LABEL_FILE} (lines 'train_00001.jpg 5', labels 1..7) and "
+        f"{root / IMAGE_DIR}/<name>_aligned.jpg. {WHERE}"
+    )
+
+
+def resolve_root(root) -> Path:
+    if root is None:
+        raise DatasetNotFoundError(f"RAF-DB needs root= (the 'basic' folder). {WHERE}")
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DatasetNotFoundError(f"RAF-DB root {root} does not exist; {_expected(root)}")
+    if not (root / LABEL_FILE).is_file() and (root / "basic" / LABEL_FILE).is_file():
+        root = root / "basic"
+    if not (root / LABEL_FILE).is_file():
+        raise DatasetNotFoundError(f"RAF-DB label file {root / LABEL_FILE} is missing; {_expected(root)}")
+    return root
+
+
+def read_label_file(path: Path, split: str) -> tuple[list[str], list[int]]:
+    """Names and 0-based labels of ``split`` from list_patition_label.txt."""
+    names, labels = [], []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2:
+                raise LabelFormatError(f"{path}, line {lineno}: expected '<name> <label>', got {line.rstrip()!r}")
+            name, raw = parts
+            try:
+                value = int(raw)
+            except ValueError:
+                raise LabelFormatError(f"{path}, line {lineno}: label {raw!r} is not an integer") from None
+            if not 1 <= value <= 7:
+                raise LabelRangeError(f"{path}, line {lineno}: label {value} out of range 1..7")
+            if name.startswith(split):
+                names.append(name)
+                labels.append(value - 1)
+    return names, labels
+
+
+def image_path(root: Path, name: str) -> Path:
+    stem = name.rsplit(".", 1)[0]
+    return root / IMAGE_DIR / f"{stem}_aligned.jpg"
+
+
+def load(root, split: str, use_cache=True, cache_dir=None, workers=None, verbose=True, **_):
+    if split not in ("train", "test"):
+        raise ValueError(f"RAF-DB splits are 'train' and 'test', got {split!r}")
+    root = resolve_root(root)
+    label_file = root / LABEL_FILE
+    names, labels = read_label_file(label_file, split)
+    if not names:
+        raise LabelFormatError(f"{label_file} lists no '{split}*' images")
+    paths = [image_path(root, n) for n in names]
+    key = {
+        "root": str(root.resolve()),
+        "labels_sha256": _cache.file_digest(label_file),
+        "images": _cache.stat_digest(paths),
+    }
+
+    def build():
+        images = decode_images(paths, workers=workers, desc=f"rafdb/{split}", verbose=verbose)
+        return {
+            "images": torch.from_numpy(images),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "names": names,
+        }
+
+    payload, path, built = _cache.load_or_build("rafdb", split, key, build, use_cache, cache_dir, verbose)
+    return dict(
+        images=payload["images"],
+        labels=payload["labels"],
+        names=list(payload["names"]),
+        classes=CLASSES,
+        info={"root": str(root), "label_file": str(label_file), "cache_file": str(path) if path else None, "cache_built": built},
+    )
+

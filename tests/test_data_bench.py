@@ -1,0 +1,26 @@
+"""bench/data_bench.py --quick runs on the CPU and writes its JSON."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_data_bench_quick(tmp_path):
+    out = tmp_path / "data_bench_quick.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "data_bench.py"), "--quick", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "NLA_FAST_CACHE": str(tmp_path / "cache")},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.read_text())
+    for key in ("device", "torch", "figures", "targets", "wall_s"):
+        assert key in res
+    fig = res["figures"]
+    assert fig["cpu_ours_b32_samples_per_s"] > 0 and fig["cpu_dataloader_w2_samples_per_s"] > 0
+    assert res["targets"]["cpu_speedup_vs_best_dataloader"] > 0
+    assert "cpu_ours_b32_samples_per_s" in proc.stdout  # the table
