@@ -122,7 +122,8 @@ def nla_loss(
     validate: bool = True,
     return_weights: bool = False,
 ):
-    """The NLA loss (SPEC 1.1) as a 0-d float32 tensor.
+    """The NLA loss (SPEC 1.1) as a 0-d float32 tensor (float64 for float64 logits, except on
+    the triton backend, which computes in float32).
 
     ``logits``/``logits_flip``: (B, C) logits of an image and of its horizontal flip.
     ``target``: (B,) integer labels. ``eps``: the schedule value, a float or a 0-d tensor on
@@ -133,7 +134,7 @@ def nla_loss(
     check_inputs(logits, logits_flip, target, validate)
     chosen = resolve_backend(backend, logits.device)
     if chosen == "reference":
-        loss = nla_loss_reference(logits, logits_flip, target, eps, config).float()
+        loss = nla_loss_reference(logits, logits_flip, target, eps, config)
         if return_weights:
             return loss, naw_weight_reference(logits.detach(), target, eps, config).float()
         return loss

@@ -1,0 +1,566 @@
+"""The native (C++/CUDA) NLA loss, ``nla_fast.extension`` / ``csrc/``.
+
+Oracle: ``nla_fast.reference.nla_loss_reference`` run with float64 autograd on the same input
+values (half/bfloat16/float32 inputs are upcast exactly). Tolerances:
+
+- float64 op:  loss and weights rtol 1e-10, atol 1e-12; gradients atol 1e-12.
+- float32 op (and float32 maths for half/bfloat16 inputs): loss rtol 2e-5, atol 2e-6 * B * S;
+  weights rtol 1e-5, atol 1e-6; gradients atol 1e-6 * S + rtol 1e-4 of the largest reference
+  gradient entry, where S = max(1, max|logit|) (float32 rounds lse(z) to about S * 6e-8, and the
+  official consistency term is a sum over the batch of differences of such lse values).
+- half/bfloat16 gradients are stored in the logits' dtype: an extra relative 1e-3 (half) or
+  8e-3 (bfloat16) of the largest reference gradient entry.
+
+The CPU tests build the CPU library on first use (about 20 s on 2 cores, cached afterwards in the
+torch extensions dir). The nvcc test compiles the CUDA source for sm_90 with device optimisation
+off (-Xcicc -O0 -Xptxas -O0: it checks that the source compiles, quickly) and, in parallel, the
+CUDA glue of nla_loss.cpp (-DNLA_WITH_CUDA, -fsyntax-only); a success is remembered per source
+hash. Tests marked ``gpu`` compare the CUDA kernels and run only with a CUDA device
+(``make gpu-check``; the first one builds the CUDA library, about a minute).
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.cpp_extension import get_default_build_root
+
+import nla_fast
+from nla_fast import extension
+from nla_fast.config import NLAConfig
+from nla_fast.reference import gaussian_pdf_2d, naw_weight_reference, nla_loss_reference
+
+F64_RTOL, F64_ATOL = 1e-10, 1e-12
+F32_LOSS_RTOL, F32_LOSS_ATOL_PER_ROW = 2e-5, 2e-6
+F32_W_RTOL, F32_W_ATOL = 1e-5, 1e-6
+F32_GRAD_ATOL, F32_GRAD_RTOL = 1e-6, 1e-4
+STORE_RTOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+CONFIGS = {
+    "paper": NLAConfig(),
+    "official": NLAConfig.official(),
+    "jsd": NLAConfig(consistency="jsd"),
+}
+EPS_VALUES = (0.0, 0.37, 1.0)
+
+
+def _cpu_reason():
+    return extension.unavailable_reason(torch.device("cpu"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    reason = _cpu_reason()
+    if reason is not None:
+        pytest.fail(f"the CPU extension did not build: {reason}")
+
+
+# ----------------------------------------------------------------------------- helpers
+def op(z, zf, y, eps, config, need_grad=True, need_weights=True):
+    c = config.constants
+    eps_tensor, eps_value = (eps, 0.0) if isinstance(eps, torch.Tensor) else (None, float(eps))
+    return torch.ops.nla_fast.nla_loss_fwd(z, zf, y, eps_tensor, eps_value, c.as_list(), c.jsd, need_grad,
+                                           need_weights)
+
+
+def reference(z, zf, y, eps, config):
+    """float64 autograd oracle on the same values: (loss, grad_z, grad_zf, weights)."""
+    z64 = z.detach().to("cpu", torch.float64).requires_grad_()
+    zf64 = zf.detach().to("cpu", torch.float64).requires_grad_()
+    y64 = y.to("cpu", torch.long)
+    eps64 = eps.detach().to("cpu", torch.float64) if isinstance(eps, torch.Tensor) else eps
+    loss = nla_loss_reference(z64, zf64, y64, eps64, config)
+    gz, gzf = torch.autograd.grad(loss, [z64, zf64])
+    w = naw_weight_reference(z64.detach(), y64, eps64, config)
+    return loss.detach(), gz, gzf, w
+
+
+def make_inputs(batch, classes, dtype=torch.float32, scale=3.0, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed + 1000 * batch + classes)
+    z = (torch.randn(batch, classes, generator=g, dtype=torch.float64) * scale).to(dtype)
+    zf = (z.double() + torch.randn(batch, classes, generator=g, dtype=torch.float64) * scale / 2).to(dtype)
+    y = torch.randint(0, classes, (batch,), generator=g)
+    return z.to(device), zf.to(device), y.to(device)
+
+
+def assert_matches(out, ref, z, dtype):
+    loss, gz, gzf, w = (t.detach().to("cpu", torch.float64) for t in out)
+    rloss, rgz, rgzf, rw = ref
+    batch = z.shape[0]
+    if dtype == torch.float64:
+        torch.testing.assert_close(loss, rloss, rtol=F64_RTOL, atol=F64_ATOL * batch)
+        torch.testing.assert_close(w, rw, rtol=F64_RTOL, atol=F64_ATOL)
+        torch.testing.assert_close(gz, rgz, rtol=0, atol=F64_ATOL)
+        torch.testing.assert_close(gzf, rgzf, rtol=0, atol=F64_ATOL)
+        return
+    s = max(1.0, float(z.detach().abs().double().max())) if z.numel() else 1.0
+    torch.testing.assert_close(loss, rloss, rtol=F32_LOSS_RTOL, atol=F32_LOSS_ATOL_PER_ROW * batch * s)
+    torch.testing.assert_close(w, rw, rtol=F32_W_RTOL, atol=F32_W_ATOL)
+    for got, want in ((gz, rgz), (gzf, rgzf)):
+        scale = float(want.abs().max()) if want.numel() else 0.0
+        atol = F32_GRAD_ATOL * s + (F32_GRAD_RTOL + STORE_RTOL.get(dtype, 0.0)) * scale
+        torch.testing.assert_close(got, want, rtol=0, atol=atol)
+
+
+# ----------------------------------------------------------------------------- CPU op vs the oracle
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+@pytest.mark.parametrize("classes", [2, 7, 8, 13, 1000])
+@pytest.mark.parametrize("batch", [1, 2, 7, 33, 257])
+def test_cpu_matches_reference(batch, classes, config_name):
+    """float64 and float32 ops on the same (float32-representable) values; eps float and 0-d tensor."""
+    config = CONFIGS[config_name]
+    z32, zf32, y = make_inputs(batch, classes, torch.float32)
+    consts = config.constants.as_list()
+    eps64, eps32 = torch.tensor(0.37, dtype=torch.float64), torch.tensor(0.37, dtype=torch.float32)
+    ref_eps32 = reference(z32, zf32, y, eps32, config)  # eps = float(float32(0.37))
+    for eps in EPS_VALUES:
+        ref = reference(z32, zf32, y, eps, config)
+        for dtype in (torch.float64, torch.float32):
+            z, zf = z32.to(dtype), zf32.to(dtype)
+            out = op(z, zf, y, eps, config)
+            assert_matches(out, ref, z, dtype)
+            w = torch.ops.nla_fast.naw_weight(z, y, None, eps, consts)
+            assert torch.equal(w, out[3])
+            if eps == 0.37:
+                # a float64 0-d tensor holds exactly the float: identical results
+                for got, want in zip(op(z, zf, y, eps64, config), out):
+                    assert torch.equal(got, want)
+                out32 = op(z, zf, y, eps32, config)
+                assert_matches(out32, ref_eps32, z, dtype)
+                assert torch.equal(torch.ops.nla_fast.naw_weight(z, y, eps32, 0.0, consts), out32[3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_half_inputs(dtype):
+    z, zf, y = make_inputs(33, 13, dtype)
+    for config in CONFIGS.values():
+        out = op(z, zf, y, 0.5, config)
+        assert out[0].dtype == torch.float32 and out[3].dtype == torch.float32
+        assert out[1].dtype == dtype and out[2].dtype == dtype
+        assert_matches(out, reference(z, zf, y, 0.5, config), z, dtype)
+
+
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+def test_cpu_large_logits(config_name):
+    config = CONFIGS[config_name]
+    for dtype in (torch.float64, torch.float32):
+        z, zf, y = make_inputs(33, 13, dtype, scale=3000.0)
+        z[0, 0], zf[1, 2], z[2, 5] = 1e4, -1e4, -1e4
+        for eps in (0.0, 1.0):
+            assert_matches(op(z, zf, y, eps, config), reference(z, zf, y, eps, config), z, dtype)
+
+
+def test_cpu_exact_ties():
+    """g == n is the true case; among tied negatives the first index is the nearest."""
+    z = torch.tensor([
+        [2.0, 1.0, 2.0, 0.0, -1.0, 0.5],   # y=0 ties with negative 2
+        [0.0, 3.0, 1.0, 3.0, 3.0, 0.0],   # y=2 below three tied negatives: nearest is index 1
+        [1.0, 1.0, 1.0, 1.0, 1.0, 1.0],   # all equal: true case, nearest is the first j != y
+        [5.0, 5.0, -2.0, 0.0, 0.0, 0.0],  # y=1 ties with negative 0
+    ], dtype=torch.float64)
+    y = torch.tensor([0, 2, 3, 1])
+    zf = z.flip(1).clone()
+    for config in CONFIGS.values():
+        for dtype in (torch.float64, torch.float32):
+            for eps in EPS_VALUES:
+                zd, zfd = z.to(dtype), zf.to(dtype)
+                out = op(zd, zfd, y, eps, config)
+                assert_matches(out, reference(zd, zfd, y, eps, config), zd, dtype)
+    # the tie rows really take the true-case Gaussian
+    c = NLAConfig().constants
+    w = torch.ops.nla_fast.naw_weight(z, y, None, 1.0, c.as_list())
+    p = torch.softmax(z, 1)
+    for row in (0, 2, 3):
+        g = p[row, y[row]]
+        expected = c.true_scale * gaussian_pdf_2d(g, g, c.mu_true_gt, c.mu_true_nn, c.diag_true, -c.offdiag_true)
+        torch.testing.assert_close(w[row], expected, rtol=1e-12, atol=0)
+
+
+def test_cpu_non_contiguous_and_int32_targets():
+    batch, classes = 33, 13
+    z_base = torch.randn(classes, batch, dtype=torch.float64) * 3
+    zf_base = torch.randn(batch, 2 * classes, dtype=torch.float64) * 3
+    z = z_base.t()  # strides (1, B)
+    zf = zf_base[:, ::2]  # column stride 2
+    y = torch.randint(0, classes, (2 * batch,)).to(torch.int32)[::2]  # strided int32
+    assert not z.is_contiguous() and not zf.is_contiguous() and not y.is_contiguous()
+    for config in CONFIGS.values():
+        for dtype in (torch.float64, torch.float32):
+            zd, zfd = z_base.to(dtype).t(), zf_base.to(dtype)[:, ::2]
+            assert zd.stride() == (1, batch) and zfd.stride() == (2 * classes, 2)
+            ref = reference(zd, zfd, y, 0.37, config)
+            assert_matches(op(zd, zfd, y, 0.37, config), ref, zd, dtype)
+            assert_matches(op(zd.contiguous(), zfd.contiguous(), y.long().contiguous(), 0.37, config), ref, zd, dtype)
+    # other integer dtypes are widened
+    out = op(z, zf, y.to(torch.int16), 0.37, NLAConfig())
+    torch.testing.assert_close(out[0], op(z, zf, y.long(), 0.37, NLAConfig())[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+def test_autograd_through_nla_loss(config_name):
+    """nla_fast.nla_loss(backend="extension"): grad_output != 1, return_weights, eps tensor."""
+    config = CONFIGS[config_name]
+    z, zf, y = make_inputs(7, 8, torch.float64)
+    eps = torch.tensor(0.37, dtype=torch.float64)
+    z1, zf1 = z.clone().requires_grad_(), zf.clone().requires_grad_()
+    loss, w = nla_fast.nla_loss(z1, zf1, y, eps, config, backend="extension", return_weights=True)
+    assert loss.dim() == 0 and loss.requires_grad and not w.requires_grad
+    assert w.dtype == torch.float32 and w.shape == (7,)
+    (3.7 * loss).backward()
+    rloss, rgz, rgzf, rw = reference(z, zf, y, eps, config)
+    torch.testing.assert_close(loss.detach(), rloss, rtol=F64_RTOL, atol=F64_ATOL)
+    torch.testing.assert_close(z1.grad, 3.7 * rgz, rtol=0, atol=1e-12)
+    torch.testing.assert_close(zf1.grad, 3.7 * rgzf, rtol=0, atol=1e-12)
+    torch.testing.assert_close(w.double(), rw, rtol=1e-6, atol=1e-7)
+    # only one input requiring grad; no grad at all gives the same loss
+    z2 = z.clone().requires_grad_()
+    nla_fast.nla_loss(z2, zf, y, eps, config, backend="extension").backward(torch.tensor(-2.0, dtype=torch.float64))
+    torch.testing.assert_close(z2.grad, -2.0 * rgz, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(nla_fast.nla_loss(z, zf, y, eps, config, backend="extension"), rloss,
+                                   rtol=F64_RTOL, atol=F64_ATOL)
+    # float32 through the public API, naw_weight through the public API
+    z3 = z.float().requires_grad_()
+    loss3 = nla_fast.nla_loss(z3, zf.float(), y, 0.37, config, backend="extension")
+    assert loss3.dtype == torch.float32
+    loss3.backward()
+    torch.testing.assert_close(z3.grad.double(), rgz, rtol=0, atol=1e-6)
+    wn = nla_fast.naw_weight(z, y, eps, config, backend="extension")
+    assert wn.dtype == torch.float32 and not wn.requires_grad
+    torch.testing.assert_close(wn.double(), rw, rtol=1e-6, atol=1e-7)
+
+
+def test_op_output_shapes_without_grad_or_weights():
+    z, zf, y = make_inputs(5, 7)
+    loss, gz, gzf, w = op(z, zf, y, 0.0, NLAConfig(), need_grad=False, need_weights=False)
+    assert loss.shape == () and gz.shape == (0,) and gzf.shape == (0,) and w.shape == (0,)
+    full = op(z, zf, y, 0.0, NLAConfig())
+    assert torch.equal(loss, full[0])
+    zr = z.clone().requires_grad_()
+    loss2 = op(zr, zf, y, 0.0, NLAConfig(), need_grad=False)[0]
+    with pytest.raises(RuntimeError, match="need_grad=False"):
+        loss2.backward()
+
+
+def test_empty_batch_gives_nan():
+    z, zf, y = make_inputs(0, 7)
+    loss, gz, gzf, w = op(z, zf, y, 0.0, NLAConfig())
+    assert torch.isnan(loss) and gz.shape == (0, 7) and w.shape == (0,)
+
+
+def test_cpu_deterministic_across_thread_counts():
+    z, zf, y = make_inputs(1000, 13)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = op(z, zf, y, 0.37, NLAConfig())
+        torch.set_num_threads(2)
+        two = op(z, zf, y, 0.37, NLAConfig())
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- non-finite input, bad labels
+def test_nan_and_inf_logits_give_non_finite_loss():
+    for config in CONFIGS.values():
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            z, zf, y = make_inputs(9, 7)
+            z[3, 2] = bad
+            zf[4, 1] = bad
+            loss, gz, gzf, w = op(z, zf, y, 0.5, config)
+            if bad == float("-inf"):
+                # one -inf logit is a valid probability 0; the rows stay finite except JSD's 0 * log 0
+                continue
+            assert not torch.isfinite(loss)
+            assert torch.isfinite(gz[0]).all() and torch.isfinite(w[0])  # other rows untouched
+    z, zf, y = make_inputs(4, 7)
+    z[:] = float("nan")
+    assert torch.isnan(op(z, zf, y, 0.0, NLAConfig())[0])
+
+
+def test_out_of_range_targets_do_not_crash():
+    z, zf, y = make_inputs(9, 7)
+    for bad in (7, -1, 10**9, -(10**9)):
+        yb = y.clone()
+        yb[4] = bad
+        for y_t in (yb, yb.to(torch.int32) if abs(bad) < 2**31 else yb):
+            loss, gz, gzf, w = op(z, zf, y_t, 0.5, NLAConfig())
+            assert torch.isnan(loss)
+            assert torch.isnan(w[4]) and torch.isnan(gz[4]).all()
+            keep = torch.arange(9) != 4
+            rw = naw_weight_reference(z.double(), y.clone(), 0.5, NLAConfig())
+            torch.testing.assert_close(w[keep].double(), rw[keep], rtol=1e-5, atol=1e-6)
+            assert torch.isfinite(gz[keep]).all() and torch.isfinite(gzf[keep]).all()
+            wn = torch.ops.nla_fast.naw_weight(z, y_t, None, 0.5, NLAConfig().constants.as_list())
+            assert torch.isnan(wn[4]) and torch.isfinite(wn[keep]).all()
+    # through the public API without validation
+    yb = y.clone()
+    yb[0] = 99
+    assert torch.isnan(nla_fast.nla_loss(z, zf, yb, 0.0, backend="extension", validate=False))
+
+
+def test_input_errors():
+    z, zf, y = make_inputs(4, 7)
+    with pytest.raises(RuntimeError, match="at least 2 classes"):
+        op(z[:, :1], zf[:, :1], y * 0, 0.0, NLAConfig())
+    with pytest.raises(RuntimeError, match="must match"):
+        op(z, zf[:, :6], y, 0.0, NLAConfig())
+    with pytest.raises(RuntimeError, match="integer class indices"):
+        op(z, zf, y.float(), 0.0, NLAConfig())
+    with pytest.raises(RuntimeError, match="constants"):
+        torch.ops.nla_fast.nla_loss_fwd(z, zf, y, None, 0.0, [1.0] * 5, False, False, False)
+
+
+# ----------------------------------------------------------------------------- torch.library / autograd / compile
+def test_opcheck():
+    z, zf, y = make_inputs(6, 7, torch.float64)
+    consts = NLAConfig().constants.as_list()
+    zr, zfr = z.clone().requires_grad_(), zf.clone().requires_grad_()
+    cases = [
+        (torch.ops.nla_fast.nla_loss_fwd.default, (zr, zfr, y, None, 0.37, consts, False, True, True)),
+        (torch.ops.nla_fast.nla_loss_fwd.default,
+         (zr, zfr, y.to(torch.int32), torch.tensor(0.5, dtype=torch.float64), 0.0, consts, True, True, False)),
+        (torch.ops.nla_fast.nla_loss_fwd.default, (z.float(), zf.float(), y, None, 1.0, consts, False, False, True)),
+        (torch.ops.nla_fast.naw_weight.default, (z, y, None, 0.37, consts)),
+        (torch.ops.nla_fast.naw_weight.default, (z.float(), y, torch.tensor(0.2), 0.0, consts)),
+        (torch.ops.nla_fast.nla_scale_grads.default, (torch.tensor(2.5, dtype=torch.float64), z, zf)),
+    ]
+    for fn, args in cases:
+        torch.library.opcheck(fn, args)
+
+
+@pytest.mark.parametrize("config_name", ["paper", "jsd"])
+def test_gradcheck_float64(config_name):
+    config = CONFIGS[config_name]
+    z, zf, y = make_inputs(4, 5, torch.float64, scale=1.5, seed=3)
+    c = config.constants
+
+    def f(a, b):
+        return torch.ops.nla_fast.nla_loss_fwd(a, b, y, None, 0.37, c.as_list(), c.jsd, True, False)[0]
+
+    assert torch.autograd.gradcheck(f, (z.requires_grad_(), zf.requires_grad_()), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_torch_compile_matches_eager():
+    torch._dynamo.reset()
+    config = NLAConfig()
+
+    def step(a, b, y, eps):
+        loss, w = nla_fast.nla_loss(a, b, y, eps, config, backend="extension", return_weights=True)
+        return loss * 2.0, w
+
+    compiled = torch.compile(step, fullgraph=True)
+    for batch in (7, 9):
+        z, zf, y = make_inputs(batch, 8)
+        eps = torch.tensor(0.37)
+        outs = []
+        for fn in (step, compiled):
+            a, b = z.clone().requires_grad_(), zf.clone().requires_grad_()
+            loss, w = fn(a, b, y, eps)
+            loss.backward()
+            outs.append((loss.detach(), w, a.grad, b.grad))
+        for e, c in zip(*outs):
+            torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- build plumbing
+def test_unavailable_reasons():
+    assert extension.unavailable_reason("cpu") is None
+    assert "CPU and CUDA" in extension.unavailable_reason(torch.device("meta"))
+    if not torch.cuda.is_available():
+        assert extension.unavailable_reason("cuda") is not None
+        with pytest.raises(nla_fast.BackendUnavailable):
+            nla_fast.nla_loss(*make_inputs(2, 3, device="meta"), backend="extension", validate=False)
+    assert (extension.source_dir() / "nla_loss_cuda.cu").is_file()
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_cuda_sources_compile(tmp_path):
+    """nla_loss_cuda.cu with nvcc (sm_90) and nla_loss.cpp's CUDA glue (-DNLA_WITH_CUDA), in parallel.
+
+    A success is remembered (a marker named after the hash of the sources and both commands, in
+    the torch extensions dir), so unchanged sources are not recompiled on the next run.
+    """
+    nvcc = extension.nvcc_compile_command(tmp_path / "nla_loss_cuda.o", arch="90") + ["-Xcicc", "-O0", "-Xptxas", "-O0"]
+    cxx = extension.cxx_compile_command(tmp_path / "nla_loss.o", with_cuda=True, syntax_only=True)
+    digest = hashlib.sha256()
+    for name in ("nla_loss.h", "nla_loss.cpp", "nla_loss_cuda.cu"):
+        digest.update((extension.source_dir() / name).read_bytes())
+    for cmd in (nvcc, cxx):
+        digest.update(" ".join(cmd).replace(str(tmp_path), "TMP").encode())
+    marker = Path(get_default_build_root()) / f"nla_fast_compile_check_{digest.hexdigest()[:16]}.ok"
+    if marker.is_file():
+        return
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd in (nvcc, cxx)]
+    for cmd, proc in zip((nvcc, cxx), procs):
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{' '.join(cmd)}\n{out[-6000:]}"
+    assert (tmp_path / "nla_loss_cuda.o").stat().st_size > 0
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(" ".join(nvcc) + "\n" + " ".join(cxx) + "\n")
+    except OSError:
+        pass
+
+
+def test_find_cuda_home_resolves_a_toolkit(monkeypatch):
+    """With CUDA_HOME unset, nvcc on PATH (a wrapper script here) leads to the real toolkit root."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not installed")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    root = extension.find_cuda_home()
+    assert root is not None and extension._is_toolkit_root(Path(root)), root
+
+
+# ----------------------------------------------------------------------------- CUDA (run on the GPU machine)
+CUDA_SHAPES = [(1, 2), (2, 7), (7, 8), (33, 13), (257, 1000), (64, 1024), (1000, 33), (4097, 8), (300, 100), (70, 600)]
+
+
+@pytest.mark.gpu
+def test_cuda_available():
+    assert extension.unavailable_reason("cuda") is None, extension.unavailable_reason("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+def test_cuda_matches_reference(config_name):
+    """Every dtype on the same values (bfloat16-representable, so exact in all four dtypes)."""
+    config = CONFIGS[config_name]
+    consts = config.constants.as_list()
+    for batch, classes in CUDA_SHAPES:
+        z, zf, y = make_inputs(batch, classes, torch.float32, device="cuda")
+        z, zf = (torch.where(t.abs() < 1e-2, 0.0, t).to(torch.bfloat16).float() for t in (z, zf))
+        for eps in (0.0, 0.37, torch.tensor(1.0, device="cuda")):
+            ref = reference(z, zf, y, eps, config)
+            for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+                zd, zfd = z.to(dtype), zf.to(dtype)
+                out = op(zd, zfd, y, eps, config)
+                assert out[0].device.type == "cuda"
+                assert_matches(out, ref, zd, dtype)
+                eps_args = (eps, 0.0) if isinstance(eps, torch.Tensor) else (None, eps)
+                w = torch.ops.nla_fast.naw_weight(zd, y, *eps_args, consts)
+                torch.testing.assert_close(w, out[3], rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_large_logits_ties_strides_int32():
+    for config in CONFIGS.values():
+        z, zf, y = make_inputs(257, 13, torch.float32, scale=3000.0, device="cuda")
+        assert_matches(op(z, zf, y, 1.0, config), reference(z, zf, y, 1.0, config), z, torch.float32)
+        zt = torch.tensor([[2.0, 1.0, 2.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 3.0, 1.0, 3.0]], device="cuda")
+        yt = torch.tensor([0, 3, 2], device="cuda")
+        assert_matches(op(zt, zt.flip(1), yt, 0.5, config), reference(zt, zt.flip(1), yt, 0.5, config), zt,
+                       torch.float32)
+        zb = torch.randn(40, 70, device="cuda").t()                  # (70, 40), strides (1, 70)
+        zfb = torch.randn(70, 80, device="cuda")[:, ::2]
+        yb = torch.randint(0, 40, (140,), device="cuda")[::2].to(torch.int32)
+        assert_matches(op(zb, zfb, yb, 0.37, config), reference(zb, zfb, yb, 0.37, config), zb, torch.float32)
+
+
+@pytest.mark.gpu
+def test_cuda_deterministic_and_matches_cpu():
+    z, zf, y = make_inputs(100_003, 7, device="cuda")
+    first = op(z, zf, y, 0.37, NLAConfig())
+    second = op(z, zf, y, 0.37, NLAConfig())
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    cpu = op(z.cpu(), zf.cpu(), y.cpu(), 0.37, NLAConfig())
+    torch.testing.assert_close(first[0].cpu(), cpu[0], rtol=1e-5, atol=1e-3)
+    for i in (1, 2, 3):
+        torch.testing.assert_close(first[i].cpu(), cpu[i], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_cuda_huge_batch():
+    batch = 2**24 + 5
+    z, zf, y = make_inputs(batch, 3, device="cuda", scale=1.0)
+    for config in (NLAConfig(), NLAConfig(consistency="jsd")):
+        loss = op(z, zf, y, 0.5, config, need_grad=False, need_weights=False)[0]
+        ref = nla_loss_reference(z.double(), zf.double(), y, 0.5, config)
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_cuda_autograd_graph_capture_and_compile():
+    config = NLAConfig()
+    z, zf, y = make_inputs(32, 7, device="cuda")
+    eps = torch.tensor(0.0, device="cuda")
+    a, b = z.clone().requires_grad_(), zf.clone().requires_grad_()
+    # warm up on a side stream, then capture forward + backward with eps read from memory
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            a.grad = b.grad = None
+            (2.5 * nla_fast.nla_loss(a, b, y, eps, config, backend="extension")).backward()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    a.grad = b.grad = None
+    with torch.cuda.graph(graph):
+        static_loss = nla_fast.nla_loss(a, b, y, eps, config, backend="extension")
+        (2.5 * static_loss).backward()
+    for value in (0.37, 1.0):
+        eps.fill_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        rloss, rgz, rgzf, _ = reference(z, zf, y, value, config)
+        torch.testing.assert_close(static_loss.double().cpu(), rloss, rtol=2e-5, atol=1e-5)
+        torch.testing.assert_close(a.grad.double().cpu(), 2.5 * rgz, rtol=0, atol=1e-5)
+        torch.testing.assert_close(b.grad.double().cpu(), 2.5 * rgzf, rtol=0, atol=1e-5)
+    # torch.compile on CUDA
+    torch._dynamo.reset()
+
+    def step(p, q):
+        return nla_fast.nla_loss(p, q, y, eps, config, backend="extension")
+
+    compiled = torch.compile(step, fullgraph=True)
+    results = []
+    for fn in (step, compiled):
+        p, q = z.clone().requires_grad_(), zf.clone().requires_grad_()
+        loss = fn(p, q)
+        loss.backward()
+        results.append((loss.detach(), p.grad, q.grad))
+    for e, c in zip(*results):
+        torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
+def test_cuda_bad_inputs():
+    z, zf, y = make_inputs(9, 7, device="cuda")
+    yb = y.clone()
+    yb[4] = 7
+    yb[5] = -3
+    loss, gz, gzf, w = op(z, zf, yb, 0.5, NLAConfig())
+    torch.cuda.synchronize()
+    assert torch.isnan(loss) and torch.isnan(w[4]) and torch.isnan(gz[5]).all()
+    assert torch.isfinite(w[:4]).all() and torch.isfinite(gz[:4]).all()
+    zn = z.clone()
+    zn[2, 3] = float("nan")
+    assert not torch.isfinite(op(zn, zf, y, 0.5, NLAConfig())[0])
+    zi = z.clone()
+    zi[2, 3] = float("inf")
+    assert not torch.isfinite(op(zi, zf, y, 0.5, NLAConfig())[0])
+    torch.cuda.synchronize()
+    big, bigf, bigy = make_inputs(4, 1025, device="cuda")
+    with pytest.raises(RuntimeError, match="C <= 1024"):
+        op(big, bigf, bigy, 0.0, NLAConfig())
+    loss, gz, gzf, w = op(*make_inputs(0, 7, device="cuda"), 0.0, NLAConfig())
+    assert torch.isnan(loss.cpu())
+
+
+@pytest.mark.gpu
+def test_cuda_opcheck():
+    z, zf, y = make_inputs(6, 7, torch.float32, device="cuda")
+    consts = NLAConfig().constants.as_list()
+    zr, zfr = z.clone().requires_grad_(), zf.clone().requires_grad_()
+    torch.library.opcheck(torch.ops.nla_fast.nla_loss_fwd.default,
+                          (zr, zfr, y, torch.tensor(0.5, device="cuda"), 0.0, consts, False, True, True))
+    torch.library.opcheck(torch.ops.nla_fast.naw_weight.default, (z, y, None, 0.37, consts))
+    torch.library.opcheck(torch.ops.nla_fast.nla_scale_grads.default, (torch.tensor(2.5, device="cuda"), z, zf))
