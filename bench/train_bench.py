@@ -1,0 +1,379 @@
+"""Training throughput ladder: from the reference-style loop to the captured step, in one run.
+
+    python bench/train_bench.py            # on a GPU: the full ladder, batch 32, 224 px
+    python bench/train_bench.py --quick    # CPU smoke run (< 1 min): tiny sizes, no graphs
+
+Rungs (a sample = an image and its flip; samples/s = batch / median step time):
+  0  reference-style loop: JPEGs in the RAF-DB layout, DataLoader (4 and 12 workers) + PIL
+     transforms, two float32 forwards, the reference-style loss, .item()/.cpu() every step
+  1  nla_fast step in float32 eager (one forward over both views, eager reference loss),
+     fed by that DataLoader (4 workers)
+  2  + dataset resident on the device, batched on-device augmentation
+  3  + bf16 autocast and channels_last
+  4  + the fused loss (backend auto)
+  5  + the whole step captured as one CUDA graph: the trainer's default
+  6  ceiling: bare ResNet-18 forward+backward+Adam on device-resident random tensors of the
+     same shapes (2 x batch images), bf16 channels_last, captured as one CUDA graph
+Also one full epoch on RAF-DB-shaped data (12,271 train + 3,068 test with evaluation) for
+rungs 0 and 5 and the projected 60-epoch time.
+
+Step times are medians over blocks of steps (synchronised at each block's end), after warm-up.
+Writes bench/results/train_bench-<device>.json and .png (and copies under $OUT) and prints
+the table last.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+from loss_bench import device_slug, versions  # noqa: E402
+from reference_loop import (make_loader, make_model, reference_step, run_reference_epoch,  # noqa: E402
+                            run_reference_eval, write_rafdb_jpegs, write_rafdb_labels)
+
+from nla_fast import NLAConfig, nla_loss  # noqa: E402
+from nla_fast.augment import EvalTransform, TrainAugment  # noqa: E402
+from nla_fast.data import load_dataset  # noqa: E402
+from nla_fast.engine import (StepOptions, TrainStep, augmentation_generator, autocast_context,  # noqa: E402
+                             evaluate, make_optimizer)
+from nla_fast.model import build_resnet18  # noqa: E402
+
+RESULTS = BENCH / "results"
+RAFDB_TRAIN, RAFDB_TEST = 12271, 3068
+NUM_CLASSES = 7
+
+
+@dataclass
+class Plan:
+    batch: int
+    image_size: int
+    warmup: int
+    blocks: int
+    block_steps: int
+    workers: tuple
+    epoch: bool
+    source_images: int
+
+    @property
+    def timed_steps(self) -> int:
+        return self.blocks * self.block_steps
+
+
+FULL = Plan(batch=32, image_size=224, warmup=10, blocks=12, block_steps=10, workers=(4, 12), epoch=True,
+            source_images=2000)
+QUICK = Plan(batch=4, image_size=32, warmup=1, blocks=2, block_steps=1, workers=(0,), epoch=False,
+             source_images=64)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_blocks(step, plan: Plan, device) -> list[float]:
+    """Seconds per step of each block of ``plan.block_steps`` steps, after ``plan.warmup`` steps."""
+    for _ in range(plan.warmup):
+        step()
+    sync(device)
+    per_step = []
+    for _ in range(plan.blocks):
+        t0 = time.perf_counter()
+        for _ in range(plan.block_steps):
+            step()
+        sync(device)
+        per_step.append((time.perf_counter() - t0) / plan.block_steps)
+    return per_step
+
+
+def reset_memory(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device):
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def row(name, rung, per_step, batch, device, **extra):
+    median = statistics.median(per_step)
+    return {"rung": rung, "name": name, "median_step_ms": 1e3 * median, "samples_per_s": batch / median,
+            "peak_memory_mb": peak_memory_mb(device), **extra}
+
+
+# -- data ---------------------------------------------------------------------------------------
+def rafdb_shaped_data(plan: Plan, root: Path):
+    """Synthetic 100x100 faces repeated to RAF-DB's split sizes, also written as RAF-DB JPEGs."""
+    source = load_dataset("synthetic", split="train", num_samples=plan.source_images, seed=0, verbose=False)
+    total = RAFDB_TRAIN + RAFDB_TEST if plan.epoch else plan.source_images
+    index = torch.arange(total) % len(source.labels)
+    images, labels = source.images[index], source.labels[index]
+    n_train = RAFDB_TRAIN if plan.epoch else int(0.8 * total)
+    chunks = torch.arange(total).chunk(os.cpu_count() or 1)
+    # JPEG encoding releases the GIL: write the files in threads, one RAF-DB folder
+    with concurrent.futures.ThreadPoolExecutor() as pool:
+        list(pool.map(lambda c: write_rafdb_jpegs(root, images, labels, n_train, c), chunks))
+    write_rafdb_labels(root, labels, n_train)
+    return images[:n_train], labels[:n_train], images[n_train:], labels[n_train:]
+
+
+# -- rungs --------------------------------------------------------------------------------------
+def rung_reference(plan, device, root, workers):
+    torch.manual_seed(0)
+    loader = make_loader(root, "train", plan.image_size, plan.batch, workers, train=True)
+    model = make_model(NUM_CLASSES, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-4)
+    batches = iter(loader)
+
+    def step():
+        nonlocal batches
+        try:
+            images, labels = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            images, labels = next(batches)
+        reference_step(model, optimizer, images, labels, 0.5, device)
+
+    return time_blocks(step, plan, device)
+
+
+def rung_dataloader_nla(plan, device, root):
+    """Rung 1: the package's step maths (one concat forward, eager loss) on DataLoader batches."""
+    torch.manual_seed(0)
+    loader = make_loader(root, "train", plan.image_size, plan.batch, plan.workers[0], train=True)
+    model = build_resnet18(NUM_CLASSES).to(device)
+    optimizer = make_optimizer(model, 1e-4, 1e-4, device, capturable=False)
+    eps = torch.tensor(0.5, device=device)
+    batches = iter(loader)
+
+    def step():
+        nonlocal batches
+        try:
+            images, labels = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            images, labels = next(batches)
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        logits, logits_flip = model(torch.cat([images, images.flip(3)])).chunk(2)
+        loss = nla_loss(logits, logits_flip, labels, eps, backend="reference", validate=False)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return time_blocks(step, plan, device)
+
+
+def make_train_step(plan, device, images, labels, options: StepOptions, steps_per_epoch: int):
+    torch.manual_seed(0)
+    model = build_resnet18(NUM_CLASSES).to(device)
+    if options.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, 1e-4, 1e-4, device, capturable=options.cuda_graphs and device.type == "cuda")
+    generator = augmentation_generator(device, 0)
+    step = TrainStep(model, optimizer, images, labels, TrainAugment(plan.image_size), generator, options,
+                     NLAConfig(), NUM_CLASSES, steps_per_epoch)
+    return model, step
+
+
+def epoch_order(num_samples, steps, batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    reps = -(-steps * batch // num_samples)
+    return torch.cat([torch.randperm(num_samples, generator=g) for _ in range(reps)])[: steps * batch]
+
+
+def rung_device_step(plan, device, images, labels, options: StepOptions):
+    steps = plan.warmup + plan.timed_steps
+    _, step = make_train_step(plan, device, images, labels, options, steps)
+    step.start_epoch(epoch_order(len(labels), steps, plan.batch).to(device), lr=1e-4, eps=0.5)
+    per_step = time_blocks(step, plan, device)
+    return per_step, step.mode
+
+
+def rung_ceiling(plan, device):
+    """Rung 6: bare ResNet-18 + Adam on random device tensors, one CUDA graph (eager on the CPU)."""
+    torch.manual_seed(0)
+    model = build_resnet18(NUM_CLASSES).to(device).to(memory_format=torch.channels_last)
+    on_cuda = device.type == "cuda"
+    optimizer = make_optimizer(model, 1e-4, 1e-4, device, capturable=on_cuda)
+    x = torch.randn(2 * plan.batch, 3, plan.image_size, plan.image_size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, NUM_CLASSES, (2 * plan.batch,), device=device)
+
+    def body():
+        with autocast_context(device, "bf16"):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    if not on_cuda:
+        return time_blocks(body, plan, device), "eager"
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            body()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        body()
+    return time_blocks(graph.replay, plan, device), "cuda-graph"
+
+
+def epoch_reference(plan, device, root):
+    torch.manual_seed(0)
+    train_loader = make_loader(root, "train", plan.image_size, plan.batch, plan.workers[0], train=True)
+    test_loader = make_loader(root, "test", plan.image_size, 256, plan.workers[0], train=False)
+    model = make_model(NUM_CLASSES, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-4)
+    train_s, steps, _ = run_reference_epoch(model, optimizer, train_loader, 0.5, device)
+    eval_s, _ = run_reference_eval(model, test_loader, device)
+    return {"train_s": train_s, "eval_s": eval_s, "steps": steps}
+
+
+def epoch_captured(plan, device, train, test):
+    images, labels = train
+    steps = len(labels) // plan.batch  # full batches only, as the trainer
+    options = StepOptions(batch_size=plan.batch)
+    model, step = make_train_step(plan, device, images, labels, options, steps)
+    step.start_epoch(epoch_order(len(labels), steps, plan.batch).to(device), lr=1e-4, eps=0.5)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    evaluate(model, test[0], test[1], EvalTransform(plan.image_size), NUM_CLASSES, amp="bf16")
+    sync(device)
+    return {"train_s": train_s, "eval_s": time.perf_counter() - t0, "steps": steps, "mode": step.mode}
+
+
+# -- main ---------------------------------------------------------------------------------------
+def run(plan: Plan, device: torch.device, log) -> dict:
+    rows, epochs = [], {}
+    with tempfile.TemporaryDirectory(prefix="nla_train_bench_") as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        train_images, train_labels, test_images, test_labels = rafdb_shaped_data(plan, root)
+        log(f"data ready: {len(train_labels)} train / {len(test_labels)} test JPEGs in {time.perf_counter() - t0:.0f} s")
+        on_device = (train_images.to(device), train_labels.to(device))
+
+        for workers in plan.workers:
+            reset_memory(device)
+            rows.append(row(f"reference-style loop, DataLoader {workers} workers", 0,
+                            rung_reference(plan, device, root, workers), plan.batch, device, workers=workers))
+            log(rows[-1])
+        reset_memory(device)
+        rows.append(row("nla_fast fp32 eager, DataLoader", 1, rung_dataloader_nla(plan, device, root),
+                        plan.batch, device))
+        log(rows[-1])
+        ladder = [
+            (2, "+ data on device, batched augmentation",
+             StepOptions(plan.batch, amp="off", channels_last=False, backend="reference", cuda_graphs=False)),
+            (3, "+ bf16 autocast, channels_last",
+             StepOptions(plan.batch, amp="bf16", channels_last=True, backend="reference", cuda_graphs=False)),
+            (4, "+ fused loss", StepOptions(plan.batch, amp="bf16", channels_last=True, cuda_graphs=False)),
+            (5, "+ captured step (trainer default)", StepOptions(plan.batch)),
+        ]
+        for rung, name, options in ladder:
+            if rung == 5 and device.type != "cuda":
+                log("rung 5 needs CUDA graphs: skipped on the CPU")
+                continue
+            reset_memory(device)
+            per_step, mode = rung_device_step(plan, device, *on_device, options)
+            rows.append(row(name, rung, per_step, plan.batch, device, mode=mode))
+            log(rows[-1])
+        reset_memory(device)
+        per_step, mode = rung_ceiling(plan, device)
+        rows.append(row("ceiling: bare ResNet-18 + Adam", 6, per_step, plan.batch, device, mode=mode))
+        log(rows[-1])
+
+        if plan.epoch:
+            reset_memory(device)
+            epochs["rung0"] = epoch_reference(plan, device, root)
+            log({"epoch rung 0": epochs["rung0"]})
+            if device.type == "cuda":
+                reset_memory(device)
+                epochs["rung5"] = epoch_captured(plan, device, on_device, (test_images, test_labels))
+                log({"epoch rung 5": epochs["rung5"]})
+            for item in epochs.values():
+                item["epoch_s"] = item["train_s"] + item["eval_s"]
+                item["projected_60_epochs_min"] = 60 * item["epoch_s"] / 60
+
+    base = next(r for r in rows if r["rung"] == 0)["samples_per_s"]
+    ceiling = next(r for r in rows if r["rung"] == 6)["samples_per_s"]
+    for r in rows:
+        r["x_rung0"] = r["samples_per_s"] / base
+        r["fraction_of_ceiling"] = r["samples_per_s"] / ceiling
+    return {"benchmark": "train_bench", "device": device_slug(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "versions": versions(), "quick": plan is QUICK, "plan": plan.__dict__ | {"workers": list(plan.workers)},
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows, "epochs": epochs}
+
+
+def table(result) -> str:
+    lines = [f"train_bench on {result['device_name']}: torch {result['versions']['torch']}, "
+             f"batch {result['plan']['batch']} x 2 views, {result['plan']['image_size']} px",
+             f"{'rung':>4}  {'samples/s':>10}  {'x rung0':>8}  {'% ceiling':>9}  {'peak MB':>8}  name"]
+    for r in result["rows"]:
+        mem = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
+        lines.append(f"{r['rung']:>4}  {r['samples_per_s']:>10.0f}  {r['x_rung0']:>8.2f}  "
+                     f"{100 * r['fraction_of_ceiling']:>8.1f}%  {mem:>8}  {r['name']}")
+    for name, e in result["epochs"].items():
+        lines.append(f"epoch {name}: train {e['train_s']:.1f} s + eval {e['eval_s']:.1f} s; "
+                     f"60 epochs ~ {e['projected_60_epochs_min']:.1f} min")
+    return "\n".join(lines)
+
+
+def plot(result, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.5))
+    labels = [f"{r['rung']}: {r['name']}" for r in rows]
+    ax.barh(labels[::-1], [r["samples_per_s"] for r in rows][::-1], color="tab:blue")
+    ax.set_xlabel("training samples/s (image + flip)")
+    ax.set_title(f"train_bench, {result['device_name']}, torch {result['versions']['torch']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CPU smoke run, < 1 min")
+    parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    plan = QUICK if args.quick else FULL
+    result = run(plan, device, lambda msg: print(f"[train_bench] {msg}", flush=True))
+    stem = f"train_bench-{result['device']}{'-quick' if result['quick'] else ''}"
+    out_dirs = [args.out_dir] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+    for out in out_dirs:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+        plot(result, out / f"{stem}.png")
+    print(table(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
