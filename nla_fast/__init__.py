@@ -1,6 +1,9 @@
 """nla_fast: fast, faithful NLA (Navigating Label Ambiguity, AAAI 2025) for facial expression recognition."""
 from .config import NLAConfig, eps_schedule
 from .loss import BackendUnavailable, NLALoss, naw_weight, nla_loss
+from .predict import load_model, predict  # note: nla_fast.predict is the function; the CLI is `python -m nla_fast.predict`
 
 __version__ = "0.1.0"
-__all__ = ["NLAConfig", "NLALoss", "BackendUnavailable", "eps_schedule", "naw_weight", "nla_loss"]
+__all__ = [
+    "BackendUnavailable", "NLAConfig", "NLALoss", "eps_schedule", "load_model", "naw_weight", "nla_loss", "predict",
+]

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import torch
-import torchvision
 
 PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.")
 IMAGENET_FILE = "resnet18-f37072fd.pth"
@@ -20,6 +19,8 @@ IMAGENET_URL = f"https://download.pytorch.org/models/{IMAGENET_FILE}"
 
 def build_resnet18(num_classes: int) -> torch.nn.Module:
     """torchvision ResNet-18 (random init) with ``fc`` replaced by a fresh 512 -> ``num_classes`` layer."""
+    import torchvision  # imported here: it is slow to import and `--help` does not need it
+
     model = torchvision.models.resnet18(weights=None)
     model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
     return model
@@ -120,6 +121,8 @@ def load_backbone_weights(model: torch.nn.Module, path: str | os.PathLike) -> st
 
 def load_imagenet_weights(model: torch.nn.Module) -> str:
     """ImageNet weights through torchvision's weights API (its cache first, else a download)."""
+    import torchvision
+
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     cached = Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILE
     if cached.is_file():

@@ -1,0 +1,438 @@
+"""The training step and the evaluation pass.
+
+``TrainStep`` is one optimisation step that reads everything it needs from device tensors:
+
+    batch indices   epoch_order[step_in_epoch * B + arange(B)]   (gathered on the device)
+    images, labels  train_images[indices], train_labels[indices]  (the dataset lives on the device)
+    views           augment(images, generator) -> (view1, view2 = hflip(view1))
+    forward         one pass over cat(view1, view2) (``views="concat"``) or two (``"separate"``),
+                    channels_last, under bf16/fp16 autocast or in float32
+    loss            the fused NLA loss (eps read from a device tensor) or plain cross-entropy
+    update          backward, Adam (learning rate read from a device tensor)
+    bookkeeping     running sums of loss, correct, NAW weight per class, (p_gt, p_nn) per sample,
+                    the first step whose loss was not finite; step_in_epoch += 1
+
+Nothing in it reads a value back to the host, so on CUDA the whole step is captured once as a
+CUDA graph and each later step is one ``graph.replay()``. The learning rate and eps are
+changed between epochs by writing into their tensors, never by re-capturing. On the CPU (or
+with ``cuda_graphs=False``) the same function runs eagerly.
+
+The per-epoch order is a seeded global permutation (``epoch_order``) from which a rank of a
+distributed run would take its shard (``shard``); this module itself is single-process.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import NLAConfig
+from .loss import naw_weight, nla_loss
+from .metrics import MetricCounts
+
+WARMUP_STEPS = 3  # eager steps (real training steps) on a side stream before the capture
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+Augment = Callable[[torch.Tensor, torch.Generator], "tuple[torch.Tensor, torch.Tensor]"]
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# Epoch order
+# --------------------------------------------------------------------------------------------
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The global sample order of ``epoch``: a permutation that depends only on (seed, epoch)."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch)]).generate_state(2, dtype=np.uint32)
+    generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.randperm(num_samples, generator=generator)
+
+
+def shard(order: torch.Tensor, rank: int, world_size: int, batch_size: int) -> torch.Tensor:
+    """The samples rank ``rank`` trains on: every ``world_size``-th of ``order``, cut to full batches.
+
+    Training batches are always full: the remainder of an epoch (fewer than ``batch_size``
+    samples per rank) is dropped, a different remainder every epoch.
+    """
+    mine = order[rank::world_size]
+    steps = len(order) // world_size // batch_size
+    return mine[: steps * batch_size]
+
+
+def subset_indices(num_samples: int, limit: int | None, seed: int = 0) -> torch.Tensor | None:
+    """A deterministic subset of ``limit`` samples (sorted), or None for all; for smoke runs."""
+    if limit is None or limit >= num_samples:
+        return None
+    if limit <= 0:
+        raise ValueError(f"a sample limit must be positive, got {limit}")
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
+    return order[:limit].sort().values
+
+
+# --------------------------------------------------------------------------------------------
+# Running sums kept on the device
+# --------------------------------------------------------------------------------------------
+class RunningTotals:
+    """Sums over the steps of an epoch, updated inside the step; read on the host every N steps."""
+
+    def __init__(self, num_classes: int, capacity: int, device):
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.seen = torch.zeros((), dtype=torch.int64, device=device)
+        self.naw_sum = torch.zeros(num_classes, dtype=torch.float64, device=device)
+        self.naw_count = torch.zeros(num_classes, dtype=torch.int64, device=device)
+        self.steps = torch.zeros((), dtype=torch.int64, device=device)
+        # (p_gt, p_nn) of every training sample of the epoch, by its position in the epoch order
+        self.points = torch.full((capacity, 2), math.nan, dtype=torch.float32, device=device)
+        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: value for name, value in vars(self).items() if isinstance(value, torch.Tensor)}
+
+    def reset(self) -> None:
+        for name, value in self.tensors().items():
+            if name == "points":
+                value.fill_(math.nan)
+            elif name == "first_bad_step":
+                value.fill_(-1)
+            else:
+                value.zero_()
+
+    def progress(self) -> dict:
+        """Loss, accuracy and the first non-finite step so far: one small device-to-host copy."""
+        packed = torch.stack([
+            self.loss_sum, self.correct.double(), self.seen.double(), self.steps.double(),
+            self.first_bad_step.double(),
+        ]).cpu().tolist()
+        loss_sum, correct, seen, steps, first_bad = packed
+        return {
+            "loss": loss_sum / steps if steps else math.nan,
+            "acc": correct / seen if seen else math.nan,
+            "seen": int(seen),
+            "steps": int(steps),
+            "first_bad_step": int(first_bad),
+        }
+
+    def naw_means(self) -> list[float | None]:
+        sums, counts = self.naw_sum.cpu().tolist(), self.naw_count.cpu().tolist()
+        return [s / n if n else None for s, n in zip(sums, counts)]
+
+    def state_dict(self) -> dict:
+        return {name: value.detach().cpu().clone() for name, value in self.tensors().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in self.tensors().items():
+            value.copy_(state[name])
+
+
+# --------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepOptions:
+    batch_size: int
+    views: str = "concat"  # one forward over both views, or "separate" (two, like the reference)
+    loss: str = "nla"  # or "ce": cross-entropy on view 1 only (baseline)
+    amp: str = "bf16"  # "bf16", "fp16" or "off"
+    backend: str = "auto"  # loss backend
+    channels_last: bool = True
+    cuda_graphs: bool = True  # ignored off CUDA
+
+    def __post_init__(self):
+        if self.views not in ("concat", "separate"):
+            raise ValueError(f"views must be 'concat' or 'separate', got {self.views!r}")
+        if self.loss not in ("nla", "ce"):
+            raise ValueError(f"loss must be 'nla' or 'ce', got {self.loss!r}")
+        if self.amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {self.amp!r}")
+
+
+def autocast_context(device: torch.device, amp: str):
+    dtype = AMP_DTYPES[amp]
+    if dtype is None:
+        return contextlib.nullcontext()
+    # the autocast weight cache must be off for CUDA-graph capture (and is useless in training)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device,
+                   capturable: bool | None = None):
+    """Adam with L2 weight decay (not AdamW) and its learning rate held in a device tensor.
+
+    CUDA graphs (``capturable``, the default on CUDA): the capturable multi-tensor Adam, whose
+    step counts live on the device. Otherwise the fused kernel (CPU or CUDA), which also reads
+    a tensor learning rate; the per-parameter loop where fused is unavailable.
+    """
+    lr_tensor = torch.tensor(float(lr), dtype=torch.float32, device=device)
+    params = list(model.parameters())
+    if capturable is None:
+        capturable = device.type == "cuda"
+    if capturable and device.type == "cuda":
+        return torch.optim.Adam(params, lr=lr_tensor, weight_decay=weight_decay, capturable=True, foreach=True)
+    try:
+        return torch.optim.Adam(params, lr=lr_tensor, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(params, lr=lr_tensor, weight_decay=weight_decay, foreach=False)
+
+
+def augmentation_generator(device: torch.device, seed: int) -> torch.Generator:
+    """The generator the augmentation draws from, seeded. On CUDA this is the device's default
+    generator, which every CUDA-graph capture tracks by itself (no registration needed)."""
+    if device.type == "cuda":
+        generator = torch.cuda.default_generators[device.index if device.index is not None
+                                                  else torch.cuda.current_device()]
+    else:
+        generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed))
+    return generator
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load Adam's state but keep this run's learning-rate tensor and implementation flags
+    (a checkpoint written on the CPU, fused, can continue on CUDA, capturable, and back)."""
+    kept = [{key: group[key] for key in ("lr", "capturable", "fused", "foreach", "differentiable") if key in group}
+            for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, own in zip(optimizer.param_groups, kept):
+        group.update(own)
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, epoch: int, step: int):
+        super().__init__(
+            f"the training loss became NaN or infinite at epoch {epoch}, step {step} "
+            f"(both 0-based); stopping. last.pt keeps the last good state (end of epoch {epoch - 1})"
+            if epoch > 0 else
+            f"the training loss became NaN or infinite at epoch {epoch}, step {step} (both 0-based); "
+            "stopping before any checkpoint was written"
+        )
+        self.epoch, self.step = epoch, step
+
+
+class TrainStep:
+    """One training step over device-resident data; call it once per step (see module docstring)."""
+
+    def __init__(self, model, optimizer, train_images, train_labels, augment: Augment,
+                 generator: torch.Generator, options: StepOptions, nla_config: NLAConfig,
+                 num_classes: int, steps_per_epoch: int):
+        self.model, self.optimizer = model, optimizer
+        self.images, self.labels = train_images, train_labels
+        self.augment, self.generator = augment, generator
+        self.options, self.nla_config = options, nla_config
+        self.device = train_labels.device
+        batch = options.batch_size
+        # Images too large for the device stay in pinned host memory: each step's batch is then
+        # gathered on the host into one of two pinned buffers and copied into a static device
+        # buffer before the step runs (the captured graph reads that buffer).
+        self.host_images = train_images.device != self.device
+        if self.host_images:
+            shape = (batch,) + tuple(train_images.shape[1:])
+            self.staging = [torch.empty(shape, dtype=train_images.dtype).pin_memory() for _ in range(2)]
+            self.staging_done = [None, None]
+            self.staged_images = torch.empty(shape, dtype=train_images.dtype, device=self.device)
+            self.host_order = None
+        self.host_step = 0  # the host's count of this epoch's steps (the device keeps its own)
+        self.steps_per_epoch = steps_per_epoch
+        self.epoch_order = torch.zeros(steps_per_epoch * batch, dtype=torch.int64, device=self.device)
+        self.step_in_epoch = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.offsets = torch.arange(batch, dtype=torch.int64, device=self.device)
+        self.eps = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.lr = optimizer.param_groups[0]["lr"]
+        self.totals = RunningTotals(num_classes, steps_per_epoch * batch, self.device)
+        self.scaler = None
+        if options.amp == "fp16":
+            self.scaler = torch.amp.GradScaler(self.device.type)
+        self.use_graph = options.cuda_graphs and self.device.type == "cuda" and self.scaler is None
+        self.graph = None
+        self.eager_steps_done = 0
+        self.mode = "cuda-graph (after warm-up)" if self.use_graph else "eager"
+        self.note = None
+        if options.cuda_graphs and self.device.type == "cuda" and self.scaler is not None:
+            self.note = "fp16 needs GradScaler, whose inf check reads back every step: running without CUDA graphs"
+
+    # -- between epochs -----------------------------------------------------------------------
+    def start_epoch(self, order: torch.Tensor, lr: float, eps: float, start_step: int = 0) -> None:
+        """New sample order, learning rate and eps, written in place (a captured graph sees them)."""
+        if len(order) != len(self.epoch_order):
+            raise ValueError(f"epoch order has {len(order)} samples, the step expects {len(self.epoch_order)}")
+        self.epoch_order.copy_(order, non_blocking=False)
+        self.step_in_epoch.fill_(start_step)
+        self.host_step = start_step
+        if self.host_images:
+            self.host_order = order.cpu()
+        self.lr.fill_(float(lr))
+        self.eps.fill_(float(eps))
+        if start_step == 0:
+            self.totals.reset()
+
+    # -- the step -------------------------------------------------------------------------------
+    def _forward_loss(self, view1, view2, labels):
+        options, model = self.options, self.model
+        memory = torch.channels_last if options.channels_last else torch.contiguous_format
+        with autocast_context(self.device, options.amp):
+            if options.loss == "ce":
+                logits = model(view1.contiguous(memory_format=memory)).float()
+                logits_flip = None
+            elif options.views == "concat":
+                both = torch.cat([view1, view2]).contiguous(memory_format=memory)
+                logits, logits_flip = model(both).float().chunk(2)
+            else:
+                logits = model(view1.contiguous(memory_format=memory)).float()
+                logits_flip = model(view2.contiguous(memory_format=memory)).float()
+        if options.loss == "ce":
+            loss = F.cross_entropy(logits, labels)
+            weights = naw_weight(logits.detach(), labels, self.eps, self.nla_config,
+                                 backend=options.backend, validate=False)
+        else:
+            loss, weights = nla_loss(logits, logits_flip, labels, eps=self.eps, config=self.nla_config,
+                                     backend=options.backend, validate=False, return_weights=True)
+        return logits, loss, weights
+
+    def _step(self) -> None:
+        """The whole step; device work only (captured as a CUDA graph on CUDA)."""
+        positions = self.step_in_epoch * self.options.batch_size + self.offsets
+        indices = self.epoch_order[positions]
+        images = self.staged_images if self.host_images else self.images[indices]
+        labels = self.labels[indices]
+        view1, view2 = self.augment(images, self.generator)
+        logits, loss, weights = self._forward_loss(view1, view2, labels)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+
+        with torch.no_grad():
+            totals = self.totals
+            loss = loss.detach()
+            totals.loss_sum += loss.double()
+            totals.correct += (logits.argmax(dim=1) == labels).sum()
+            totals.seen += labels.numel()
+            totals.steps += 1
+            totals.naw_sum.index_add_(0, labels, weights.double())
+            totals.naw_count.index_add_(0, labels, torch.ones_like(labels))
+            probs = logits.detach().softmax(dim=1)
+            p_gt = probs.gather(1, labels[:, None]).squeeze(1)
+            p_nn = probs.scatter(1, labels[:, None], -1.0).amax(dim=1)
+            totals.points[positions] = torch.stack([p_gt, p_nn], dim=1)
+            bad = ~torch.isfinite(loss) & (totals.first_bad_step < 0)
+            totals.first_bad_step.copy_(torch.where(bad, self.step_in_epoch, totals.first_bad_step))
+            self.step_in_epoch += 1
+
+    def _stage_host_batch(self) -> None:
+        batch = self.options.batch_size
+        slot = self.host_step % 2
+        if self.staging_done[slot] is not None:
+            self.staging_done[slot].synchronize()  # the copy from this buffer two steps ago is done
+        rows = self.host_order[self.host_step * batch:(self.host_step + 1) * batch]
+        torch.index_select(self.images, 0, rows, out=self.staging[slot])
+        self.staged_images.copy_(self.staging[slot], non_blocking=True)
+        event = torch.cuda.Event() if self.device.type == "cuda" else None
+        if event is not None:
+            event.record()
+        self.staging_done[slot] = event
+
+    def __call__(self) -> None:
+        if self.host_step >= self.steps_per_epoch:
+            raise RuntimeError(f"all {self.steps_per_epoch} steps of this epoch are done: call start_epoch() "
+                               "with the next epoch's order first")
+        if self.host_images:
+            self._stage_host_batch()
+        self.host_step += 1
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        if not self.use_graph:
+            self._step()
+            return
+        if self.eager_steps_done < WARMUP_STEPS:
+            # warm-up: real training steps, on a side stream as CUDA-graph capture requires
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*capturable=True.*")  # it is captured next
+                self._step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.eager_steps_done += 1
+            return
+        self._capture()
+        if self.graph is not None:
+            self.graph.replay()  # capture records the step without running it
+        else:
+            self._step()
+
+    def _capture(self) -> None:
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        default_generator = torch.cuda.default_generators[
+            self.device.index if self.device.index is not None else torch.cuda.current_device()]
+        try:
+            if self.generator is not default_generator:
+                if not hasattr(graph, "register_generator_state"):
+                    raise RuntimeError("this torch cannot register a custom generator with a CUDA graph")
+                graph.register_generator_state(self.generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.cuda.graph(graph):
+                self._step()
+        except Exception as err:  # anything that cannot be captured: run eagerly instead
+            self.use_graph = False
+            self.mode = "eager"
+            self.note = f"CUDA-graph capture failed ({type(err).__name__}: {err}); running the step eagerly"
+            print(f"nla_fast: {self.note}", flush=True)
+            torch.cuda.synchronize(self.device)
+            return
+        self.graph = graph
+        self.mode = "cuda-graph"
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict_logits(model, images: torch.Tensor, transform: Transform, batch_size: int = 256,
+                   amp: str = "off", tta: str | None = None, channels_last: bool = True) -> torch.Tensor:
+    """float32 class scores for uint8 NHWC ``images``: logits, or with ``tta="flip"`` the mean
+    log-probability of each image and its horizontal flip."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    memory = torch.channels_last if channels_last else torch.contiguous_format
+    outputs = []
+    try:
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size].to(device, non_blocking=True)
+            inputs = transform(batch).contiguous(memory_format=memory)
+            with autocast_context(device, amp):
+                if tta == "flip":
+                    both = torch.cat([inputs, inputs.flip(3)]).contiguous(memory_format=memory)
+                    scores = model(both).float().log_softmax(dim=1)
+                    scores = (scores[: len(inputs)] + scores[len(inputs):]) / 2
+                elif tta in (None, "none"):
+                    scores = model(inputs).float()
+                else:
+                    raise ValueError(f"tta must be None or 'flip', got {tta!r}")
+            outputs.append(scores)
+    finally:
+        model.train(was_training)
+    if not outputs:
+        return torch.zeros(0, 0, device=device)
+    return torch.cat(outputs)
+
+
+def evaluate(model, images, labels, transform: Transform, num_classes: int, class_names=None,
+             batch_size: int = 256, amp: str = "off", tta: str | None = None,
+             channels_last: bool = True) -> dict:
+    """Overall, mean-class, per-class and top-2 accuracy and the confusion matrix on a split."""
+    scores = predict_logits(model, images, transform, batch_size, amp, tta, channels_last)
+    counts = MetricCounts(num_classes, scores.device)
+    counts.update(scores, labels.to(scores.device))
+    return counts.summarise(class_names)

@@ -1,0 +1,120 @@
+"""Evaluate a checkpoint on a dataset split: ``python -m nla_fast.evaluate`` (also ``nla-evaluate``).
+
+    python -m nla_fast.evaluate --checkpoint runs/x/best.pt --dataset rafdb --data-root DATA/RAF-DB [--tta flip]
+
+Prints overall, mean-class, top-2 and per-class accuracy as a table and writes the confusion
+matrix as PNG and JSON (next to the checkpoint unless ``--out`` says otherwise).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+
+from . import checkpoint as ckpt
+from .cli import HelpFormatter
+from .data.errors import DatasetError
+from .engine import evaluate
+from .metrics import format_table
+from .predict import load_model
+from .train import DATASETS, TrainSettings, load_split, pick_device
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m nla_fast.evaluate",
+        description="Evaluate an nla_fast checkpoint: accuracy, mean class accuracy, per-class and top-2 "
+        "accuracy, confusion matrix (printed as a table, written as PNG + JSON).",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint written by nla_fast.train (last.pt, best.pt, ...)")
+    p.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="dataset to evaluate on (default: the one the checkpoint was trained on)")
+    p.add_argument("--data-root", default=None, metavar="DIR", help="folder of the dataset (default: the training run's)")
+    p.add_argument("--split", default="test", help="split to evaluate: test (or valid for FERPlus, train)")
+    p.add_argument("--tta", choices=("none", "flip"), default="none",
+                   help="flip: average the log-probabilities of each image and its horizontal flip")
+    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="evaluation batch size")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where to run")
+    p.add_argument("--amp", choices=("bf16", "fp16", "off"), default=None,
+                   help="autocast precision (default: bf16 on CUDA, off on CPU)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate a fixed, seeded subset of N samples")
+    p.add_argument("--label-mode", choices=("majority", "argmax", "soft"), default=None,
+                   help="FERPlus labels (default: the training run's)")
+    p.add_argument("--num-classes", type=int, choices=(7, 8), default=None,
+                   help="FERPlus / AffectNet: 7 or 8 classes (default: the training run's)")
+    p.add_argument("--out", default=None, metavar="DIR", help="folder for the confusion matrix files (default: the checkpoint's)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    device = pick_device(args.device)
+    try:
+        state = ckpt.load(args.checkpoint)
+    except (FileNotFoundError, ckpt.CheckpointError) as err:
+        print(f"nla_fast.evaluate: error: {err}", file=sys.stderr)
+        return 2
+    trained = TrainSettings.from_dict(state["config"]["train"])
+    info = state["model_info"]
+    dataset = args.dataset or trained.dataset
+    same = dataset == trained.dataset
+    settings = dataclasses.replace(
+        trained if same else TrainSettings(dataset=dataset),
+        dataset=dataset,
+        data_root=args.data_root if args.data_root is not None else (trained.data_root if same else None),
+        image_size=info["image_size"],
+        limit_test=args.limit,
+        limit_train=args.limit,
+        noise_rate=0.0, noise_file=None, imbalance_factor=None,  # evaluate against the clean labels
+        label_mode=args.label_mode if args.label_mode is not None else (trained.label_mode if same else None),
+        num_classes=args.num_classes if args.num_classes is not None else (trained.num_classes if same else None),
+    )
+    try:
+        data = load_split(settings, args.split)
+    except (FileNotFoundError, DatasetError, ValueError) as err:
+        print(f"nla_fast.evaluate: error: {err}", file=sys.stderr)
+        return 2
+    classes = list(info["classes"])
+    if list(data.classes) != classes:
+        print(f"nla_fast.evaluate: error: the checkpoint's classes {classes} differ from {dataset}'s "
+              f"{list(data.classes)}", file=sys.stderr)
+        return 2
+
+    model = load_model(args.checkpoint, device=device)
+    amp = args.amp or ("bf16" if device.type == "cuda" else "off")
+    metrics = evaluate(model, data.images, data.labels, model.eval_transform, len(classes), classes,
+                       batch_size=args.batch_size, amp=amp, tta=None if args.tta == "none" else args.tta)
+    metrics.update(checkpoint=str(args.checkpoint), dataset=dataset, split=args.split, tta=args.tta,
+                   epoch=state["epoch"])
+
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"eval-{Path(args.checkpoint).stem}-{dataset}-{args.split}" + ("-flip" if args.tta == "flip" else "")
+    (out / f"{stem}-confusion.json").write_text(json.dumps(_plain(metrics), indent=2) + "\n")
+    from .plots import plot_confusion
+
+    plot_confusion(metrics["confusion"], classes, out / f"{stem}-confusion.png",
+                   title=f"{dataset}/{args.split} (acc {100 * metrics['acc']:.2f}%)")
+    if args.json:
+        print(json.dumps(_plain(metrics)))
+    else:
+        print(f"{args.checkpoint} (epoch {state['epoch']}) on {dataset}/{args.split}"
+              f"{' with flip TTA' if args.tta == 'flip' else ''}:")
+        print(format_table(metrics, classes))
+        print(f"confusion matrix: {out / (stem + '-confusion.png')}, {out / (stem + '-confusion.json')}")
+    return 0
+
+
+def _plain(value):
+    from .train import _plain as plain
+
+    return plain(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

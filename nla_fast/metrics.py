@@ -1,0 +1,81 @@
+"""Classification metrics of SPEC 1.2 from logits: overall, mean-class, per-class and top-2
+accuracy and the confusion matrix. Counting happens on the logits' device; ``summarise``
+turns the counts into plain Python numbers (one host transfer)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class MetricCounts:
+    """Running counts over evaluation batches, kept on the device: confusion matrix and top-2 hits."""
+
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu"):
+        self.num_classes = num_classes
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        self.top2_correct = torch.zeros((), dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def update(self, scores: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch: ``scores`` (B, C) logits or probabilities, ``target`` (B,) labels."""
+        c = self.num_classes
+        predicted = scores.argmax(dim=1)
+        # index_add_ instead of bincount: bincount reads its size back from the GPU
+        self.confusion.view(-1).index_add_(0, target * c + predicted, torch.ones_like(target))
+        k = min(2, c)
+        top = scores.topk(k, dim=1).indices
+        self.top2_correct += (top == target[:, None]).any(dim=1).sum()
+
+    def summarise(self, class_names: list[str] | None = None) -> dict:
+        return summarise_confusion(self.confusion.cpu(), int(self.top2_correct), class_names)
+
+
+def summarise_confusion(confusion: torch.Tensor, top2_correct: int, class_names=None) -> dict:
+    """Metrics from a confusion matrix (rows: true class, columns: predicted class).
+
+    Per-class accuracy is the recall of each class; a class with no test sample has ``None``
+    and is left out of the mean class accuracy.
+    """
+    confusion = confusion.to(torch.int64)
+    total = int(confusion.sum())
+    support = confusion.sum(dim=1).tolist()
+    hits = confusion.diagonal().tolist()
+    per_class = [h / s if s else None for h, s in zip(hits, support)]
+    present = [a for a in per_class if a is not None]
+    return {
+        "acc": sum(hits) / total if total else math.nan,
+        "mean_acc": sum(present) / len(present) if present else math.nan,
+        "per_class_acc": per_class,
+        "top2_acc": top2_correct / total if total else math.nan,
+        "num_samples": total,
+        "support": support,
+        "confusion": confusion.tolist(),
+        "classes": list(class_names) if class_names is not None else None,
+    }
+
+
+def compute_metrics(scores: torch.Tensor, target: torch.Tensor, num_classes: int, class_names=None) -> dict:
+    """All metrics for one tensor of scores (B, C) and labels (B,)."""
+    counts = MetricCounts(num_classes, scores.device)
+    counts.update(scores, target)
+    return counts.summarise(class_names)
+
+
+def format_table(metrics: dict, class_names: list[str]) -> str:
+    """A plain-text table: the headline numbers, then per-class accuracy and support."""
+    def pct(value):
+        return "   -  " if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:6.2f}"
+
+    width = max([len(n) for n in class_names] + [len("mean class accuracy")])
+    lines = [
+        f"{'overall accuracy':<{width}}  {pct(metrics['acc'])} %",
+        f"{'mean class accuracy':<{width}}  {pct(metrics['mean_acc'])} %",
+        f"{'top-2 accuracy':<{width}}  {pct(metrics['top2_acc'])} %",
+        f"{'samples':<{width}}  {metrics['num_samples']:6d}",
+        "",
+        f"{'class':<{width}}  {'acc %':>6}  {'support':>7}",
+    ]
+    for name, acc, support in zip(class_names, metrics["per_class_acc"], metrics["support"]):
+        lines.append(f"{name:<{width}}  {pct(acc)}  {support:7d}")
+    return "\n".join(lines)

@@ -1,0 +1,623 @@
+"""Train ResNet-18 with the NLA loss: ``python -m nla_fast.train`` (also ``nla-train``).
+
+Reads top to bottom: settings -> data on the device -> model, optimiser, step -> (resume) ->
+for each epoch: new order, lr and eps written into device tensors; steps; evaluation on the
+test split; ``metrics.jsonl``, plots and checkpoints in ``--out``.
+
+Outputs in ``--out``:
+    config.json      the settings of the run
+    metrics.jsonl    one JSON object per epoch (see ``epoch_record``)
+    curves.png       loss and accuracies per epoch
+    confusion.png    confusion matrix of the latest epoch on the test split
+    naw_weights.png  NAW weight over the (p_gt, p_nn) plane at the epoch's eps, with that
+                     epoch's training samples scattered on it
+    last.pt          every epoch (and on Ctrl-C, mid-epoch); best.pt / best_mean.pt: the
+                     epochs with the best overall / mean class test accuracy
+
+Training batches are always full: each epoch drops the remainder of its random order
+(fewer than ``--batch-size`` samples), as the reference's ``drop_last=True`` does.
+
+With no arguments on a machine without CUDA, the run is a quick demonstration on the
+synthetic set (small images, few samples and epochs, see ``CPU_QUICK_RUN``); on CUDA the
+same command follows the paper's recipe (224 px, 60 epochs, batch 32).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .cli import HelpFormatter
+from .config import NLAConfig, eps_schedule
+from .data.errors import DatasetError
+from .loss import BackendUnavailable
+from .engine import (NonFiniteLoss, StepOptions, TrainStep, augmentation_generator, epoch_permutation, evaluate,
+                     load_optimizer_state, make_optimizer, shard, subset_indices)
+from .metrics import format_table
+from .model import WeightsError, build_resnet18, initialise_weights
+
+DATASETS = ("synthetic", "rafdb", "ferplus", "affectnet")
+# A synthetic-data run that finishes in a few minutes on 2 CPU cores (used when CUDA is absent
+# and the dataset is synthetic; every value can still be set on the command line).
+CPU_QUICK_RUN = {"image_size": 48, "epochs": 3, "num_samples": 1600, "lr": 1e-3, "batch_size": 16}
+# Settings whose default depends on the device (filled in by TrainSettings.resolve).
+DEVICE_DEFAULTS = ("amp", "cuda_graphs", "log_every", "backend")
+# Stay below this share of free GPU memory with the dataset, else keep images in host memory.
+DEVICE_DATA_SHARE = 0.5
+
+
+@dataclass
+class TrainSettings:
+    """Everything a run depends on. ``None`` means 'the default for this device' (see ``resolve``)."""
+
+    dataset: str = "synthetic"
+    data_root: str | None = None
+    out: str | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float = 1e-4
+    gamma: float = 0.9
+    image_size: int | None = None
+    weights: str = "none"
+    device: str = "auto"
+    seed: int = 0
+    limit_train: int | None = None
+    limit_test: int | None = None
+    loss: str = "nla"
+    preset: str = "paper"
+    consistency: str = "official"
+    views: str = "concat"
+    amp: str | None = None
+    compile: bool = False
+    cuda_graphs: bool | None = None
+    backend: str | None = None
+    noise_rate: float = 0.0
+    noise_seed: int = 0
+    noise_file: str | None = None
+    imbalance_factor: float | None = None
+    imbalance_seed: int = 0
+    label_mode: str | None = None
+    num_classes: int | None = None
+    num_samples: int | None = None
+    eval_batch_size: int = 256
+    log_every: int | None = None
+    plot_every: int = 1
+    progress: bool = True
+
+    def resolve(self, device: torch.device) -> "TrainSettings":
+        """A copy with every device-dependent default filled in."""
+        quick = device.type != "cuda" and self.dataset == "synthetic"
+        filled = dataclasses.replace(self)
+        if filled.epochs is None:
+            filled.epochs = CPU_QUICK_RUN["epochs"] if quick else 60
+        if filled.image_size is None:
+            filled.image_size = CPU_QUICK_RUN["image_size"] if quick else 224
+        if filled.lr is None:
+            filled.lr = CPU_QUICK_RUN["lr"] if quick else 1e-4
+        if filled.batch_size is None:
+            filled.batch_size = CPU_QUICK_RUN["batch_size"] if quick else 32
+        if filled.num_samples is None and quick:
+            filled.num_samples = CPU_QUICK_RUN["num_samples"]
+        if filled.amp is None:
+            filled.amp = "bf16" if device.type == "cuda" else "off"
+        if filled.cuda_graphs is None:
+            filled.cuda_graphs = device.type == "cuda"
+        if filled.backend is None:
+            # On the CPU the loss is a negligible share of a step: the eager reference avoids
+            # compiling the native extension on a first run.
+            filled.backend = "auto" if device.type == "cuda" else "reference"
+        if filled.log_every is None:
+            filled.log_every = 50 if device.type == "cuda" else 1
+        if filled.out is None:
+            filled.out = str(Path("runs") / f"{self.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        return filled
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainSettings":
+        """Settings saved in a checkpoint (keys this version does not know are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def nla_config(self) -> NLAConfig:
+        if self.preset == "official":
+            return NLAConfig.official(consistency=self.consistency)
+        return NLAConfig(consistency=self.consistency)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m nla_fast.train",
+        description="Train ResNet-18 with the NLA loss (Navigating Label Ambiguity, AAAI 2025). "
+        "With no arguments and no GPU: a few-minute demonstration on synthetic data; "
+        "on a GPU: the paper's recipe (224 px, 60 epochs, batch 32, Adam 1e-4, ExponentialLR 0.9).",
+        formatter_class=HelpFormatter,
+    )
+    d = TrainSettings()
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="dataset to train and test on")
+    data.add_argument("--data-root", default=d.data_root, metavar="DIR",
+                      help="folder holding the dataset in its original layout (not needed for synthetic)")
+    data.add_argument("--image-size", type=int, default=None, metavar="PX",
+                      help="side of the square network input (default: 224; 48 for the CPU synthetic demo)")
+    data.add_argument("--limit-train", type=int, default=None, metavar="N",
+                      help="train on a fixed, seeded subset of N training samples (smoke runs)")
+    data.add_argument("--limit-test", type=int, default=None, metavar="N",
+                      help="evaluate on a fixed, seeded subset of N test samples (smoke runs)")
+    data.add_argument("--noise-rate", type=float, default=d.noise_rate, metavar="P",
+                      help="replace each training label with probability P by a different class")
+    data.add_argument("--noise-seed", type=int, default=d.noise_seed, metavar="SEED", help="seed of the label noise")
+    data.add_argument("--noise-file", default=d.noise_file, metavar="PATH",
+                      help="read noisy training labels from a file of 'name label' lines (RAF-DB format)")
+    data.add_argument("--imbalance-factor", type=float, default=d.imbalance_factor, metavar="RHO",
+                      help="subsample the training set to an exponential long tail with n_max/n_min = RHO")
+    data.add_argument("--imbalance-seed", type=int, default=d.imbalance_seed, metavar="SEED",
+                      help="seed of the imbalance subsample")
+    data.add_argument("--label-mode", choices=("majority", "argmax", "soft"), default=d.label_mode,
+                      help="FERPlus labels: the dataset authors' majority rule (the loader's default), "
+                      "plurality (argmax) or the vote distribution (soft)")
+    data.add_argument("--num-classes", type=int, choices=(7, 8), default=d.num_classes,
+                      help="FERPlus / AffectNet: 7 basic expressions or 8 with contempt (the loader's default)")
+    data.add_argument("--num-samples", type=int, default=None, metavar="N",
+                      help="synthetic: number of training samples (default: the data module's; 1600 in the CPU demo)")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/<dataset>-<time>)")
+    run.add_argument("--device", choices=("auto", "cuda", "cpu"), default=d.device,
+                     help="where to train; auto picks CUDA when present")
+    run.add_argument("--seed", type=int, default=d.seed, help="seed of initialisation, order and augmentation")
+    run.add_argument("--resume", default=None, metavar="PATH",
+                     help="continue a run exactly from its checkpoint (e.g. runs/x/last.pt); its settings "
+                     "are reused, flags given here override them (e.g. --epochs)")
+    run.add_argument("--log-every", type=int, default=None, metavar="N",
+                     help="read progress back from the device every N steps (default: 50 on CUDA, 1 on CPU)")
+    run.add_argument("--plot-every", type=int, default=d.plot_every, metavar="N",
+                     help="draw the plots every N epochs (and always after the last); 0: only at the end")
+    run.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, metavar="N",
+                     help="batch size of evaluation")
+    run.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="hide the tqdm progress bar (shown by default)")
+
+    recipe = p.add_argument_group("recipe")
+    recipe.add_argument("--epochs", type=int, default=None, metavar="N", help="epochs (default: 60; 3 for the CPU synthetic demo)")
+    recipe.add_argument("--batch-size", type=int, default=None, metavar="N",
+                        help="training batch size, images per view; batches are always full, the remainder of "
+                        "each epoch's order is dropped (default: 32; 16 for the CPU synthetic demo)")
+    recipe.add_argument("--lr", type=float, default=None,
+                        help="Adam learning rate of epoch 0 (default: 1e-4; 1e-3 for the CPU synthetic demo)")
+    recipe.add_argument("--weight-decay", type=float, default=d.weight_decay, metavar="WD", help="Adam's L2 weight decay")
+    recipe.add_argument("--gamma", type=float, default=d.gamma, help="ExponentialLR factor, applied once per epoch")
+    recipe.add_argument("--weights", default=d.weights, metavar="{none,imagenet,PATH}",
+                        help="backbone initialisation: none (random), imagenet (torchvision), or a checkpoint file "
+                        "such as resnet18_msceleb.pth (the paper's; 'module.' is stripped, fc.* dropped)")
+    recipe.add_argument("--loss", choices=("nla", "ce"), default=d.loss,
+                        help="nla: NAW + consistency; ce: plain cross-entropy on one view (baseline)")
+    recipe.add_argument("--preset", choices=("paper", "official"), default=d.preset,
+                        help="loss constants: paper (as published) or official (the public code's sigma=0.91)")
+    recipe.add_argument("--consistency", choices=("official", "jsd"), default=d.consistency,
+                        help="consistency term: official (KL to the logit-mean softmax, summed) or jsd")
+    recipe.add_argument("--views", choices=("concat", "separate"), default=d.views,
+                        help="concat: both views in one forward (BatchNorm statistics over both); "
+                        "separate: two forwards, as the reference code")
+
+    speed = p.add_argument_group("speed")
+    speed.add_argument("--amp", choices=("bf16", "fp16", "off"), default=None,
+                       help="autocast precision (default: bf16 on CUDA, off on CPU)")
+    speed.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=d.compile,
+                       help="torch.compile the network (default: off; with CUDA graphs the compiled network "
+                       "is captured too)")
+    speed.add_argument("--cuda-graphs", dest="cuda_graphs", action=argparse.BooleanOptionalAction, default=None,
+                       help="capture the whole training step as one CUDA graph (default: on with CUDA)")
+    speed.add_argument("--backend", choices=("auto", "triton", "extension", "reference"), default=None,
+                       help="implementation of the NLA loss (default: auto on CUDA, i.e. the fused Triton kernel; "
+                       "reference on CPU, where the loss is a negligible share of the step)")
+    return p
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
+    """Destinations the user wrote on the command line (not filled from defaults)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:  # a copy of every option with its default suppressed
+        if action.option_strings and action.dest != "help":
+            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
+            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+                kwargs["action"] = "store_const"
+                kwargs["const"] = action.const
+            elif isinstance(action, argparse.BooleanOptionalAction):
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["nargs"] = action.nargs
+            probe.add_argument(*action.option_strings, **kwargs)
+    known, _ = probe.parse_known_args(argv)
+    return set(vars(known))
+
+
+def settings_from_args(args: argparse.Namespace) -> TrainSettings:
+    names = {f.name for f in dataclasses.fields(TrainSettings)}
+    return TrainSettings(**{k: v for k, v in vars(args).items() if k in names})
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces of the run
+# ----------------------------------------------------------------------------------------------
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda but torch sees no CUDA device")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def load_split(s: TrainSettings, split: str):
+    """One split of the run's dataset, with its options; the noise and imbalance protocols
+    apply to the training split only, ``--limit-train`` / ``--limit-test`` to their split."""
+    from .data import load_dataset
+
+    options = {}
+    if s.dataset == "ferplus":
+        if s.label_mode is not None:
+            options["label_mode"] = s.label_mode
+        if s.num_classes is not None:
+            options["num_classes"] = s.num_classes
+    elif s.dataset == "affectnet" and s.num_classes is not None:
+        options["num_classes"] = s.num_classes
+    elif s.dataset == "synthetic" and s.num_samples is not None:
+        options["num_samples"] = s.num_samples if split == "train" else max(64, s.num_samples // 4)
+    if split == "train":
+        if s.noise_rate:
+            options.update(noise_rate=s.noise_rate, noise_seed=s.noise_seed)
+        if s.noise_file:
+            options["noise_file"] = s.noise_file
+        if s.imbalance_factor is not None:
+            options.update(imbalance_factor=s.imbalance_factor, imbalance_seed=s.imbalance_seed)
+    # native resolution: the augmentation adds its noise to the raw image, then resizes (SPEC 1.2)
+    dataset = load_dataset(s.dataset, s.data_root, split, image_size=None, **options)
+    limit = s.limit_train if split == "train" else s.limit_test
+    index = subset_indices(len(dataset.labels), limit)
+    if index is not None:
+        dataset.images, dataset.labels = dataset.images[index], dataset.labels[index]
+    return dataset
+
+
+def place_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The dataset on the device when it fits in a share of free memory, else pinned host memory."""
+    if device.type != "cuda":
+        return images
+    free, _ = torch.cuda.mem_get_info(device)
+    nbytes = images.numel() * images.element_size()
+    if nbytes <= DEVICE_DATA_SHARE * free:
+        return images.to(device)
+    print(f"nla_fast: the images ({nbytes / 2**30:.1f} GiB) stay in pinned host memory "
+          f"(more than {DEVICE_DATA_SHARE:.0%} of free GPU memory); batches are copied per step")
+    return images.pin_memory()
+
+
+def epoch_record(epoch, progress, test, naw_means, classes, lr, eps, samples, samples_per_s, train_seconds,
+                 eval_seconds, world_size, mode) -> dict:
+    """One line of metrics.jsonl."""
+    return {
+        "epoch": epoch,
+        "train_loss": progress["loss"],
+        "train_acc": progress["acc"],
+        "test_acc": test["acc"],
+        "test_mean_acc": test["mean_acc"],
+        "top2_acc": test["top2_acc"],
+        "per_class_acc": dict(zip(classes, test["per_class_acc"])),
+        "naw_weight_mean": dict(zip(classes, naw_means)),
+        "lr": lr,
+        "eps": eps,
+        "samples_per_s": samples_per_s,
+        "train_samples": samples,
+        "test_samples": test["num_samples"],
+        "world_size": world_size,
+        "seconds": train_seconds + eval_seconds,
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "step_mode": mode,
+        "confusion": test["confusion"],
+    }
+
+
+def _plain(value):
+    """JSON-safe: NaN and infinities become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def write_metrics(path: Path, history: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(_plain(row)) + "\n" for row in history))
+    os.replace(tmp, path)
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    """``dst`` becomes a copy of ``src`` in one rename: a hard link (no data copied; ``src`` is
+    itself replaced, never rewritten, so the two stay independent), else a real copy."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    try:
+        if tmp.exists():
+            tmp.unlink()
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+class StopRequest:
+    """First Ctrl-C: finish the current step, write last.pt and stop. A second one aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nnla_fast: Ctrl-C: stopping after this step and writing last.pt "
+              "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def progress_bar(total: int, epoch: int, epochs: int, enabled: bool, initial: int = 0):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"epoch {epoch} ({epoch + 1}/{epochs})", unit="step",
+                disable=not enabled, dynamic_ncols=True, leave=True, file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+def train(settings: TrainSettings, resume: str | None = None, explicit: set[str] | None = None) -> dict:
+    """Run (or continue) a training run; returns a summary dict. Raises NonFiniteLoss on a NaN loss."""
+    # --- settings (a resumed run takes its own, overridden by flags given explicitly) ---------
+    state = None
+    if resume is not None:
+        state = ckpt.load(resume)
+        saved = TrainSettings.from_dict(state["config"]["train"])
+        overrides = {name: getattr(settings, name) for name in (explicit or set())
+                     if hasattr(saved, name) and name != "resume"}
+        if "out" not in overrides:
+            overrides["out"] = str(Path(resume).resolve().parent)
+        for name, value in overrides.items():
+            if getattr(saved, name) != value and name not in ("out", "progress"):
+                print(f"nla_fast: resume: {name} = {value!r} (the checkpoint had {getattr(saved, name)!r})")
+        settings = dataclasses.replace(saved, **overrides)
+        if pick_device(settings.device).type != state["config"].get("device_type"):
+            # continuing on another kind of device: its own precision / graph defaults
+            fresh = {name: None for name in DEVICE_DEFAULTS if name not in overrides}
+            settings = dataclasses.replace(settings, **fresh)
+    device = pick_device(settings.device)
+    s = settings.resolve(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    nla_config = s.nla_config()
+    torch.manual_seed(s.seed)
+    np.random.seed(s.seed % 2**32)
+    import random
+    random.seed(s.seed)
+
+    # --- data on the device ----------------------------------------------------------------
+    from . import augment
+
+    train_set, test_set = load_split(s, "train"), load_split(s, "test")
+    classes = list(train_set.classes)
+    num_classes = len(classes)
+    train_images = place_images(train_set.images, device)
+    train_labels = train_set.labels.to(device)
+    test_images, test_labels = test_set.images.to(device), test_set.labels.to(device)
+    world_size, rank = 1, 0
+    steps_per_epoch = len(train_labels) // world_size // s.batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {len(train_labels)} training samples make no full batch of {s.batch_size}")
+    augment_fn = augment.TrainAugment(s.image_size)
+    eval_transform = augment.EvalTransform(s.image_size)
+
+    # --- model, optimiser, step ------------------------------------------------------------
+    model = build_resnet18(num_classes)
+    if state is None:
+        print(initialise_weights(model, s.weights))
+    model = model.to(device, memory_format=torch.channels_last)
+    network = torch.compile(model) if s.compile else model
+    optimizer = make_optimizer(model, s.lr, s.weight_decay, device, capturable=s.cuda_graphs)
+    lr_tensor = optimizer.param_groups[0]["lr"]
+    generator = augmentation_generator(device, s.seed)
+    options = StepOptions(batch_size=s.batch_size, views=s.views, loss=s.loss, amp=s.amp, backend=s.backend,
+                          channels_last=True, cuda_graphs=s.cuda_graphs)
+    step = TrainStep(network, optimizer, train_images, train_labels, augment_fn, generator, options,
+                     nla_config, num_classes, steps_per_epoch)
+
+    # --- resume ----------------------------------------------------------------------------
+    start_epoch, start_step, history = 0, 0, []
+    best = {"acc": -1.0, "mean_acc": -1.0}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        load_optimizer_state(optimizer, state["optimizer"])  # keeps lr_tensor, the one the step reads
+        ckpt.restore_rng_states(state["rng"], generator)
+        history = [row for row in state["history"] if row["epoch"] < state["epoch"] + state["epoch_done"]]
+        best = dict(state["best"])
+        if state["epoch_done"]:
+            start_epoch, start_step = state["epoch"] + 1, 0
+        else:
+            start_epoch, start_step = state["epoch"], state["step"]
+        print(f"nla_fast: resuming {resume} at epoch {start_epoch}, step {start_step}")
+
+    run_config = {"train": dataclasses.asdict(s), "nla": dataclasses.asdict(nla_config), "device_type": device.type}
+    (out / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+    write_metrics(out / "metrics.jsonl", history)
+    model_info = {"arch": "resnet18", "num_classes": num_classes, "classes": classes,
+                  "image_size": s.image_size, "mean": list(augment.MEAN), "std": list(augment.STD),
+                  "dataset": s.dataset}
+    print(f"nla_fast: {s.dataset}: {len(train_labels)} train / {len(test_labels)} test images, "
+          f"{num_classes} classes, {s.image_size}px; {steps_per_epoch} steps of {s.batch_size} per epoch; "
+          f"device {device}, amp {s.amp}, views {s.views}, loss {s.loss}; writing to {out}")
+    if step.note:
+        print(f"nla_fast: {step.note}")
+
+    def checkpoint_state(epoch: int, steps_done: int, epoch_done: bool) -> dict:
+        return {
+            "format": ckpt.FORMAT,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "model_info": model_info,
+            "optimizer": optimizer.state_dict(),
+            "schedule": {"base_lr": s.lr, "gamma": s.gamma, "lr": float(lr_tensor), "slope": nla_config.slope,
+                         "epochs": s.epochs, "eps": float(step.eps)},
+            "epoch": epoch,
+            "step": steps_done,
+            "epoch_done": epoch_done,
+            "rng": ckpt.capture_rng_states(generator),
+            "config": run_config,
+            "totals": step.totals.state_dict(),
+            "best": best,
+            "history": [_plain(row) for row in history],
+        }
+
+    # --- epochs ----------------------------------------------------------------------------
+    last_test = None
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, s.epochs):
+            lr = s.lr * s.gamma**epoch
+            eps = eps_schedule(epoch, s.epochs, nla_config.slope)
+            order = shard(epoch_permutation(len(train_labels), s.seed, epoch), rank, world_size, s.batch_size)
+            step.start_epoch(order.to(device), lr, eps, start_step)
+            if start_step > 0 and state is not None and not state["epoch_done"]:
+                step.totals.load_state_dict(state["totals"])
+            bar = progress_bar(steps_per_epoch, epoch, s.epochs, s.progress, initial=start_step)
+            t0 = time.perf_counter()
+            for index in range(start_step, steps_per_epoch):
+                step()
+                done = index + 1
+                if done % s.log_every == 0 or done == steps_per_epoch or stop.requested:
+                    progress = step.totals.progress()
+                    if progress["first_bad_step"] >= 0:
+                        bar.close()
+                        raise NonFiniteLoss(epoch, progress["first_bad_step"])
+                    elapsed = time.perf_counter() - t0
+                    bar.set_postfix_str(f"loss {progress['loss']:.4f}, "
+                                        f"{(done - start_step) * s.batch_size / max(elapsed, 1e-9):.0f} samples/s")
+                    bar.update(done - bar.n)
+                if stop.requested and done < steps_per_epoch:
+                    bar.close()
+                    ckpt.save_atomic(checkpoint_state(epoch, int(step.step_in_epoch), False), out / "last.pt")
+                    print(f"nla_fast: interrupted at epoch {epoch}, step {done}; wrote {out / 'last.pt'}; "
+                          f"continue with: python -m nla_fast.train --resume {out / 'last.pt'}")
+                    return {"out": str(out), "interrupted": True, "epoch": epoch, "step": done}
+            progress = step.totals.progress()
+            train_seconds = time.perf_counter() - t0
+            bar.close()
+
+            t1 = time.perf_counter()
+            test = evaluate(network, test_images, test_labels, eval_transform, num_classes, classes,
+                            batch_size=s.eval_batch_size, amp=s.amp)
+            eval_seconds = time.perf_counter() - t1
+            last_test = test
+            timed_samples = (steps_per_epoch - start_step) * s.batch_size * world_size
+            row = epoch_record(epoch, progress, test, step.totals.naw_means(), classes, lr, eps,
+                               steps_per_epoch * s.batch_size * world_size, timed_samples / train_seconds,
+                               train_seconds, eval_seconds, world_size, step.mode)
+            history.append(row)
+            write_metrics(out / "metrics.jsonl", history)
+            print(f"epoch {epoch} ({epoch + 1}/{s.epochs}): train loss {progress['loss']:.4f} "
+                  f"acc {100 * progress['acc']:.2f}% | test acc {100 * test['acc']:.2f}% "
+                  f"mean {100 * test['mean_acc']:.2f}% "
+                  f"top-2 {100 * test['top2_acc']:.2f}% | lr {lr:.3g} eps {eps:.3f} | "
+                  f"{row['samples_per_s']:.0f} samples/s ({step.mode})", flush=True)
+
+            improved_acc, improved_mean = test["acc"] > best["acc"], test["mean_acc"] > best["mean_acc"]
+            if improved_acc:
+                best["acc"], best["acc_epoch"] = test["acc"], epoch
+            if improved_mean:
+                best["mean_acc"], best["mean_acc_epoch"] = test["mean_acc"], epoch
+            ckpt.save_atomic(checkpoint_state(epoch, steps_per_epoch, True), out / "last.pt")
+            if improved_acc:
+                copy_atomic(out / "last.pt", out / "best.pt")
+            if improved_mean:
+                copy_atomic(out / "last.pt", out / "best_mean.pt")
+
+            final = epoch == s.epochs - 1 or stop.requested
+            if final or (s.plot_every and (epoch + 1) % s.plot_every == 0):
+                draw_plots(out, history, test, classes, eps, nla_config, step, epoch)
+            start_step, state = 0, None
+            if stop.requested:
+                print(f"nla_fast: interrupted after epoch {epoch}; wrote {out / 'last.pt'}")
+                return {"out": str(out), "interrupted": True, "epoch": epoch, "step": steps_per_epoch}
+
+    print(f"nla_fast: done. metrics: {out / 'metrics.jsonl'}; plots: {out / 'curves.png'}, "
+          f"{out / 'confusion.png'}, {out / 'naw_weights.png'}; checkpoints: {out / 'last.pt'}, "
+          f"{out / 'best.pt'}, {out / 'best_mean.pt'}")
+    if history:
+        print(f"nla_fast: best test accuracy {100 * best['acc']:.2f}% (epoch {best.get('acc_epoch')}), "
+              f"best mean class accuracy {100 * best['mean_acc']:.2f}% (epoch {best.get('mean_acc_epoch')})")
+    if last_test is not None:
+        print(format_table(last_test, classes))
+    return {"out": str(out), "interrupted": False, "history": history, "best": best}
+
+
+def draw_plots(out: Path, history, test, classes, eps, nla_config, step: TrainStep, epoch: int) -> None:
+    from . import plots
+
+    plots.plot_curves(history, out / "curves.png")
+    plots.plot_confusion(test["confusion"], classes, out / "confusion.png",
+                         title=f"test confusion, epoch {epoch} (acc {100 * test['acc']:.2f}%)")
+    points = step.totals.points.cpu()
+    points = points[~torch.isnan(points).any(dim=1)]
+    plots.plot_naw_weights(eps, nla_config, points, out / "naw_weights.png", epoch=epoch)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    explicit = explicit_flags(parser, argv)
+    settings = settings_from_args(args)
+    try:
+        result = train(settings, resume=args.resume, explicit=explicit)
+    except KeyboardInterrupt:
+        print("nla_fast: interrupted", file=sys.stderr)
+        return 130
+    except NonFiniteLoss as err:
+        print(f"nla_fast: error: {err}", file=sys.stderr)
+        return 1
+    except (WeightsError, DatasetError, FileNotFoundError, ckpt.CheckpointError, BackendUnavailable) as err:
+        print(f"nla_fast: error: {err}", file=sys.stderr)
+        return 2
+    return 130 if result.get("interrupted") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The evaluate and predict CLIs and the Python side (load_model / predict) on a tiny trained run."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from nla_fast import train
+from nla_fast.engine import predict_logits
+from nla_fast.evaluate import main as evaluate_main
+# (nla_fast.predict is also the name of the function the package exports: import from the module)
+from nla_fast.predict import load_model, main as predict_main, predict
+
+TINY = ["--dataset", "synthetic", "--num-samples", "16", "--image-size", "32", "--batch-size", "8",
+        "--limit-test", "24", "--backend", "reference", "--device", "cpu", "--no-progress", "--plot-every", "0",
+        "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    old, threads = os.environ.get("NLA_FAST_CACHE"), torch.get_num_threads()
+    os.environ["NLA_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    torch.set_num_threads(1)  # tiny convolutions: one thread is as fast and kinder to a shared CPU
+    out = tmp_path_factory.mktemp("run")
+    assert train.main(TINY + ["--out", str(out)]) == 0
+    yield out
+    torch.set_num_threads(threads)
+    if old is None:
+        os.environ.pop("NLA_FAST_CACHE", None)
+    else:
+        os.environ["NLA_FAST_CACHE"] = old
+
+
+def test_evaluate_prints_a_table_and_writes_the_confusion_matrix(run_dir, capsys, tmp_path):
+    assert evaluate_main(["--checkpoint", str(run_dir / "last.pt"), "--limit", "24", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    for words in ("overall accuracy", "mean class accuracy", "top-2 accuracy", "Happiness", "support"):
+        assert words in text
+    (json_file,) = tmp_path.glob("*-confusion.json")
+    (png_file,) = tmp_path.glob("*-confusion.png")
+    result = json.loads(json_file.read_text())
+    assert np.array(result["confusion"]).sum() == 24 and png_file.stat().st_size > 0
+    # the same numbers as the training run's last evaluation (same 24 test faces, float32 on CPU)
+    row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert result["acc"] == pytest.approx(row["test_acc"])
+    assert result["mean_acc"] == pytest.approx(row["test_mean_acc"])
+    assert result["confusion"] == row["confusion"]
+
+
+def test_evaluate_flip_tta_and_json(run_dir, capsys, tmp_path):
+    code = evaluate_main(["--checkpoint", str(run_dir / "best.pt"), "--dataset", "synthetic", "--limit", "24",
+                              "--tta", "flip", "--json", "--out", str(tmp_path)])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tta"] == "flip" and result["num_samples"] == 24 and len(result["per_class_acc"]) == 7
+    assert list(tmp_path.glob("*-flip-confusion.png"))
+
+
+def test_evaluate_reports_a_missing_checkpoint(tmp_path, capsys):
+    assert evaluate_main(["--checkpoint", str(tmp_path / "nope.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def _write_images(folder):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = [folder / "face.png", folder / "grey.jpg"]
+    Image.fromarray(rng.integers(0, 256, (100, 100, 3), dtype=np.uint8)).save(paths[0])
+    Image.fromarray(rng.integers(0, 256, (57, 80), dtype=np.uint8), mode="L").save(paths[1])
+    return paths
+
+
+def test_predict_cli_text_and_json(run_dir, tmp_path, capsys):
+    paths = _write_images(tmp_path)
+    assert predict_main(["--checkpoint", str(run_dir / "last.pt"), *map(str, paths), "--top", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(str(paths[0])) and "%" in lines[0]
+    assert predict_main(["--checkpoint", str(run_dir / "last.pt"), *map(str, paths), "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    classes = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]
+    for entry, path in zip(results, paths):
+        assert entry["image"] == str(path)
+        assert set(entry["probabilities"]) == set(classes)
+        assert sum(entry["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert entry["label"] == entry["top"][0]["label"] == max(entry["probabilities"], key=entry["probabilities"].get)
+        assert len(entry["top"]) == 3
+    assert predict_main(["--checkpoint", str(run_dir / "last.pt"), str(tmp_path / "missing.png")]) == 2
+
+
+def test_python_api_matches_evaluation(run_dir):
+    from nla_fast.data import load_dataset
+
+    model = load_model(run_dir / "last.pt", device="cpu")
+    assert model.classes[3] == "Happiness" and model.image_size == 32 and not model.training
+    images = load_dataset("synthetic", None, "test", num_samples=64, verbose=False).images[:6]
+    results = predict(model, images)  # a uint8 N x H x W x 3 batch at native size (100 px)
+    expected = predict_logits(model, images, model.eval_transform).argmax(1).tolist()
+    assert [model.classes.index(r["label"]) for r in results] == expected
+    single = predict(model, images[0].numpy(), top_k=1)  # one H x W x 3 array
+    assert single[0]["label"] == results[0]["label"] and len(single[0]["top"]) == 1
+    assert single[0]["probability"] == pytest.approx(results[0]["probability"], abs=1e-5)
