@@ -128,21 +128,22 @@ def rafdb_shaped_data(plan: Plan, root: Path):
     return images[:n_train], labels[:n_train], images[n_train:], labels[n_train:]
 
 
+def endless(loader):
+    """Batches of the loader, epoch after epoch (the timed steps may outlast one pass)."""
+    while True:
+        yield from loader
+
+
 # -- rungs --------------------------------------------------------------------------------------
 def rung_reference(plan, device, root, workers):
     torch.manual_seed(0)
     loader = make_loader(root, "train", plan.image_size, plan.batch, workers, train=True)
     model = make_model(NUM_CLASSES, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-4)
-    batches = iter(loader)
+    batches = endless(loader)
 
     def step():
-        nonlocal batches
-        try:
-            images, labels = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            images, labels = next(batches)
+        images, labels = next(batches)
         reference_step(model, optimizer, images, labels, 0.5, device)
 
     return time_blocks(step, plan, device)
@@ -155,15 +156,10 @@ def rung_dataloader_nla(plan, device, root):
     model = build_resnet18(NUM_CLASSES).to(device)
     optimizer = make_optimizer(model, 1e-4, 1e-4, device, capturable=False)
     eps = torch.tensor(0.5, device=device)
-    batches = iter(loader)
+    batches = endless(loader)
 
     def step():
-        nonlocal batches
-        try:
-            images, labels = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            images, labels = next(batches)
+        images, labels = next(batches)
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         logits, logits_flip = model(torch.cat([images, images.flip(3)])).chunk(2)

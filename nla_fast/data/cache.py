@@ -16,11 +16,12 @@ import hashlib
 import json
 import os
 import sys
-import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
+
+from ..checkpoint import save_atomic
 
 CACHE_FORMAT = 1  # bump when the payload layout or a decoder changes
 
@@ -65,23 +66,6 @@ def cache_path(dataset: str, split: str, key: str, directory=None) -> Path:
     return cache_dir(directory) / f"{dataset}-{split}-{key}.pt"
 
 
-def _atomic_save(payload: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-
-
 def _load(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -120,7 +104,7 @@ def load_or_build(
     payload = build()
     payload["__key__"] = key
     try:
-        _atomic_save(payload, path)
+        save_atomic(payload, path)  # temporary name + rename: an interrupted build is never read
     except OSError as err:  # read-only or full disk: carry on without a cache
         if verbose:
             print(f"[nla_fast.data] could not write cache {path}: {err}", file=sys.stderr)

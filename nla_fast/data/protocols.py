@@ -18,7 +18,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .errors import DatasetNotFoundError, LabelFormatError, LabelRangeError
+from .errors import DatasetNotFoundError, LabelFormatError
+from .rafdb import read_name_label_lines
 
 
 def symmetric_noise(labels: torch.Tensor, num_classes: int, rate: float, seed: int = 0) -> torch.Tensor:
@@ -57,25 +58,10 @@ def read_noise_file(
         )
     index = {_normalise_name(n): i for i, n in enumerate(names)}
     labels = torch.full((len(names),), -1, dtype=torch.int64)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 2:
-                raise LabelFormatError(f"{path}, line {lineno}: expected 'name label', got {line.rstrip()!r}")
-            try:
-                value = int(parts[1])
-            except ValueError:
-                raise LabelFormatError(f"{path}, line {lineno}: label {parts[1]!r} is not an integer") from None
-            if not label_base <= value < label_base + num_classes:
-                raise LabelRangeError(
-                    f"{path}, line {lineno}: label {value} out of range "
-                    f"{label_base}..{label_base + num_classes - 1}"
-                )
-            i = index.get(_normalise_name(parts[0]))
-            if i is not None:
-                labels[i] = value - label_base
+    for _, name, value in read_name_label_lines(path, label_base, label_base + num_classes - 1):
+        i = index.get(_normalise_name(name))
+        if i is not None:
+            labels[i] = value - label_base
     found = labels >= 0
     if not bool(found.any()):
         raise LabelFormatError(f"noise file {path} names none of the {len(names)} samples of this split")

@@ -49,9 +49,8 @@ def resolve_root(root) -> Path:
     return root
 
 
-def read_label_file(path: Path, split: str) -> tuple[list[str], list[int]]:
-    """Names and 0-based labels of ``split`` from list_patition_label.txt."""
-    names, labels = [], []
+def read_name_label_lines(path, low: int, high: int):
+    """Yield (line number, name, label) of RAF-DB-format ``name label`` lines, label in low..high."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             parts = line.split()
@@ -64,11 +63,18 @@ def read_label_file(path: Path, split: str) -> tuple[list[str], list[int]]:
                 value = int(raw)
             except ValueError:
                 raise LabelFormatError(f"{path}, line {lineno}: label {raw!r} is not an integer") from None
-            if not 1 <= value <= 7:
-                raise LabelRangeError(f"{path}, line {lineno}: label {value} out of range 1..7")
-            if name.startswith(split):
-                names.append(name)
-                labels.append(value - 1)
+            if not low <= value <= high:
+                raise LabelRangeError(f"{path}, line {lineno}: label {value} out of range {low}..{high}")
+            yield lineno, name, value
+
+
+def read_label_file(path: Path, split: str) -> tuple[list[str], list[int]]:
+    """Names and 0-based labels of ``split`` from list_patition_label.txt."""
+    names, labels = [], []
+    for _, name, value in read_name_label_lines(path, 1, 7):
+        if name.startswith(split):
+            names.append(name)
+            labels.append(value - 1)
     return names, labels
 
 
