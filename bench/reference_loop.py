@@ -77,7 +77,7 @@ class RafJpegDataset(torch.utils.data.Dataset):
 def make_loader(root: Path, split: str, image_size: int, batch_size: int, workers: int, train: bool):
     dataset = RafJpegDataset(root, split, image_size, train)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=train, num_workers=workers, pin_memory=True,
+        dataset, batch_size=batch_size, shuffle=train, num_workers=workers, pin_memory=torch.cuda.is_available(),
         drop_last=train, persistent_workers=workers > 0,
     )
 
