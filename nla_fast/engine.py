@@ -17,8 +17,10 @@ CUDA graph and each later step is one ``graph.replay()``. The learning rate and 
 changed between epochs by writing into their tensors, never by re-capturing. On the CPU (or
 with ``cuda_graphs=False``) the same function runs eagerly.
 
-The per-epoch order is a seeded global permutation (``epoch_order``) from which a rank of a
-distributed run would take its shard (``shard``); this module itself is single-process.
+The per-epoch order is a seeded global permutation (``epoch_permutation``) from which each rank
+of a distributed run takes its shard (``shard``). Under ``DistributedDataParallel`` the step is
+the same function; the gradient all-reduce happens inside its backward (and is captured with
+it on CUDA, see ``TrainStep.agree``).
 """
 from __future__ import annotations
 
@@ -142,6 +144,7 @@ class StepOptions:
     backend: str = "auto"  # loss backend
     channels_last: bool = True
     cuda_graphs: bool = True  # ignored off CUDA
+    warmup_steps: int = WARMUP_STEPS  # eager steps before the capture (DDP wants more, see train.py)
 
     def __post_init__(self):
         if self.views not in ("concat", "separate"):
@@ -252,6 +255,10 @@ class TrainStep:
         self.eager_steps_done = 0
         self.mode = "cuda-graph (after warm-up)" if self.use_graph else "eager"
         self.note = None
+        # Distributed runs: ``agree(ok) -> bool`` is True when the capture succeeded on every rank
+        # (a captured NCCL collective must be captured on all ranks or none); ``verbose``: print notes.
+        self.agree: Callable[[bool], bool] | None = None
+        self.verbose = True
         if options.cuda_graphs and self.device.type == "cuda" and self.scaler is not None:
             self.note = "fp16 needs GradScaler, whose inf check reads back every step: running without CUDA graphs"
 
@@ -354,7 +361,7 @@ class TrainStep:
         if not self.use_graph:
             self._step()
             return
-        if self.eager_steps_done < WARMUP_STEPS:
+        if self.eager_steps_done < self.options.warmup_steps:
             # warm-up: real training steps, on a side stream as CUDA-graph capture requires
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
@@ -384,10 +391,17 @@ class TrainStep:
             with torch.cuda.graph(graph):
                 self._step()
         except Exception as err:  # anything that cannot be captured: run eagerly instead
+            failure = f"{type(err).__name__}: {err}"
+        else:
+            failure = None
+        if self.agree is not None and not self.agree(failure is None) and failure is None:
+            failure = "the capture failed on another rank"
+        if failure is not None:
             self.use_graph = False
             self.mode = "eager"
-            self.note = f"CUDA-graph capture failed ({type(err).__name__}: {err}); running the step eagerly"
-            print(f"nla_fast: {self.note}", flush=True)
+            self.note = f"CUDA-graph capture failed ({failure}); running the step without graphs"
+            if self.verbose:
+                print(f"nla_fast: {self.note}", flush=True)
             torch.cuda.synchronize(self.device)
             return
         self.graph = graph
@@ -430,9 +444,17 @@ def predict_logits(model, images: torch.Tensor, transform: Transform, batch_size
 
 def evaluate(model, images, labels, transform: Transform, num_classes: int, class_names=None,
              batch_size: int = 256, amp: str = "off", tta: str | None = None,
-             channels_last: bool = True) -> dict:
-    """Overall, mean-class, per-class and top-2 accuracy and the confusion matrix on a split."""
+             channels_last: bool = True, reduce: Callable[[MetricCounts], None] | None = None) -> dict:
+    """Overall, mean-class, per-class and top-2 accuracy and the confusion matrix on a split.
+
+    ``reduce``: sums the counts over the ranks of a distributed run (each rank passing its own
+    slice of the split), so the metrics are exact for the whole split.
+    """
     scores = predict_logits(model, images, transform, batch_size, amp, tta, channels_last)
-    counts = MetricCounts(num_classes, scores.device)
-    counts.update(scores, labels.to(scores.device))
+    device = next(model.parameters()).device
+    counts = MetricCounts(num_classes, device)
+    if len(images):
+        counts.update(scores, labels.to(device))
+    if reduce is not None:
+        reduce(counts)
     return counts.summarise(class_names)
