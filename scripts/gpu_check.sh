@@ -1,43 +1,47 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install in place, build the extension, run the GPU tests and
 # the benchmarks, print a short table last. Uses that machine's python3 as it is (no venv,
-# no downloads). Full logs and JSON go under $OUT when it is set, else bench/results/.
+# no downloads). The benchmark JSON lands in bench/results/; when $OUT is set (the device
+# tool brings back at most 8 files), the JSON, the summary and one tarball of all logs go there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-OUT_DIR=${OUT:-bench/results}
-mkdir -p "$OUT_DIR"
+LOGS=$(mktemp -d)
 export PYTHONUNBUFFERED=1
 status=0
 # The whole check stays under 9 minutes: each step gets at most what is left of the budget.
 DEADLINE=$(( $(date +%s) + ${GPU_CHECK_BUDGET_S:-510} ))
-step() {  # step NAME TIMEOUT_S CMD...: run with a time limit, log to $OUT_DIR/NAME.log
+step() {  # step NAME TIMEOUT_S CMD...: run with a time limit, log to $LOGS/NAME.log
   local name=$1 limit=$2; shift 2
   local t0=$(date +%s)
   local left=$(( DEADLINE - t0 ))
   [ $left -lt $limit ] && limit=$left
-  if [ $limit -le 5 ]; then echo "$name skipped: time budget spent" | tee -a "$OUT_DIR/steps.txt"; status=1; return; fi
-  timeout "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
+  if [ $limit -le 5 ]; then echo "$name skipped: time budget spent" | tee -a "$LOGS/steps.txt"; status=1; return; fi
+  env -u OUT timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
-  echo "$name rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$OUT_DIR/steps.txt"
-  [ $rc -eq 0 ] || { status=1; tail -n 25 "$OUT_DIR/$name.log"; }
+  echo "$name rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$LOGS/steps.txt"
+  [ $rc -eq 0 ] || { status=1; tail -n 25 "$LOGS/$name.log"; }
 }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT_DIR/device.txt"
-$PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT_DIR/device.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$LOGS/device.txt"
+$PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" | tee -a "$LOGS/device.txt"
 
-# Editable install without dependencies (they are on the machine already).
 step install 60 $PY -m pip install --no-deps --no-build-isolation -q -e .
 step build-extension 150 $PY -c "import torch; from nla_fast import extension as e; r = e.unavailable_reason(torch.device('cuda')); print(r or 'extension built'); raise SystemExit(1 if r else 0)"
-step gpu-tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT_DIR/gpu-tests.xml"
+step gpu-tests 180 $PY -m pytest -q -m gpu -p no:cacheprovider -rs
 step loss-bench 120 $PY bench/loss_bench.py
-[ -f bench/data_bench.py ] && step data-bench 120 $PY bench/data_bench.py
-[ -f bench/train_bench.py ] && step train-bench 150 $PY bench/train_bench.py
+step data-bench 60 $PY bench/data_bench.py --device cuda
+step train-bench 150 $PY bench/train_bench.py
 
-cp bench/results/*.json bench/results/*.md "$OUT_DIR"/ 2>/dev/null
-echo "=== steps ==="; cat "$OUT_DIR/steps.txt"
-echo "=== gpu tests ==="; tail -n 3 "$OUT_DIR/gpu-tests.log"
-echo "=== loss bench (fwd+bwd) ==="
-grep -E "^\| (B|32|4096|1048576) " bench/results/loss_bench-*.md | grep -E "fwd\+bwd|median" | grep -v "^.*\| fwd \|" | cut -c1-140
-grep -A6 "^Targets" bench/results/loss_bench-*.md
+$PY bench/summary.py bench/results > "$LOGS/summary.txt" 2>&1
+if [ -n "${OUT:-}" ]; then
+  tar czf "$OUT/gpu_check_logs.tgz" -C "$LOGS" .
+  cp "$LOGS/summary.txt" "$OUT/"
+  for f in bench/results/loss_bench-*.json bench/results/data_bench.json bench/results/train_bench-*.json; do
+    [ -f "$f" ] && case "$f" in *-quick*) ;; *) cp "$f" "$OUT/";; esac
+  done
+fi
+echo "=== steps ==="; cat "$LOGS/steps.txt"
+echo "=== gpu tests ==="; tail -n 3 "$LOGS/gpu-tests.log"
+echo "=== summary ==="; cat "$LOGS/summary.txt"
 exit $status

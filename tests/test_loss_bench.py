@@ -39,3 +39,22 @@ def test_quick_run_writes_table_and_json(tmp_path, capsys):
             assert row["speedup_vs_reference_style"] == 1.0
     assert "| B | C | dtype | mode | backend |" in capsys.readouterr().out
     assert result["copy_bandwidth_gb_per_s"] > 0
+
+
+def test_summary_renders_loss_rows(tmp_path, capsys):
+    import summary
+
+    result = loss_bench.main(["--quick", "--device", "cpu", "--no-compile", "--out-dir", str(tmp_path)])
+    lines = summary.loss_lines(result)
+    assert "loss_bench on" in lines[0]
+    assert any("reference-style" in line and "1.0x" in line for line in lines[1:])
+    capsys.readouterr()
+    summary.main([str(tmp_path)])
+    assert capsys.readouterr().out == ""  # quick results are not summarised as device figures
+
+
+def test_gpu_check_script_parses():
+    import subprocess
+
+    script = BENCH.parent / "scripts" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
