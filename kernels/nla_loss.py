@@ -230,6 +230,26 @@ def _scale_grads_kernel(
         tl.store(ozf_ptr + offs, (x * go).to(ozf_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _scale_grads_inplace_kernel(
+    go_ptr, gz_ptr, gzf_ptr, N,
+    HAS_Z: tl.constexpr, HAS_ZF: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # The common case is loss.backward(): grad_output == 1 and the saved gradients are already
+    # the answer. Every program reads the scalar and returns at once, so that backward costs
+    # one launch and no traffic; otherwise it scales the saved gradients in place.
+    go = tl.load(go_ptr).to(tl.float32)
+    if go != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        if HAS_Z:
+            x = tl.load(gz_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(gz_ptr + offs, (x * go).to(gz_ptr.dtype.element_ty), mask=mask)
+        if HAS_ZF:
+            x = tl.load(gzf_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(gzf_ptr + offs, (x * go).to(gzf_ptr.dtype.element_ty), mask=mask)
+
+
 def _next_pow2(n):
     return 1 << (n - 1).bit_length()  # plain Python: triton.next_power_of_2 is slower per call
 
@@ -411,6 +431,19 @@ def _scale(grad_output, gz, gzf, has_z, has_zf):
     return _scale_body(_identity, grad_output, gz, gzf)
 
 
+def _scale_inplace(grad_output, gz, gzf):
+    """Eager backward's first call: scale the saved gradients in place (nothing when grad_output == 1)."""
+    ref = gz if gz is not None else gzf
+    if ref is None or ref.numel() == 0:
+        return
+    numel = ref.numel()
+    block = min(_SCALE_BLOCK, _next_pow2(numel))
+    _scale_grads_inplace_kernel[(_cdiv(numel, block),)](
+        grad_output, ref if gz is None else gz, ref if gzf is None else gzf, numel,
+        HAS_Z=gz is not None, HAS_ZF=gzf is not None, BLOCK=block, num_warps=max(1, min(8, block // 512)),
+    )
+
+
 class _NLALossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, logits_flip, target, eps_tensor, eps_value, consts, jsd,
@@ -420,6 +453,7 @@ class _NLALossFunction(torch.autograd.Function):
         # the gradients were computed in the forward sweep; backward only scales them
         ctx.save_for_backward(gz, gzf)
         ctx.grad_z, ctx.grad_zf = grad_z, grad_zf
+        ctx.applied_scale = None  # grad_output already multiplied into the saved gradients
         if not weights:
             return loss
         ctx.mark_non_differentiable(w)
@@ -427,11 +461,24 @@ class _NLALossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        gz, gzf = ctx.saved_tensors
-        # grad_loss is read by the kernel from memory: no host-side check for grad_loss == 1
-        oz, ozf = _scale(grad_loss, gz, gzf, ctx.grad_z, ctx.grad_zf)
-        return (oz if ctx.grad_z else None, ozf if ctx.grad_zf else None,
-                None, None, None, None, None, None, None, None)
+        saved_z, saved_zf = ctx.saved_tensors  # 0-element placeholders where no gradient is wanted
+        gz, gzf = (saved_z if ctx.grad_z else None), (saved_zf if ctx.grad_zf else None)
+        # grad_loss is read by the kernels from memory: no host-side check for grad_loss == 1
+        if torch.compiler.is_compiling():
+            oz, ozf = _scale(grad_loss, saved_z, saved_zf, ctx.grad_z, ctx.grad_zf)
+        elif ctx.applied_scale is None:
+            # first backward: the saved buffers become the gradients (each forward allocates its
+            # own), scaled in place only when grad_output != 1: no extra pass in the usual case
+            _scale_inplace(grad_loss, gz, gzf)
+            ctx.applied_scale = grad_loss
+            oz, ozf = gz, gzf
+        else:
+            # a further backward (retain_graph=True): undo the first call's scale into new tensors
+            # (NaN if that scale was exactly 0, whose information is gone)
+            factor = grad_loss.float() / ctx.applied_scale.float()
+            oz, ozf = _scale(factor, gz, gzf, ctx.grad_z, ctx.grad_zf)
+        oz, ozf = (oz if ctx.grad_z else None), (ozf if ctx.grad_zf else None)
+        return (oz, ozf, None, None, None, None, None, None, None, None)
 
 
 def _split_eps(eps, device):

@@ -219,6 +219,22 @@ def test_grad_output_from_a_tensor_and_retain_graph():
     assert_close(gzf2, ref_gzf, 2e-5)
 
 
+def test_backward_with_unit_grad_output_then_again_with_retain_graph():
+    # grad_output == 1: the saved gradients are returned as they are (scaled in place only when
+    # grad_output != 1); a second backward through the same graph still sees the unscaled values.
+    z, zf, y = rand_inputs(40, 7, seed=6)
+    z.requires_grad_()
+    zf.requires_grad_()
+    loss, _ = nla_loss_triton(z, zf, y, 0.5, NLAConfig().constants, False)
+    _, ref_gz, ref_gzf, _ = oracle(z, zf, y, 0.5, NLAConfig())
+    gz1, gzf1 = torch.autograd.grad(loss, (z, zf), retain_graph=True)
+    gz2, gzf2 = torch.autograd.grad(loss, (z, zf), grad_outputs=torch.tensor(-2.0, device=DEV))
+    assert_close(gz1, ref_gz, 2e-5)
+    assert_close(gzf1, ref_gzf, 2e-5)
+    assert_close(gz2, -2 * ref_gz, 2e-5)
+    assert_close(gzf2, -2 * ref_gzf, 2e-5)
+
+
 def test_return_weights_and_naw_weight():
     z, zf, y = rand_inputs(33, 7, seed=7)
     cfg = CONFIGS["official"]
