@@ -216,38 +216,22 @@ def _sum_partials_kernel(partial_ptr, out_ptr, N, BLOCK: tl.constexpr):
 @triton.jit
 def _scale_grads_kernel(
     go_ptr, gz_ptr, gzf_ptr, oz_ptr, ozf_ptr, N,
-    HAS_Z: tl.constexpr, HAS_ZF: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_ZF: tl.constexpr, IN_PLACE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # grad_output is read from memory: no host check for grad_output == 1, graph-capturable
+    # grad_output is read from memory: no host check for grad_output == 1, graph-capturable.
+    # IN_PLACE (o* == g*): the common loss.backward() has grad_output == 1 and the saved
+    # gradients are already the answer, so every load and store is masked off (no traffic).
+    go = tl.load(go_ptr).to(tl.float32)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    go = tl.load(go_ptr).to(tl.float32)
+    if IN_PLACE:
+        mask = mask & (tl.zeros([BLOCK], dtype=tl.float32) + go != 1.0)
     if HAS_Z:
         x = tl.load(gz_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(oz_ptr + offs, (x * go).to(oz_ptr.dtype.element_ty), mask=mask)
     if HAS_ZF:
         x = tl.load(gzf_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(ozf_ptr + offs, (x * go).to(ozf_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _scale_grads_inplace_kernel(
-    go_ptr, gz_ptr, gzf_ptr, N,
-    HAS_Z: tl.constexpr, HAS_ZF: tl.constexpr, BLOCK: tl.constexpr,
-):
-    # The common case is loss.backward(): grad_output == 1 and the saved gradients are already
-    # the answer. Every program reads the scalar and returns at once, so that backward costs
-    # one launch and no traffic; otherwise it scales the saved gradients in place.
-    go = tl.load(go_ptr).to(tl.float32)
-    if go != 1.0:
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < N
-        if HAS_Z:
-            x = tl.load(gz_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(gz_ptr + offs, (x * go).to(gz_ptr.dtype.element_ty), mask=mask)
-        if HAS_ZF:
-            x = tl.load(gzf_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(gzf_ptr + offs, (x * go).to(gzf_ptr.dtype.element_ty), mask=mask)
 
 
 def _next_pow2(n):
@@ -339,7 +323,7 @@ def _scale_body(wrap, grad_output, gz, gzf):
         wrap(_scale_grads_kernel)[(_cdiv(numel, block),)](
             grad_output, ref if gz is None else gz, ref if gzf is None else gzf,
             ref if oz is None else oz, ref if ozf is None else ozf, numel,
-            HAS_Z=gz is not None, HAS_ZF=gzf is not None, BLOCK=block,
+            HAS_Z=gz is not None, HAS_ZF=gzf is not None, IN_PLACE=False, BLOCK=block,
             num_warps=max(1, min(8, block // 512)),
         )
     return oz, ozf
@@ -438,9 +422,11 @@ def _scale_inplace(grad_output, gz, gzf):
         return
     numel = ref.numel()
     block = min(_SCALE_BLOCK, _next_pow2(numel))
-    _scale_grads_inplace_kernel[(_cdiv(numel, block),)](
-        grad_output, ref if gz is None else gz, ref if gzf is None else gzf, numel,
-        HAS_Z=gz is not None, HAS_ZF=gzf is not None, BLOCK=block, num_warps=max(1, min(8, block // 512)),
+    gz_or_ref, gzf_or_ref = (ref if gz is None else gz), (ref if gzf is None else gzf)
+    _scale_grads_kernel[(_cdiv(numel, block),)](
+        grad_output, gz_or_ref, gzf_or_ref, gz_or_ref, gzf_or_ref, numel,
+        HAS_Z=gz is not None, HAS_ZF=gzf is not None, IN_PLACE=True, BLOCK=block,
+        num_warps=max(1, min(8, block // 512)),
     )
 
 
