@@ -423,25 +423,30 @@ def train(settings: TrainSettings, resume: str | None = None, explicit: set[str]
             distributed.cleanup(ctx)
 
 
-def _train(settings: TrainSettings, resume: str | None, explicit: set[str] | None, contexts: list) -> dict:
+def settings_for_resume(settings: TrainSettings, state: dict, resume: str, explicit: set[str]):
+    """(settings, notes): the checkpoint's settings, overridden by the flags typed this time."""
     notes = []
+    saved = TrainSettings.from_dict(state["config"]["train"])
+    overrides = {name: getattr(settings, name) for name in explicit if hasattr(saved, name) and name != "resume"}
+    if "out" not in overrides:
+        overrides["out"] = str(Path(resume).resolve().parent)
+    for name, value in overrides.items():
+        if getattr(saved, name) != value and name not in ("out", "progress"):
+            notes.append(f"nla_fast: resume: {name} = {value!r} (the checkpoint had {getattr(saved, name)!r})")
+    settings = dataclasses.replace(saved, **overrides)
+    if pick_device(settings.device).type != state["config"].get("device_type"):
+        # continuing on another kind of device: its own precision / graph defaults
+        fresh = {name: None for name in DEVICE_DEFAULTS if name not in overrides}
+        settings = dataclasses.replace(settings, **fresh)
+    return settings, notes
+
+
+def _train(settings: TrainSettings, resume: str | None, explicit: set[str] | None, contexts: list) -> dict:
     # --- settings (a resumed run takes its own, overridden by flags given explicitly) ---------
-    state = None
+    state, notes = None, []
     if resume is not None:
         state = ckpt.load(resume)
-        saved = TrainSettings.from_dict(state["config"]["train"])
-        overrides = {name: getattr(settings, name) for name in (explicit or set())
-                     if hasattr(saved, name) and name != "resume"}
-        if "out" not in overrides:
-            overrides["out"] = str(Path(resume).resolve().parent)
-        for name, value in overrides.items():
-            if getattr(saved, name) != value and name not in ("out", "progress"):
-                notes.append(f"nla_fast: resume: {name} = {value!r} (the checkpoint had {getattr(saved, name)!r})")
-        settings = dataclasses.replace(saved, **overrides)
-        if pick_device(settings.device).type != state["config"].get("device_type"):
-            # continuing on another kind of device: its own precision / graph defaults
-            fresh = {name: None for name in DEVICE_DEFAULTS if name not in overrides}
-            settings = dataclasses.replace(settings, **fresh)
+        settings, notes = settings_for_resume(settings, state, resume, explicit or set())
     ctx, dist_device = distributed.setup(settings.device)
     contexts.append(ctx)
     world_size, rank = ctx.world_size, ctx.rank
@@ -591,9 +596,9 @@ def _train(settings: TrainSettings, resume: str | None, explicit: set[str] | Non
             "epoch": epoch,
             "step": steps_done,
             "epoch_done": epoch_done,
-            "rng": ckpt.capture_rng_states(generator),
+            "rng": own["rng"],
             "config": run_config,
-            "totals": step.totals.state_dict(),
+            "totals": own["totals"],
             "best": best,
             "history": [_plain(row) for row in history],
         }
@@ -626,8 +631,8 @@ def _train(settings: TrainSettings, resume: str | None, explicit: set[str] | Non
                 done = index + 1
                 # distributed: log points are the same on every rank (they agree on NaN and Ctrl-C there)
                 log_point = done % s.log_every == 0 or done == steps_per_epoch
-                stop_now = stop.requested and not ctx.distributed
-                if log_point or (stop.requested and not ctx.distributed):
+                stop_now = stop.requested and not ctx.distributed  # one process stops at once
+                if log_point or stop_now:
                     progress = global_progress(step, ctx, device, stop.requested)
                     stop_now = progress["stop"]
                     if progress["first_bad_step"] >= 0:
