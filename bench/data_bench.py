@@ -44,6 +44,9 @@ from nla_fast.augment import MEAN, STD, TrainAugment  # noqa: E402
 from nla_fast.data import load_dataset  # noqa: E402
 from nla_fast.data.fixtures import make_rafdb_tree  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from timing import capture_cuda_graph, seconds_per_call  # noqa: E402
+
 RAF_TRAIN, RAF_TEST = 12271, 3068
 
 
@@ -119,11 +122,6 @@ def bench_dataloader(root, workers, device, batch, windows, image_size):
 
 
 # ----------------------------------------------------------------------------- ours
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def bench_ours(images, device, batch, steps, windows, image_size, graph=False):
     g = torch.Generator(device=device).manual_seed(0)
     if graph and not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
@@ -137,32 +135,11 @@ def bench_ours(images, device, batch, steps, windows, image_size, graph=False):
 
     for _ in range(1 if device.type == "cpu" else 3):
         step()
-    _sync(device)
     run = step
     if graph:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(s)
-        cg = torch.cuda.CUDAGraph()
-        if g is not None:
-            cg.register_generator_state(g)
-        with torch.cuda.graph(cg):
-            step()
-        run = cg.replay
+        run = capture_cuda_graph(step, warmup=3, generator=g).replay
         run()
-        _sync(device)
-    times = []
-    for _ in range(windows):
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            run()
-        _sync(device)
-        times.append((time.perf_counter() - t0) / steps)
-    ms = statistics.median(times) * 1e3
+    ms = statistics.median(seconds_per_call(run, device, windows, steps)) * 1e3
     return {"ms_per_batch": ms, "samples_per_s": batch / ms * 1e3}
 
 
@@ -185,30 +162,17 @@ def bench_train_step(device, batch, image_size, steps, windows):
             opt.step()
             opt.zero_grad(set_to_none=False)
 
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(5):
-                step()
-        torch.cuda.current_stream().wait_stream(s)
         run = step
         if mode == "graph":
             try:
-                cg = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(cg):
-                    step()
-                run = cg.replay
+                run = capture_cuda_graph(step, warmup=5).replay
             except Exception as err:  # keep the benchmark going; report why
                 out["graph_error"] = f"{type(err).__name__}: {err}"
                 continue
-        times = []
-        for _ in range(windows):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                run()
-            torch.cuda.synchronize()
-            times.append((time.perf_counter() - t0) / steps)
+        else:
+            for _ in range(5):
+                step()
+        times = seconds_per_call(run, device, windows, steps)
         out[f"{mode}_ms"] = statistics.median(times) * 1e3
         del model, opt
     return out

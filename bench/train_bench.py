@@ -39,6 +39,7 @@ import torch
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from loss_bench import device_slug, versions  # noqa: E402
+from timing import capture_cuda_graph, seconds_per_call, sync  # noqa: E402
 from reference_loop import (make_loader, make_model, reference_step, run_reference_epoch,  # noqa: E402
                             run_reference_eval, write_rafdb_jpegs, write_rafdb_labels)
 
@@ -76,24 +77,11 @@ QUICK = Plan(batch=4, image_size=32, warmup=1, blocks=2, block_steps=1, workers=
              source_images=64)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_blocks(step, plan: Plan, device) -> list[float]:
     """Seconds per step of each block of ``plan.block_steps`` steps, after ``plan.warmup`` steps."""
     for _ in range(plan.warmup):
         step()
-    sync(device)
-    per_step = []
-    for _ in range(plan.blocks):
-        t0 = time.perf_counter()
-        for _ in range(plan.block_steps):
-            step()
-        sync(device)
-        per_step.append((time.perf_counter() - t0) / plan.block_steps)
-    return per_step
+    return seconds_per_call(step, device, plan.blocks, plan.block_steps)
 
 
 def reset_memory(device):
@@ -216,16 +204,7 @@ def rung_ceiling(plan, device):
 
     if not on_cuda:
         return time_blocks(body, plan, device), "eager"
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            body()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    optimizer.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        body()
+    graph = capture_cuda_graph(body, warmup=3)
     return time_blocks(graph.replay, plan, device), "cuda-graph"
 
 
