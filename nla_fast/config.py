@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 CONSISTENCY_VARIANTS = ("official", "jsd")
+CONSISTENCY_REDUCTIONS = ("sum", "mean")
+# Each variant's own reduction over the batch (SPEC 1.1): the reference code sums the official
+# term; the Jensen-Shannon option is a batch mean.
+_NATURAL_REDUCTION = {"official": "sum", "jsd": "mean"}
 
 
 def ellipse_off_diagonal(diag: float, ratio: float) -> float:
@@ -36,6 +40,7 @@ class NLAConstants(NamedTuple):
     inv_det_false: float
     norm_false: float  # 1 / (2 pi sqrt(det Sigma_F))
     jsd: bool
+    reg_mean: bool  # consistency term averaged over the batch (True) or summed (False)
 
     def as_list(self) -> list[float]:
         """The numeric constants in a fixed order (the native extension's argument layout)."""
@@ -56,11 +61,21 @@ class NLAConfig:
     true_scale: float = 1.0
     slope: float = -15.0
     consistency: str = "official"
+    # "sum" or "mean" over the batch; None: the variant's own (official: sum, as the reference
+    # code; jsd: mean). "mean" makes the loss independent of the batch size.
+    consistency_reduction: str | None = None
 
     def __post_init__(self):
         if self.consistency not in CONSISTENCY_VARIANTS:
             raise ValueError(
                 f"NLAConfig.consistency must be one of {CONSISTENCY_VARIANTS}, got {self.consistency!r}"
+            )
+        if self.consistency_reduction is None:
+            object.__setattr__(self, "consistency_reduction", _NATURAL_REDUCTION[self.consistency])
+        if self.consistency_reduction not in CONSISTENCY_REDUCTIONS:
+            raise ValueError(
+                f"NLAConfig.consistency_reduction must be one of {CONSISTENCY_REDUCTIONS}, "
+                f"got {self.consistency_reduction!r}"
             )
         if not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"NLAConfig.lam must lie in [0, 1], got {self.lam}")
@@ -108,6 +123,7 @@ def _derive_constants(config: NLAConfig) -> NLAConstants:
         inv_det_false=1.0 / det_false,
         norm_false=1.0 / (2.0 * math.pi * math.sqrt(det_false)),
         jsd=config.consistency == "jsd",
+        reg_mean=config.consistency_reduction == "mean",
     )
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .config import NLAConstants
+from .loss_inputs import BackendUnavailable
 
 __all__ = [
     "unavailable_reason",
@@ -333,8 +334,6 @@ def _compute_reason(device_type: str) -> str | None:
 def _require(device: torch.device) -> None:
     reason = unavailable_reason(device)
     if reason is not None:
-        from .loss import BackendUnavailable
-
         raise BackendUnavailable(f"backend 'extension' is unavailable: {reason}")
 
 

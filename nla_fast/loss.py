@@ -14,15 +14,12 @@ import warnings
 import torch
 
 from .config import NLAConfig
+from .loss_inputs import BackendUnavailable, check_eps, check_inputs, index_target
 from .reference import naw_weight_reference, nla_loss_reference
 
 BACKENDS = ("auto", "reference", "triton", "extension")
 _DEFAULT_CONFIG = NLAConfig()
 _warned_fallback: set[str] = set()
-
-
-class BackendUnavailable(RuntimeError):
-    """A backend asked for by name cannot run here; the message says why."""
 
 
 def _triton_unavailable_reason(device: torch.device) -> str | None:
@@ -77,41 +74,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "reference"
 
 
-def _in_trace_or_capture() -> bool:
-    if torch.compiler.is_compiling():
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-def check_inputs(logits, logits_flip, target, validate: bool) -> None:
-    """Shape and dtype checks (free); with ``validate`` also the target range (one host sync)."""
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be (B, C), got shape {tuple(logits.shape)}")
-    if logits_flip is not None and logits_flip.shape != logits.shape:
-        raise ValueError(
-            f"logits_flip must match logits: {tuple(logits_flip.shape)} != {tuple(logits.shape)}"
-        )
-    if logits.shape[1] < 2:
-        raise ValueError(f"NLA needs at least 2 classes, got C={logits.shape[1]}")
-    for name, tensor in (("logits_flip", logits_flip), ("target", target)):
-        if tensor is not None and tensor.device != logits.device:
-            raise ValueError(f"{name} is on {tensor.device} but logits are on {logits.device}")
-    if target.shape != logits.shape[:1]:
-        raise ValueError(f"target must be (B,) = ({logits.shape[0]},), got shape {tuple(target.shape)}")
-    if target.dtype.is_floating_point or target.dtype == torch.bool:
-        raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
-    if not logits.dtype.is_floating_point:
-        raise ValueError(f"logits must be floating point, got dtype {logits.dtype}")
-    if validate and target.numel() and not _in_trace_or_capture():
-        bad = (target < 0) | (target >= logits.shape[1])
-        if bool(bad.any()):
-            index = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"target[{index}] = {int(target[index])} is outside [0, {logits.shape[1]}) "
-                f"(C = {logits.shape[1]} classes); pass validate=False only for labels checked once"
-            )
-
-
 def nla_loss(
     logits: torch.Tensor,
     logits_flip: torch.Tensor,
@@ -132,6 +94,8 @@ def nla_loss(
     """
     config = config or _DEFAULT_CONFIG
     check_inputs(logits, logits_flip, target, validate)
+    check_eps(eps, validate)
+    target = index_target(target)
     chosen = resolve_backend(backend, logits.device)
     if chosen == "reference":
         loss = nla_loss_reference(logits, logits_flip, target, eps, config)
@@ -157,6 +121,8 @@ def naw_weight(
     """(B,) float32 NAW weight of each sample (no gradient)."""
     config = config or _DEFAULT_CONFIG
     check_inputs(logits, None, target, validate)
+    check_eps(eps, validate)
+    target = index_target(target)
     chosen = resolve_backend(backend, logits.device)
     with torch.no_grad():
         if chosen == "reference":

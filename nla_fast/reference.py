@@ -47,29 +47,45 @@ def naw_weight_from_probs(gt, nn, eps, c: NLAConstants):
     return torch.where(gt >= nn, w_true, w_false)
 
 
-def consistency_reference(logits, logits_flip, jsd: bool):
-    """L_reg of SPEC 1.1, written literally with KL divergences."""
+def _kl_rows(log_a, log_b):
+    """KL(a || b) per row from log-probabilities, with 0 * log(0/0) = 0: a class whose logit is
+    -inf in both has probability 0 in both and adds nothing (and no NaN gradient)."""
+    a = log_a.exp()
+    diff = torch.where(a > 0, log_a - log_b, torch.zeros_like(log_a))
+    return (a * diff).sum(1)
+
+
+def _log_mixture(log_p, log_pf):
+    """log((p + p')/2); a class with -inf in both views (log m unused there) gets 0, so that
+    logaddexp's gradient at (-inf, -inf) never makes a NaN."""
+    both_zero = torch.isneginf(log_p) & torch.isneginf(log_pf)
+    zero = torch.zeros_like(log_p)
+    return torch.logaddexp(torch.where(both_zero, zero, log_p), torch.where(both_zero, zero, log_pf)) - math.log(2.0)
+
+
+def consistency_reference(logits, logits_flip, jsd: bool, mean: bool | None = None):
+    """L_reg of SPEC 1.1, written literally with KL divergences, summed or averaged over the
+    batch (``mean=None``: the variant's own reduction, official: sum, jsd: mean)."""
     log_p = F.log_softmax(logits, dim=1)
     log_pf = F.log_softmax(logits_flip, dim=1)
     if not jsd:
-        # "official": q = softmax of the mean LOGITS, 0.5 * (KL(q||p) + KL(q||p')), summed over the batch
+        # "official": q = softmax of the mean LOGITS, 0.5 * (KL(q||p) + KL(q||p'))
         log_q = F.log_softmax((logits + logits_flip) / 2, dim=1)
-        q = log_q.exp()
-        kl_p = (q * (log_q - log_p)).sum(1)
-        kl_pf = (q * (log_q - log_pf)).sum(1)
-        return 0.5 * (kl_p + kl_pf).sum()
-    # Jensen-Shannon: m = (p + p')/2, log m through logaddexp so it stays finite when p underflows
-    log_m = torch.logaddexp(log_p, log_pf) - math.log(2.0)
-    kl_pm = (log_p.exp() * (log_p - log_m)).sum(1)
-    kl_pfm = (log_pf.exp() * (log_pf - log_m)).sum(1)
-    return (0.5 * kl_pm + 0.5 * kl_pfm).mean()
+        rows = 0.5 * (_kl_rows(log_q, log_p) + _kl_rows(log_q, log_pf))
+    else:
+        # Jensen-Shannon: m = (p + p')/2, log m through logaddexp so it stays finite when p underflows
+        log_m = _log_mixture(log_p, log_pf)
+        rows = 0.5 * _kl_rows(log_p, log_m) + 0.5 * _kl_rows(log_pf, log_m)
+    if mean is None:
+        mean = jsd
+    return rows.mean() if mean else rows.sum()
 
 
 def naw_weight_reference(logits, target, eps=0.0, config: NLAConfig | None = None):
     """(B,) NAW weight of each sample, in the logits' dtype (float32 at least)."""
     config = config or NLAConfig()
     probs = F.softmax(_upcast(logits), dim=1)
-    gt, nn, _ = ground_truth_and_nearest_negative(probs, target)
+    gt, nn, _ = ground_truth_and_nearest_negative(probs, target.long())
     return naw_weight_from_probs(gt, nn, eps, config.constants)
 
 
@@ -78,12 +94,13 @@ def nla_loss_reference(logits, logits_flip, target, eps=0.0, config: NLAConfig |
     config = config or NLAConfig()
     c = config.constants
     z, zf = _upcast(logits), _upcast(logits_flip)
+    target = target.long()
     log_p = F.log_softmax(z, dim=1)
     ce = -log_p.gather(1, target[:, None]).squeeze(1)
     gt, nn, _ = ground_truth_and_nearest_negative(log_p.exp(), target)
     w = naw_weight_from_probs(gt, nn, eps, c)
     naw = ((1.0 + w) * ce).mean()
-    reg = consistency_reference(z, zf, c.jsd)
+    reg = consistency_reference(z, zf, c.jsd, c.reg_mean)
     return c.lam * naw + (1.0 - c.lam) * reg
 
 
@@ -108,12 +125,13 @@ def nla_forward_backward_closed_form(logits, logits_flip, target, eps=0.0, confi
     """
     c = (config or NLAConfig()).constants
     z, zf = _upcast(logits), _upcast(logits_flip)
+    target = target.long()
     batch = z.shape[0]
     eps = _eps_as_tensor(eps, z)
     log_p, log_pf = F.log_softmax(z, 1), F.log_softmax(zf, 1)
     p, pf = log_p.exp(), log_pf.exp()
     onehot_y = F.one_hot(target, z.shape[1]).to(z.dtype)
-    ce = -(log_p * onehot_y).sum(1)
+    ce = -log_p.gather(1, target[:, None]).squeeze(1)
     gt, nn, nn_index = ground_truth_and_nearest_negative(p, target)
     onehot_k = F.one_hot(nn_index, z.shape[1]).to(z.dtype)
 
@@ -134,19 +152,24 @@ def nla_forward_backward_closed_form(logits, logits_flip, target, eps=0.0, confi
     )
     loss_naw = ((1.0 + w) * ce).sum() / batch
 
+    # consistency per row (its batch reduction is applied below)
     if not c.jsd:
         u = (z + zf) / 2
         lse_u = torch.logsumexp(u, 1)
         q = torch.exp(u - lse_u[:, None])
         reg_rows = 0.5 * (torch.logsumexp(z, 1) + torch.logsumexp(zf, 1)) - lse_u
-        loss_reg = reg_rows.sum()
         grad_reg, grad_reg_f = 0.5 * (p - q), 0.5 * (pf - q)
     else:
-        log_m = torch.logaddexp(log_p, log_pf) - math.log(2.0)
-        t, tf = log_p - log_m, log_pf - log_m
-        loss_reg = (0.5 * (p * t).sum(1) + 0.5 * (pf * tf).sum(1)).sum() / batch
-        grad_reg = 0.5 * p * (t - (p * t).sum(1, keepdim=True)) / batch
-        grad_reg_f = 0.5 * pf * (tf - (pf * tf).sum(1, keepdim=True)) / batch
+        log_m = _log_mixture(log_p, log_pf)
+        # 0 * log(0/0) = 0 for a class with probability 0 in both views
+        t = torch.where(p > 0, log_p - log_m, torch.zeros_like(p))
+        tf = torch.where(pf > 0, log_pf - log_m, torch.zeros_like(pf))
+        reg_rows = 0.5 * (p * t).sum(1) + 0.5 * (pf * tf).sum(1)
+        grad_reg = 0.5 * p * (t - (p * t).sum(1, keepdim=True))
+        grad_reg_f = 0.5 * pf * (tf - (pf * tf).sum(1, keepdim=True))
+    reg_scale = 1.0 / batch if c.reg_mean else 1.0
+    loss_reg = reg_rows.sum() * reg_scale
+    grad_reg, grad_reg_f = grad_reg * reg_scale, grad_reg_f * reg_scale
 
     loss = c.lam * loss_naw + (1.0 - c.lam) * loss_reg
     grad_z = c.lam * grad_naw / batch + (1.0 - c.lam) * grad_reg

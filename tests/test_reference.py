@@ -232,3 +232,92 @@ def test_reference_under_torch_compile_matches_eager():
 
     compiled = torch.compile(step, backend="eager")
     torch.testing.assert_close(compiled(z, zf, y, eps), step(z, zf, y, eps), rtol=1e-5, atol=1e-6)
+
+
+# ---- inputs every backend treats the same (issue 11) ----
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_minus_inf_logit_on_a_non_target_class_is_finite(name):
+    z, zf, y = _inputs(6, 5, seed=3)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    z[:, 4][y != 4] = -math.inf  # a class masked out in one view only ...
+    zf[:, 4][y != 4] = -math.inf  # ... and in both views
+    zf[5, 3] = -math.inf
+    z = z.requires_grad_()
+    zf = zf.requires_grad_()
+    loss = nla_loss_reference(z, zf, y, 0.5, CONFIGS[name])
+    gz, gzf = torch.autograd.grad(loss, (z, zf))
+    assert torch.isfinite(loss) and torch.isfinite(gz).all() and torch.isfinite(gzf).all()
+    closed, cgz, cgzf, _ = nla_forward_backward_closed_form(z, zf, y, 0.5, CONFIGS[name])
+    torch.testing.assert_close(loss, closed, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gz, cgz, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gzf, cgzf, rtol=1e-9, atol=1e-12)
+    # the masked class carries no probability: same loss as dropping that column from the rows
+    # where it is -inf in both views is not possible row-wise, so compare against a large negative
+    big = z.detach().clone()
+    bigf = zf.detach().clone()
+    big[torch.isinf(big)] = -1e4
+    bigf[torch.isinf(bigf)] = -1e4
+    torch.testing.assert_close(loss, nla_loss_reference(big, bigf, y, 0.5, CONFIGS[name]), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_every_integer_target_dtype_gives_the_int64_answer(dtype):
+    z, zf, y = _inputs(9, 7, seed=4)
+    want = nla_loss(z, zf, y, 0.3, backend="reference")
+    torch.testing.assert_close(nla_loss(z, zf, y.to(dtype), 0.3, backend="reference"), want)
+    torch.testing.assert_close(naw_weight(z, y.to(dtype), 0.3, backend="reference"),
+                               naw_weight(z, y, 0.3, backend="reference"))
+
+
+@pytest.mark.parametrize("eps", [-0.1, 1.5, math.nan, math.inf, "x"])
+def test_eps_outside_the_unit_interval_is_named(eps):
+    z, zf, y = _inputs(4, 7)
+    with pytest.raises(ValueError, match="eps"):
+        nla_loss(z, zf, y, eps, backend="reference")
+    with pytest.raises(ValueError, match="eps"):
+        naw_weight(z, y, eps, backend="reference")
+
+
+def test_eps_tensor_is_checked_only_when_validating():
+    z, zf, y = _inputs(4, 7)
+    with pytest.raises(ValueError, match="eps"):
+        nla_loss(z, zf, y, torch.tensor(2.0), backend="reference", validate=True)
+    with pytest.raises(ValueError, match="eps"):
+        nla_loss(z, zf, y, torch.tensor([0.1, 0.2]), backend="reference", validate=False)
+    # validate=False never reads a tensor eps on the host
+    assert torch.isfinite(nla_loss(z, zf, y, torch.tensor(0.5), backend="reference", validate=False))
+
+
+def test_empty_batch_is_a_value_error():
+    z = torch.zeros(0, 7)
+    with pytest.raises(ValueError, match="empty"):
+        nla_loss(z, z, torch.zeros(0, dtype=torch.long), backend="reference")
+
+
+@pytest.mark.parametrize("consistency", ["official", "jsd"])
+def test_consistency_reduction_mean_is_independent_of_the_batch_size(consistency):
+    sum_cfg = NLAConfig(consistency=consistency, consistency_reduction="sum")
+    mean_cfg = NLAConfig(consistency=consistency, consistency_reduction="mean")
+    z, zf, y = _inputs(8, 7, seed=5)
+    reg_sum = nla_loss_reference(z, zf, y, 0.2, NLAConfig(lam=0.0, consistency=consistency, consistency_reduction="sum"))
+    reg_mean = nla_loss_reference(z, zf, y, 0.2, NLAConfig(lam=0.0, consistency=consistency, consistency_reduction="mean"))
+    torch.testing.assert_close(reg_mean * 8, reg_sum)
+    # the same batch repeated twice: the mean loss is unchanged, the sum's consistency doubles
+    z2, zf2, y2 = torch.cat([z, z]), torch.cat([zf, zf]), torch.cat([y, y])
+    torch.testing.assert_close(nla_loss_reference(z2, zf2, y2, 0.2, mean_cfg), nla_loss_reference(z, zf, y, 0.2, mean_cfg))
+    assert not torch.allclose(nla_loss_reference(z2, zf2, y2, 0.2, sum_cfg), nla_loss_reference(z, zf, y, 0.2, sum_cfg))
+    closed = nla_forward_backward_closed_form(z, zf, y, 0.2, mean_cfg)
+    zg, zfg = z.clone().requires_grad_(), zf.clone().requires_grad_()
+    loss = nla_loss_reference(zg, zfg, y, 0.2, mean_cfg)
+    gz, gzf = torch.autograd.grad(loss, (zg, zfg))
+    torch.testing.assert_close(closed[0], loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(closed[1], gz, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(closed[2], gzf, rtol=1e-9, atol=1e-12)
+
+
+def test_default_reductions_follow_each_variant():
+    assert NLAConfig().consistency_reduction == "sum"
+    assert NLAConfig(consistency="jsd").consistency_reduction == "mean"
+    assert NLAConfig() == NLAConfig(consistency_reduction="sum")
+    with pytest.raises(ValueError, match="consistency_reduction"):
+        NLAConfig(consistency_reduction="batch")
