@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
@@ -19,59 +18,52 @@ from .reference import naw_weight_reference, nla_loss_reference
 
 BACKENDS = ("auto", "reference", "triton", "extension")
 _DEFAULT_CONFIG = NLAConfig()
-_warned_fallback: set[str] = set()
+_reasons: dict[tuple[str, str], str | None] = {}
+_resolved: dict[tuple[str, str], str] = {}  # (backend asked for, device type) -> backend
 
 
-def _triton_unavailable_reason(device: torch.device) -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError as err:
-        return f"triton is not installed ({err})"
-    if device.type == "cuda":
-        return None
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return None
-    return (
-        f"the Triton kernels need CUDA tensors (got {device.type}); on the CPU they run only "
-        "under TRITON_INTERPRET=1 set before nla_fast.kernels is imported"
-    )
-
-
-def _extension_unavailable_reason(device: torch.device) -> str | None:
-    from . import extension
-
-    return extension.unavailable_reason(device)
+def _unavailable_reason(backend: str, device_type: str) -> str | None:
+    """Why ``backend`` cannot run on ``device_type`` tensors (None: it can). Each backend answers
+    for itself; the answer is cached per (backend, device type), so a call costs a dict lookup."""
+    key = (backend, device_type)
+    if key not in _reasons:
+        if backend == "triton":
+            from .kernels import unavailable_reason
+        else:
+            from .extension import unavailable_reason
+        _reasons[key] = unavailable_reason(device_type)
+    return _reasons[key]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend for tensors on ``device``; raises BackendUnavailable if named and impossible."""
+    key = (backend, device.type)
+    chosen = _resolved.get(key)
+    if chosen is not None:
+        return chosen
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "reference":
-        return backend
-    if backend == "triton":
-        reason = _triton_unavailable_reason(device)
+    if backend in ("triton", "extension"):
+        reason = _unavailable_reason(backend, device.type)
         if reason:
-            raise BackendUnavailable(f"backend 'triton' is unavailable: {reason}")
-        return backend
-    if backend == "extension":
-        reason = _extension_unavailable_reason(device)
-        if reason:
-            raise BackendUnavailable(f"backend 'extension' is unavailable: {reason}")
-        return backend
-    order = ("triton", "extension") if device.type == "cuda" else ("extension",)
-    reasons = []
-    for candidate in order:
-        check = _triton_unavailable_reason if candidate == "triton" else _extension_unavailable_reason
-        reason = check(device)
-        if reason is None:
-            return candidate
-        reasons.append(f"{candidate}: {reason}")
-    key = f"{device.type}:{';'.join(reasons)}"
-    if key not in _warned_fallback:
-        _warned_fallback.add(key)
-        warnings.warn(f"nla_fast: using the eager reference loss on {device.type} ({'; '.join(reasons)})")
-    return "reference"
+            raise BackendUnavailable(f"backend {backend!r} is unavailable: {reason}")
+        chosen = backend
+    elif backend == "reference":
+        chosen = backend
+    else:
+        order = ("triton", "extension") if device.type == "cuda" else ("extension",)
+        reasons = []
+        for candidate in order:
+            reason = _unavailable_reason(candidate, device.type)
+            if reason is None:
+                chosen = candidate
+                break
+            reasons.append(f"{candidate}: {reason}")
+        else:
+            warnings.warn(f"nla_fast: using the eager reference loss on {device.type} ({'; '.join(reasons)})")
+            chosen = "reference"
+    _resolved[key] = chosen
+    return chosen
 
 
 def nla_loss(
