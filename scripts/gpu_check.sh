@@ -28,7 +28,8 @@ $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torc
 
 step install 60 $PY -m pip install --no-deps --no-build-isolation -q -e .
 step build-extension 150 $PY -c "import torch; from nla_fast import extension as e; r = e.unavailable_reason(torch.device('cuda')); print(r or 'extension built'); raise SystemExit(1 if r else 0)"
-step gpu-tests 180 $PY -m pytest -q -m gpu -p no:cacheprovider -rs
+# every GPU test, compile tests included; a test that kills the interpreter is named and the rest still run
+step gpu-tests 270 $PY scripts/pytest_isolated.py -m gpu
 step loss-bench 120 $PY bench/loss_bench.py
 step data-bench 60 $PY bench/data_bench.py --device cuda
 step train-bench 150 $PY bench/train_bench.py
