@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_data_bench_quick(tmp_path):
     out = tmp_path / "data_bench_quick.json"
     proc = subprocess.run(

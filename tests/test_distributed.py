@@ -38,6 +38,7 @@ def rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_train_one_epoch_with_exact_evaluation(tmp_path):
     out = tmp_path / "run"
     result = torchrun(2, out, "--device", "cpu")
