@@ -120,22 +120,19 @@ def load_backbone_weights(model: torch.nn.Module, path: str | os.PathLike) -> st
 
 
 def load_imagenet_weights(model: torch.nn.Module) -> str:
-    """ImageNet weights through torchvision's weights API (its cache first, else a download)."""
-    import torchvision
-
-    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    """torchvision's ImageNet ResNet-18 weights from the local torch hub cache; never downloads."""
     cached = Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILE
-    if cached.is_file():
-        return load_backbone_weights(model, cached)
-    try:
-        state = weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as err:
+    if not cached.is_file():
         raise WeightsError(
-            f"could not get torchvision's ImageNet ResNet-18 weights ({type(err).__name__}: {err}). "
-            f"Without internet, download {IMAGENET_URL} on a connected machine and pass the file "
-            f"with --weights /path/to/{IMAGENET_FILE} (or place it at {cached}). "
-            "The paper's backbone is the MS-Celeb-1M ResNet-18 (resnet18_msceleb.pth), passed the same way."
-        ) from err
+            f"--weights imagenet reads torchvision's ImageNet ResNet-18 from the local torch hub cache, "
+            f"and {cached} does not exist (nla_fast never downloads). Download {IMAGENET_URL} once and put "
+            f"it there (or pass the file with --weights /path/to/{IMAGENET_FILE}). The paper's backbone is "
+            "the MS-Celeb-1M ResNet-18 (resnet18_msceleb.pth), passed the same way."
+        )
+    try:
+        state = torch.load(cached, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise WeightsError(f"cannot read the ImageNet weights {cached}: {type(err).__name__}: {err}") from err
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("fc.")]

@@ -117,18 +117,27 @@ class Opaque:
     """An arbitrary object: files holding one cannot be read with weights_only=True."""
 
 
-def test_imagenet_without_internet_says_how_to_pass_a_file(tmp_path, monkeypatch):
+def test_imagenet_never_downloads_and_says_where_to_put_the_file(tmp_path, monkeypatch):
     import torchvision
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
 
-    def offline(*args, **kwargs):
-        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+    def download(*args, **kwargs):
+        raise AssertionError("--weights imagenet must never download")
 
-    monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict",
-                        lambda self, *a, **k: offline())
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict", download)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", download)
     with pytest.raises(WeightsError) as info:
         initialise_weights(build_resnet18(7), "imagenet")
     message = str(info.value)
     assert "--weights /path/to/resnet18-f37072fd.pth" in message
+    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
+    assert str(tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in message
+    # the file placed where the message says is used
+    source = build_resnet18(1000)
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(source.state_dict(), tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    model = build_resnet18(7)
+    initialise_weights(model, "imagenet")
+    torch.testing.assert_close(model.conv1.weight, source.conv1.weight)
     assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
