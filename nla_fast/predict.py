@@ -50,10 +50,9 @@ def read_image(path) -> torch.Tensor:
     if not path.is_file():
         raise FileNotFoundError(f"image {str(path)!r} does not exist")
     try:
-        from PIL import Image
+        from .data.decode import open_rgb  # the loaders' decoder: 16-bit PNGs too
 
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"))
+        array = np.asarray(open_rgb(path))
         return torch.from_numpy(array.copy())
     except ImportError:
         import torchvision

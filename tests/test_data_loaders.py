@@ -329,6 +329,38 @@ def test_corrupt_cache_file_is_rebuilt(raf, capsys):
     assert "rebuilding" in capsys.readouterr().err
 
 
+def test_cache_damaged_in_place_with_the_same_size_is_rebuilt(raf, capsys):
+    a = load_dataset("rafdb", raf["root"], "train", verbose=False)
+    path = a.info["cache_file"]
+    blob = bytearray(open(path, "rb").read())
+    row = a.images[3].numpy().tobytes()  # 4800 pixel bytes, stored uncompressed in the file
+    at = blob.find(row)
+    assert at > 0
+    blob[at:at + 64] = bytes(255 - b for b in blob[at:at + 64])  # a bad sector in the pixels
+    with open(path, "r+b") as f:  # in place: same size, same name
+        f.write(blob)
+    assert os.path.getsize(path) == len(blob)
+    b = load_dataset("rafdb", raf["root"], "train", verbose=True)
+    err = capsys.readouterr().err
+    assert b.info["cache_built"] and torch.equal(a.images, b.images)
+    assert "checksum" in err and path in err and len([l for l in err.splitlines() if "checksum" in l]) == 1
+    c = load_dataset("rafdb", raf["root"], "train", verbose=False)  # the rebuilt file verifies
+    assert not c.info["cache_built"] and torch.equal(a.images, c.images)
+
+
+def test_cache_checksum_covers_every_tensor_and_is_order_sensitive():
+    x = torch.arange(4096, dtype=torch.int64)
+    base = cache_mod.payload_checksum({"images": x, "names": ["a", "b"]})
+    assert base == cache_mod.payload_checksum({"images": x.clone(), "names": ["a", "b"]})
+    assert base != cache_mod.payload_checksum({"images": x.flip(0), "names": ["a", "b"]})
+    assert base != cache_mod.payload_checksum({"images": x, "names": ["a", "c"]})
+    assert base != cache_mod.payload_checksum({"images": x.view(64, 64), "names": ["a", "b"]})
+    big = torch.randint(0, 256, (3 * cache_mod.CHECKSUM_CHUNK + 5,), dtype=torch.uint8)
+    damaged = big.clone()
+    damaged[2 * cache_mod.CHECKSUM_CHUNK + 1] ^= 1
+    assert cache_mod.payload_checksum({"images": big}) != cache_mod.payload_checksum({"images": damaged})
+
+
 def test_label_hash_is_content_based(tmp_path):
     p = tmp_path / "f.txt"
     p.write_text("abc")

@@ -68,7 +68,8 @@ def _find_csv(root: Path, split: str, csv_file) -> Path:
 def read_csv(path: Path, root: Path, num_classes: int):
     """``(paths, boxes or None, labels, names, manual?)`` of the rows kept for ``num_classes``."""
     paths, boxes, labels, names = [], [], [], []
-    with open(path, newline="", encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark (Windows editors, Excel) would otherwise glue onto the first field
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = [h.strip() for h in (next(reader, None) or [])]
         if "subDirectory_filePath" in header:

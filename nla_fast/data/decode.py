@@ -2,6 +2,9 @@
 
 Pillow releases the GIL while it decodes and resamples, so a thread pool scales over
 cores without pickling pixels between processes. Every failure names the file.
+Every image becomes 8-bit RGB the same way (:func:`to_rgb8`), here and in
+:mod:`nla_fast.predict`: 16-bit PNGs keep their high byte, as Pillow already does for
+16-bit colour, so they give the same pixels as their 8-bit twin.
 """
 from __future__ import annotations
 
@@ -24,14 +27,36 @@ def default_workers() -> int:
     return max(1, min(32, n))
 
 
-def _open_rgb(path: Path, box=None):
+# Pillow modes holding 16-bit grey samples (a 16-bit grey PNG opens as I;16, or as I in old Pillow)
+_GREY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb8(im):
+    """A Pillow image as 8-bit RGB (grey replicated, alpha dropped).
+
+    ``convert("RGB")`` clips 16-bit grey at 255, so a 16-bit grey face would turn white:
+    those samples are scaled down to their high byte first (v >> 8, exact for the 8-bit
+    twin's v * 257), which is what Pillow itself does with 16-bit colour PNGs.
+    """
+    from PIL import Image
+
+    if im.mode in _GREY16_MODES or (im.mode == "I" and im.format == "PNG"):
+        grey = np.asarray(im).astype(np.int64).clip(0, 65535) >> 8
+        im = Image.fromarray(grey.astype(np.uint8))  # mode L
+    return im.convert("RGB")  # a copy even when already RGB: the caller may close the file
+
+
+def open_rgb(path, box=None):
+    """Decode one image file (optionally cropping ``box`` = (x, y, w, h)) to an 8-bit RGB Pillow image."""
     from PIL import Image, UnidentifiedImageError
 
+    path = Path(path)
     if not path.is_file():
         raise DatasetNotFoundError(f"image file missing: {path}")
     try:
         with Image.open(path) as im:
             im.load()
+            im = to_rgb8(im)  # before the crop: it needs the file's format to read mode I
             if box is not None:
                 x, y, w, h = box
                 x0, y0 = max(0, int(x)), max(0, int(y))
@@ -42,7 +67,7 @@ def _open_rgb(path: Path, box=None):
                         f"({im.width}x{im.height})"
                     )
                 im = im.crop((x0, y0, x1, y1))
-            return im.convert("RGB")
+            return im
     except CorruptImageError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
@@ -69,14 +94,14 @@ def decode_images(
     if size is None:
         if n == 0:
             return np.zeros((0, 1, 1, 3), np.uint8)
-        first = _open_rgb(Path(paths[0]), None if boxes is None else boxes[0])
+        first = open_rgb(Path(paths[0]), None if boxes is None else boxes[0])
         size = (first.height, first.width)
     h, w = size
     out = np.empty((n, h, w, 3), np.uint8)
     resized = np.zeros(n, bool)
 
     def work(i: int) -> None:
-        im = _open_rgb(Path(paths[i]), None if boxes is None else boxes[i])
+        im = open_rgb(Path(paths[i]), None if boxes is None else boxes[i])
         if (im.height, im.width) != (h, w):
             im = im.resize((w, h), Image.BILINEAR)
             resized[i] = True

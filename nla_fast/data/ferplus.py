@@ -84,7 +84,8 @@ def _parse_votes(fields, path: Path, lineno: int) -> list[int]:
 
 def _read_csv_pair(root: Path, split: str):
     old_path, new_path = root / "fer2013.csv", root / "fer2013new.csv"
-    with open(new_path, newline="", encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark (Windows editors, Excel) would otherwise glue onto the first field
+    with open(new_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or len(header) < 12 or header[0].strip() != "Usage":
@@ -103,7 +104,7 @@ def _read_csv_pair(root: Path, split: str):
             new_rows.append((usage, row[1].strip(), _parse_votes(row[2:], new_path, reader.line_num), reader.line_num))
 
     pixels, names, votes, rows = [], [], [], []
-    with open(old_path, newline="", encoding="utf-8") as f:
+    with open(old_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:3]] != ["emotion", "pixels", "Usage"]:
@@ -152,7 +153,7 @@ def _read_folder(root: Path, split: str, workers, verbose):
             f"FERPlus label file {label_file} is missing (split {split!r}); {_expected(root)}"
         )
     names, votes = [], []
-    with open(label_file, newline="", encoding="utf-8") as f:
+    with open(label_file, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         for row in reader:
             if not row:

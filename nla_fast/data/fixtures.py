@@ -130,3 +130,25 @@ def make_affectnet_tree(root, rows_by_split: dict, seed: int = 0) -> dict:
             wr.writerows(rows)
         out[split] = rows
     return out
+
+
+def write_png16(path, pixels) -> None:
+    """A 16-bit PNG of ``pixels`` (uint16, H x W grey or H x W x 2/3/4: grey+alpha, RGB, RGBA).
+
+    Pillow cannot write 16-bit colour PNGs, so the file is assembled here (one IDAT, filter 0).
+    """
+    import struct
+    import zlib
+
+    data = np.asarray(pixels, dtype=">u2")  # PNG stores samples big-endian
+    height, width = data.shape[:2]
+    channels = 1 if data.ndim == 2 else data.shape[2]
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    raw = b"".join(b"\0" + data[row].tobytes() for row in range(height))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                           + chunk(b"IEND", b""))

@@ -51,7 +51,8 @@ def resolve_root(root) -> Path:
 
 def read_name_label_lines(path, low: int, high: int):
     """Yield (line number, name, label) of RAF-DB-format ``name label`` lines, label in low..high."""
-    with open(path, encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark (Windows editors, Excel) would otherwise glue onto the first field
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             parts = line.split()
             if not parts:
