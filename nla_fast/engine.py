@@ -66,16 +66,6 @@ def shard(order: torch.Tensor, rank: int, world_size: int, batch_size: int) -> t
     return mine[: steps * batch_size]
 
 
-def subset_indices(num_samples: int, limit: int | None, seed: int = 0) -> torch.Tensor | None:
-    """A deterministic subset of ``limit`` samples (sorted), or None for all; for smoke runs."""
-    if limit is None or limit >= num_samples:
-        return None
-    if limit <= 0:
-        raise ValueError(f"a sample limit must be positive, got {limit}")
-    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
-    return order[:limit].sort().values
-
-
 # --------------------------------------------------------------------------------------------
 # Running sums kept on the device
 # --------------------------------------------------------------------------------------------
