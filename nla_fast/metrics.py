@@ -90,3 +90,14 @@ def format_table(metrics: dict, class_names: list[str]) -> str:
     for name, acc, support in zip(class_names, metrics["per_class_acc"], metrics["support"]):
         lines.append(f"{name:<{width}}  {pct(acc)}  {support:7d}")
     return "\n".join(lines)
+
+
+def json_safe(value):
+    """``value`` with NaN and infinities replaced by None (JSON has neither), in nested dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

@@ -27,8 +27,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import shutil
 import signal
 import sys
 import threading
@@ -39,23 +37,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import atomic
 from . import checkpoint as ckpt
 from . import distributed
-from .cli import HelpFormatter
-from .config import NLAConfig, eps_schedule
+from .config import eps_schedule
 from .data.errors import DatasetError
 from .loss import BackendUnavailable
 from .engine import (WARMUP_STEPS, NonFiniteLoss, StepOptions, TrainStep, augmentation_generator,
-                     epoch_permutation, evaluate, load_optimizer_state, make_optimizer, shard, subset_indices)
-from .metrics import MetricCounts, format_table
+                     epoch_permutation, evaluate, load_optimizer_state, make_optimizer, shard)
+from .metrics import MetricCounts, format_table, json_safe
 from .model import WeightsError, build_resnet18, initialise_weights
+from .settings import TrainSettings, load_split, parse_command_line, pick_device, settings_for_resume
 
-DATASETS = ("synthetic", "rafdb", "ferplus", "affectnet")
-# A synthetic-data run that finishes in a few minutes on 2 CPU cores (used when CUDA is absent
-# and the dataset is synthetic; every value can still be set on the command line).
-CPU_QUICK_RUN = {"image_size": 48, "epochs": 3, "num_samples": 1600, "lr": 1e-3, "batch_size": 16}
-# Settings whose default depends on the device (filled in by TrainSettings.resolve).
-DEVICE_DEFAULTS = ("amp", "cuda_graphs", "log_every", "backend")
 # Stay below this share of free GPU memory with the dataset, else keep images in host memory.
 DEVICE_DATA_SHARE = 0.5
 # Eager DDP steps before the CUDA-graph capture: PyTorch's CUDA-graph notes ask for 11 so that
@@ -63,248 +56,9 @@ DEVICE_DATA_SHARE = 0.5
 DDP_WARMUP_STEPS = 11
 
 
-@dataclass
-class TrainSettings:
-    """Everything a run depends on. ``None`` means 'the default for this device' (see ``resolve``)."""
-
-    dataset: str = "synthetic"
-    data_root: str | None = None
-    out: str | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    weight_decay: float = 1e-4
-    gamma: float = 0.9
-    image_size: int | None = None
-    weights: str = "none"
-    device: str = "auto"
-    seed: int = 0
-    limit_train: int | None = None
-    limit_test: int | None = None
-    loss: str = "nla"
-    preset: str = "paper"
-    consistency: str = "official"
-    views: str = "concat"
-    amp: str | None = None
-    compile: bool = False
-    cuda_graphs: bool | None = None
-    backend: str | None = None
-    noise_rate: float = 0.0
-    noise_seed: int = 0
-    noise_file: str | None = None
-    imbalance_factor: float | None = None
-    imbalance_seed: int = 0
-    label_mode: str | None = None
-    num_classes: int | None = None
-    num_samples: int | None = None
-    eval_batch_size: int = 256
-    log_every: int | None = None
-    plot_every: int = 1
-    progress: bool = True
-    sync_bn: bool = False
-
-    def resolve(self, device: torch.device) -> "TrainSettings":
-        """A copy with every device-dependent default filled in."""
-        quick = device.type != "cuda" and self.dataset == "synthetic"
-        filled = dataclasses.replace(self)
-        if filled.epochs is None:
-            filled.epochs = CPU_QUICK_RUN["epochs"] if quick else 60
-        if filled.image_size is None:
-            filled.image_size = CPU_QUICK_RUN["image_size"] if quick else 224
-        if filled.lr is None:
-            filled.lr = CPU_QUICK_RUN["lr"] if quick else 1e-4
-        if filled.batch_size is None:
-            filled.batch_size = CPU_QUICK_RUN["batch_size"] if quick else 32
-        if filled.num_samples is None and quick:
-            filled.num_samples = CPU_QUICK_RUN["num_samples"]
-        if filled.amp is None:
-            filled.amp = "bf16" if device.type == "cuda" else "off"
-        if filled.cuda_graphs is None:
-            filled.cuda_graphs = device.type == "cuda"
-        if filled.backend is None:
-            # On the CPU the loss is a negligible share of a step: the eager reference avoids
-            # compiling the native extension on a first run.
-            filled.backend = "auto" if device.type == "cuda" else "reference"
-        if filled.log_every is None:
-            filled.log_every = 50 if device.type == "cuda" else 1
-        if filled.out is None:
-            filled.out = str(Path("runs") / f"{self.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-        return filled
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainSettings":
-        """Settings saved in a checkpoint (keys this version does not know are ignored)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
-
-    def nla_config(self) -> NLAConfig:
-        if self.preset == "official":
-            return NLAConfig.official(consistency=self.consistency)
-        return NLAConfig(consistency=self.consistency)
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m nla_fast.train",
-        description="Train ResNet-18 with the NLA loss (Navigating Label Ambiguity, AAAI 2025). "
-        "With no arguments and no GPU: a few-minute demonstration on synthetic data; "
-        "on a GPU: the paper's recipe (224 px, 60 epochs, batch 32, Adam 1e-4, ExponentialLR 0.9).",
-        formatter_class=HelpFormatter,
-    )
-    d = TrainSettings()
-    data = p.add_argument_group("data")
-    data.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="dataset to train and test on")
-    data.add_argument("--data-root", default=d.data_root, metavar="DIR",
-                      help="folder holding the dataset in its original layout (not needed for synthetic)")
-    data.add_argument("--image-size", type=int, default=None, metavar="PX",
-                      help="side of the square network input (default: 224; 48 for the CPU synthetic demo)")
-    data.add_argument("--limit-train", type=int, default=None, metavar="N",
-                      help="train on a fixed, seeded subset of N training samples (smoke runs)")
-    data.add_argument("--limit-test", type=int, default=None, metavar="N",
-                      help="evaluate on a fixed, seeded subset of N test samples (smoke runs)")
-    data.add_argument("--noise-rate", type=float, default=d.noise_rate, metavar="P",
-                      help="replace each training label with probability P by a different class")
-    data.add_argument("--noise-seed", type=int, default=d.noise_seed, metavar="SEED", help="seed of the label noise")
-    data.add_argument("--noise-file", default=d.noise_file, metavar="PATH",
-                      help="read noisy training labels from a file of 'name label' lines (RAF-DB format)")
-    data.add_argument("--imbalance-factor", type=float, default=d.imbalance_factor, metavar="RHO",
-                      help="subsample the training set to an exponential long tail with n_max/n_min = RHO")
-    data.add_argument("--imbalance-seed", type=int, default=d.imbalance_seed, metavar="SEED",
-                      help="seed of the imbalance subsample")
-    data.add_argument("--label-mode", choices=("majority", "argmax", "soft"), default=d.label_mode,
-                      help="FERPlus labels: the dataset authors' majority rule (the loader's default), "
-                      "plurality (argmax) or the vote distribution (soft)")
-    data.add_argument("--num-classes", type=int, choices=(7, 8), default=d.num_classes,
-                      help="FERPlus / AffectNet: 7 basic expressions or 8 with contempt (the loader's default)")
-    data.add_argument("--num-samples", type=int, default=None, metavar="N",
-                      help="synthetic: number of training samples (default: the data module's; 1600 in the CPU demo)")
-
-    run = p.add_argument_group("run")
-    run.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/<dataset>-<time>)")
-    run.add_argument("--device", choices=("auto", "cuda", "cpu"), default=d.device,
-                     help="where to train; auto picks CUDA when present")
-    run.add_argument("--seed", type=int, default=d.seed, help="seed of initialisation, order and augmentation")
-    run.add_argument("--resume", default=None, metavar="PATH",
-                     help="continue a run exactly from its checkpoint (e.g. runs/x/last.pt); its settings "
-                     "are reused, flags given here override them (e.g. --epochs)")
-    run.add_argument("--log-every", type=int, default=None, metavar="N",
-                     help="read progress back from the device every N steps (default: 50 on CUDA, 1 on CPU)")
-    run.add_argument("--plot-every", type=int, default=d.plot_every, metavar="N",
-                     help="draw the plots every N epochs (and always after the last); 0: only at the end")
-    run.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, metavar="N",
-                     help="batch size of evaluation")
-    run.add_argument("--no-progress", dest="progress", action="store_false",
-                     help="hide the tqdm progress bar (shown by default)")
-
-    recipe = p.add_argument_group("recipe")
-    recipe.add_argument("--epochs", type=int, default=None, metavar="N", help="epochs (default: 60; 3 for the CPU synthetic demo)")
-    recipe.add_argument("--batch-size", type=int, default=None, metavar="N",
-                        help="training batch size, images per view; batches are always full, the remainder of "
-                        "each epoch's order is dropped (default: 32; 16 for the CPU synthetic demo)")
-    recipe.add_argument("--lr", type=float, default=None,
-                        help="Adam learning rate of epoch 0 (default: 1e-4; 1e-3 for the CPU synthetic demo)")
-    recipe.add_argument("--weight-decay", type=float, default=d.weight_decay, metavar="WD", help="Adam's L2 weight decay")
-    recipe.add_argument("--gamma", type=float, default=d.gamma, help="ExponentialLR factor, applied once per epoch")
-    recipe.add_argument("--weights", default=d.weights, metavar="{none,imagenet,PATH}",
-                        help="backbone initialisation: none (random), imagenet (torchvision), or a checkpoint file "
-                        "such as resnet18_msceleb.pth (the paper's; 'module.' is stripped, fc.* dropped)")
-    recipe.add_argument("--loss", choices=("nla", "ce"), default=d.loss,
-                        help="nla: NAW + consistency; ce: plain cross-entropy on one view (baseline)")
-    recipe.add_argument("--preset", choices=("paper", "official"), default=d.preset,
-                        help="loss constants: paper (as published) or official (the public code's sigma=0.91)")
-    recipe.add_argument("--consistency", choices=("official", "jsd"), default=d.consistency,
-                        help="consistency term: official (KL to the logit-mean softmax, summed) or jsd")
-    recipe.add_argument("--views", choices=("concat", "separate"), default=d.views,
-                        help="concat: both views in one forward (BatchNorm statistics over both); "
-                        "separate: two forwards, as the reference code")
-
-    speed = p.add_argument_group("speed")
-    speed.add_argument("--amp", choices=("bf16", "fp16", "off"), default=None,
-                       help="autocast precision (default: bf16 on CUDA, off on CPU)")
-    speed.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=d.compile,
-                       help="torch.compile the network (default: off; with CUDA graphs the compiled network "
-                       "is captured too)")
-    speed.add_argument("--cuda-graphs", dest="cuda_graphs", action=argparse.BooleanOptionalAction, default=None,
-                       help="capture the whole training step as one CUDA graph (default: on with CUDA)")
-    speed.add_argument("--sync-bn", dest="sync_bn", action="store_true", default=d.sync_bn,
-                       help="torchrun with several GPUs: SyncBatchNorm, BatchNorm statistics over the global "
-                       "batch instead of each GPU's (CUDA only; no effect in a one-process run)")
-    speed.add_argument("--backend", choices=("auto", "triton", "extension", "reference"), default=None,
-                       help="implementation of the NLA loss (default: auto on CUDA, i.e. the fused Triton kernel; "
-                       "reference on CPU, where the loss is a negligible share of the step)")
-    return p
-
-
-def explicit_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
-    """Destinations the user wrote on the command line (not filled from defaults)."""
-    probe = argparse.ArgumentParser(add_help=False)
-    for action in parser._actions:  # a copy of every option with its default suppressed
-        if action.option_strings and action.dest != "help":
-            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
-            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-                kwargs["action"] = "store_const"
-                kwargs["const"] = action.const
-            elif isinstance(action, argparse.BooleanOptionalAction):
-                kwargs["action"] = argparse.BooleanOptionalAction
-            else:
-                kwargs["nargs"] = action.nargs
-            probe.add_argument(*action.option_strings, **kwargs)
-    known, _ = probe.parse_known_args(argv)
-    return set(vars(known))
-
-
-def settings_from_args(args: argparse.Namespace) -> TrainSettings:
-    names = {f.name for f in dataclasses.fields(TrainSettings)}
-    return TrainSettings(**{k: v for k, v in vars(args).items() if k in names})
-
-
 # ----------------------------------------------------------------------------------------------
 # Pieces of the run
 # ----------------------------------------------------------------------------------------------
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda but torch sees no CUDA device")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def load_split(s: TrainSettings, split: str):
-    """One split of the run's dataset, with its options; the noise and imbalance protocols
-    apply to the training split only, ``--limit-train`` / ``--limit-test`` to their split."""
-    from .data import load_dataset
-
-    options = {}
-    if s.dataset == "ferplus":
-        if s.label_mode is not None:
-            options["label_mode"] = s.label_mode
-        if s.num_classes is not None:
-            options["num_classes"] = s.num_classes
-    elif s.dataset == "affectnet" and s.num_classes is not None:
-        options["num_classes"] = s.num_classes
-    elif s.dataset == "synthetic" and s.num_samples is not None:
-        options["num_samples"] = s.num_samples if split == "train" else max(64, s.num_samples // 4)
-    if split == "train":
-        if s.noise_rate:
-            options.update(noise_rate=s.noise_rate, noise_seed=s.noise_seed)
-        if s.noise_file:
-            options["noise_file"] = s.noise_file
-        if s.imbalance_factor is not None:
-            options.update(imbalance_factor=s.imbalance_factor, imbalance_seed=s.imbalance_seed)
-    # native resolution: the augmentation adds its noise to the raw image, then resizes (SPEC 1.2)
-    dataset = load_dataset(s.dataset, s.data_root, split, image_size=None, **options)
-    limit = s.limit_train if split == "train" else s.limit_test
-    index = subset_indices(len(dataset.labels), limit)
-    if index is not None:
-        dataset.images, dataset.labels = dataset.images[index], dataset.labels[index]
-    return dataset
-
-
 def place_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The dataset on the device when it fits in a share of free memory, else pinned host memory."""
     if device.type != "cuda":
@@ -344,34 +98,8 @@ def epoch_record(epoch, progress, test, naw_means, classes, lr, eps, samples, sa
     }
 
 
-def _plain(value):
-    """JSON-safe: NaN and infinities become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def write_metrics(path: Path, history: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(_plain(row)) + "\n" for row in history))
-    os.replace(tmp, path)
-
-
-def copy_atomic(src: Path, dst: Path) -> None:
-    """``dst`` becomes a copy of ``src`` in one rename: a hard link (no data copied; ``src`` is
-    itself replaced, never rewritten, so the two stay independent), else a real copy."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    try:
-        if tmp.exists():
-            tmp.unlink()
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    atomic.write_text(path, "".join(json.dumps(json_safe(row)) + "\n" for row in history))
 
 
 class StopRequest:
@@ -423,30 +151,12 @@ def train(settings: TrainSettings, resume: str | None = None, explicit: set[str]
             distributed.cleanup(ctx)
 
 
-def settings_for_resume(settings: TrainSettings, state: dict, resume: str, explicit: set[str]):
-    """(settings, notes): the checkpoint's settings, overridden by the flags typed this time."""
-    notes = []
-    saved = TrainSettings.from_dict(state["config"]["train"])
-    overrides = {name: getattr(settings, name) for name in explicit if hasattr(saved, name) and name != "resume"}
-    if "out" not in overrides:
-        overrides["out"] = str(Path(resume).resolve().parent)
-    for name, value in overrides.items():
-        if getattr(saved, name) != value and name not in ("out", "progress"):
-            notes.append(f"nla_fast: resume: {name} = {value!r} (the checkpoint had {getattr(saved, name)!r})")
-    settings = dataclasses.replace(saved, **overrides)
-    if pick_device(settings.device).type != state["config"].get("device_type"):
-        # continuing on another kind of device: its own precision / graph defaults
-        fresh = {name: None for name in DEVICE_DEFAULTS if name not in overrides}
-        settings = dataclasses.replace(settings, **fresh)
-    return settings, notes
-
-
 def _train(settings: TrainSettings, resume: str | None, explicit: set[str] | None, contexts: list) -> dict:
     # --- settings (a resumed run takes its own, overridden by flags given explicitly) ---------
     state, notes = None, []
     if resume is not None:
         state = ckpt.load(resume)
-        settings, notes = settings_for_resume(settings, state, resume, explicit or set())
+        settings, notes = settings_for_resume(settings, state["config"], resume, explicit or set())
     ctx, dist_device = distributed.setup(settings.device)
     contexts.append(ctx)
     world_size, rank = ctx.world_size, ctx.rank
@@ -474,6 +184,7 @@ def _train(settings: TrainSettings, resume: str | None, explicit: set[str] | Non
     out = Path(s.out)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        atomic.remove_stale_temps(out)  # left by a run that was killed outright
     nla_config = s.nla_config()
     torch.manual_seed(s.seed)
     np.random.seed(s.seed % 2**32)
@@ -568,7 +279,7 @@ def _train(settings: TrainSettings, resume: str | None, explicit: set[str] | Non
     if ctx.enabled:
         run_config["world_size"] = world_size
     if ctx.is_main:
-        (out / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+        atomic.write_text(out / "config.json", json.dumps(run_config, indent=2) + "\n")
         write_metrics(out / "metrics.jsonl", history)
     model_info = {"arch": "resnet18", "num_classes": num_classes, "classes": classes,
                   "image_size": s.image_size, "mean": list(augment.MEAN), "std": list(augment.STD),
@@ -600,7 +311,7 @@ def _train(settings: TrainSettings, resume: str | None, explicit: set[str] | Non
             "config": run_config,
             "totals": own["totals"],
             "best": best,
-            "history": [_plain(row) for row in history],
+            "history": [json_safe(row) for row in history],
         }
         if gathered is not None:
             blob["rank_states"] = gathered
@@ -608,7 +319,7 @@ def _train(settings: TrainSettings, resume: str | None, explicit: set[str] | Non
 
     def save_last(blob: dict) -> None:
         if ctx.is_main:
-            ckpt.save_atomic(blob, out / "last.pt")
+            ckpt.save(blob, out / "last.pt")
 
     # --- epochs ----------------------------------------------------------------------------
     last_test = None
@@ -680,9 +391,9 @@ def _train(settings: TrainSettings, resume: str | None, explicit: set[str] | Non
                 best["mean_acc"], best["mean_acc_epoch"] = test["mean_acc"], epoch
             save_last(checkpoint_state(epoch, steps_per_epoch, True))
             if improved_acc and ctx.is_main:
-                copy_atomic(out / "last.pt", out / "best.pt")
+                atomic.copy(out / "last.pt", out / "best.pt")
             if improved_mean and ctx.is_main:
-                copy_atomic(out / "last.pt", out / "best_mean.pt")
+                atomic.copy(out / "last.pt", out / "best_mean.pt")
 
             stop_after = distributed.any_rank(stop.requested, ctx, device)
             final = epoch == s.epochs - 1 or stop_after
@@ -781,13 +492,9 @@ def draw_plots(out: Path, history, test, classes, eps, nla_config, step: TrainSt
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    explicit = explicit_flags(parser, argv)
-    settings = settings_from_args(args)
+    command = parse_command_line(sys.argv[1:] if argv is None else list(argv))
     try:
-        result = train(settings, resume=args.resume, explicit=explicit)
+        result = train(command.settings, resume=command.resume, explicit=command.explicit)
     except KeyboardInterrupt:
         print("nla_fast: interrupted", file=sys.stderr)
         return 130

@@ -277,8 +277,8 @@ def test_cache_reuse_and_invalidation(raf, tmp_path, monkeypatch):
     assert not [p for p in cdir.iterdir() if p.name.endswith(".tmp")]
 
     calls = []
-    real = cache_mod.save_atomic
-    monkeypatch.setattr(cache_mod, "save_atomic", lambda *x: (calls.append(1), real(*x)))
+    real = cache_mod.atomic.torch_save
+    monkeypatch.setattr(cache_mod.atomic, "torch_save", lambda *x: (calls.append(1), real(*x)))
     b = load_dataset("rafdb", raf["root"], "train", verbose=False)
     assert not b.info["cache_built"] and calls == [] and torch.equal(a.images, b.images)
 
