@@ -49,6 +49,7 @@ from nla_fast.data import load_dataset  # noqa: E402
 from nla_fast.engine import (StepOptions, TrainStep, augmentation_generator, autocast_context,  # noqa: E402
                              evaluate, make_optimizer)
 from nla_fast.model import build_resnet18  # noqa: E402
+from nla_fast.placement import DeviceResident  # noqa: E402
 
 RESULTS = BENCH / "results"
 RAFDB_TRAIN, RAFDB_TEST = 12271, 3068
@@ -166,8 +167,8 @@ def make_train_step(plan, device, images, labels, options: StepOptions, steps_pe
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, 1e-4, 1e-4, device, capturable=options.cuda_graphs and device.type == "cuda")
     generator = augmentation_generator(device, 0)
-    step = TrainStep(model, optimizer, images, labels, TrainAugment(plan.image_size), generator, options,
-                     NLAConfig(), NUM_CLASSES, steps_per_epoch)
+    step = TrainStep(model, optimizer, DeviceResident(images, labels, device), TrainAugment(plan.image_size),
+                     generator, options, NLAConfig(), NUM_CLASSES, steps_per_epoch)
     return model, step
 
 

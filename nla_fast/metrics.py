@@ -30,13 +30,11 @@ class MetricCounts:
     def all_reduce(self) -> None:
         """Sum the counts over the ranks of a distributed run (each counted its own slice of the
         split); afterwards every rank holds the counts of the whole split."""
-        import torch.distributed as dist
+        from .distributed import all_reduce_
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            packed = torch.cat([self.confusion.view(-1), self.top2_correct.view(1)])
-            dist.all_reduce(packed)
-            self.confusion.view(-1).copy_(packed[:-1])
-            self.top2_correct.copy_(packed[-1])
+        packed = all_reduce_(torch.cat([self.confusion.view(-1), self.top2_correct.view(1)]))
+        self.confusion.view(-1).copy_(packed[:-1])
+        self.top2_correct.copy_(packed[-1])
 
     def summarise(self, class_names: list[str] | None = None) -> dict:
         return summarise_confusion(self.confusion.cpu(), int(self.top2_correct), class_names)

@@ -1,105 +1,391 @@
 """Train ResNet-18 with the NLA loss: ``python -m nla_fast.train`` (also ``nla-train``).
 
-Reads top to bottom: settings -> data on the device -> model, optimiser, step -> (resume) ->
-for each epoch: new order, lr and eps written into device tensors; steps; evaluation on the
-test split; ``metrics.jsonl``, plots and checkpoints in ``--out``.
+Reads top to bottom, in the order a run goes:
 
-Outputs in ``--out``:
-    config.json      the settings of the run
-    metrics.jsonl    one JSON object per epoch (see ``epoch_record``)
-    curves.png       loss and accuracies per epoch
-    confusion.png    confusion matrix of the latest epoch on the test split
-    naw_weights.png  NAW weight over the (p_gt, p_nn) plane at the epoch's eps, with that
-                     epoch's training samples scattered on it
-    last.pt          every epoch (and on Ctrl-C, mid-epoch); best.pt / best_mean.pt: the
-                     epochs with the best overall / mean class test accuracy
+    set_up       settings (a resumed run: its own, overridden by the flags typed), process
+                 group, device, seeds, output folder
+    load_data    both splits; the training images placed by ``nla_fast.placement``
+    build        model, optimiser and the training step (captured as a CUDA graph on CUDA)
+    restore      a resumed run's weights, optimiser, random states, history
+    each epoch   train_epoch (new order, lr and eps written into device tensors; steps),
+                 evaluation on the test split, record (``metrics.jsonl``, plots, checkpoints)
 
-Training batches are always full: each epoch drops the remainder of its random order
-(fewer than ``--batch-size`` samples), as the reference's ``drop_last=True`` does.
+The files written in ``--out`` are listed in ``nla_fast.run_folder``. Training batches are
+always full: each epoch drops the remainder of its random order (fewer than ``--batch-size``
+samples), as the reference's ``drop_last=True`` does.
 
 With no arguments on a machine without CUDA, the run is a quick demonstration on the
-synthetic set (small images, few samples and epochs, see ``CPU_QUICK_RUN``); on CUDA the
-same command follows the paper's recipe (224 px, 60 epochs, batch 32).
+synthetic set (small images, few samples and epochs, see ``settings.CPU_QUICK_RUN``); on CUDA
+the same command follows the paper's recipe (224 px, 60 epochs, batch 32).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import math
+import random
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 
-from . import atomic
 from . import checkpoint as ckpt
 from . import distributed
-from .config import eps_schedule
+from .augment import MEAN, STD, EvalTransform, TrainAugment
+from .config import NLAConfig, eps_schedule
 from .data.errors import DatasetError
-from .loss import BackendUnavailable
 from .engine import (WARMUP_STEPS, NonFiniteLoss, StepOptions, TrainStep, augmentation_generator,
                      epoch_permutation, evaluate, load_optimizer_state, make_optimizer, shard)
+from .loss import BackendUnavailable
 from .metrics import MetricCounts, format_table, json_safe
 from .model import WeightsError, build_resnet18, initialise_weights
+from .placement import place_test_split, place_training_set
+from .run_folder import RunFolder, epoch_record
 from .settings import TrainSettings, load_split, parse_command_line, pick_device, settings_for_resume
 
-# Stay below this share of free GPU memory with the dataset, else keep images in host memory.
-DEVICE_DATA_SHARE = 0.5
-# Eager DDP steps before the CUDA-graph capture: PyTorch's CUDA-graph notes ask for 11 so that
-# DDP has finished its first-iteration bookkeeping (static graph, bucket rebuild) first.
-DDP_WARMUP_STEPS = 11
+
+@dataclass
+class Run:
+    """What every phase reads: the resolved settings, where this process stands, the output folder."""
+
+    s: TrainSettings
+    ctx: distributed.Context
+    device: torch.device
+    folder: RunFolder
+    say: Callable[..., None]  # print on rank 0, silent elsewhere
+    resume: str | None = None  # the checkpoint a resumed run continues from, and its contents
+    state: dict | None = None
+    own_state: dict | None = None  # this rank's part of it (random states, totals) when world sizes match
+
+
+@dataclass
+class Data:
+    train: object  # a placement (nla_fast.placement): the training images and labels
+    test_images: torch.Tensor  # this rank's slice of the test split, on the device
+    test_labels: torch.Tensor
+    classes: list
+    num_train: int
+    num_test: int
+    steps_per_epoch: int
+
+
+@dataclass
+class Parts:
+    model: torch.nn.Module  # the bare network (what checkpoints hold)
+    network: torch.nn.Module  # what runs: DDP-wrapped and/or compiled
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # the augmentation's
+    step: TrainStep
+    nla_config: NLAConfig
+
+
+@dataclass
+class Progress:
+    start_epoch: int = 0
+    start_step: int = 0
+    history: list = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"acc": -1.0, "mean_acc": -1.0})
+    totals: dict | None = None  # running sums of a resumed, partly trained epoch
+
+
+def train(settings: TrainSettings, resume: str | None = None, explicit=None) -> dict:
+    """Run (or continue) a training run; returns a summary dict. Raises NonFiniteLoss on a NaN loss.
+
+    Launched by ``torchrun`` (RANK / WORLD_SIZE in the environment), each process joins the
+    process group and trains its shard under DistributedDataParallel; the group is left at the
+    end, on errors and on Ctrl-C alike."""
+    contexts: list = []
+    try:
+        run = set_up(settings, resume, explicit or frozenset(), contexts)
+        data = load_data(run)
+        parts = build(run, data)
+        progress = restore(run, parts)
+        run.folder.write_config(run_config(run, parts))
+        run.folder.write_metrics(progress.history)
+        announce(run, data, parts)
+        return train_epochs(run, data, parts, progress)
+    finally:
+        for ctx in contexts:
+            distributed.cleanup(ctx)
 
 
 # ----------------------------------------------------------------------------------------------
-# Pieces of the run
+# Phases
 # ----------------------------------------------------------------------------------------------
-def place_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The dataset on the device when it fits in a share of free memory, else pinned host memory."""
-    if device.type != "cuda":
-        return images
-    free, _ = torch.cuda.mem_get_info(device)
-    nbytes = images.numel() * images.element_size()
-    if nbytes <= DEVICE_DATA_SHARE * free:
-        return images.to(device)
-    print(f"nla_fast: the images ({nbytes / 2**30:.1f} GiB) stay in pinned host memory "
-          f"(more than {DEVICE_DATA_SHARE:.0%} of free GPU memory); batches are copied per step")
-    return images.pin_memory()
+def set_up(settings: TrainSettings, resume: str | None, explicit, contexts: list) -> Run:
+    state, notes = None, []
+    if resume is not None:
+        state = ckpt.load(resume)
+        settings, notes = settings_for_resume(settings, state["config"], resume, explicit)
+    ctx, dist_device = distributed.setup(settings.device)
+    contexts.append(ctx)
+    say = print if ctx.is_main else (lambda *args, **kwargs: None)  # only rank 0 talks
+    for note in notes:
+        say(note)
+    device = dist_device if dist_device is not None else pick_device(settings.device)
+    s = settings.resolve(device)
+    run = Run(s, ctx, device, RunFolder(s.out, writer=ctx.is_main), say, resume, state)
+    if state is not None:
+        run.own_state = own_resume_state(run)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
+    run.folder.start()
+    torch.manual_seed(s.seed)
+    np.random.seed(s.seed % 2**32)
+    random.seed(s.seed)
+    return run
 
 
-def epoch_record(epoch, progress, test, naw_means, classes, lr, eps, samples, samples_per_s, train_seconds,
-                 eval_seconds, world_size, mode) -> dict:
-    """One line of metrics.jsonl."""
-    return {
+def own_resume_state(run: Run) -> dict | None:
+    """This rank's random states and totals in the checkpoint; None when it was written by a
+    run of another world size (allowed between epochs only: the run continues, not exactly)."""
+    state, world_size = run.state, run.ctx.world_size
+    saved_world = int(state["config"].get("world_size", 1))
+    if saved_world == world_size:
+        rank_states = state.get("rank_states")  # written by a distributed run
+        return rank_states[run.ctx.rank] if rank_states is not None else state
+    if not state["epoch_done"]:
+        raise ckpt.CheckpointError(
+            f"{run.resume} was written mid-epoch by a run of world size {saved_world}; this run has world "
+            f"size {world_size}. An exact mid-epoch resume needs the same world size: relaunch with "
+            f"{saved_world} process(es) (torchrun --nproc_per_node ... --nnodes ...)")
+    run.say(f"nla_fast: resume: the checkpoint was written with world size {saved_world}, this run has "
+            f"{world_size}: the global batch and the per-rank shards change, so the run continues from "
+            "the saved state but not as the original run would have")
+    return state if run.ctx.rank == 0 else None
+
+
+def load_data(run: Run) -> Data:
+    s, ctx = run.s, run.ctx
+    if ctx.distributed and ctx.local_rank != 0:
+        distributed.barrier(ctx)  # the machine's first rank decodes (and caches) the data first
+    train_set, test_set = load_split(s, "train"), load_split(s, "test")
+    if ctx.distributed and ctx.local_rank == 0:
+        distributed.barrier(ctx)
+    num_train = len(train_set.labels)
+    steps_per_epoch = num_train // ctx.world_size // s.batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {num_train} training samples make no full batch of {s.batch_size}"
+                         + (f" on each of {ctx.world_size} processes" if ctx.world_size > 1 else ""))
+    shard_length = steps_per_epoch * s.batch_size if ctx.distributed else None
+    placed = place_training_set(train_set.images, train_set.labels, run.device, s.batch_size, shard_length, run.say)
+    test_images, test_labels = place_test_split(test_set.images, test_set.labels, run.device, ctx.rank,
+                                                ctx.world_size)
+    return Data(placed, test_images, test_labels, list(train_set.classes), num_train, len(test_set.labels),
+                steps_per_epoch)
+
+
+def build(run: Run, data: Data) -> Parts:
+    s, ctx, device = run.s, run.ctx, run.device
+    model = build_resnet18(len(data.classes))
+    if run.state is None:
+        run.say(initialise_weights(model, s.weights))  # same seed on every rank; DDP also broadcasts rank 0's
+    if s.sync_bn and ctx.distributed:
+        if device.type != "cuda":
+            raise SystemExit("error: --sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU implementation)")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif s.sync_bn:
+        run.say("nla_fast: --sync-bn has no effect in a one-process run")
+    model = model.to(device, memory_format=torch.channels_last)
+    wrapped = distributed.wrap_ddp(model, device) if ctx.enabled else model
+    network = torch.compile(wrapped) if s.compile else wrapped
+    optimizer = make_optimizer(model, s.lr, s.weight_decay, device, capturable=s.cuda_graphs)
+    generator = augmentation_generator(device, distributed.rank_seed(s.seed, ctx.rank))
+    graphs = bool(s.cuda_graphs) and device.type == "cuda"
+    options = StepOptions(batch_size=s.batch_size, views=s.views, loss=s.loss, amp=s.amp, backend=s.backend,
+                          channels_last=True, cuda_graphs=s.cuda_graphs,
+                          warmup_steps=distributed.DDP_WARMUP_STEPS if ctx.enabled and graphs else WARMUP_STEPS)
+    agree = (lambda ok: distributed.all_agree(ok, ctx, device)) if ctx.enabled else None
+    nla_config = s.nla_config()
+    step = TrainStep(network, optimizer, data.train, TrainAugment(s.image_size), generator, options, nla_config,
+                     len(data.classes), data.steps_per_epoch, agree=agree, verbose=ctx.is_main)
+    return Parts(model, network, optimizer, generator, step, nla_config)
+
+
+def restore(run: Run, parts: Parts) -> Progress:
+    """Where the run starts: epoch 0, or a resumed run's saved place, weights and random states."""
+    state = run.state
+    if state is None:
+        return Progress()
+    parts.model.load_state_dict(state["model"])
+    load_optimizer_state(parts.optimizer, state["optimizer"])  # keeps the lr tensor, the one the step reads
+    if run.own_state is not None:
+        ckpt.restore_rng_states(run.own_state["rng"], parts.generator)
+    done = state["epoch_done"]
+    progress = Progress(
+        start_epoch=state["epoch"] + 1 if done else state["epoch"],
+        start_step=0 if done else state["step"],
+        history=[row for row in state["history"] if row["epoch"] < state["epoch"] + done],
+        best=dict(state["best"]),
+        totals=None if done or state["step"] == 0 else run.own_state["totals"],
+    )
+    run.say(f"nla_fast: resuming {run.resume} at epoch {progress.start_epoch}, step {progress.start_step}")
+    return progress
+
+
+def announce(run: Run, data: Data, parts: Parts) -> None:
+    s, ctx = run.s, run.ctx
+    run.say(f"nla_fast: {s.dataset}: {data.num_train} train / {data.num_test} test images, "
+            f"{len(data.classes)} classes, {s.image_size}px; {data.steps_per_epoch} steps of {s.batch_size} per "
+            f"epoch; device {run.device}, amp {s.amp}, views {s.views}, loss {s.loss}; writing to {run.folder.path}")
+    if ctx.enabled:
+        run.say(f"nla_fast: distributed: {ctx.world_size} process(es), backend {ctx.backend}; batch {s.batch_size} "
+                f"per process, global batch {s.batch_size * ctx.world_size}; "
+                f"{'SyncBatchNorm' if s.sync_bn else 'per-process BatchNorm'}")
+    if parts.step.note:
+        run.say(f"nla_fast: {parts.step.note}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Epochs
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class EpochTraining:
+    lr: float
+    eps: float
+    progress: dict  # RunningTotals.progress() at the end of the epoch (over every rank)
+    naw_means: list
+    seconds: float
+    timed_steps: int  # steps run in this process (fewer than the epoch's after a mid-epoch resume)
+    stopped_at: int | None = None  # steps done when Ctrl-C stopped the epoch early
+
+
+def train_epochs(run: Run, data: Data, parts: Parts, progress: Progress) -> dict:
+    s, say = run.s, run.say
+    test = None
+    with StopRequest() as stop:
+        for epoch in range(progress.start_epoch, s.epochs):
+            trained = train_epoch(run, data, parts, progress, epoch, stop)
+            if trained.stopped_at is not None:
+                blob = checkpoint_state(run, data, parts, progress, epoch, int(parts.step.step_in_epoch), False)
+                run.folder.save_last(blob)
+                say(f"nla_fast: interrupted at epoch {epoch}, step {trained.stopped_at}; wrote {run.folder.last}; "
+                    f"continue with: python -m nla_fast.train --resume {run.folder.last}")
+                return {"out": str(run.folder.path), "interrupted": True, "epoch": epoch, "step": trained.stopped_at}
+            t0 = time.perf_counter()
+            distributed.broadcast_buffers(parts.model, run.ctx)  # every rank evaluates the model rank 0 saves
+            test = evaluate(parts.network, data.test_images, data.test_labels, EvalTransform(s.image_size),
+                            len(data.classes), data.classes, batch_size=s.eval_batch_size, amp=s.amp,
+                            reduce=MetricCounts.all_reduce if run.ctx.distributed else None)
+            record(run, data, parts, progress, epoch, trained, test, time.perf_counter() - t0)
+            run.folder.save_last(checkpoint_state(run, data, parts, progress, epoch, data.steps_per_epoch, True))
+            run.folder.keep_best(progress.best.get("acc_epoch") == epoch, progress.best.get("mean_acc_epoch") == epoch)
+            stop_after = distributed.any_rank(stop.requested, run.ctx, run.device)
+            if epoch == s.epochs - 1 or stop_after or (s.plot_every and (epoch + 1) % s.plot_every == 0):
+                run.folder.draw_plots(progress.history, test, data.classes, trained.eps, parts.nla_config,
+                                      parts.step.totals.points, epoch)
+            if stop_after:
+                say(f"nla_fast: interrupted after epoch {epoch}; wrote {run.folder.last}")
+                return {"out": str(run.folder.path), "interrupted": True, "epoch": epoch,
+                        "step": data.steps_per_epoch}
+    best = progress.best
+    say(f"nla_fast: done. {run.folder.summary()}")
+    if progress.history:
+        say(f"nla_fast: best test accuracy {100 * best['acc']:.2f}% (epoch {best.get('acc_epoch')}), "
+            f"best mean class accuracy {100 * best['mean_acc']:.2f}% (epoch {best.get('mean_acc_epoch')})")
+    if test is not None:
+        say(format_table(test, data.classes))
+    return {"out": str(run.folder.path), "interrupted": False, "history": progress.history, "best": best}
+
+
+def train_epoch(run: Run, data: Data, parts: Parts, progress: Progress, epoch: int, stop) -> EpochTraining:
+    """The steps of one epoch (from ``progress.start_step``), with progress read back every
+    ``--log-every`` steps; stops early on Ctrl-C, raises NonFiniteLoss on a NaN loss."""
+    s, step, steps = run.s, parts.step, data.steps_per_epoch
+    lr, eps = s.lr * s.gamma**epoch, eps_schedule(epoch, s.epochs, parts.nla_config.slope)
+    order = shard(epoch_permutation(data.num_train, s.seed, epoch), run.ctx.rank, run.ctx.world_size, s.batch_size)
+    start = progress.start_step
+    step.start_epoch(order, lr, eps, start)
+    if progress.totals is not None:
+        step.totals.load_state_dict(progress.totals)
+    progress.start_step, progress.totals = 0, None  # the next epoch starts at its beginning
+    bar = progress_bar(steps, epoch, s.epochs, s.progress and run.ctx.is_main, initial=start)
+    t0 = time.perf_counter()
+    for index in range(start, steps):
+        step()
+        done = index + 1
+        # distributed: log points are the same on every rank (they agree on NaN and Ctrl-C there)
+        log_point = done % s.log_every == 0 or done == steps
+        stop_now = stop.requested and not run.ctx.distributed  # one process stops at once
+        if log_point or stop_now:
+            so_far = step.totals.progress(stop.requested)
+            stop_now = so_far["stop"]
+            if so_far["first_bad_step"] >= 0:
+                bar.close()
+                raise NonFiniteLoss(epoch, so_far["first_bad_step"])
+            rate = (done - start) * s.batch_size / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix_str(f"loss {so_far['loss']:.4f}, {rate:.0f} samples/s")
+            bar.update(done - bar.n)
+        if stop_now and done < steps:
+            bar.close()
+            return EpochTraining(lr, eps, so_far, [], time.perf_counter() - t0, done - start, stopped_at=done)
+    final = step.totals.progress()
+    naw_means = step.totals.naw_means()
+    seconds = time.perf_counter() - t0
+    bar.close()
+    return EpochTraining(lr, eps, final, naw_means, seconds, steps - start)
+
+
+def record(run: Run, data: Data, parts: Parts, progress: Progress, epoch: int, trained: EpochTraining,
+           test: dict, eval_seconds: float) -> None:
+    """The epoch's line of metrics.jsonl and of the log, and the best accuracies so far."""
+    s, world_size = run.s, run.ctx.world_size
+    samples = trained.timed_steps * s.batch_size * world_size
+    row = epoch_record(epoch, trained.progress, test, trained.naw_means, data.classes, trained.lr, trained.eps,
+                       data.steps_per_epoch * s.batch_size * world_size, samples / trained.seconds,
+                       trained.seconds, eval_seconds, world_size, parts.step.mode)
+    progress.history.append(row)
+    run.folder.write_metrics(progress.history)
+    p = trained.progress
+    run.say(f"epoch {epoch} ({epoch + 1}/{s.epochs}): train loss {p['loss']:.4f} "
+            f"acc {100 * p['acc']:.2f}% | test acc {100 * test['acc']:.2f}% mean {100 * test['mean_acc']:.2f}% "
+            f"top-2 {100 * test['top2_acc']:.2f}% | lr {trained.lr:.3g} eps {trained.eps:.3f} | "
+            f"{row['samples_per_s']:.0f} samples/s ({parts.step.mode})", flush=True)
+    best = progress.best
+    if test["acc"] > best["acc"]:
+        best["acc"], best["acc_epoch"] = test["acc"], epoch
+    if test["mean_acc"] > best["mean_acc"]:
+        best["mean_acc"], best["mean_acc_epoch"] = test["mean_acc"], epoch
+
+
+def run_config(run: Run, parts: Parts) -> dict:
+    """config.json, also saved in every checkpoint."""
+    config = {"train": dataclasses.asdict(run.s), "nla": dataclasses.asdict(parts.nla_config),
+              "device_type": run.device.type}
+    if run.ctx.enabled:
+        config["world_size"] = run.ctx.world_size
+    return config
+
+
+def checkpoint_state(run: Run, data: Data, parts: Parts, progress: Progress, epoch: int, steps_done: int,
+                     epoch_done: bool) -> dict:
+    """Called on every rank (a distributed run gathers each rank's random states and sums)."""
+    s, step = run.s, parts.step
+    own = {"rng": ckpt.capture_rng_states(parts.generator), "totals": step.totals.state_dict()}
+    gathered = distributed.gather_objects(own, run.ctx) if run.ctx.enabled else None
+    blob = {
+        "format": ckpt.FORMAT,
+        "model": {k: v.detach().cpu() for k, v in parts.model.state_dict().items()},
+        "model_info": {"arch": "resnet18", "num_classes": len(data.classes), "classes": data.classes,
+                       "image_size": s.image_size, "mean": list(MEAN), "std": list(STD), "dataset": s.dataset},
+        "optimizer": parts.optimizer.state_dict(),
+        "schedule": {"base_lr": s.lr, "gamma": s.gamma, "lr": float(step.lr), "slope": parts.nla_config.slope,
+                     "epochs": s.epochs, "eps": float(step.eps)},
         "epoch": epoch,
-        "train_loss": progress["loss"],
-        "train_acc": progress["acc"],
-        "test_acc": test["acc"],
-        "test_mean_acc": test["mean_acc"],
-        "top2_acc": test["top2_acc"],
-        "per_class_acc": dict(zip(classes, test["per_class_acc"])),
-        "naw_weight_mean": dict(zip(classes, naw_means)),
-        "lr": lr,
-        "eps": eps,
-        "samples_per_s": samples_per_s,
-        "train_samples": samples,
-        "test_samples": test["num_samples"],
-        "world_size": world_size,
-        "seconds": train_seconds + eval_seconds,
-        "train_seconds": train_seconds,
-        "eval_seconds": eval_seconds,
-        "step_mode": mode,
-        "confusion": test["confusion"],
+        "step": steps_done,
+        "epoch_done": epoch_done,
+        "rng": own["rng"],
+        "config": run_config(run, parts),
+        "totals": own["totals"],
+        "best": progress.best,
+        "history": [json_safe(row) for row in progress.history],
     }
-
-
-def write_metrics(path: Path, history: list[dict]) -> None:
-    atomic.write_text(path, "".join(json.dumps(json_safe(row)) + "\n" for row in history))
+    if gathered is not None:
+        blob["rank_states"] = gathered
+    return blob
 
 
 class StopRequest:
@@ -132,363 +418,6 @@ def progress_bar(total: int, epoch: int, epochs: int, enabled: bool, initial: in
 
     return tqdm(total=total, initial=initial, desc=f"epoch {epoch} ({epoch + 1}/{epochs})", unit="step",
                 disable=not enabled, dynamic_ncols=True, leave=True, file=sys.stderr)
-
-
-# ----------------------------------------------------------------------------------------------
-# The run
-# ----------------------------------------------------------------------------------------------
-def train(settings: TrainSettings, resume: str | None = None, explicit: set[str] | None = None) -> dict:
-    """Run (or continue) a training run; returns a summary dict. Raises NonFiniteLoss on a NaN loss.
-
-    Launched by ``torchrun`` (RANK / WORLD_SIZE in the environment), each process joins the
-    process group and trains its shard under DistributedDataParallel; the group is left at the
-    end, on errors and on Ctrl-C alike."""
-    contexts: list = []
-    try:
-        return _train(settings, resume, explicit, contexts)
-    finally:
-        for ctx in contexts:
-            distributed.cleanup(ctx)
-
-
-def _train(settings: TrainSettings, resume: str | None, explicit: set[str] | None, contexts: list) -> dict:
-    # --- settings (a resumed run takes its own, overridden by flags given explicitly) ---------
-    state, notes = None, []
-    if resume is not None:
-        state = ckpt.load(resume)
-        settings, notes = settings_for_resume(settings, state["config"], resume, explicit or set())
-    ctx, dist_device = distributed.setup(settings.device)
-    contexts.append(ctx)
-    world_size, rank = ctx.world_size, ctx.rank
-    say = print if ctx.is_main else (lambda *args, **kwargs: None)  # only rank 0 talks
-    for note in notes:
-        say(note)
-    device = dist_device if dist_device is not None else pick_device(settings.device)
-    rank_states = None
-    if state is not None:
-        saved_world = int(state["config"].get("world_size", 1))
-        if saved_world != world_size:
-            if not state["epoch_done"]:
-                raise ckpt.CheckpointError(
-                    f"{resume} was written mid-epoch by a run of world size {saved_world}; this run has world "
-                    f"size {world_size}. An exact mid-epoch resume needs the same world size: relaunch with "
-                    f"{saved_world} process(es) (torchrun --nproc_per_node ... --nnodes ...)")
-            say(f"nla_fast: resume: the checkpoint was written with world size {saved_world}, this run has "
-                f"{world_size}: the global batch and the per-rank shards change, so the run continues from "
-                "the saved state but not as the original run would have")
-        else:
-            rank_states = state.get("rank_states")
-    s = settings.resolve(device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
-    out = Path(s.out)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic.remove_stale_temps(out)  # left by a run that was killed outright
-    nla_config = s.nla_config()
-    torch.manual_seed(s.seed)
-    np.random.seed(s.seed % 2**32)
-    import random
-    random.seed(s.seed)
-
-    # --- data on the device ----------------------------------------------------------------
-    from . import augment
-
-    if ctx.distributed and ctx.local_rank != 0:
-        distributed.barrier(ctx)  # the machine's first rank decodes (and caches) the data first
-    train_set, test_set = load_split(s, "train"), load_split(s, "test")
-    if ctx.distributed and ctx.local_rank == 0:
-        distributed.barrier(ctx)
-    classes = list(train_set.classes)
-    num_classes = len(classes)
-    num_train = len(train_set.labels)
-    steps_per_epoch = num_train // world_size // s.batch_size
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: {num_train} training samples make no full batch of {s.batch_size}"
-                         + (f" on each of {world_size} processes" if world_size > 1 else ""))
-    epoch_shard = None
-    if not ctx.distributed:
-        # one process: the whole set on the device when it fits, else pinned host memory
-        train_images = place_images(train_set.images, device)
-        train_labels = train_set.labels.to(device)
-    else:
-        shard_len = steps_per_epoch * s.batch_size
-        shard_bytes = distributed.EpochShard.nbytes(train_set.images, shard_len)
-        fits = device.type != "cuda" or shard_bytes <= DEVICE_DATA_SHARE * torch.cuda.mem_get_info(device)[0]
-        if fits:  # this epoch's shard on the device, refilled each epoch (see EpochShard)
-            epoch_shard = distributed.EpochShard(train_set.images, train_set.labels, shard_len, device)
-            train_images, train_labels = epoch_shard.images, epoch_shard.labels
-        else:  # not even the shard fits: host memory, each step's batch copied (TrainStep)
-            say(f"nla_fast: this rank's shard ({shard_bytes / 2**30:.1f} GiB) stays in host memory; "
-                "batches are copied per step")
-            train_images, train_labels = train_set.images, train_set.labels.to(device)
-    # evaluation: each rank keeps its contiguous slice of the test split; counts are summed
-    mine = distributed.contiguous_slice(len(test_set.labels), rank, world_size)
-    test_images, test_labels = test_set.images[mine].to(device), test_set.labels[mine].to(device)
-    num_test = len(test_set.labels)
-    augment_fn = augment.TrainAugment(s.image_size)
-    eval_transform = augment.EvalTransform(s.image_size)
-
-    # --- model, optimiser, step ------------------------------------------------------------
-    model = build_resnet18(num_classes)
-    if state is None:
-        say(initialise_weights(model, s.weights))  # same seed on every rank; DDP also broadcasts rank 0's
-    if s.sync_bn and ctx.distributed:
-        if device.type != "cuda":
-            raise SystemExit("error: --sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU implementation)")
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    elif s.sync_bn:
-        say("nla_fast: --sync-bn has no effect in a one-process run")
-    model = model.to(device, memory_format=torch.channels_last)
-    wrapped = model
-    if ctx.enabled:
-        wrapped = wrap_ddp(model, device)
-    network = torch.compile(wrapped) if s.compile else wrapped
-    optimizer = make_optimizer(model, s.lr, s.weight_decay, device, capturable=s.cuda_graphs)
-    lr_tensor = optimizer.param_groups[0]["lr"]
-    generator = augmentation_generator(device, distributed.rank_seed(s.seed, rank))
-    graphs = bool(s.cuda_graphs) and device.type == "cuda"
-    options = StepOptions(batch_size=s.batch_size, views=s.views, loss=s.loss, amp=s.amp, backend=s.backend,
-                          channels_last=True, cuda_graphs=s.cuda_graphs,
-                          warmup_steps=DDP_WARMUP_STEPS if ctx.enabled and graphs else WARMUP_STEPS)
-    step = TrainStep(network, optimizer, train_images, train_labels, augment_fn, generator, options,
-                     nla_config, num_classes, steps_per_epoch)
-    step.verbose = ctx.is_main
-    if ctx.enabled:
-        step.agree = lambda ok: distributed.all_agree(ok, ctx, device)
-
-    # --- resume ----------------------------------------------------------------------------
-    start_epoch, start_step, history = 0, 0, []
-    best = {"acc": -1.0, "mean_acc": -1.0}
-    if state is not None:
-        model.load_state_dict(state["model"])
-        load_optimizer_state(optimizer, state["optimizer"])  # keeps lr_tensor, the one the step reads
-        if rank_states is not None:  # written by a distributed run of this world size
-            ckpt.restore_rng_states(rank_states[rank]["rng"], generator)
-        elif rank == 0:
-            ckpt.restore_rng_states(state["rng"], generator)
-        history = [row for row in state["history"] if row["epoch"] < state["epoch"] + state["epoch_done"]]
-        best = dict(state["best"])
-        if state["epoch_done"]:
-            start_epoch, start_step = state["epoch"] + 1, 0
-        else:
-            start_epoch, start_step = state["epoch"], state["step"]
-        say(f"nla_fast: resuming {resume} at epoch {start_epoch}, step {start_step}")
-
-    run_config = {"train": dataclasses.asdict(s), "nla": dataclasses.asdict(nla_config), "device_type": device.type}
-    if ctx.enabled:
-        run_config["world_size"] = world_size
-    if ctx.is_main:
-        atomic.write_text(out / "config.json", json.dumps(run_config, indent=2) + "\n")
-        write_metrics(out / "metrics.jsonl", history)
-    model_info = {"arch": "resnet18", "num_classes": num_classes, "classes": classes,
-                  "image_size": s.image_size, "mean": list(augment.MEAN), "std": list(augment.STD),
-                  "dataset": s.dataset}
-    say(f"nla_fast: {s.dataset}: {num_train} train / {num_test} test images, "
-        f"{num_classes} classes, {s.image_size}px; {steps_per_epoch} steps of {s.batch_size} per epoch; "
-        f"device {device}, amp {s.amp}, views {s.views}, loss {s.loss}; writing to {out}")
-    if ctx.enabled:
-        say(f"nla_fast: distributed: {world_size} process(es), backend {ctx.backend}; batch {s.batch_size} per "
-            f"process, global batch {s.batch_size * world_size}; {'SyncBatchNorm' if s.sync_bn else 'per-process BatchNorm'}")
-    if step.note:
-        say(f"nla_fast: {step.note}")
-
-    def checkpoint_state(epoch: int, steps_done: int, epoch_done: bool) -> dict:
-        """Called on every rank (a distributed run gathers each rank's random states and sums)."""
-        own = {"rng": ckpt.capture_rng_states(generator), "totals": step.totals.state_dict()}
-        gathered = distributed.gather_objects(own, ctx) if ctx.enabled else None
-        blob = {
-            "format": ckpt.FORMAT,
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "model_info": model_info,
-            "optimizer": optimizer.state_dict(),
-            "schedule": {"base_lr": s.lr, "gamma": s.gamma, "lr": float(lr_tensor), "slope": nla_config.slope,
-                         "epochs": s.epochs, "eps": float(step.eps)},
-            "epoch": epoch,
-            "step": steps_done,
-            "epoch_done": epoch_done,
-            "rng": own["rng"],
-            "config": run_config,
-            "totals": own["totals"],
-            "best": best,
-            "history": [json_safe(row) for row in history],
-        }
-        if gathered is not None:
-            blob["rank_states"] = gathered
-        return blob
-
-    def save_last(blob: dict) -> None:
-        if ctx.is_main:
-            ckpt.save(blob, out / "last.pt")
-
-    # --- epochs ----------------------------------------------------------------------------
-    last_test = None
-    with StopRequest() as stop:
-        for epoch in range(start_epoch, s.epochs):
-            lr = s.lr * s.gamma**epoch
-            eps = eps_schedule(epoch, s.epochs, nla_config.slope)
-            order = shard(epoch_permutation(num_train, s.seed, epoch), rank, world_size, s.batch_size)
-            if epoch_shard is not None:
-                epoch_shard.fill(order)
-                order = torch.arange(len(order))
-            step.start_epoch(order.to(device), lr, eps, start_step)
-            if start_step > 0 and state is not None and not state["epoch_done"]:
-                step.totals.load_state_dict(rank_states[rank]["totals"] if rank_states is not None
-                                            else state["totals"])
-            bar = progress_bar(steps_per_epoch, epoch, s.epochs, s.progress and ctx.is_main, initial=start_step)
-            t0 = time.perf_counter()
-            for index in range(start_step, steps_per_epoch):
-                step()
-                done = index + 1
-                # distributed: log points are the same on every rank (they agree on NaN and Ctrl-C there)
-                log_point = done % s.log_every == 0 or done == steps_per_epoch
-                stop_now = stop.requested and not ctx.distributed  # one process stops at once
-                if log_point or stop_now:
-                    progress = global_progress(step, ctx, device, stop.requested)
-                    stop_now = progress["stop"]
-                    if progress["first_bad_step"] >= 0:
-                        bar.close()
-                        raise NonFiniteLoss(epoch, progress["first_bad_step"])
-                    elapsed = time.perf_counter() - t0
-                    bar.set_postfix_str(f"loss {progress['loss']:.4f}, "
-                                        f"{(done - start_step) * s.batch_size / max(elapsed, 1e-9):.0f} samples/s")
-                    bar.update(done - bar.n)
-                if stop_now and done < steps_per_epoch:
-                    bar.close()
-                    save_last(checkpoint_state(epoch, int(step.step_in_epoch), False))
-                    say(f"nla_fast: interrupted at epoch {epoch}, step {done}; wrote {out / 'last.pt'}; "
-                        f"continue with: python -m nla_fast.train --resume {out / 'last.pt'}")
-                    return {"out": str(out), "interrupted": True, "epoch": epoch, "step": done}
-            progress = global_progress(step, ctx, device, False)
-            naw_means = global_naw_means(step, ctx)
-            train_seconds = time.perf_counter() - t0
-            bar.close()
-
-            t1 = time.perf_counter()
-            distributed.broadcast_buffers(model, ctx)  # every rank evaluates the model rank 0 saves
-            test = evaluate(network, test_images, test_labels, eval_transform, num_classes, classes,
-                            batch_size=s.eval_batch_size, amp=s.amp,
-                            reduce=MetricCounts.all_reduce if ctx.distributed else None)
-            eval_seconds = time.perf_counter() - t1
-            last_test = test
-            timed_samples = (steps_per_epoch - start_step) * s.batch_size * world_size
-            row = epoch_record(epoch, progress, test, naw_means, classes, lr, eps,
-                               steps_per_epoch * s.batch_size * world_size, timed_samples / train_seconds,
-                               train_seconds, eval_seconds, world_size, step.mode)
-            history.append(row)
-            if ctx.is_main:
-                write_metrics(out / "metrics.jsonl", history)
-            say(f"epoch {epoch} ({epoch + 1}/{s.epochs}): train loss {progress['loss']:.4f} "
-                f"acc {100 * progress['acc']:.2f}% | test acc {100 * test['acc']:.2f}% "
-                f"mean {100 * test['mean_acc']:.2f}% "
-                f"top-2 {100 * test['top2_acc']:.2f}% | lr {lr:.3g} eps {eps:.3f} | "
-                f"{row['samples_per_s']:.0f} samples/s ({step.mode})", flush=True)
-
-            improved_acc, improved_mean = test["acc"] > best["acc"], test["mean_acc"] > best["mean_acc"]
-            if improved_acc:
-                best["acc"], best["acc_epoch"] = test["acc"], epoch
-            if improved_mean:
-                best["mean_acc"], best["mean_acc_epoch"] = test["mean_acc"], epoch
-            save_last(checkpoint_state(epoch, steps_per_epoch, True))
-            if improved_acc and ctx.is_main:
-                atomic.copy(out / "last.pt", out / "best.pt")
-            if improved_mean and ctx.is_main:
-                atomic.copy(out / "last.pt", out / "best_mean.pt")
-
-            stop_after = distributed.any_rank(stop.requested, ctx, device)
-            final = epoch == s.epochs - 1 or stop_after
-            if ctx.is_main and (final or (s.plot_every and (epoch + 1) % s.plot_every == 0)):
-                draw_plots(out, history, test, classes, eps, nla_config, step, epoch)
-            start_step, state, rank_states = 0, None, None
-            if stop_after:
-                say(f"nla_fast: interrupted after epoch {epoch}; wrote {out / 'last.pt'}")
-                return {"out": str(out), "interrupted": True, "epoch": epoch, "step": steps_per_epoch}
-
-    say(f"nla_fast: done. metrics: {out / 'metrics.jsonl'}; plots: {out / 'curves.png'}, "
-          f"{out / 'confusion.png'}, {out / 'naw_weights.png'}; checkpoints: {out / 'last.pt'}, "
-          f"{out / 'best.pt'}, {out / 'best_mean.pt'}")
-    if history:
-        say(f"nla_fast: best test accuracy {100 * best['acc']:.2f}% (epoch {best.get('acc_epoch')}), "
-              f"best mean class accuracy {100 * best['mean_acc']:.2f}% (epoch {best.get('mean_acc_epoch')})")
-    if last_test is not None:
-        say(format_table(last_test, classes))
-    return {"out": str(out), "interrupted": False, "history": history, "best": best}
-
-
-def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel around ``model``.
-
-    static_graph: the step's graph is the same every iteration, which lets DDP skip its
-    per-iteration graph analysis and is what CUDA-graph capture of a DDP step requires (with
-    DDP built on a side stream and 11 eager warm-up iterations, PyTorch's CUDA-graph notes).
-    gradient_as_bucket_view: gradients live in the all-reduce buckets (no copy, less memory).
-    broadcast_buffers=False: no extra collective per forward; BatchNorm running statistics
-    only matter for evaluation, before which rank 0's are broadcast (``broadcast_buffers``),
-    so every rank evaluates, and rank 0 saves, the same model.
-    """
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    kwargs = {"broadcast_buffers": False, "gradient_as_bucket_view": True, "static_graph": True}
-    import warnings
-
-    with warnings.catch_warnings():
-        # newer torch renames broadcast_buffers; the old name keeps exactly this meaning (torch 2.11 too)
-        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-        if device.type != "cuda":
-            return DDP(model, **kwargs)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            wrapped = DDP(model, device_ids=[device.index], output_device=device.index, **kwargs)
-        torch.cuda.current_stream(device).wait_stream(side)
-        return wrapped
-
-
-def global_progress(step: TrainStep, ctx, device: torch.device, stop_requested: bool) -> dict:
-    """Training loss / accuracy so far over all ranks, the first non-finite step of any rank,
-    and whether any rank was asked to stop. One process: ``RunningTotals.progress()``."""
-    if not ctx.distributed:
-        progress = step.totals.progress()
-        progress["stop"] = stop_requested
-        return progress
-    t = step.totals
-    sums = torch.stack([t.loss_sum, t.correct.double(), t.seen.double(), t.steps.double()])
-    # MAX of (steps_per_epoch - first bad step) finds the earliest bad step of any rank
-    bad = torch.where(t.first_bad_step >= 0, step.steps_per_epoch - t.first_bad_step, 0)
-    flags = torch.stack([bad.double(), torch.tensor(float(stop_requested), dtype=torch.float64, device=device)])
-    distributed.all_reduce_(sums, ctx)
-    distributed.all_reduce_(flags, ctx, op="max")
-    loss_sum, correct, seen, steps = sums.cpu().tolist()
-    bad_max, stop = flags.cpu().tolist()
-    return {
-        "loss": loss_sum / steps if steps else math.nan,  # mean over every rank's steps
-        "acc": correct / seen if seen else math.nan,
-        "seen": int(seen),
-        "steps": int(steps),
-        "first_bad_step": step.steps_per_epoch - int(bad_max) if bad_max > 0 else -1,
-        "stop": bool(stop),
-    }
-
-
-def global_naw_means(step: TrainStep, ctx) -> list:
-    """Mean NAW weight per class over every rank's samples of the epoch."""
-    if not ctx.distributed:
-        return step.totals.naw_means()
-    sums, counts = step.totals.naw_sum.clone(), step.totals.naw_count.clone()
-    distributed.all_reduce_(sums, ctx)
-    distributed.all_reduce_(counts, ctx)
-    return [a / n if n else None for a, n in zip(sums.cpu().tolist(), counts.cpu().tolist())]
-
-
-def draw_plots(out: Path, history, test, classes, eps, nla_config, step: TrainStep, epoch: int) -> None:
-    from . import plots
-
-    plots.plot_curves(history, out / "curves.png")
-    plots.plot_confusion(test["confusion"], classes, out / "confusion.png",
-                         title=f"test confusion, epoch {epoch} (acc {100 * test['acc']:.2f}%)")
-    points = step.totals.points.cpu()
-    points = points[~torch.isnan(points).any(dim=1)]
-    plots.plot_naw_weights(eps, nla_config, points, out / "naw_weights.png", epoch=epoch)
 
 
 def main(argv=None) -> int:
