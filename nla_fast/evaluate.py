@@ -20,7 +20,7 @@ from .cli import HelpFormatter
 from .data.errors import DatasetError
 from .engine import evaluate
 from .metrics import format_table, json_safe
-from .predict import load_model
+from .inference import load_model
 from .data import DATASETS
 from .settings import TrainSettings, load_split, pick_device
 
