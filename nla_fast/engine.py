@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .augment import TrainAugment
 from .config import NLAConfig
 from .distributed import all_reduce_
 from .loss import naw_weight, nla_loss
@@ -379,6 +380,22 @@ class TrainStep:
             return
         self.graph = graph
         self.mode = "cuda-graph"
+
+
+def build_train_step(model: torch.nn.Module, data, options: StepOptions, *, image_size: int, lr: float,
+                     weight_decay: float, seed: int, nla_config: NLAConfig, num_classes: int, steps_per_epoch: int,
+                     network: torch.nn.Module | None = None, agree: Callable[[bool], bool] | None = None,
+                     verbose: bool = True) -> TrainStep:
+    """The trainer's step over ``model`` (already on its device): Adam with its learning rate
+    in a device tensor (capturable when the step is captured), the batched augmentation at
+    ``image_size`` drawing from a generator seeded with ``seed``. ``network``: what runs (a
+    DDP and/or compiled wrapper of ``model``; default ``model``). ``data``: a placement
+    (``nla_fast.placement``). The optimiser and generator are ``step.optimizer`` / ``step.generator``."""
+    device = data.labels.device
+    optimizer = make_optimizer(model, lr, weight_decay, device, capturable=options.cuda_graphs)
+    generator = augmentation_generator(device, seed)
+    return TrainStep(model if network is None else network, optimizer, data, TrainAugment(image_size), generator,
+                     options, nla_config, num_classes, steps_per_epoch, agree=agree, verbose=verbose)
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,11 +34,11 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed
-from .augment import MEAN, STD, EvalTransform, TrainAugment
+from .augment import MEAN, STD, EvalTransform
 from .config import NLAConfig, eps_schedule
 from .data.errors import DatasetError
-from .engine import (WARMUP_STEPS, NonFiniteLoss, StepOptions, TrainStep, augmentation_generator,
-                     epoch_permutation, evaluate, load_optimizer_state, make_optimizer, shard)
+from .engine import (WARMUP_STEPS, NonFiniteLoss, StepOptions, TrainStep, build_train_step, epoch_permutation,
+                     evaluate, load_optimizer_state, shard)
 from .loss import BackendUnavailable
 from .metrics import MetricCounts, format_table, json_safe
 from .model import WeightsError, build_resnet18, initialise_weights
@@ -74,11 +74,8 @@ class Data:
 
 @dataclass
 class Parts:
-    model: torch.nn.Module  # the bare network (what checkpoints hold)
-    network: torch.nn.Module  # what runs: DDP-wrapped and/or compiled
-    optimizer: torch.optim.Optimizer
-    generator: torch.Generator  # the augmentation's
-    step: TrainStep
+    model: torch.nn.Module  # the bare network (what checkpoints hold); step.model is what runs
+    step: TrainStep  # with its optimiser and the augmentation's generator
     nla_config: NLAConfig
 
 
@@ -191,18 +188,19 @@ def build(run: Run, data: Data) -> Parts:
         run.say("nla_fast: --sync-bn has no effect in a one-process run")
     model = model.to(device, memory_format=torch.channels_last)
     wrapped = distributed.wrap_ddp(model, device) if ctx.enabled else model
-    network = torch.compile(wrapped) if s.compile else wrapped
-    optimizer = make_optimizer(model, s.lr, s.weight_decay, device, capturable=s.cuda_graphs)
-    generator = augmentation_generator(device, distributed.rank_seed(s.seed, ctx.rank))
     graphs = bool(s.cuda_graphs) and device.type == "cuda"
     options = StepOptions(batch_size=s.batch_size, views=s.views, loss=s.loss, amp=s.amp, backend=s.backend,
                           channels_last=True, cuda_graphs=s.cuda_graphs,
                           warmup_steps=distributed.DDP_WARMUP_STEPS if ctx.enabled and graphs else WARMUP_STEPS)
     agree = (lambda ok: distributed.all_agree(ok, ctx, device)) if ctx.enabled else None
     nla_config = s.nla_config()
-    step = TrainStep(network, optimizer, data.train, TrainAugment(s.image_size), generator, options, nla_config,
-                     len(data.classes), data.steps_per_epoch, agree=agree, verbose=ctx.is_main)
-    return Parts(model, network, optimizer, generator, step, nla_config)
+    step = build_train_step(model, data.train, options, image_size=s.image_size, lr=s.lr,
+                            weight_decay=s.weight_decay, seed=distributed.rank_seed(s.seed, ctx.rank),
+                            nla_config=nla_config, num_classes=len(data.classes),
+                            steps_per_epoch=data.steps_per_epoch,
+                            network=torch.compile(wrapped) if s.compile else wrapped, agree=agree,
+                            verbose=ctx.is_main)
+    return Parts(model, step, nla_config)
 
 
 def restore(run: Run, parts: Parts) -> Progress:
@@ -211,9 +209,9 @@ def restore(run: Run, parts: Parts) -> Progress:
     if state is None:
         return Progress()
     parts.model.load_state_dict(state["model"])
-    load_optimizer_state(parts.optimizer, state["optimizer"])  # keeps the lr tensor, the one the step reads
+    load_optimizer_state(parts.step.optimizer, state["optimizer"])  # keeps the lr tensor, the one the step reads
     if run.own_state is not None:
-        ckpt.restore_rng_states(run.own_state["rng"], parts.generator)
+        ckpt.restore_rng_states(run.own_state["rng"], parts.step.generator)
     done = state["epoch_done"]
     progress = Progress(
         start_epoch=state["epoch"] + 1 if done else state["epoch"],
@@ -267,7 +265,7 @@ def train_epochs(run: Run, data: Data, parts: Parts, progress: Progress) -> dict
                 return {"out": str(run.folder.path), "interrupted": True, "epoch": epoch, "step": trained.stopped_at}
             t0 = time.perf_counter()
             distributed.broadcast_buffers(parts.model, run.ctx)  # every rank evaluates the model rank 0 saves
-            test = evaluate(parts.network, data.test_images, data.test_labels, EvalTransform(s.image_size),
+            test = evaluate(parts.step.model, data.test_images, data.test_labels, EvalTransform(s.image_size),
                             len(data.classes), data.classes, batch_size=s.eval_batch_size, amp=s.amp,
                             reduce=MetricCounts.all_reduce if run.ctx.distributed else None)
             record(run, data, parts, progress, epoch, trained, test, time.perf_counter() - t0)
@@ -364,14 +362,14 @@ def checkpoint_state(run: Run, data: Data, parts: Parts, progress: Progress, epo
                      epoch_done: bool) -> dict:
     """Called on every rank (a distributed run gathers each rank's random states and sums)."""
     s, step = run.s, parts.step
-    own = {"rng": ckpt.capture_rng_states(parts.generator), "totals": step.totals.state_dict()}
+    own = {"rng": ckpt.capture_rng_states(parts.step.generator), "totals": step.totals.state_dict()}
     gathered = distributed.gather_objects(own, run.ctx) if run.ctx.enabled else None
     blob = {
         "format": ckpt.FORMAT,
         "model": {k: v.detach().cpu() for k, v in parts.model.state_dict().items()},
         "model_info": {"arch": "resnet18", "num_classes": len(data.classes), "classes": data.classes,
                        "image_size": s.image_size, "mean": list(MEAN), "std": list(STD), "dataset": s.dataset},
-        "optimizer": parts.optimizer.state_dict(),
+        "optimizer": parts.step.optimizer.state_dict(),
         "schedule": {"base_lr": s.lr, "gamma": s.gamma, "lr": float(step.lr), "slope": parts.nla_config.slope,
                      "epochs": s.epochs, "eps": float(step.eps)},
         "epoch": epoch,
