@@ -9,7 +9,8 @@ those variables the run is a single process and nothing here touches ``torch.dis
 The trainer's division of work (see ``nla_fast.train``):
 
 * every rank draws the same seeded global permutation each epoch and takes a disjoint shard
-  (``engine.shard``); ``--batch-size`` is per process, the global batch is it × world size;
+  (``engine.shard``), held on its device (``placement.EpochShard``); ``--batch-size`` is per
+  process, the global batch is it × world size;
 * gradients are averaged by ``DistributedDataParallel``;
 * evaluation is sharded in contiguous slices; confusion-matrix counts are summed with
   ``all_reduce``, so the accuracies are exact;

@@ -3,7 +3,8 @@
 ``TrainStep`` is one optimisation step that reads everything it needs from device tensors:
 
     batch indices   epoch_order[step_in_epoch * B + arange(B)]   (gathered on the device)
-    images, labels  train_images[indices], train_labels[indices]  (the dataset lives on the device)
+    images, labels  data.batch_images(indices), data.labels[indices]  (where the images live,
+                    on the device or staged from host memory: ``nla_fast.placement``)
     views           augment(images, generator) -> (view1, view2 = hflip(view1))
     forward         one pass over cat(view1, view2) (``views="concat"``) or two (``"separate"``),
                     channels_last, under bf16/fp16 autocast or in float32
@@ -20,7 +21,8 @@ with ``cuda_graphs=False``) the same function runs eagerly.
 The per-epoch order is a seeded global permutation (``epoch_permutation``) from which each rank
 of a distributed run takes its shard (``shard``). Under ``DistributedDataParallel`` the step is
 the same function; the gradient all-reduce happens inside its backward (and is captured with
-it on CUDA, see ``TrainStep.agree``).
+it on CUDA, see ``agree`` in ``TrainStep``). ``RunningTotals.progress()`` and ``naw_means()``
+sum over the ranks themselves, as ``evaluate`` does.
 """
 from __future__ import annotations
 

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -35,6 +33,7 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed
 from .augment import MEAN, STD, EvalTransform
+from .cli import StopRequest, progress_bar
 from .config import NLAConfig, eps_schedule
 from .data.errors import DatasetError
 from .engine import (WARMUP_STEPS, NonFiniteLoss, StepOptions, TrainStep, build_train_step, epoch_permutation,
@@ -66,6 +65,7 @@ class Data:
     train: object  # a placement (nla_fast.placement): the training images and labels
     test_images: torch.Tensor  # this rank's slice of the test split, on the device
     test_labels: torch.Tensor
+    eval_transform: EvalTransform
     classes: list
     num_train: int
     num_test: int
@@ -171,8 +171,8 @@ def load_data(run: Run) -> Data:
     placed = place_training_set(train_set.images, train_set.labels, run.device, s.batch_size, shard_length, run.say)
     test_images, test_labels = place_test_split(test_set.images, test_set.labels, run.device, ctx.rank,
                                                 ctx.world_size)
-    return Data(placed, test_images, test_labels, list(train_set.classes), num_train, len(test_set.labels),
-                steps_per_epoch)
+    return Data(placed, test_images, test_labels, EvalTransform(s.image_size), list(train_set.classes), num_train,
+                len(test_set.labels), steps_per_epoch)
 
 
 def build(run: Run, data: Data) -> Parts:
@@ -252,23 +252,20 @@ class EpochTraining:
 
 
 def train_epochs(run: Run, data: Data, parts: Parts, progress: Progress) -> dict:
-    s, say = run.s, run.say
+    """For each epoch: train, evaluate, record. Returns the run's summary."""
+    s = run.s
     test = None
     with StopRequest() as stop:
         for epoch in range(progress.start_epoch, s.epochs):
             trained = train_epoch(run, data, parts, progress, epoch, stop)
-            if trained.stopped_at is not None:
-                blob = checkpoint_state(run, data, parts, progress, epoch, int(parts.step.step_in_epoch), False)
-                run.folder.save_last(blob)
-                say(f"nla_fast: interrupted at epoch {epoch}, step {trained.stopped_at}; wrote {run.folder.last}; "
-                    f"continue with: python -m nla_fast.train --resume {run.folder.last}")
+            if trained.stopped_at is not None:  # Ctrl-C mid-epoch: save where the step stands and stop
+                run.folder.save_last(checkpoint_state(run, data, parts, progress, epoch,
+                                                      int(parts.step.step_in_epoch), False))
+                run.say(f"nla_fast: interrupted at epoch {epoch}, step {trained.stopped_at}; wrote "
+                        f"{run.folder.last}; continue with: python -m nla_fast.train --resume {run.folder.last}")
                 return {"out": str(run.folder.path), "interrupted": True, "epoch": epoch, "step": trained.stopped_at}
-            t0 = time.perf_counter()
-            distributed.broadcast_buffers(parts.model, run.ctx)  # every rank evaluates the model rank 0 saves
-            test = evaluate(parts.step.model, data.test_images, data.test_labels, EvalTransform(s.image_size),
-                            len(data.classes), data.classes, batch_size=s.eval_batch_size, amp=s.amp,
-                            reduce=MetricCounts.all_reduce if run.ctx.distributed else None)
-            record(run, data, parts, progress, epoch, trained, test, time.perf_counter() - t0)
+            test, eval_seconds = evaluate_epoch(run, data, parts)
+            record(run, data, parts, progress, epoch, trained, test, eval_seconds)
             run.folder.save_last(checkpoint_state(run, data, parts, progress, epoch, data.steps_per_epoch, True))
             run.folder.keep_best(progress.best.get("acc_epoch") == epoch, progress.best.get("mean_acc_epoch") == epoch)
             stop_after = distributed.any_rank(stop.requested, run.ctx, run.device)
@@ -276,17 +273,10 @@ def train_epochs(run: Run, data: Data, parts: Parts, progress: Progress) -> dict
                 run.folder.draw_plots(progress.history, test, data.classes, trained.eps, parts.nla_config,
                                       parts.step.totals.points, epoch)
             if stop_after:
-                say(f"nla_fast: interrupted after epoch {epoch}; wrote {run.folder.last}")
+                run.say(f"nla_fast: interrupted after epoch {epoch}; wrote {run.folder.last}")
                 return {"out": str(run.folder.path), "interrupted": True, "epoch": epoch,
                         "step": data.steps_per_epoch}
-    best = progress.best
-    say(f"nla_fast: done. {run.folder.summary()}")
-    if progress.history:
-        say(f"nla_fast: best test accuracy {100 * best['acc']:.2f}% (epoch {best.get('acc_epoch')}), "
-            f"best mean class accuracy {100 * best['mean_acc']:.2f}% (epoch {best.get('mean_acc_epoch')})")
-    if test is not None:
-        say(format_table(test, data.classes))
-    return {"out": str(run.folder.path), "interrupted": False, "history": progress.history, "best": best}
+    return finish(run, data, progress, test)
 
 
 def train_epoch(run: Run, data: Data, parts: Parts, progress: Progress, epoch: int, stop) -> EpochTraining:
@@ -327,6 +317,16 @@ def train_epoch(run: Run, data: Data, parts: Parts, progress: Progress, epoch: i
     return EpochTraining(lr, eps, final, naw_means, seconds, steps - start)
 
 
+def evaluate_epoch(run: Run, data: Data, parts: Parts) -> tuple[dict, float]:
+    """Test-split metrics (exact over all ranks) and the seconds they took."""
+    t0 = time.perf_counter()
+    distributed.broadcast_buffers(parts.model, run.ctx)  # every rank evaluates the model rank 0 saves
+    test = evaluate(parts.step.model, data.test_images, data.test_labels, data.eval_transform, len(data.classes),
+                    data.classes, batch_size=run.s.eval_batch_size, amp=run.s.amp,
+                    reduce=MetricCounts.all_reduce if run.ctx.distributed else None)
+    return test, time.perf_counter() - t0
+
+
 def record(run: Run, data: Data, parts: Parts, progress: Progress, epoch: int, trained: EpochTraining,
            test: dict, eval_seconds: float) -> None:
     """The epoch's line of metrics.jsonl and of the log, and the best accuracies so far."""
@@ -347,6 +347,17 @@ def record(run: Run, data: Data, parts: Parts, progress: Progress, epoch: int, t
         best["acc"], best["acc_epoch"] = test["acc"], epoch
     if test["mean_acc"] > best["mean_acc"]:
         best["mean_acc"], best["mean_acc_epoch"] = test["mean_acc"], epoch
+
+
+def finish(run: Run, data: Data, progress: Progress, test: dict | None) -> dict:
+    best = progress.best
+    run.say(f"nla_fast: done. {run.folder.summary()}")
+    if progress.history:
+        run.say(f"nla_fast: best test accuracy {100 * best['acc']:.2f}% (epoch {best.get('acc_epoch')}), "
+                f"best mean class accuracy {100 * best['mean_acc']:.2f}% (epoch {best.get('mean_acc_epoch')})")
+    if test is not None:
+        run.say(format_table(test, data.classes))
+    return {"out": str(run.folder.path), "interrupted": False, "history": progress.history, "best": best}
 
 
 def run_config(run: Run, parts: Parts) -> dict:
@@ -384,38 +395,6 @@ def checkpoint_state(run: Run, data: Data, parts: Parts, progress: Progress, epo
     if gathered is not None:
         blob["rank_states"] = gathered
     return blob
-
-
-class StopRequest:
-    """First Ctrl-C: finish the current step, write last.pt and stop. A second one aborts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nnla_fast: Ctrl-C: stopping after this step and writing last.pt "
-              "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
-
-
-def progress_bar(total: int, epoch: int, epochs: int, enabled: bool, initial: int = 0):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=f"epoch {epoch} ({epoch + 1}/{epochs})", unit="step",
-                disable=not enabled, dynamic_ncols=True, leave=True, file=sys.stderr)
 
 
 def main(argv=None) -> int:

@@ -104,3 +104,14 @@ def test_using_a_cache_folder_removes_stale_temps(tmp_path):
     cache.load_or_build("synthetic", "train", {"n": 1}, lambda: {"v": torch.zeros(1)},
                         directory=tmp_path / "cache", verbose=False)
     assert not stale.exists()
+
+
+def test_a_run_folder_removes_stale_temps_when_a_run_starts(tmp_path):
+    from nla_fast.run_folder import RunFolder
+
+    stale = tmp_path / f".last.pt.{atomic._host()}-{dead_pid()}-3.tmp"
+    stale.write_bytes(b"partial")
+    RunFolder(tmp_path, writer=False).start()  # another rank: touches nothing
+    assert stale.exists()
+    RunFolder(tmp_path).start()
+    assert not stale.exists()
