@@ -40,9 +40,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from nla_fast import atomic  # noqa: E402
 from nla_fast.augment import MEAN, STD, TrainAugment  # noqa: E402
 from nla_fast.data import load_dataset  # noqa: E402
 from nla_fast.data.fixtures import make_rafdb_tree  # noqa: E402
+from nla_fast.engine import make_optimizer  # noqa: E402
+from nla_fast.model import build_resnet18  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from timing import capture_cuda_graph, seconds_per_call  # noqa: E402
@@ -144,14 +147,12 @@ def bench_ours(images, device, batch, steps, windows, image_size, graph=False):
 
 
 def bench_train_step(device, batch, image_size, steps, windows):
-    """One ResNet-18 step on two views (bf16 autocast, channels_last, Adam): eager and graphed."""
-    import torchvision
-
+    """One ResNet-18 step on two views (bf16 autocast, channels_last, the trainer's Adam): eager and graphed."""
     out = {}
     for mode in ("eager", "graph"):
         torch.manual_seed(0)
-        model = torchvision.models.resnet18(num_classes=7).to(device).to(memory_format=torch.channels_last)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-4, capturable=(mode == "graph"))
+        model = build_resnet18(7).to(device).to(memory_format=torch.channels_last)
+        opt = make_optimizer(model, 1e-4, 1e-4, device, capturable=(mode == "graph"))
         x = torch.randn(2 * batch, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 7, (2 * batch,), device=device)
 
@@ -286,8 +287,7 @@ def main(argv=None):
     print(f"{'target':<48}{'value':>14}")
     for k, v in t.items():
         print(f"{k:<48}{v!s:>14}" if isinstance(v, bool) else f"{k:<48}{v:>14.4g}")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(results, indent=2))
+    atomic.write_text(out_path, json.dumps(results, indent=2))
     print(f"wrote {out_path}  ({results['wall_s']:.1f} s)")
     return results
 

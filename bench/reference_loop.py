@@ -1,6 +1,6 @@
 """The reference-style training loop of SPEC 3, rebuilt for the benchmark (rung 0).
 
-JPEG files in the RAF-DB layout read by a DataLoader with PIL per-sample transforms, two
+JPEG files in the RAF-DB layout (written by ``nla_fast.data.fixtures``) read by a DataLoader with PIL per-sample transforms, two
 separate float32 forwards (one per view), the reference-style loss that rebuilds its
 constants every call, and per-step ``.item()`` / ``.cpu()`` reads. It is what nla_fast is
 measured against; nothing in the package uses it.
@@ -12,35 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 from PIL import Image
 from torchvision import transforms
 
 from reference_style import reference_style_nla_loss
 
-MEAN, STD = (0.577, 0.4494, 0.4001), (0.2628, 0.2395, 0.2383)
-
-
-def rafdb_name(index: int, n_train: int) -> str:
-    """RAF-DB basic file name of sample ``index`` when the first ``n_train`` are the train split."""
-    return f"train_{index + 1:05d}.jpg" if index < n_train else f"test_{index - n_train + 1:05d}.jpg"
-
-
-def write_rafdb_jpegs(root: Path, images: torch.Tensor, labels: torch.Tensor, n_train: int, indices) -> None:
-    """Write samples ``indices`` as Image/aligned/<name>_aligned.jpg (RAF-DB basic layout)."""
-    aligned = root / "Image" / "aligned"
-    aligned.mkdir(parents=True, exist_ok=True)
-    for i in indices.tolist():
-        name = rafdb_name(i, n_train).replace(".jpg", "_aligned.jpg")
-        Image.fromarray(images[i].numpy()).save(aligned / name, quality=95)
-
-
-def write_rafdb_labels(root: Path, labels: torch.Tensor, n_train: int) -> None:
-    """EmoLabel/list_patition_label.txt with labels 1..7 (RAF-DB's own file name, typo included)."""
-    (root / "EmoLabel").mkdir(parents=True, exist_ok=True)
-    lines = [f"{rafdb_name(i, n_train)} {int(label) + 1}" for i, label in enumerate(labels.tolist())]
-    (root / "EmoLabel" / "list_patition_label.txt").write_text("\n".join(lines) + "\n")
-
+from nla_fast.augment import MEAN, STD
+from nla_fast.model import build_resnet18
 
 class AddGaussianNoise:
     """p=0.5: noise of variance 30 on the raw uint8 image, clipped (the reference's first transform)."""
@@ -83,9 +61,8 @@ def make_loader(root: Path, split: str, image_size: int, batch_size: int, worker
 
 
 def make_model(num_classes: int, device) -> torch.nn.Module:
-    model = torchvision.models.resnet18(weights=None)
-    model.fc = torch.nn.Linear(512, num_classes)
-    return model.to(device)
+    """The same ResNet-18 as the trainer's, in float32 and the default memory format."""
+    return build_resnet18(num_classes).to(device)
 
 
 def reference_step(model, optimizer, images, labels, eps: float, device):

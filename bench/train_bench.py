@@ -24,9 +24,9 @@ the table last.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -41,14 +41,15 @@ sys.path.insert(0, str(BENCH))
 from loss_bench import device_slug, versions  # noqa: E402
 from timing import capture_cuda_graph, seconds_per_call, sync  # noqa: E402
 from reference_loop import (make_loader, make_model, reference_step, run_reference_epoch,  # noqa: E402
-                            run_reference_eval, write_rafdb_jpegs, write_rafdb_labels)
+                            run_reference_eval)
 
-from nla_fast import NLAConfig, nla_loss  # noqa: E402
-from nla_fast.augment import EvalTransform, TrainAugment  # noqa: E402
+from nla_fast import NLAConfig, atomic, nla_loss  # noqa: E402
+from nla_fast.augment import EvalTransform  # noqa: E402
 from nla_fast.data import load_dataset  # noqa: E402
-from nla_fast.engine import (StepOptions, TrainStep, augmentation_generator, autocast_context,  # noqa: E402
-                             evaluate, make_optimizer)
+from nla_fast.data.fixtures import make_rafdb_tree  # noqa: E402
+from nla_fast.engine import StepOptions, autocast_context, build_train_step, evaluate, make_optimizer  # noqa: E402
 from nla_fast.model import build_resnet18  # noqa: E402
+from nla_fast.placement import DeviceResident  # noqa: E402
 
 RESULTS = BENCH / "results"
 RAFDB_TRAIN, RAFDB_TEST = 12271, 3068
@@ -102,18 +103,33 @@ def row(name, rung, per_step, batch, device, **extra):
 
 # -- data ---------------------------------------------------------------------------------------
 def rafdb_shaped_data(plan: Plan, root: Path):
-    """Synthetic 100x100 faces repeated to RAF-DB's split sizes, also written as RAF-DB JPEGs."""
-    source = load_dataset("synthetic", split="train", num_samples=plan.source_images, seed=0, verbose=False)
-    total = RAFDB_TRAIN + RAFDB_TEST if plan.epoch else plan.source_images
-    index = torch.arange(total) % len(source.labels)
-    images, labels = source.images[index], source.labels[index]
-    n_train = RAFDB_TRAIN if plan.epoch else int(0.8 * total)
-    chunks = torch.arange(total).chunk(os.cpu_count() or 1)
-    # JPEG encoding releases the GIL: write the files in threads, one RAF-DB folder
-    with concurrent.futures.ThreadPoolExecutor() as pool:
-        list(pool.map(lambda c: write_rafdb_jpegs(root, images, labels, n_train, c), chunks))
-    write_rafdb_labels(root, labels, n_train)
-    return images[:n_train], labels[:n_train], images[n_train:], labels[n_train:]
+    """A RAF-DB tree of RAF-DB's split sizes: ``plan.source_images`` synthetic 100x100 faces
+    written by the data package's fixture writer, repeated by hard links (no encoding) up to
+    12,271 train + 3,068 test files; the uint8 tensors are read back by the RAF-DB loader."""
+    n_train = int(0.8 * plan.source_images)
+    tree = make_rafdb_tree(root, n_train=n_train, n_test=plan.source_images - n_train, size=100, seed=0)
+    if plan.epoch:
+        repeat_rafdb_tree(root, tree, {"train": RAFDB_TRAIN, "test": RAFDB_TEST})
+    splits = [load_dataset("rafdb", root, split, cache=False, verbose=False) for split in ("train", "test")]
+    return splits[0].images, splits[0].labels, splits[1].images, splits[1].labels
+
+
+def repeat_rafdb_tree(root: Path, tree: dict, sizes: dict) -> None:
+    """Grow each split of a fixture tree to ``sizes[split]`` files by linking its images in turn."""
+    aligned = root / "Image" / "aligned"
+    lines = []
+    for split, size in sizes.items():
+        source = tree[split]
+        for index in range(size):
+            name, label = source[index % len(source)]
+            if index >= len(source):
+                target = aligned / f"{split}_{index + 1:05d}_aligned.jpg"
+                try:
+                    os.link(aligned / name.replace(".jpg", "_aligned.jpg"), target)
+                except OSError:  # no hard links here: copy
+                    shutil.copyfile(aligned / name.replace(".jpg", "_aligned.jpg"), target)
+            lines.append(f"{split}_{index + 1:05d}.jpg {label}")
+    (root / "EmoLabel" / "list_patition_label.txt").write_text("\n".join(lines) + "\n")
 
 
 def endless(loader):
@@ -160,14 +176,14 @@ def rung_dataloader_nla(plan, device, root):
 
 
 def make_train_step(plan, device, images, labels, options: StepOptions, steps_per_epoch: int):
+    """The trainer's step (``engine.build_train_step``) over images already on the device."""
     torch.manual_seed(0)
     model = build_resnet18(NUM_CLASSES).to(device)
     if options.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, 1e-4, 1e-4, device, capturable=options.cuda_graphs and device.type == "cuda")
-    generator = augmentation_generator(device, 0)
-    step = TrainStep(model, optimizer, images, labels, TrainAugment(plan.image_size), generator, options,
-                     NLAConfig(), NUM_CLASSES, steps_per_epoch)
+    step = build_train_step(model, DeviceResident(images, labels, device), options, image_size=plan.image_size,
+                            lr=1e-4, weight_decay=1e-4, seed=0, nla_config=NLAConfig(), num_classes=NUM_CLASSES,
+                            steps_per_epoch=steps_per_epoch)
     return model, step
 
 
@@ -327,7 +343,7 @@ def plot(result, path: Path) -> None:
     ax.set_xlabel("training samples/s (image + flip)")
     ax.set_title(f"train_bench, {result['device_name']}, torch {result['versions']['torch']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -344,7 +360,7 @@ def main(argv=None):
     out_dirs = [args.out_dir] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
     for out in out_dirs:
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+        atomic.write_text(out / f"{stem}.json", json.dumps(result, indent=2))
         plot(result, out / f"{stem}.png")
     print(table(result))
     return result

@@ -1,7 +1,7 @@
 """nla_fast: fast, faithful NLA (Navigating Label Ambiguity, AAAI 2025) for facial expression recognition."""
 from .config import NLAConfig, eps_schedule
 from .loss import BackendUnavailable, NLALoss, naw_weight, nla_loss
-from .predict import load_model, predict  # note: nla_fast.predict is the function; the CLI is `python -m nla_fast.predict`
+from .inference import load_model, predict
 
 __version__ = "0.1.0"
 __all__ = [

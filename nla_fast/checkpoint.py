@@ -1,4 +1,4 @@
-"""Checkpoints: written atomically, read back with ``torch.load(weights_only=True)``.
+"""Checkpoints: written atomically (``nla_fast.atomic``), read back with ``torch.load(weights_only=True)``.
 
 A training checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (nothing
 that needs unpickling of arbitrary classes):
@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from . import atomic
 
 FORMAT = "nla_fast.checkpoint/1"
 
@@ -33,26 +34,10 @@ class CheckpointError(ValueError):
     """A file is not an nla_fast checkpoint (or not one this version can read)."""
 
 
-def save_atomic(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename it over ``path``.
-
-    A crash or Ctrl-C while writing leaves the previous file untouched and no partial file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+def save(blob: dict, path: str | os.PathLike) -> None:
+    """Write a checkpoint atomically (see ``nla_fast.atomic``): an interrupted save keeps the
+    previous file."""
+    atomic.torch_save(blob, path)
 
 
 def load(path: str | os.PathLike, map_location="cpu") -> dict:

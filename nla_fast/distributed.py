@@ -9,7 +9,8 @@ those variables the run is a single process and nothing here touches ``torch.dis
 The trainer's division of work (see ``nla_fast.train``):
 
 * every rank draws the same seeded global permutation each epoch and takes a disjoint shard
-  (``engine.shard``); ``--batch-size`` is per process, the global batch is it × world size;
+  (``engine.shard``), held on its device (``placement.EpochShard``); ``--batch-size`` is per
+  process, the global batch is it × world size;
 * gradients are averaged by ``DistributedDataParallel``;
 * evaluation is sharded in contiguous slices; confusion-matrix counts are summed with
   ``all_reduce``, so the accuracies are exact;
@@ -19,6 +20,7 @@ The trainer's division of work (see ``nla_fast.train``):
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +29,9 @@ import torch.distributed as dist
 
 # torchrun sets all of these; RANK and WORLD_SIZE alone decide that the run is distributed.
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+# Eager DDP steps before the CUDA-graph capture: PyTorch's CUDA-graph notes ask for 11 so that
+# DDP has finished its first-iteration bookkeeping (static graph, bucket rebuild) first.
+DDP_WARMUP_STEPS = 11
 
 
 @dataclass(frozen=True)
@@ -106,9 +111,9 @@ def barrier(ctx: Context) -> None:
         dist.barrier()
 
 
-def all_reduce_(tensor: torch.Tensor, ctx: Context, op: str = "sum") -> torch.Tensor:
-    """In-place sum (or max) over ranks; a no-op for one process."""
-    if ctx.distributed:
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place sum (or max) over the ranks of the process group; nothing for one process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return tensor
 
@@ -151,55 +156,28 @@ def contiguous_slice(length: int, rank: int, world_size: int) -> slice:
     return slice(start, start + base + (1 if rank < extra else 0))
 
 
-class EpochShard:
-    """This rank's training samples of the current epoch, held on its device.
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around ``model``.
 
-    Why a per-epoch shard and not the whole set: each rank trains on 1/world_size of the set
-    per epoch, so its device holds only that (AffectNet at its 112 px cache is 10.7 GB; on
-    8 GPUs each holds 1.3 GB), while the full uint8 set stays in host memory, memory-mapped
-    from the loader's cache file and so shared by all ranks of a machine (nothing is pinned
-    but two small staging buffers). Refilling costs one host gather and one copy of the
-    shard per epoch (RAF-DB on 8 GPUs: 46 MB). The device buffers keep their address, so a
-    captured CUDA graph that gathers its batch from them stays valid across epochs; the
-    epoch order the step sees is then simply ``arange(len(shard))``.
+    static_graph: the step's graph is the same every iteration, which lets DDP skip its
+    per-iteration graph analysis and is what CUDA-graph capture of a DDP step requires (with
+    DDP built on a side stream and 11 eager warm-up iterations, PyTorch's CUDA-graph notes).
+    gradient_as_bucket_view: gradients live in the all-reduce buckets (no copy, less memory).
+    broadcast_buffers=False: no extra collective per forward; BatchNorm running statistics
+    only matter for evaluation, before which rank 0's are broadcast (``broadcast_buffers``),
+    so every rank evaluates, and rank 0 saves, the same model.
     """
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
-    CHUNK_BYTES = 64 << 20
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, length: int, device: torch.device):
-        self.host_images, self.host_labels = images, labels.cpu()
-        self.device = device
-        self.images = torch.empty((length,) + tuple(images.shape[1:]), dtype=images.dtype, device=device)
-        self.labels = torch.empty(length, dtype=labels.dtype, device=device)
-        row_bytes = max(1, images[0].numel() * images.element_size()) if len(images) else 1
-        self.chunk = max(1, min(length, self.CHUNK_BYTES // row_bytes))
-        self.staging = ([torch.empty((self.chunk,) + tuple(images.shape[1:]), dtype=images.dtype).pin_memory()
-                         for _ in range(2)] if device.type == "cuda" else None)
-
-    @staticmethod
-    def nbytes(images: torch.Tensor, length: int) -> int:
-        return length * (images[0].numel() * images.element_size() if len(images) else 0)
-
-    def fill(self, rows: torch.Tensor) -> None:
-        """Load the samples ``rows`` (indices into the full set) into the device buffers."""
-        rows = rows.cpu()
-        if len(rows) != len(self.labels):
-            raise ValueError(f"shard of {len(rows)} samples, the buffers hold {len(self.labels)}")
-        self.labels.copy_(self.host_labels[rows])
-        if self.staging is None:
-            torch.index_select(self.host_images, 0, rows, out=self.images)
-            return
-        done = [None, None]
-        for index, start in enumerate(range(0, len(rows), self.chunk)):
-            part = rows[start:start + self.chunk]
-            slot = index % 2
-            if done[slot] is not None:
-                done[slot].synchronize()  # the copy out of this buffer two chunks ago has finished
-            buffer = self.staging[slot][: len(part)]
-            torch.index_select(self.host_images, 0, part, out=buffer)
-            self.images[start:start + len(part)].copy_(buffer, non_blocking=True)
-            done[slot] = torch.cuda.Event()
-            done[slot].record()
-        for event in done:
-            if event is not None:
-                event.synchronize()
+    kwargs = {"broadcast_buffers": False, "gradient_as_bucket_view": True, "static_graph": True}
+    with warnings.catch_warnings():
+        # newer torch renames broadcast_buffers; the old name keeps exactly this meaning (torch 2.11 too)
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        if device.type != "cuda":
+            return DDP(model, **kwargs)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            wrapped = DDP(model, device_ids=[device.index], output_device=device.index, **kwargs)
+        torch.cuda.current_stream(device).wait_stream(side)
+        return wrapped

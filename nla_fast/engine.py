@@ -3,7 +3,8 @@
 ``TrainStep`` is one optimisation step that reads everything it needs from device tensors:
 
     batch indices   epoch_order[step_in_epoch * B + arange(B)]   (gathered on the device)
-    images, labels  train_images[indices], train_labels[indices]  (the dataset lives on the device)
+    images, labels  data.batch_images(indices), data.labels[indices]  (where the images live,
+                    on the device or staged from host memory: ``nla_fast.placement``)
     views           augment(images, generator) -> (view1, view2 = hflip(view1))
     forward         one pass over cat(view1, view2) (``views="concat"``) or two (``"separate"``),
                     channels_last, under bf16/fp16 autocast or in float32
@@ -20,7 +21,8 @@ with ``cuda_graphs=False``) the same function runs eagerly.
 The per-epoch order is a seeded global permutation (``epoch_permutation``) from which each rank
 of a distributed run takes its shard (``shard``). Under ``DistributedDataParallel`` the step is
 the same function; the gradient all-reduce happens inside its backward (and is captured with
-it on CUDA, see ``TrainStep.agree``).
+it on CUDA, see ``agree`` in ``TrainStep``). ``RunningTotals.progress()`` and ``naw_means()``
+sum over the ranks themselves, as ``evaluate`` does.
 """
 from __future__ import annotations
 
@@ -34,7 +36,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .augment import TrainAugment
 from .config import NLAConfig
+from .distributed import all_reduce_
 from .loss import naw_weight, nla_loss
 from .metrics import MetricCounts
 
@@ -66,16 +70,6 @@ def shard(order: torch.Tensor, rank: int, world_size: int, batch_size: int) -> t
     return mine[: steps * batch_size]
 
 
-def subset_indices(num_samples: int, limit: int | None, seed: int = 0) -> torch.Tensor | None:
-    """A deterministic subset of ``limit`` samples (sorted), or None for all; for smoke runs."""
-    if limit is None or limit >= num_samples:
-        return None
-    if limit <= 0:
-        raise ValueError(f"a sample limit must be positive, got {limit}")
-    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
-    return order[:limit].sort().values
-
-
 # --------------------------------------------------------------------------------------------
 # Running sums kept on the device
 # --------------------------------------------------------------------------------------------
@@ -105,24 +99,31 @@ class RunningTotals:
             else:
                 value.zero_()
 
-    def progress(self) -> dict:
-        """Loss, accuracy and the first non-finite step so far: one small device-to-host copy."""
-        packed = torch.stack([
-            self.loss_sum, self.correct.double(), self.seen.double(), self.steps.double(),
-            self.first_bad_step.double(),
-        ]).cpu().tolist()
-        loss_sum, correct, seen, steps, first_bad = packed
+    def progress(self, stop_requested: bool = False) -> dict:
+        """Loss and accuracy so far, the first non-finite step and whether to stop: one small
+        device-to-host copy. In a distributed run the sums are over every rank, the bad step is
+        the earliest of any rank, and ``stop`` is True when any rank asked (it rides along in
+        the same reduction, so all ranks stop at the same step)."""
+        sums = torch.stack([self.loss_sum, self.correct.double(), self.seen.double(), self.steps.double()])
+        first_bad = torch.where(self.first_bad_step >= 0, self.first_bad_step.double(), math.inf)
+        stop = torch.tensor(float(stop_requested), dtype=torch.float64, device=sums.device)
+        flags = torch.stack([-first_bad, stop])  # the MAX of -first_bad is the earliest bad step
+        all_reduce_(sums, "sum")
+        all_reduce_(flags, "max")
+        loss_sum, correct, seen, steps, minus_first_bad, stop = torch.cat([sums, flags]).cpu().tolist()
         return {
-            "loss": loss_sum / steps if steps else math.nan,
+            "loss": loss_sum / steps if steps else math.nan,  # mean over every rank's steps
             "acc": correct / seen if seen else math.nan,
             "seen": int(seen),
             "steps": int(steps),
-            "first_bad_step": int(first_bad),
+            "first_bad_step": int(-minus_first_bad) if math.isfinite(minus_first_bad) else -1,
+            "stop": bool(stop),
         }
 
     def naw_means(self) -> list[float | None]:
-        sums, counts = self.naw_sum.cpu().tolist(), self.naw_count.cpu().tolist()
-        return [s / n if n else None for s, n in zip(sums, counts)]
+        """Mean NAW weight per class over the epoch's samples (of every rank)."""
+        sums, counts = all_reduce_(self.naw_sum.clone(), "sum"), all_reduce_(self.naw_count.clone(), "sum")
+        return [s / n if n else None for s, n in zip(sums.cpu().tolist(), counts.cpu().tolist())]
 
     def state_dict(self) -> dict:
         return {name: value.detach().cpu().clone() for name, value in self.tensors().items()}
@@ -220,25 +221,19 @@ class NonFiniteLoss(RuntimeError):
 class TrainStep:
     """One training step over device-resident data; call it once per step (see module docstring)."""
 
-    def __init__(self, model, optimizer, train_images, train_labels, augment: Augment,
-                 generator: torch.Generator, options: StepOptions, nla_config: NLAConfig,
-                 num_classes: int, steps_per_epoch: int):
-        self.model, self.optimizer = model, optimizer
-        self.images, self.labels = train_images, train_labels
+    def __init__(self, model, optimizer, data, augment: Augment, generator: torch.Generator,
+                 options: StepOptions, nla_config: NLAConfig, num_classes: int, steps_per_epoch: int,
+                 agree: Callable[[bool], bool] | None = None, verbose: bool = True):
+        """``data``: where the training images live (``nla_fast.placement``): its labels, the
+        device order of an epoch and each step's batch. ``agree(ok) -> bool`` (distributed
+        runs): True when the CUDA-graph capture succeeded on every rank (a captured NCCL
+        collective must be captured on all ranks or none). ``verbose``: print notes."""
+        self.model, self.optimizer, self.data = model, optimizer, data
         self.augment, self.generator = augment, generator
         self.options, self.nla_config = options, nla_config
-        self.device = train_labels.device
+        self.agree, self.verbose = agree, verbose
+        self.device = data.labels.device
         batch = options.batch_size
-        # Images too large for the device stay in pinned host memory: each step's batch is then
-        # gathered on the host into one of two pinned buffers and copied into a static device
-        # buffer before the step runs (the captured graph reads that buffer).
-        self.host_images = train_images.device != self.device
-        if self.host_images:
-            shape = (batch,) + tuple(train_images.shape[1:])
-            self.staging = [torch.empty(shape, dtype=train_images.dtype).pin_memory() for _ in range(2)]
-            self.staging_done = [None, None]
-            self.staged_images = torch.empty(shape, dtype=train_images.dtype, device=self.device)
-            self.host_order = None
         self.host_step = 0  # the host's count of this epoch's steps (the device keeps its own)
         self.steps_per_epoch = steps_per_epoch
         self.epoch_order = torch.zeros(steps_per_epoch * batch, dtype=torch.int64, device=self.device)
@@ -255,23 +250,18 @@ class TrainStep:
         self.eager_steps_done = 0
         self.mode = "cuda-graph (after warm-up)" if self.use_graph else "eager"
         self.note = None
-        # Distributed runs: ``agree(ok) -> bool`` is True when the capture succeeded on every rank
-        # (a captured NCCL collective must be captured on all ranks or none); ``verbose``: print notes.
-        self.agree: Callable[[bool], bool] | None = None
-        self.verbose = True
         if options.cuda_graphs and self.device.type == "cuda" and self.scaler is not None:
             self.note = "fp16 needs GradScaler, whose inf check reads back every step: running without CUDA graphs"
 
     # -- between epochs -----------------------------------------------------------------------
     def start_epoch(self, order: torch.Tensor, lr: float, eps: float, start_step: int = 0) -> None:
-        """New sample order, learning rate and eps, written in place (a captured graph sees them)."""
+        """New sample order (this rank's, indices into the training set), learning rate and eps,
+        written in place (a captured graph sees them)."""
         if len(order) != len(self.epoch_order):
             raise ValueError(f"epoch order has {len(order)} samples, the step expects {len(self.epoch_order)}")
-        self.epoch_order.copy_(order, non_blocking=False)
+        self.epoch_order.copy_(self.data.start_epoch(order), non_blocking=False)
         self.step_in_epoch.fill_(start_step)
         self.host_step = start_step
-        if self.host_images:
-            self.host_order = order.cpu()
         self.lr.fill_(float(lr))
         self.eps.fill_(float(eps))
         if start_step == 0:
@@ -304,8 +294,8 @@ class TrainStep:
         """The whole step; device work only (captured as a CUDA graph on CUDA)."""
         positions = self.step_in_epoch * self.options.batch_size + self.offsets
         indices = self.epoch_order[positions]
-        images = self.staged_images if self.host_images else self.images[indices]
-        labels = self.labels[indices]
+        images = self.data.batch_images(indices)
+        labels = self.data.labels[indices]
         view1, view2 = self.augment(images, self.generator)
         logits, loss, weights = self._forward_loss(view1, view2, labels)
 
@@ -335,25 +325,11 @@ class TrainStep:
             totals.first_bad_step.copy_(torch.where(bad, self.step_in_epoch, totals.first_bad_step))
             self.step_in_epoch += 1
 
-    def _stage_host_batch(self) -> None:
-        batch = self.options.batch_size
-        slot = self.host_step % 2
-        if self.staging_done[slot] is not None:
-            self.staging_done[slot].synchronize()  # the copy from this buffer two steps ago is done
-        rows = self.host_order[self.host_step * batch:(self.host_step + 1) * batch]
-        torch.index_select(self.images, 0, rows, out=self.staging[slot])
-        self.staged_images.copy_(self.staging[slot], non_blocking=True)
-        event = torch.cuda.Event() if self.device.type == "cuda" else None
-        if event is not None:
-            event.record()
-        self.staging_done[slot] = event
-
     def __call__(self) -> None:
         if self.host_step >= self.steps_per_epoch:
             raise RuntimeError(f"all {self.steps_per_epoch} steps of this epoch are done: call start_epoch() "
                                "with the next epoch's order first")
-        if self.host_images:
-            self._stage_host_batch()
+        self.data.before_step(self.host_step)
         self.host_step += 1
         if self.graph is not None:
             self.graph.replay()
@@ -406,6 +382,22 @@ class TrainStep:
             return
         self.graph = graph
         self.mode = "cuda-graph"
+
+
+def build_train_step(model: torch.nn.Module, data, options: StepOptions, *, image_size: int, lr: float,
+                     weight_decay: float, seed: int, nla_config: NLAConfig, num_classes: int, steps_per_epoch: int,
+                     network: torch.nn.Module | None = None, agree: Callable[[bool], bool] | None = None,
+                     verbose: bool = True) -> TrainStep:
+    """The trainer's step over ``model`` (already on its device): Adam with its learning rate
+    in a device tensor (capturable when the step is captured), the batched augmentation at
+    ``image_size`` drawing from a generator seeded with ``seed``. ``network``: what runs (a
+    DDP and/or compiled wrapper of ``model``; default ``model``). ``data``: a placement
+    (``nla_fast.placement``). The optimiser and generator are ``step.optimizer`` / ``step.generator``."""
+    device = data.labels.device
+    optimizer = make_optimizer(model, lr, weight_decay, device, capturable=options.cuda_graphs)
+    generator = augmentation_generator(device, seed)
+    return TrainStep(model if network is None else network, optimizer, data, TrainAugment(image_size), generator,
+                     options, nla_config, num_classes, steps_per_epoch, agree=agree, verbose=verbose)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,13 +14,15 @@ import sys
 from pathlib import Path
 
 
+from . import atomic
 from . import checkpoint as ckpt
 from .cli import HelpFormatter
 from .data.errors import DatasetError
 from .engine import evaluate
-from .metrics import format_table
-from .predict import load_model
-from .train import DATASETS, TrainSettings, load_split, pick_device
+from .metrics import format_table, json_safe
+from .inference import load_model
+from .data import DATASETS
+from .settings import TrainSettings, load_split, pick_device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,25 +97,19 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent
     out.mkdir(parents=True, exist_ok=True)
     stem = f"eval-{Path(args.checkpoint).stem}-{dataset}-{args.split}" + ("-flip" if args.tta == "flip" else "")
-    (out / f"{stem}-confusion.json").write_text(json.dumps(_plain(metrics), indent=2) + "\n")
+    atomic.write_text(out / f"{stem}-confusion.json", json.dumps(json_safe(metrics), indent=2) + "\n")
     from .plots import plot_confusion
 
     plot_confusion(metrics["confusion"], classes, out / f"{stem}-confusion.png",
                    title=f"{dataset}/{args.split} (acc {100 * metrics['acc']:.2f}%)")
     if args.json:
-        print(json.dumps(_plain(metrics)))
+        print(json.dumps(json_safe(metrics)))
     else:
         print(f"{args.checkpoint} (epoch {state['epoch']}) on {dataset}/{args.split}"
               f"{' with flip TTA' if args.tta == 'flip' else ''}:")
         print(format_table(metrics, classes))
         print(f"confusion matrix: {out / (stem + '-confusion.png')}, {out / (stem + '-confusion.json')}")
     return 0
-
-
-def _plain(value):
-    from .train import _plain as plain
-
-    return plain(value)
 
 
 if __name__ == "__main__":

@@ -30,13 +30,11 @@ class MetricCounts:
     def all_reduce(self) -> None:
         """Sum the counts over the ranks of a distributed run (each counted its own slice of the
         split); afterwards every rank holds the counts of the whole split."""
-        import torch.distributed as dist
+        from .distributed import all_reduce_
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            packed = torch.cat([self.confusion.view(-1), self.top2_correct.view(1)])
-            dist.all_reduce(packed)
-            self.confusion.view(-1).copy_(packed[:-1])
-            self.top2_correct.copy_(packed[-1])
+        packed = all_reduce_(torch.cat([self.confusion.view(-1), self.top2_correct.view(1)]))
+        self.confusion.view(-1).copy_(packed[:-1])
+        self.top2_correct.copy_(packed[-1])
 
     def summarise(self, class_names: list[str] | None = None) -> dict:
         return summarise_confusion(self.confusion.cpu(), int(self.top2_correct), class_names)
@@ -90,3 +88,14 @@ def format_table(metrics: dict, class_names: list[str]) -> str:
     for name, acc, support in zip(class_names, metrics["per_class_acc"], metrics["support"]):
         lines.append(f"{name:<{width}}  {pct(acc)}  {support:7d}")
     return "\n".join(lines)
+
+
+def json_safe(value):
+    """``value`` with NaN and infinities replaced by None (JSON has neither), in nested dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

@@ -5,11 +5,10 @@ Matplotlib runs headless (Agg) and is imported only when a figure is drawn.
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import torch
 
+from . import atomic
 from .config import NLAConfig
 
 
@@ -23,10 +22,7 @@ def _pyplot():
 
 
 def _save(fig, path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic.save_figure(fig, path, dpi=100, bbox_inches="tight")
 
 
 def plot_curves(history: list[dict], path) -> None:

@@ -1,415 +1,94 @@
 """Train ResNet-18 with the NLA loss: ``python -m nla_fast.train`` (also ``nla-train``).
 
-Reads top to bottom: settings -> data on the device -> model, optimiser, step -> (resume) ->
-for each epoch: new order, lr and eps written into device tensors; steps; evaluation on the
-test split; ``metrics.jsonl``, plots and checkpoints in ``--out``.
+Reads top to bottom, in the order a run goes:
 
-Outputs in ``--out``:
-    config.json      the settings of the run
-    metrics.jsonl    one JSON object per epoch (see ``epoch_record``)
-    curves.png       loss and accuracies per epoch
-    confusion.png    confusion matrix of the latest epoch on the test split
-    naw_weights.png  NAW weight over the (p_gt, p_nn) plane at the epoch's eps, with that
-                     epoch's training samples scattered on it
-    last.pt          every epoch (and on Ctrl-C, mid-epoch); best.pt / best_mean.pt: the
-                     epochs with the best overall / mean class test accuracy
+    set_up       settings (a resumed run: its own, overridden by the flags typed), process
+                 group, device, seeds, output folder
+    load_data    both splits; the training images placed by ``nla_fast.placement``
+    build        model, optimiser and the training step (captured as a CUDA graph on CUDA)
+    restore      a resumed run's weights, optimiser, random states, history
+    each epoch   train_epoch (new order, lr and eps written into device tensors; steps),
+                 evaluation on the test split, record (``metrics.jsonl``, plots, checkpoints)
 
-Training batches are always full: each epoch drops the remainder of its random order
-(fewer than ``--batch-size`` samples), as the reference's ``drop_last=True`` does.
+The files written in ``--out`` are listed in ``nla_fast.run_folder``. Training batches are
+always full: each epoch drops the remainder of its random order (fewer than ``--batch-size``
+samples), as the reference's ``drop_last=True`` does.
 
 With no arguments on a machine without CUDA, the run is a quick demonstration on the
-synthetic set (small images, few samples and epochs, see ``CPU_QUICK_RUN``); on CUDA the
-same command follows the paper's recipe (224 px, 60 epochs, batch 32).
+synthetic set (small images, few samples and epochs, see ``settings.CPU_QUICK_RUN``); on CUDA
+the same command follows the paper's recipe (224 px, 60 epochs, batch 32).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import math
-import os
-import shutil
-import signal
+import random
 import sys
-import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 
 from . import checkpoint as ckpt
 from . import distributed
-from .cli import HelpFormatter
+from .augment import MEAN, STD, EvalTransform
+from .cli import StopRequest, progress_bar
 from .config import NLAConfig, eps_schedule
 from .data.errors import DatasetError
+from .engine import (WARMUP_STEPS, NonFiniteLoss, StepOptions, TrainStep, build_train_step, epoch_permutation,
+                     evaluate, load_optimizer_state, shard)
 from .loss import BackendUnavailable
-from .engine import (WARMUP_STEPS, NonFiniteLoss, StepOptions, TrainStep, augmentation_generator,
-                     epoch_permutation, evaluate, load_optimizer_state, make_optimizer, shard, subset_indices)
-from .metrics import MetricCounts, format_table
+from .metrics import MetricCounts, format_table, json_safe
 from .model import WeightsError, build_resnet18, initialise_weights
-
-DATASETS = ("synthetic", "rafdb", "ferplus", "affectnet")
-# A synthetic-data run that finishes in a few minutes on 2 CPU cores (used when CUDA is absent
-# and the dataset is synthetic; every value can still be set on the command line).
-CPU_QUICK_RUN = {"image_size": 48, "epochs": 3, "num_samples": 1600, "lr": 1e-3, "batch_size": 16}
-# Settings whose default depends on the device (filled in by TrainSettings.resolve).
-DEVICE_DEFAULTS = ("amp", "cuda_graphs", "log_every", "backend")
-# Stay below this share of free GPU memory with the dataset, else keep images in host memory.
-DEVICE_DATA_SHARE = 0.5
-# Eager DDP steps before the CUDA-graph capture: PyTorch's CUDA-graph notes ask for 11 so that
-# DDP has finished its first-iteration bookkeeping (static graph, bucket rebuild) first.
-DDP_WARMUP_STEPS = 11
+from .placement import place_test_split, place_training_set
+from .run_folder import RunFolder, epoch_record
+from .settings import TrainSettings, load_split, parse_command_line, pick_device, settings_for_resume
 
 
 @dataclass
-class TrainSettings:
-    """Everything a run depends on. ``None`` means 'the default for this device' (see ``resolve``)."""
+class Run:
+    """What every phase reads: the resolved settings, where this process stands, the output folder."""
 
-    dataset: str = "synthetic"
-    data_root: str | None = None
-    out: str | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    weight_decay: float = 1e-4
-    gamma: float = 0.9
-    image_size: int | None = None
-    weights: str = "none"
-    device: str = "auto"
-    seed: int = 0
-    limit_train: int | None = None
-    limit_test: int | None = None
-    loss: str = "nla"
-    preset: str = "paper"
-    consistency: str = "official"
-    views: str = "concat"
-    amp: str | None = None
-    compile: bool = False
-    cuda_graphs: bool | None = None
-    backend: str | None = None
-    noise_rate: float = 0.0
-    noise_seed: int = 0
-    noise_file: str | None = None
-    imbalance_factor: float | None = None
-    imbalance_seed: int = 0
-    label_mode: str | None = None
-    num_classes: int | None = None
-    num_samples: int | None = None
-    eval_batch_size: int = 256
-    log_every: int | None = None
-    plot_every: int = 1
-    progress: bool = True
-    sync_bn: bool = False
-
-    def resolve(self, device: torch.device) -> "TrainSettings":
-        """A copy with every device-dependent default filled in."""
-        quick = device.type != "cuda" and self.dataset == "synthetic"
-        filled = dataclasses.replace(self)
-        if filled.epochs is None:
-            filled.epochs = CPU_QUICK_RUN["epochs"] if quick else 60
-        if filled.image_size is None:
-            filled.image_size = CPU_QUICK_RUN["image_size"] if quick else 224
-        if filled.lr is None:
-            filled.lr = CPU_QUICK_RUN["lr"] if quick else 1e-4
-        if filled.batch_size is None:
-            filled.batch_size = CPU_QUICK_RUN["batch_size"] if quick else 32
-        if filled.num_samples is None and quick:
-            filled.num_samples = CPU_QUICK_RUN["num_samples"]
-        if filled.amp is None:
-            filled.amp = "bf16" if device.type == "cuda" else "off"
-        if filled.cuda_graphs is None:
-            filled.cuda_graphs = device.type == "cuda"
-        if filled.backend is None:
-            # On the CPU the loss is a negligible share of a step: the eager reference avoids
-            # compiling the native extension on a first run.
-            filled.backend = "auto" if device.type == "cuda" else "reference"
-        if filled.log_every is None:
-            filled.log_every = 50 if device.type == "cuda" else 1
-        if filled.out is None:
-            filled.out = str(Path("runs") / f"{self.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-        return filled
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainSettings":
-        """Settings saved in a checkpoint (keys this version does not know are ignored)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
-
-    def nla_config(self) -> NLAConfig:
-        if self.preset == "official":
-            return NLAConfig.official(consistency=self.consistency)
-        return NLAConfig(consistency=self.consistency)
+    s: TrainSettings
+    ctx: distributed.Context
+    device: torch.device
+    folder: RunFolder
+    say: Callable[..., None]  # print on rank 0, silent elsewhere
+    resume: str | None = None  # the checkpoint a resumed run continues from, and its contents
+    state: dict | None = None
+    own_state: dict | None = None  # this rank's part of it (random states, totals) when world sizes match
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m nla_fast.train",
-        description="Train ResNet-18 with the NLA loss (Navigating Label Ambiguity, AAAI 2025). "
-        "With no arguments and no GPU: a few-minute demonstration on synthetic data; "
-        "on a GPU: the paper's recipe (224 px, 60 epochs, batch 32, Adam 1e-4, ExponentialLR 0.9).",
-        formatter_class=HelpFormatter,
-    )
-    d = TrainSettings()
-    data = p.add_argument_group("data")
-    data.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="dataset to train and test on")
-    data.add_argument("--data-root", default=d.data_root, metavar="DIR",
-                      help="folder holding the dataset in its original layout (not needed for synthetic)")
-    data.add_argument("--image-size", type=int, default=None, metavar="PX",
-                      help="side of the square network input (default: 224; 48 for the CPU synthetic demo)")
-    data.add_argument("--limit-train", type=int, default=None, metavar="N",
-                      help="train on a fixed, seeded subset of N training samples (smoke runs)")
-    data.add_argument("--limit-test", type=int, default=None, metavar="N",
-                      help="evaluate on a fixed, seeded subset of N test samples (smoke runs)")
-    data.add_argument("--noise-rate", type=float, default=d.noise_rate, metavar="P",
-                      help="replace each training label with probability P by a different class")
-    data.add_argument("--noise-seed", type=int, default=d.noise_seed, metavar="SEED", help="seed of the label noise")
-    data.add_argument("--noise-file", default=d.noise_file, metavar="PATH",
-                      help="read noisy training labels from a file of 'name label' lines (RAF-DB format)")
-    data.add_argument("--imbalance-factor", type=float, default=d.imbalance_factor, metavar="RHO",
-                      help="subsample the training set to an exponential long tail with n_max/n_min = RHO")
-    data.add_argument("--imbalance-seed", type=int, default=d.imbalance_seed, metavar="SEED",
-                      help="seed of the imbalance subsample")
-    data.add_argument("--label-mode", choices=("majority", "argmax", "soft"), default=d.label_mode,
-                      help="FERPlus labels: the dataset authors' majority rule (the loader's default), "
-                      "plurality (argmax) or the vote distribution (soft)")
-    data.add_argument("--num-classes", type=int, choices=(7, 8), default=d.num_classes,
-                      help="FERPlus / AffectNet: 7 basic expressions or 8 with contempt (the loader's default)")
-    data.add_argument("--num-samples", type=int, default=None, metavar="N",
-                      help="synthetic: number of training samples (default: the data module's; 1600 in the CPU demo)")
-
-    run = p.add_argument_group("run")
-    run.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/<dataset>-<time>)")
-    run.add_argument("--device", choices=("auto", "cuda", "cpu"), default=d.device,
-                     help="where to train; auto picks CUDA when present")
-    run.add_argument("--seed", type=int, default=d.seed, help="seed of initialisation, order and augmentation")
-    run.add_argument("--resume", default=None, metavar="PATH",
-                     help="continue a run exactly from its checkpoint (e.g. runs/x/last.pt); its settings "
-                     "are reused, flags given here override them (e.g. --epochs)")
-    run.add_argument("--log-every", type=int, default=None, metavar="N",
-                     help="read progress back from the device every N steps (default: 50 on CUDA, 1 on CPU)")
-    run.add_argument("--plot-every", type=int, default=d.plot_every, metavar="N",
-                     help="draw the plots every N epochs (and always after the last); 0: only at the end")
-    run.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, metavar="N",
-                     help="batch size of evaluation")
-    run.add_argument("--no-progress", dest="progress", action="store_false",
-                     help="hide the tqdm progress bar (shown by default)")
-
-    recipe = p.add_argument_group("recipe")
-    recipe.add_argument("--epochs", type=int, default=None, metavar="N", help="epochs (default: 60; 3 for the CPU synthetic demo)")
-    recipe.add_argument("--batch-size", type=int, default=None, metavar="N",
-                        help="training batch size, images per view; batches are always full, the remainder of "
-                        "each epoch's order is dropped (default: 32; 16 for the CPU synthetic demo)")
-    recipe.add_argument("--lr", type=float, default=None,
-                        help="Adam learning rate of epoch 0 (default: 1e-4; 1e-3 for the CPU synthetic demo)")
-    recipe.add_argument("--weight-decay", type=float, default=d.weight_decay, metavar="WD", help="Adam's L2 weight decay")
-    recipe.add_argument("--gamma", type=float, default=d.gamma, help="ExponentialLR factor, applied once per epoch")
-    recipe.add_argument("--weights", default=d.weights, metavar="{none,imagenet,PATH}",
-                        help="backbone initialisation: none (random), imagenet (torchvision), or a checkpoint file "
-                        "such as resnet18_msceleb.pth (the paper's; 'module.' is stripped, fc.* dropped)")
-    recipe.add_argument("--loss", choices=("nla", "ce"), default=d.loss,
-                        help="nla: NAW + consistency; ce: plain cross-entropy on one view (baseline)")
-    recipe.add_argument("--preset", choices=("paper", "official"), default=d.preset,
-                        help="loss constants: paper (as published) or official (the public code's sigma=0.91)")
-    recipe.add_argument("--consistency", choices=("official", "jsd"), default=d.consistency,
-                        help="consistency term: official (KL to the logit-mean softmax, summed) or jsd")
-    recipe.add_argument("--views", choices=("concat", "separate"), default=d.views,
-                        help="concat: both views in one forward (BatchNorm statistics over both); "
-                        "separate: two forwards, as the reference code")
-
-    speed = p.add_argument_group("speed")
-    speed.add_argument("--amp", choices=("bf16", "fp16", "off"), default=None,
-                       help="autocast precision (default: bf16 on CUDA, off on CPU)")
-    speed.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=d.compile,
-                       help="torch.compile the network (default: off; with CUDA graphs the compiled network "
-                       "is captured too)")
-    speed.add_argument("--cuda-graphs", dest="cuda_graphs", action=argparse.BooleanOptionalAction, default=None,
-                       help="capture the whole training step as one CUDA graph (default: on with CUDA)")
-    speed.add_argument("--sync-bn", dest="sync_bn", action="store_true", default=d.sync_bn,
-                       help="torchrun with several GPUs: SyncBatchNorm, BatchNorm statistics over the global "
-                       "batch instead of each GPU's (CUDA only; no effect in a one-process run)")
-    speed.add_argument("--backend", choices=("auto", "triton", "extension", "reference"), default=None,
-                       help="implementation of the NLA loss (default: auto on CUDA, i.e. the fused Triton kernel; "
-                       "reference on CPU, where the loss is a negligible share of the step)")
-    return p
+@dataclass
+class Data:
+    train: object  # a placement (nla_fast.placement): the training images and labels
+    test_images: torch.Tensor  # this rank's slice of the test split, on the device
+    test_labels: torch.Tensor
+    eval_transform: EvalTransform
+    classes: list
+    num_train: int
+    num_test: int
+    steps_per_epoch: int
 
 
-def explicit_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
-    """Destinations the user wrote on the command line (not filled from defaults)."""
-    probe = argparse.ArgumentParser(add_help=False)
-    for action in parser._actions:  # a copy of every option with its default suppressed
-        if action.option_strings and action.dest != "help":
-            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
-            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-                kwargs["action"] = "store_const"
-                kwargs["const"] = action.const
-            elif isinstance(action, argparse.BooleanOptionalAction):
-                kwargs["action"] = argparse.BooleanOptionalAction
-            else:
-                kwargs["nargs"] = action.nargs
-            probe.add_argument(*action.option_strings, **kwargs)
-    known, _ = probe.parse_known_args(argv)
-    return set(vars(known))
+@dataclass
+class Parts:
+    model: torch.nn.Module  # the bare network (what checkpoints hold); step.model is what runs
+    step: TrainStep  # with its optimiser and the augmentation's generator
+    nla_config: NLAConfig
 
 
-def settings_from_args(args: argparse.Namespace) -> TrainSettings:
-    names = {f.name for f in dataclasses.fields(TrainSettings)}
-    return TrainSettings(**{k: v for k, v in vars(args).items() if k in names})
+@dataclass
+class Progress:
+    start_epoch: int = 0
+    start_step: int = 0
+    history: list = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"acc": -1.0, "mean_acc": -1.0})
+    totals: dict | None = None  # running sums of a resumed, partly trained epoch
 
 
-# ----------------------------------------------------------------------------------------------
-# Pieces of the run
-# ----------------------------------------------------------------------------------------------
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda but torch sees no CUDA device")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def load_split(s: TrainSettings, split: str):
-    """One split of the run's dataset, with its options; the noise and imbalance protocols
-    apply to the training split only, ``--limit-train`` / ``--limit-test`` to their split."""
-    from .data import load_dataset
-
-    options = {}
-    if s.dataset == "ferplus":
-        if s.label_mode is not None:
-            options["label_mode"] = s.label_mode
-        if s.num_classes is not None:
-            options["num_classes"] = s.num_classes
-    elif s.dataset == "affectnet" and s.num_classes is not None:
-        options["num_classes"] = s.num_classes
-    elif s.dataset == "synthetic" and s.num_samples is not None:
-        options["num_samples"] = s.num_samples if split == "train" else max(64, s.num_samples // 4)
-    if split == "train":
-        if s.noise_rate:
-            options.update(noise_rate=s.noise_rate, noise_seed=s.noise_seed)
-        if s.noise_file:
-            options["noise_file"] = s.noise_file
-        if s.imbalance_factor is not None:
-            options.update(imbalance_factor=s.imbalance_factor, imbalance_seed=s.imbalance_seed)
-    # native resolution: the augmentation adds its noise to the raw image, then resizes (SPEC 1.2)
-    dataset = load_dataset(s.dataset, s.data_root, split, image_size=None, **options)
-    limit = s.limit_train if split == "train" else s.limit_test
-    index = subset_indices(len(dataset.labels), limit)
-    if index is not None:
-        dataset.images, dataset.labels = dataset.images[index], dataset.labels[index]
-    return dataset
-
-
-def place_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The dataset on the device when it fits in a share of free memory, else pinned host memory."""
-    if device.type != "cuda":
-        return images
-    free, _ = torch.cuda.mem_get_info(device)
-    nbytes = images.numel() * images.element_size()
-    if nbytes <= DEVICE_DATA_SHARE * free:
-        return images.to(device)
-    print(f"nla_fast: the images ({nbytes / 2**30:.1f} GiB) stay in pinned host memory "
-          f"(more than {DEVICE_DATA_SHARE:.0%} of free GPU memory); batches are copied per step")
-    return images.pin_memory()
-
-
-def epoch_record(epoch, progress, test, naw_means, classes, lr, eps, samples, samples_per_s, train_seconds,
-                 eval_seconds, world_size, mode) -> dict:
-    """One line of metrics.jsonl."""
-    return {
-        "epoch": epoch,
-        "train_loss": progress["loss"],
-        "train_acc": progress["acc"],
-        "test_acc": test["acc"],
-        "test_mean_acc": test["mean_acc"],
-        "top2_acc": test["top2_acc"],
-        "per_class_acc": dict(zip(classes, test["per_class_acc"])),
-        "naw_weight_mean": dict(zip(classes, naw_means)),
-        "lr": lr,
-        "eps": eps,
-        "samples_per_s": samples_per_s,
-        "train_samples": samples,
-        "test_samples": test["num_samples"],
-        "world_size": world_size,
-        "seconds": train_seconds + eval_seconds,
-        "train_seconds": train_seconds,
-        "eval_seconds": eval_seconds,
-        "step_mode": mode,
-        "confusion": test["confusion"],
-    }
-
-
-def _plain(value):
-    """JSON-safe: NaN and infinities become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def write_metrics(path: Path, history: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(_plain(row)) + "\n" for row in history))
-    os.replace(tmp, path)
-
-
-def copy_atomic(src: Path, dst: Path) -> None:
-    """``dst`` becomes a copy of ``src`` in one rename: a hard link (no data copied; ``src`` is
-    itself replaced, never rewritten, so the two stay independent), else a real copy."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    try:
-        if tmp.exists():
-            tmp.unlink()
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-class StopRequest:
-    """First Ctrl-C: finish the current step, write last.pt and stop. A second one aborts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nnla_fast: Ctrl-C: stopping after this step and writing last.pt "
-              "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
-
-
-def progress_bar(total: int, epoch: int, epochs: int, enabled: bool, initial: int = 0):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=f"epoch {epoch} ({epoch + 1}/{epochs})", unit="step",
-                disable=not enabled, dynamic_ncols=True, leave=True, file=sys.stderr)
-
-
-# ----------------------------------------------------------------------------------------------
-# The run
-# ----------------------------------------------------------------------------------------------
-def train(settings: TrainSettings, resume: str | None = None, explicit: set[str] | None = None) -> dict:
+def train(settings: TrainSettings, resume: str | None = None, explicit=None) -> dict:
     """Run (or continue) a training run; returns a summary dict. Raises NonFiniteLoss on a NaN loss.
 
     Launched by ``torchrun`` (RANK / WORLD_SIZE in the environment), each process joins the
@@ -417,377 +96,311 @@ def train(settings: TrainSettings, resume: str | None = None, explicit: set[str]
     end, on errors and on Ctrl-C alike."""
     contexts: list = []
     try:
-        return _train(settings, resume, explicit, contexts)
+        run = set_up(settings, resume, explicit or frozenset(), contexts)
+        data = load_data(run)
+        parts = build(run, data)
+        progress = restore(run, parts)
+        run.folder.write_config(run_config(run, parts))
+        run.folder.write_metrics(progress.history)
+        announce(run, data, parts)
+        return train_epochs(run, data, parts, progress)
     finally:
         for ctx in contexts:
             distributed.cleanup(ctx)
 
 
-def settings_for_resume(settings: TrainSettings, state: dict, resume: str, explicit: set[str]):
-    """(settings, notes): the checkpoint's settings, overridden by the flags typed this time."""
-    notes = []
-    saved = TrainSettings.from_dict(state["config"]["train"])
-    overrides = {name: getattr(settings, name) for name in explicit if hasattr(saved, name) and name != "resume"}
-    if "out" not in overrides:
-        overrides["out"] = str(Path(resume).resolve().parent)
-    for name, value in overrides.items():
-        if getattr(saved, name) != value and name not in ("out", "progress"):
-            notes.append(f"nla_fast: resume: {name} = {value!r} (the checkpoint had {getattr(saved, name)!r})")
-    settings = dataclasses.replace(saved, **overrides)
-    if pick_device(settings.device).type != state["config"].get("device_type"):
-        # continuing on another kind of device: its own precision / graph defaults
-        fresh = {name: None for name in DEVICE_DEFAULTS if name not in overrides}
-        settings = dataclasses.replace(settings, **fresh)
-    return settings, notes
-
-
-def _train(settings: TrainSettings, resume: str | None, explicit: set[str] | None, contexts: list) -> dict:
-    # --- settings (a resumed run takes its own, overridden by flags given explicitly) ---------
+# ----------------------------------------------------------------------------------------------
+# Phases
+# ----------------------------------------------------------------------------------------------
+def set_up(settings: TrainSettings, resume: str | None, explicit, contexts: list) -> Run:
     state, notes = None, []
     if resume is not None:
         state = ckpt.load(resume)
-        settings, notes = settings_for_resume(settings, state, resume, explicit or set())
+        settings, notes = settings_for_resume(settings, state["config"], resume, explicit)
     ctx, dist_device = distributed.setup(settings.device)
     contexts.append(ctx)
-    world_size, rank = ctx.world_size, ctx.rank
     say = print if ctx.is_main else (lambda *args, **kwargs: None)  # only rank 0 talks
     for note in notes:
         say(note)
     device = dist_device if dist_device is not None else pick_device(settings.device)
-    rank_states = None
-    if state is not None:
-        saved_world = int(state["config"].get("world_size", 1))
-        if saved_world != world_size:
-            if not state["epoch_done"]:
-                raise ckpt.CheckpointError(
-                    f"{resume} was written mid-epoch by a run of world size {saved_world}; this run has world "
-                    f"size {world_size}. An exact mid-epoch resume needs the same world size: relaunch with "
-                    f"{saved_world} process(es) (torchrun --nproc_per_node ... --nnodes ...)")
-            say(f"nla_fast: resume: the checkpoint was written with world size {saved_world}, this run has "
-                f"{world_size}: the global batch and the per-rank shards change, so the run continues from "
-                "the saved state but not as the original run would have")
-        else:
-            rank_states = state.get("rank_states")
     s = settings.resolve(device)
+    run = Run(s, ctx, device, RunFolder(s.out, writer=ctx.is_main), say, resume, state)
+    if state is not None:
+        run.own_state = own_resume_state(run)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
-    out = Path(s.out)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    nla_config = s.nla_config()
+    run.folder.start()
     torch.manual_seed(s.seed)
     np.random.seed(s.seed % 2**32)
-    import random
     random.seed(s.seed)
+    return run
 
-    # --- data on the device ----------------------------------------------------------------
-    from . import augment
 
+def own_resume_state(run: Run) -> dict | None:
+    """This rank's random states and totals in the checkpoint; None when it was written by a
+    run of another world size (allowed between epochs only: the run continues, not exactly)."""
+    state, world_size = run.state, run.ctx.world_size
+    saved_world = int(state["config"].get("world_size", 1))
+    if saved_world == world_size:
+        rank_states = state.get("rank_states")  # written by a distributed run
+        return rank_states[run.ctx.rank] if rank_states is not None else state
+    if not state["epoch_done"]:
+        raise ckpt.CheckpointError(
+            f"{run.resume} was written mid-epoch by a run of world size {saved_world}; this run has world "
+            f"size {world_size}. An exact mid-epoch resume needs the same world size: relaunch with "
+            f"{saved_world} process(es) (torchrun --nproc_per_node ... --nnodes ...)")
+    run.say(f"nla_fast: resume: the checkpoint was written with world size {saved_world}, this run has "
+            f"{world_size}: the global batch and the per-rank shards change, so the run continues from "
+            "the saved state but not as the original run would have")
+    return state if run.ctx.rank == 0 else None
+
+
+def load_data(run: Run) -> Data:
+    s, ctx = run.s, run.ctx
     if ctx.distributed and ctx.local_rank != 0:
         distributed.barrier(ctx)  # the machine's first rank decodes (and caches) the data first
     train_set, test_set = load_split(s, "train"), load_split(s, "test")
     if ctx.distributed and ctx.local_rank == 0:
         distributed.barrier(ctx)
-    classes = list(train_set.classes)
-    num_classes = len(classes)
     num_train = len(train_set.labels)
-    steps_per_epoch = num_train // world_size // s.batch_size
+    steps_per_epoch = num_train // ctx.world_size // s.batch_size
     if steps_per_epoch == 0:
         raise SystemExit(f"error: {num_train} training samples make no full batch of {s.batch_size}"
-                         + (f" on each of {world_size} processes" if world_size > 1 else ""))
-    epoch_shard = None
-    if not ctx.distributed:
-        # one process: the whole set on the device when it fits, else pinned host memory
-        train_images = place_images(train_set.images, device)
-        train_labels = train_set.labels.to(device)
-    else:
-        shard_len = steps_per_epoch * s.batch_size
-        shard_bytes = distributed.EpochShard.nbytes(train_set.images, shard_len)
-        fits = device.type != "cuda" or shard_bytes <= DEVICE_DATA_SHARE * torch.cuda.mem_get_info(device)[0]
-        if fits:  # this epoch's shard on the device, refilled each epoch (see EpochShard)
-            epoch_shard = distributed.EpochShard(train_set.images, train_set.labels, shard_len, device)
-            train_images, train_labels = epoch_shard.images, epoch_shard.labels
-        else:  # not even the shard fits: host memory, each step's batch copied (TrainStep)
-            say(f"nla_fast: this rank's shard ({shard_bytes / 2**30:.1f} GiB) stays in host memory; "
-                "batches are copied per step")
-            train_images, train_labels = train_set.images, train_set.labels.to(device)
-    # evaluation: each rank keeps its contiguous slice of the test split; counts are summed
-    mine = distributed.contiguous_slice(len(test_set.labels), rank, world_size)
-    test_images, test_labels = test_set.images[mine].to(device), test_set.labels[mine].to(device)
-    num_test = len(test_set.labels)
-    augment_fn = augment.TrainAugment(s.image_size)
-    eval_transform = augment.EvalTransform(s.image_size)
+                         + (f" on each of {ctx.world_size} processes" if ctx.world_size > 1 else ""))
+    shard_length = steps_per_epoch * s.batch_size if ctx.distributed else None
+    placed = place_training_set(train_set.images, train_set.labels, run.device, s.batch_size, shard_length, run.say)
+    test_images, test_labels = place_test_split(test_set.images, test_set.labels, run.device, ctx.rank,
+                                                ctx.world_size)
+    return Data(placed, test_images, test_labels, EvalTransform(s.image_size), list(train_set.classes), num_train,
+                len(test_set.labels), steps_per_epoch)
 
-    # --- model, optimiser, step ------------------------------------------------------------
-    model = build_resnet18(num_classes)
-    if state is None:
-        say(initialise_weights(model, s.weights))  # same seed on every rank; DDP also broadcasts rank 0's
+
+def build(run: Run, data: Data) -> Parts:
+    s, ctx, device = run.s, run.ctx, run.device
+    model = build_resnet18(len(data.classes))
+    if run.state is None:
+        run.say(initialise_weights(model, s.weights))  # same seed on every rank; DDP also broadcasts rank 0's
     if s.sync_bn and ctx.distributed:
         if device.type != "cuda":
             raise SystemExit("error: --sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU implementation)")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif s.sync_bn:
-        say("nla_fast: --sync-bn has no effect in a one-process run")
+        run.say("nla_fast: --sync-bn has no effect in a one-process run")
     model = model.to(device, memory_format=torch.channels_last)
-    wrapped = model
-    if ctx.enabled:
-        wrapped = wrap_ddp(model, device)
-    network = torch.compile(wrapped) if s.compile else wrapped
-    optimizer = make_optimizer(model, s.lr, s.weight_decay, device, capturable=s.cuda_graphs)
-    lr_tensor = optimizer.param_groups[0]["lr"]
-    generator = augmentation_generator(device, distributed.rank_seed(s.seed, rank))
+    wrapped = distributed.wrap_ddp(model, device) if ctx.enabled else model
     graphs = bool(s.cuda_graphs) and device.type == "cuda"
     options = StepOptions(batch_size=s.batch_size, views=s.views, loss=s.loss, amp=s.amp, backend=s.backend,
                           channels_last=True, cuda_graphs=s.cuda_graphs,
-                          warmup_steps=DDP_WARMUP_STEPS if ctx.enabled and graphs else WARMUP_STEPS)
-    step = TrainStep(network, optimizer, train_images, train_labels, augment_fn, generator, options,
-                     nla_config, num_classes, steps_per_epoch)
-    step.verbose = ctx.is_main
+                          warmup_steps=distributed.DDP_WARMUP_STEPS if ctx.enabled and graphs else WARMUP_STEPS)
+    agree = (lambda ok: distributed.all_agree(ok, ctx, device)) if ctx.enabled else None
+    nla_config = s.nla_config()
+    step = build_train_step(model, data.train, options, image_size=s.image_size, lr=s.lr,
+                            weight_decay=s.weight_decay, seed=distributed.rank_seed(s.seed, ctx.rank),
+                            nla_config=nla_config, num_classes=len(data.classes),
+                            steps_per_epoch=data.steps_per_epoch,
+                            network=torch.compile(wrapped) if s.compile else wrapped, agree=agree,
+                            verbose=ctx.is_main)
+    return Parts(model, step, nla_config)
+
+
+def restore(run: Run, parts: Parts) -> Progress:
+    """Where the run starts: epoch 0, or a resumed run's saved place, weights and random states."""
+    state = run.state
+    if state is None:
+        return Progress()
+    parts.model.load_state_dict(state["model"])
+    load_optimizer_state(parts.step.optimizer, state["optimizer"])  # keeps the lr tensor, the one the step reads
+    if run.own_state is not None:
+        ckpt.restore_rng_states(run.own_state["rng"], parts.step.generator)
+    done = state["epoch_done"]
+    progress = Progress(
+        start_epoch=state["epoch"] + 1 if done else state["epoch"],
+        start_step=0 if done else state["step"],
+        history=[row for row in state["history"] if row["epoch"] < state["epoch"] + done],
+        best=dict(state["best"]),
+        totals=None if done or state["step"] == 0 else run.own_state["totals"],
+    )
+    run.say(f"nla_fast: resuming {run.resume} at epoch {progress.start_epoch}, step {progress.start_step}")
+    return progress
+
+
+def announce(run: Run, data: Data, parts: Parts) -> None:
+    s, ctx = run.s, run.ctx
+    run.say(f"nla_fast: {s.dataset}: {data.num_train} train / {data.num_test} test images, "
+            f"{len(data.classes)} classes, {s.image_size}px; {data.steps_per_epoch} steps of {s.batch_size} per "
+            f"epoch; device {run.device}, amp {s.amp}, views {s.views}, loss {s.loss}; writing to {run.folder.path}")
     if ctx.enabled:
-        step.agree = lambda ok: distributed.all_agree(ok, ctx, device)
+        run.say(f"nla_fast: distributed: {ctx.world_size} process(es), backend {ctx.backend}; batch {s.batch_size} "
+                f"per process, global batch {s.batch_size * ctx.world_size}; "
+                f"{'SyncBatchNorm' if s.sync_bn else 'per-process BatchNorm'}")
+    if parts.step.note:
+        run.say(f"nla_fast: {parts.step.note}")
 
-    # --- resume ----------------------------------------------------------------------------
-    start_epoch, start_step, history = 0, 0, []
-    best = {"acc": -1.0, "mean_acc": -1.0}
-    if state is not None:
-        model.load_state_dict(state["model"])
-        load_optimizer_state(optimizer, state["optimizer"])  # keeps lr_tensor, the one the step reads
-        if rank_states is not None:  # written by a distributed run of this world size
-            ckpt.restore_rng_states(rank_states[rank]["rng"], generator)
-        elif rank == 0:
-            ckpt.restore_rng_states(state["rng"], generator)
-        history = [row for row in state["history"] if row["epoch"] < state["epoch"] + state["epoch_done"]]
-        best = dict(state["best"])
-        if state["epoch_done"]:
-            start_epoch, start_step = state["epoch"] + 1, 0
-        else:
-            start_epoch, start_step = state["epoch"], state["step"]
-        say(f"nla_fast: resuming {resume} at epoch {start_epoch}, step {start_step}")
 
-    run_config = {"train": dataclasses.asdict(s), "nla": dataclasses.asdict(nla_config), "device_type": device.type}
-    if ctx.enabled:
-        run_config["world_size"] = world_size
-    if ctx.is_main:
-        (out / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
-        write_metrics(out / "metrics.jsonl", history)
-    model_info = {"arch": "resnet18", "num_classes": num_classes, "classes": classes,
-                  "image_size": s.image_size, "mean": list(augment.MEAN), "std": list(augment.STD),
-                  "dataset": s.dataset}
-    say(f"nla_fast: {s.dataset}: {num_train} train / {num_test} test images, "
-        f"{num_classes} classes, {s.image_size}px; {steps_per_epoch} steps of {s.batch_size} per epoch; "
-        f"device {device}, amp {s.amp}, views {s.views}, loss {s.loss}; writing to {out}")
-    if ctx.enabled:
-        say(f"nla_fast: distributed: {world_size} process(es), backend {ctx.backend}; batch {s.batch_size} per "
-            f"process, global batch {s.batch_size * world_size}; {'SyncBatchNorm' if s.sync_bn else 'per-process BatchNorm'}")
-    if step.note:
-        say(f"nla_fast: {step.note}")
+# ----------------------------------------------------------------------------------------------
+# Epochs
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class EpochTraining:
+    lr: float
+    eps: float
+    progress: dict  # RunningTotals.progress() at the end of the epoch (over every rank)
+    naw_means: list
+    seconds: float
+    timed_steps: int  # steps run in this process (fewer than the epoch's after a mid-epoch resume)
+    stopped_at: int | None = None  # steps done when Ctrl-C stopped the epoch early
 
-    def checkpoint_state(epoch: int, steps_done: int, epoch_done: bool) -> dict:
-        """Called on every rank (a distributed run gathers each rank's random states and sums)."""
-        own = {"rng": ckpt.capture_rng_states(generator), "totals": step.totals.state_dict()}
-        gathered = distributed.gather_objects(own, ctx) if ctx.enabled else None
-        blob = {
-            "format": ckpt.FORMAT,
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "model_info": model_info,
-            "optimizer": optimizer.state_dict(),
-            "schedule": {"base_lr": s.lr, "gamma": s.gamma, "lr": float(lr_tensor), "slope": nla_config.slope,
-                         "epochs": s.epochs, "eps": float(step.eps)},
-            "epoch": epoch,
-            "step": steps_done,
-            "epoch_done": epoch_done,
-            "rng": own["rng"],
-            "config": run_config,
-            "totals": own["totals"],
-            "best": best,
-            "history": [_plain(row) for row in history],
-        }
-        if gathered is not None:
-            blob["rank_states"] = gathered
-        return blob
 
-    def save_last(blob: dict) -> None:
-        if ctx.is_main:
-            ckpt.save_atomic(blob, out / "last.pt")
-
-    # --- epochs ----------------------------------------------------------------------------
-    last_test = None
+def train_epochs(run: Run, data: Data, parts: Parts, progress: Progress) -> dict:
+    """For each epoch: train, evaluate, record. Returns the run's summary."""
+    s = run.s
+    test = None
     with StopRequest() as stop:
-        for epoch in range(start_epoch, s.epochs):
-            lr = s.lr * s.gamma**epoch
-            eps = eps_schedule(epoch, s.epochs, nla_config.slope)
-            order = shard(epoch_permutation(num_train, s.seed, epoch), rank, world_size, s.batch_size)
-            if epoch_shard is not None:
-                epoch_shard.fill(order)
-                order = torch.arange(len(order))
-            step.start_epoch(order.to(device), lr, eps, start_step)
-            if start_step > 0 and state is not None and not state["epoch_done"]:
-                step.totals.load_state_dict(rank_states[rank]["totals"] if rank_states is not None
-                                            else state["totals"])
-            bar = progress_bar(steps_per_epoch, epoch, s.epochs, s.progress and ctx.is_main, initial=start_step)
-            t0 = time.perf_counter()
-            for index in range(start_step, steps_per_epoch):
-                step()
-                done = index + 1
-                # distributed: log points are the same on every rank (they agree on NaN and Ctrl-C there)
-                log_point = done % s.log_every == 0 or done == steps_per_epoch
-                stop_now = stop.requested and not ctx.distributed  # one process stops at once
-                if log_point or stop_now:
-                    progress = global_progress(step, ctx, device, stop.requested)
-                    stop_now = progress["stop"]
-                    if progress["first_bad_step"] >= 0:
-                        bar.close()
-                        raise NonFiniteLoss(epoch, progress["first_bad_step"])
-                    elapsed = time.perf_counter() - t0
-                    bar.set_postfix_str(f"loss {progress['loss']:.4f}, "
-                                        f"{(done - start_step) * s.batch_size / max(elapsed, 1e-9):.0f} samples/s")
-                    bar.update(done - bar.n)
-                if stop_now and done < steps_per_epoch:
-                    bar.close()
-                    save_last(checkpoint_state(epoch, int(step.step_in_epoch), False))
-                    say(f"nla_fast: interrupted at epoch {epoch}, step {done}; wrote {out / 'last.pt'}; "
-                        f"continue with: python -m nla_fast.train --resume {out / 'last.pt'}")
-                    return {"out": str(out), "interrupted": True, "epoch": epoch, "step": done}
-            progress = global_progress(step, ctx, device, False)
-            naw_means = global_naw_means(step, ctx)
-            train_seconds = time.perf_counter() - t0
-            bar.close()
-
-            t1 = time.perf_counter()
-            distributed.broadcast_buffers(model, ctx)  # every rank evaluates the model rank 0 saves
-            test = evaluate(network, test_images, test_labels, eval_transform, num_classes, classes,
-                            batch_size=s.eval_batch_size, amp=s.amp,
-                            reduce=MetricCounts.all_reduce if ctx.distributed else None)
-            eval_seconds = time.perf_counter() - t1
-            last_test = test
-            timed_samples = (steps_per_epoch - start_step) * s.batch_size * world_size
-            row = epoch_record(epoch, progress, test, naw_means, classes, lr, eps,
-                               steps_per_epoch * s.batch_size * world_size, timed_samples / train_seconds,
-                               train_seconds, eval_seconds, world_size, step.mode)
-            history.append(row)
-            if ctx.is_main:
-                write_metrics(out / "metrics.jsonl", history)
-            say(f"epoch {epoch} ({epoch + 1}/{s.epochs}): train loss {progress['loss']:.4f} "
-                f"acc {100 * progress['acc']:.2f}% | test acc {100 * test['acc']:.2f}% "
-                f"mean {100 * test['mean_acc']:.2f}% "
-                f"top-2 {100 * test['top2_acc']:.2f}% | lr {lr:.3g} eps {eps:.3f} | "
-                f"{row['samples_per_s']:.0f} samples/s ({step.mode})", flush=True)
-
-            improved_acc, improved_mean = test["acc"] > best["acc"], test["mean_acc"] > best["mean_acc"]
-            if improved_acc:
-                best["acc"], best["acc_epoch"] = test["acc"], epoch
-            if improved_mean:
-                best["mean_acc"], best["mean_acc_epoch"] = test["mean_acc"], epoch
-            save_last(checkpoint_state(epoch, steps_per_epoch, True))
-            if improved_acc and ctx.is_main:
-                copy_atomic(out / "last.pt", out / "best.pt")
-            if improved_mean and ctx.is_main:
-                copy_atomic(out / "last.pt", out / "best_mean.pt")
-
-            stop_after = distributed.any_rank(stop.requested, ctx, device)
-            final = epoch == s.epochs - 1 or stop_after
-            if ctx.is_main and (final or (s.plot_every and (epoch + 1) % s.plot_every == 0)):
-                draw_plots(out, history, test, classes, eps, nla_config, step, epoch)
-            start_step, state, rank_states = 0, None, None
+        for epoch in range(progress.start_epoch, s.epochs):
+            trained = train_epoch(run, data, parts, progress, epoch, stop)
+            if trained.stopped_at is not None:  # Ctrl-C mid-epoch: save where the step stands and stop
+                run.folder.save_last(checkpoint_state(run, data, parts, progress, epoch,
+                                                      int(parts.step.step_in_epoch), False))
+                run.say(f"nla_fast: interrupted at epoch {epoch}, step {trained.stopped_at}; wrote "
+                        f"{run.folder.last}; continue with: python -m nla_fast.train --resume {run.folder.last}")
+                return {"out": str(run.folder.path), "interrupted": True, "epoch": epoch, "step": trained.stopped_at}
+            test, eval_seconds = evaluate_epoch(run, data, parts)
+            record(run, data, parts, progress, epoch, trained, test, eval_seconds)
+            run.folder.save_last(checkpoint_state(run, data, parts, progress, epoch, data.steps_per_epoch, True))
+            run.folder.keep_best(progress.best.get("acc_epoch") == epoch, progress.best.get("mean_acc_epoch") == epoch)
+            stop_after = distributed.any_rank(stop.requested, run.ctx, run.device)
+            if epoch == s.epochs - 1 or stop_after or (s.plot_every and (epoch + 1) % s.plot_every == 0):
+                run.folder.draw_plots(progress.history, test, data.classes, trained.eps, parts.nla_config,
+                                      parts.step.totals.points, epoch)
             if stop_after:
-                say(f"nla_fast: interrupted after epoch {epoch}; wrote {out / 'last.pt'}")
-                return {"out": str(out), "interrupted": True, "epoch": epoch, "step": steps_per_epoch}
-
-    say(f"nla_fast: done. metrics: {out / 'metrics.jsonl'}; plots: {out / 'curves.png'}, "
-          f"{out / 'confusion.png'}, {out / 'naw_weights.png'}; checkpoints: {out / 'last.pt'}, "
-          f"{out / 'best.pt'}, {out / 'best_mean.pt'}")
-    if history:
-        say(f"nla_fast: best test accuracy {100 * best['acc']:.2f}% (epoch {best.get('acc_epoch')}), "
-              f"best mean class accuracy {100 * best['mean_acc']:.2f}% (epoch {best.get('mean_acc_epoch')})")
-    if last_test is not None:
-        say(format_table(last_test, classes))
-    return {"out": str(out), "interrupted": False, "history": history, "best": best}
+                run.say(f"nla_fast: interrupted after epoch {epoch}; wrote {run.folder.last}")
+                return {"out": str(run.folder.path), "interrupted": True, "epoch": epoch,
+                        "step": data.steps_per_epoch}
+    return finish(run, data, progress, test)
 
 
-def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel around ``model``.
+def train_epoch(run: Run, data: Data, parts: Parts, progress: Progress, epoch: int, stop) -> EpochTraining:
+    """The steps of one epoch (from ``progress.start_step``), with progress read back every
+    ``--log-every`` steps; stops early on Ctrl-C, raises NonFiniteLoss on a NaN loss."""
+    s, step, steps = run.s, parts.step, data.steps_per_epoch
+    lr, eps = s.lr * s.gamma**epoch, eps_schedule(epoch, s.epochs, parts.nla_config.slope)
+    order = shard(epoch_permutation(data.num_train, s.seed, epoch), run.ctx.rank, run.ctx.world_size, s.batch_size)
+    start = progress.start_step
+    step.start_epoch(order, lr, eps, start)
+    if progress.totals is not None:
+        step.totals.load_state_dict(progress.totals)
+    progress.start_step, progress.totals = 0, None  # the next epoch starts at its beginning
+    bar = progress_bar(steps, epoch, s.epochs, s.progress and run.ctx.is_main, initial=start)
+    t0 = time.perf_counter()
+    for index in range(start, steps):
+        step()
+        done = index + 1
+        # distributed: log points are the same on every rank (they agree on NaN and Ctrl-C there)
+        log_point = done % s.log_every == 0 or done == steps
+        stop_now = stop.requested and not run.ctx.distributed  # one process stops at once
+        if log_point or stop_now:
+            so_far = step.totals.progress(stop.requested)
+            stop_now = so_far["stop"]
+            if so_far["first_bad_step"] >= 0:
+                bar.close()
+                raise NonFiniteLoss(epoch, so_far["first_bad_step"])
+            rate = (done - start) * s.batch_size / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix_str(f"loss {so_far['loss']:.4f}, {rate:.0f} samples/s")
+            bar.update(done - bar.n)
+        if stop_now and done < steps:
+            bar.close()
+            return EpochTraining(lr, eps, so_far, [], time.perf_counter() - t0, done - start, stopped_at=done)
+    final = step.totals.progress()
+    naw_means = step.totals.naw_means()
+    seconds = time.perf_counter() - t0
+    bar.close()
+    return EpochTraining(lr, eps, final, naw_means, seconds, steps - start)
 
-    static_graph: the step's graph is the same every iteration, which lets DDP skip its
-    per-iteration graph analysis and is what CUDA-graph capture of a DDP step requires (with
-    DDP built on a side stream and 11 eager warm-up iterations, PyTorch's CUDA-graph notes).
-    gradient_as_bucket_view: gradients live in the all-reduce buckets (no copy, less memory).
-    broadcast_buffers=False: no extra collective per forward; BatchNorm running statistics
-    only matter for evaluation, before which rank 0's are broadcast (``broadcast_buffers``),
-    so every rank evaluates, and rank 0 saves, the same model.
-    """
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
-    kwargs = {"broadcast_buffers": False, "gradient_as_bucket_view": True, "static_graph": True}
-    import warnings
-
-    with warnings.catch_warnings():
-        # newer torch renames broadcast_buffers; the old name keeps exactly this meaning (torch 2.11 too)
-        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-        if device.type != "cuda":
-            return DDP(model, **kwargs)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            wrapped = DDP(model, device_ids=[device.index], output_device=device.index, **kwargs)
-        torch.cuda.current_stream(device).wait_stream(side)
-        return wrapped
+def evaluate_epoch(run: Run, data: Data, parts: Parts) -> tuple[dict, float]:
+    """Test-split metrics (exact over all ranks) and the seconds they took."""
+    t0 = time.perf_counter()
+    distributed.broadcast_buffers(parts.model, run.ctx)  # every rank evaluates the model rank 0 saves
+    test = evaluate(parts.step.model, data.test_images, data.test_labels, data.eval_transform, len(data.classes),
+                    data.classes, batch_size=run.s.eval_batch_size, amp=run.s.amp,
+                    reduce=MetricCounts.all_reduce if run.ctx.distributed else None)
+    return test, time.perf_counter() - t0
 
 
-def global_progress(step: TrainStep, ctx, device: torch.device, stop_requested: bool) -> dict:
-    """Training loss / accuracy so far over all ranks, the first non-finite step of any rank,
-    and whether any rank was asked to stop. One process: ``RunningTotals.progress()``."""
-    if not ctx.distributed:
-        progress = step.totals.progress()
-        progress["stop"] = stop_requested
-        return progress
-    t = step.totals
-    sums = torch.stack([t.loss_sum, t.correct.double(), t.seen.double(), t.steps.double()])
-    # MAX of (steps_per_epoch - first bad step) finds the earliest bad step of any rank
-    bad = torch.where(t.first_bad_step >= 0, step.steps_per_epoch - t.first_bad_step, 0)
-    flags = torch.stack([bad.double(), torch.tensor(float(stop_requested), dtype=torch.float64, device=device)])
-    distributed.all_reduce_(sums, ctx)
-    distributed.all_reduce_(flags, ctx, op="max")
-    loss_sum, correct, seen, steps = sums.cpu().tolist()
-    bad_max, stop = flags.cpu().tolist()
-    return {
-        "loss": loss_sum / steps if steps else math.nan,  # mean over every rank's steps
-        "acc": correct / seen if seen else math.nan,
-        "seen": int(seen),
-        "steps": int(steps),
-        "first_bad_step": step.steps_per_epoch - int(bad_max) if bad_max > 0 else -1,
-        "stop": bool(stop),
+def record(run: Run, data: Data, parts: Parts, progress: Progress, epoch: int, trained: EpochTraining,
+           test: dict, eval_seconds: float) -> None:
+    """The epoch's line of metrics.jsonl and of the log, and the best accuracies so far."""
+    s, world_size = run.s, run.ctx.world_size
+    samples = trained.timed_steps * s.batch_size * world_size
+    row = epoch_record(epoch, trained.progress, test, trained.naw_means, data.classes, trained.lr, trained.eps,
+                       data.steps_per_epoch * s.batch_size * world_size, samples / trained.seconds,
+                       trained.seconds, eval_seconds, world_size, parts.step.mode)
+    progress.history.append(row)
+    run.folder.write_metrics(progress.history)
+    p = trained.progress
+    run.say(f"epoch {epoch} ({epoch + 1}/{s.epochs}): train loss {p['loss']:.4f} "
+            f"acc {100 * p['acc']:.2f}% | test acc {100 * test['acc']:.2f}% mean {100 * test['mean_acc']:.2f}% "
+            f"top-2 {100 * test['top2_acc']:.2f}% | lr {trained.lr:.3g} eps {trained.eps:.3f} | "
+            f"{row['samples_per_s']:.0f} samples/s ({parts.step.mode})", flush=True)
+    best = progress.best
+    if test["acc"] > best["acc"]:
+        best["acc"], best["acc_epoch"] = test["acc"], epoch
+    if test["mean_acc"] > best["mean_acc"]:
+        best["mean_acc"], best["mean_acc_epoch"] = test["mean_acc"], epoch
+
+
+def finish(run: Run, data: Data, progress: Progress, test: dict | None) -> dict:
+    best = progress.best
+    run.say(f"nla_fast: done. {run.folder.summary()}")
+    if progress.history:
+        run.say(f"nla_fast: best test accuracy {100 * best['acc']:.2f}% (epoch {best.get('acc_epoch')}), "
+                f"best mean class accuracy {100 * best['mean_acc']:.2f}% (epoch {best.get('mean_acc_epoch')})")
+    if test is not None:
+        run.say(format_table(test, data.classes))
+    return {"out": str(run.folder.path), "interrupted": False, "history": progress.history, "best": best}
+
+
+def run_config(run: Run, parts: Parts) -> dict:
+    """config.json, also saved in every checkpoint."""
+    config = {"train": dataclasses.asdict(run.s), "nla": dataclasses.asdict(parts.nla_config),
+              "device_type": run.device.type}
+    if run.ctx.enabled:
+        config["world_size"] = run.ctx.world_size
+    return config
+
+
+def checkpoint_state(run: Run, data: Data, parts: Parts, progress: Progress, epoch: int, steps_done: int,
+                     epoch_done: bool) -> dict:
+    """Called on every rank (a distributed run gathers each rank's random states and sums)."""
+    s, step = run.s, parts.step
+    own = {"rng": ckpt.capture_rng_states(parts.step.generator), "totals": step.totals.state_dict()}
+    gathered = distributed.gather_objects(own, run.ctx) if run.ctx.enabled else None
+    blob = {
+        "format": ckpt.FORMAT,
+        "model": {k: v.detach().cpu() for k, v in parts.model.state_dict().items()},
+        "model_info": {"arch": "resnet18", "num_classes": len(data.classes), "classes": data.classes,
+                       "image_size": s.image_size, "mean": list(MEAN), "std": list(STD), "dataset": s.dataset},
+        "optimizer": parts.step.optimizer.state_dict(),
+        "schedule": {"base_lr": s.lr, "gamma": s.gamma, "lr": float(step.lr), "slope": parts.nla_config.slope,
+                     "epochs": s.epochs, "eps": float(step.eps)},
+        "epoch": epoch,
+        "step": steps_done,
+        "epoch_done": epoch_done,
+        "rng": own["rng"],
+        "config": run_config(run, parts),
+        "totals": own["totals"],
+        "best": progress.best,
+        "history": [json_safe(row) for row in progress.history],
     }
-
-
-def global_naw_means(step: TrainStep, ctx) -> list:
-    """Mean NAW weight per class over every rank's samples of the epoch."""
-    if not ctx.distributed:
-        return step.totals.naw_means()
-    sums, counts = step.totals.naw_sum.clone(), step.totals.naw_count.clone()
-    distributed.all_reduce_(sums, ctx)
-    distributed.all_reduce_(counts, ctx)
-    return [a / n if n else None for a, n in zip(sums.cpu().tolist(), counts.cpu().tolist())]
-
-
-def draw_plots(out: Path, history, test, classes, eps, nla_config, step: TrainStep, epoch: int) -> None:
-    from . import plots
-
-    plots.plot_curves(history, out / "curves.png")
-    plots.plot_confusion(test["confusion"], classes, out / "confusion.png",
-                         title=f"test confusion, epoch {epoch} (acc {100 * test['acc']:.2f}%)")
-    points = step.totals.points.cpu()
-    points = points[~torch.isnan(points).any(dim=1)]
-    plots.plot_naw_weights(eps, nla_config, points, out / "naw_weights.png", epoch=epoch)
+    if gathered is not None:
+        blob["rank_states"] = gathered
+    return blob
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    explicit = explicit_flags(parser, argv)
-    settings = settings_from_args(args)
+    command = parse_command_line(sys.argv[1:] if argv is None else list(argv))
     try:
-        result = train(settings, resume=args.resume, explicit=explicit)
+        result = train(command.settings, resume=command.resume, explicit=command.explicit)
     except KeyboardInterrupt:
         print("nla_fast: interrupted", file=sys.stderr)
         return 130

@@ -1,4 +1,4 @@
-"""Checkpoint files: atomic writes, weights_only loading, RNG states, backbone weight files."""
+"""Checkpoint files: weights_only loading (atomic writes: test_atomic.py), RNG states, backbone weight files."""
 import random
 
 import numpy as np
@@ -9,30 +9,13 @@ from nla_fast import checkpoint as ckpt
 from nla_fast.model import WeightsError, build_resnet18, initialise_weights, load_backbone_weights
 
 
-def test_save_atomic_roundtrip_with_weights_only(tmp_path):
+def test_save_roundtrip_with_weights_only(tmp_path):
     path = tmp_path / "a.pt"
     blob = {"format": ckpt.FORMAT, "x": torch.arange(3), "nested": {"names": ["a", "b"], "v": 1.5, "n": None}}
-    ckpt.save_atomic(blob, path)
+    ckpt.save(blob, path)
     loaded = ckpt.load(path)
     assert torch.equal(loaded["x"], blob["x"]) and loaded["nested"] == blob["nested"]
     assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]
-
-
-def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
-    path = tmp_path / "last.pt"
-    ckpt.save_atomic({"format": ckpt.FORMAT, "epoch": 1}, path)
-    real_save = torch.save
-
-    def dying_save(obj, handle, *args, **kwargs):
-        handle.write(b"partial garbage")
-        raise KeyboardInterrupt  # Ctrl-C in the middle of writing
-
-    monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(KeyboardInterrupt):
-        ckpt.save_atomic({"format": ckpt.FORMAT, "epoch": 2}, path)
-    monkeypatch.setattr(torch, "save", real_save)
-    assert ckpt.load(path)["epoch"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
 
 
 def test_load_rejects_foreign_files(tmp_path):
@@ -49,7 +32,7 @@ def test_rng_states_roundtrip(tmp_path):
     np.random.seed(2)
     random.seed(3)
     states = ckpt.capture_rng_states(gen)
-    ckpt.save_atomic({"format": ckpt.FORMAT, "rng": states}, tmp_path / "r.pt")
+    ckpt.save({"format": ckpt.FORMAT, "rng": states}, tmp_path / "r.pt")
     expected = (torch.rand(3), np.random.rand(3), random.random(), torch.rand(3, generator=gen))
     torch.manual_seed(99)
     np.random.seed(99)

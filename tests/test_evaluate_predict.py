@@ -9,8 +9,8 @@ import torch
 from nla_fast import train
 from nla_fast.engine import predict_logits
 from nla_fast.evaluate import main as evaluate_main
-# (nla_fast.predict is also the name of the function the package exports: import from the module)
-from nla_fast.predict import load_model, main as predict_main, predict
+from nla_fast.inference import load_model, predict
+from nla_fast.predict import main as predict_main
 
 TINY = ["--dataset", "synthetic", "--num-samples", "16", "--image-size", "32", "--batch-size", "8",
         "--limit-test", "24", "--backend", "reference", "--device", "cpu", "--no-progress", "--plot-every", "0",
@@ -101,3 +101,26 @@ def test_python_api_matches_evaluation(run_dir):
     single = predict(model, images[0].numpy(), top_k=1)  # one H x W x 3 array
     assert single[0]["label"] == results[0]["label"] and len(single[0]["top"]) == 1
     assert single[0]["probability"] == pytest.approx(results[0]["probability"], abs=1e-5)
+
+
+def test_nla_fast_predict_is_the_command_module_and_still_predicts(run_dir):
+    """``python -m nla_fast.predict`` runs without runpy's 'found in sys.modules' warning;
+    ``import nla_fast.predict`` gives the module, which still predicts when called."""
+    import subprocess
+    import sys
+    import types
+
+    code = ("import types, nla_fast, nla_fast.predict; m = nla_fast.predict; "
+            "assert isinstance(m, types.ModuleType) and callable(m.main), m; print('module ok')")
+    checked = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True)
+    assert checked.returncode == 0 and "module ok" in checked.stdout, checked.stderr
+    helped = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "nla_fast.predict", "--help"],
+                            capture_output=True, text=True)
+    assert helped.returncode == 0 and "--checkpoint" in helped.stdout and not helped.stderr, helped.stderr
+    import nla_fast
+    import nla_fast.predict
+
+    assert isinstance(nla_fast.predict, types.ModuleType)
+    model = nla_fast.load_model(run_dir / "last.pt", device="cpu")
+    image = torch.zeros(40, 40, 3, dtype=torch.uint8)
+    assert nla_fast.predict(model, image) == predict(model, image)

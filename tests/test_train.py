@@ -149,17 +149,6 @@ def test_help_lists_every_flag(capsys):
         assert flag in text, flag
 
 
-def test_cpu_defaults_are_the_quick_synthetic_run():
-    s = train.TrainSettings().resolve(torch.device("cpu"))
-    quick = train.CPU_QUICK_RUN
-    assert (s.dataset, s.image_size, s.epochs, s.num_samples, s.lr, s.batch_size) == (
-        "synthetic", quick["image_size"], quick["epochs"], quick["num_samples"], quick["lr"], quick["batch_size"])
-    assert s.amp == "off" and s.cuda_graphs is False and s.backend == "reference"
-    g = train.TrainSettings().resolve(torch.device("cuda"))
-    assert (g.image_size, g.epochs, g.batch_size, g.lr, g.weight_decay, g.gamma) == (224, 60, 32, 1e-4, 1e-4, 0.9)
-    assert g.amp == "bf16" and g.cuda_graphs is True and g.num_samples is None and g.backend == "auto"
-
-
 def test_epoch_order_is_a_seeded_global_permutation_sharded_into_full_batches():
     a, b = engine.epoch_permutation(103, 5, 2), engine.epoch_permutation(103, 5, 2)
     assert torch.equal(a, b) and sorted(a.tolist()) == list(range(103))

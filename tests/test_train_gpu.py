@@ -13,6 +13,7 @@ from nla_fast.augment import TrainAugment
 from nla_fast.engine import (WARMUP_STEPS, StepOptions, TrainStep, augmentation_generator, epoch_permutation,
                              make_optimizer, shard)
 from nla_fast.model import build_resnet18
+from nla_fast.placement import DeviceResident, HostStaged
 
 pytestmark = pytest.mark.gpu
 
@@ -28,15 +29,15 @@ def make_step(cuda_graphs: bool, host_images: bool = False, amp: str = "bf16", v
     optimizer = make_optimizer(model, 1e-4, 1e-4, device, capturable=cuda_graphs)
     data = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (samples, NATIVE, NATIVE, 3), dtype=torch.uint8, generator=data)
-    labels = torch.randint(0, 7, (samples,), generator=data).to(device)
-    images = images.pin_memory() if host_images else images.to(device)
+    labels = torch.randint(0, 7, (samples,), generator=data)
+    placed = (HostStaged(images.pin_memory(), labels, device, BATCH) if host_images
+              else DeviceResident(images, labels, device))
     generator = augmentation_generator(device, 2)
     options = StepOptions(batch_size=BATCH, views=views, amp=amp, backend=backend, cuda_graphs=cuda_graphs)
     steps = samples // BATCH
-    step = TrainStep(network, optimizer, images, labels, TrainAugment(SIZE), generator, options, NLAConfig(), 7,
-                     steps)
+    step = TrainStep(network, optimizer, placed, TrainAugment(SIZE), generator, options, NLAConfig(), 7, steps)
     order = shard(epoch_permutation(samples, 0, 0), 0, 1, BATCH)
-    step.start_epoch(order.to(device), lr=1e-4, eps=0.4)
+    step.start_epoch(order, lr=1e-4, eps=0.4)
     return step
 
 
@@ -67,7 +68,7 @@ def test_host_resident_images_give_the_same_steps():
     on_device = loss_trajectory(make_step(cuda_graphs=True), n)
     pinned_step = make_step(cuda_graphs=True, host_images=True)
     pinned = loss_trajectory(pinned_step, n)
-    assert pinned_step.host_images and pinned_step.graph is not None
+    assert isinstance(pinned_step.data, HostStaged) and pinned_step.graph is not None
     torch.testing.assert_close(pinned, on_device, rtol=3e-2, atol=3e-2)
 
 

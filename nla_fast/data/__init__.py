@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import affectnet, ferplus, rafdb, synthetic
-from .dataset import FERDataset, gather_batch
+from .dataset import FERDataset
 from .errors import CorruptImageError, DatasetError, DatasetNotFoundError, LabelFormatError, LabelRangeError
 from .protocols import apply_protocols, imbalance_counts, imbalance_indices, read_noise_file, symmetric_noise
 
@@ -120,7 +120,7 @@ def load_dataset(name: str, root=None, split: str = "train", image_size=None, **
 
 
 __all__ = [
-    "load_dataset", "FERDataset", "gather_batch", "resize_images", "canonical_name",
+    "load_dataset", "FERDataset", "resize_images", "canonical_name",
     "DatasetError", "DatasetNotFoundError", "CorruptImageError", "LabelFormatError", "LabelRangeError",
     "symmetric_noise", "read_noise_file", "imbalance_counts", "imbalance_indices", "apply_protocols",
     "DATASETS", "SPLITS", "RAFDB_CLASSES", "RAFDB_TRAIN_COUNTS", "RAFDB_TEST_COUNTS", "FERPLUS_CLASSES",

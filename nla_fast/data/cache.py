@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from ..checkpoint import save_atomic
+from .. import atomic
 
 CACHE_FORMAT = 1  # bump when the payload layout or a decoder changes
 CHECKSUM_CHUNK = 64 << 20  # bytes per CRC-32; part of the checksum's definition
@@ -132,6 +132,7 @@ def load_or_build(
         return build(), None, True
     key = make_key({"dataset": dataset, "split": split, **key_parts})
     path = cache_path(dataset, split, key, directory)
+    atomic.remove_stale_temps(path.parent)  # left by a build that was killed outright
     if path.exists():
         try:
             payload = _load(path)
@@ -151,7 +152,7 @@ def load_or_build(
     payload["__key__"] = key
     payload["__checksum__"] = payload_checksum(payload)
     try:
-        save_atomic(payload, path)  # temporary name + rename: an interrupted build is never read
+        atomic.torch_save(payload, path)  # temporary name + rename: an interrupted build is never read
     except OSError as err:  # read-only or full disk: carry on without a cache
         if verbose:
             print(f"[nla_fast.data] could not write cache {path}: {err}", file=sys.stderr)

@@ -4,7 +4,7 @@ A :class:`FERDataset` is a handful of tensors: ``images`` (uint8, N x H x W x 3,
 grey images replicated to three channels), ``labels`` (int64, N), optional
 ``soft_labels`` (float32, N x C, each row sums to 1), plus plain metadata. There is no
 per-sample Python work anywhere: the training loop indexes the tensors directly (on the
-GPU when they fit, see :meth:`FERDataset.to`) and augments whole batches with
+GPU when they fit, see :mod:`nla_fast.placement`) and augments whole batches with
 :mod:`nla_fast.augment`.
 """
 from __future__ import annotations
@@ -129,36 +129,16 @@ class FERDataset:
         )
 
     # ------------------------------------------------------------------ placement
-    def to(self, device, non_blocking: bool = False, memory_budget: Optional[int] = None) -> "FERDataset":
-        """Move the tensors to ``device`` (in place; returns self).
-
-        With ``memory_budget`` (bytes) and a CUDA ``device``: when the images are larger
-        than the budget they stay in *pinned* host memory instead (batches are then
-        gathered on the host and copied asynchronously, see :func:`gather_batch`);
-        labels always move. ``info["placement"]`` records the choice.
-        """
+    def to(self, device, non_blocking: bool = False) -> "FERDataset":
+        """Move the tensors to ``device`` (in place; returns self). Where the trainer keeps its
+        training images (device, epoch shard or pinned host memory) is decided in
+        :mod:`nla_fast.placement`."""
         device = torch.device(device)
-        keep_host = (
-            device.type == "cuda" and memory_budget is not None and self.nbytes > memory_budget
-        )
-        if keep_host:
-            if self.images.device.type != "cpu":
-                self.images = self.images.cpu()
-            if not self.images.is_pinned():
-                self.images = self.images.pin_memory()
-            self.info["placement"] = "pinned host memory"
-        else:
-            self.images = self.images.to(device, non_blocking=non_blocking)
-            self.info["placement"] = str(device)
+        self.images = self.images.to(device, non_blocking=non_blocking)
         self.labels = self.labels.to(device, non_blocking=non_blocking)
         self.clean_labels = self.clean_labels.to(device, non_blocking=non_blocking)
         if self.soft_labels is not None:
             self.soft_labels = self.soft_labels.to(device, non_blocking=non_blocking)
-        return self
-
-    def pin_memory(self) -> "FERDataset":
-        if self.images.device.type == "cpu" and not self.images.is_pinned():
-            self.images = self.images.pin_memory()
         return self
 
     # ------------------------------------------------------------------ reporting
@@ -180,18 +160,3 @@ class FERDataset:
             f"FERDataset(name={self.name!r}, split={self.split!r}, n={len(self)}, size={h}x{w}, "
             f"classes={list(self.classes)}, device={self.images.device})"
         )
-
-
-def gather_batch(images: torch.Tensor, index: torch.Tensor, device) -> torch.Tensor:
-    """Rows ``index`` of ``images`` on ``device``.
-
-    On-device images: a single ``index_select`` (no host synchronisation). Pinned host
-    images: gathered on the host into a pinned buffer and copied with ``non_blocking=True``.
-    """
-    device = torch.device(device)
-    if images.device == device or (images.device.type == device.type == "cuda"):
-        return images.index_select(0, index.to(images.device, non_blocking=True))
-    batch = images.index_select(0, index.cpu())
-    if device.type == "cuda":
-        batch = batch.pin_memory()
-    return batch.to(device, non_blocking=True)

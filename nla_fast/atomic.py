@@ -1,0 +1,127 @@
+"""Every file nla_fast writes (checkpoints, metrics, plots, dataset caches, copies) is written
+here, in one way: into a temporary file in the target's folder, flushed to disk, then renamed
+over the target. A crash, Ctrl-C or full disk mid-write leaves the previous file untouched
+and never a partial one.
+
+Files get the mode the user's umask gives (0644 under umask 022), not ``mkstemp``'s 0600.
+Temporary files are named ``.<name>.<host>-<pid>-<n>.tmp``: when a writer is killed outright
+(SIGKILL, power loss) its temporary file stays, and ``remove_stale_temps`` removes it later
+once its writer is provably dead (same host, process id no longer alive). On a folder shared
+between machines, another host's temporary files are never touched.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shutil
+import socket
+from pathlib import Path
+from typing import Callable, IO
+
+_counter = itertools.count()  # distinct names for concurrent writes of one file by one process
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)-(?P<pid>\d+)-\d+\.tmp$")
+
+
+def _host() -> str:
+    # no dots (the temp name is parsed at its last dot) and nothing odd in a file name
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{_host()}-{os.getpid()}-{next(_counter)}.tmp")
+
+
+def write(path, fill: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` atomically: ``fill(handle)`` writes the content into a binary handle."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    # O_EXCL: never write into somebody else's file; 0o666 & ~umask is the mode users expect
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            fill(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_bytes(path, data: bytes) -> None:
+    write(path, lambda handle: handle.write(data))
+
+
+def write_text(path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def torch_save(obj, path) -> None:
+    """``torch.save(obj)`` to ``path``, atomically."""
+    import torch
+
+    write(path, lambda handle: torch.save(obj, handle))
+
+
+def save_figure(fig, path, **savefig_kwargs) -> None:
+    """A matplotlib figure to ``path`` (format from the suffix), atomically."""
+    path = Path(path)
+    write(path, lambda handle: fig.savefig(handle, format=path.suffix.lstrip(".") or None, **savefig_kwargs))
+
+
+def copy(src, dst) -> None:
+    """``dst`` becomes a copy of ``src`` in one rename: a hard link (no data copied; files
+    written here are replaced, never rewritten, so the two stay independent), else a real copy."""
+    src, dst = Path(src), Path(dst)
+    tmp = temp_path(dst)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:  # no hard links on this file system: copy the bytes
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temps(folder) -> list[Path]:
+    """Remove the temporary files in ``folder`` whose writer is dead (written on this host by
+    a process that no longer exists); returns what was removed. Missing folder: nothing."""
+    folder = Path(folder)
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    host = _host()
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if match is None or match["host"] != host or _alive(int(match["pid"])):
+            continue
+        try:
+            entry.unlink()
+            removed.append(entry)
+        except FileNotFoundError:  # another process cleaned it up first
+            pass
+        except OSError:  # not ours to remove (permissions): leave it
+            pass
+    return removed

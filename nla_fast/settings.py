@@ -1,0 +1,297 @@
+"""The settings of a training run: what they are, how the command line fills them, how a
+resumed run merges its saved settings with the flags typed this time, and how they pick a
+device and load a dataset split. ``train``, ``evaluate`` and ``predict`` import this module;
+it imports none of them.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .cli import HelpFormatter
+from .config import NLAConfig
+from .data import DATASET_OPTIONS, DATASETS
+
+# A synthetic-data run that finishes in a few minutes on 2 CPU cores (used when CUDA is absent
+# and the dataset is synthetic; every value can still be set on the command line).
+CPU_QUICK_RUN = {"image_size": 48, "epochs": 3, "num_samples": 1600, "lr": 1e-3, "batch_size": 16}
+# Settings whose default depends on the device (filled in by TrainSettings.resolve).
+DEVICE_DEFAULTS = ("amp", "cuda_graphs", "log_every", "backend")
+# Settings that are also options of a dataset loader (see nla_fast.data.DATASET_OPTIONS); a
+# loader receives those of them that it accepts and that are set.
+LOADER_SETTINGS = ("label_mode", "num_classes", "num_samples")
+
+
+@dataclass
+class TrainSettings:
+    """Everything a run depends on. ``None`` means 'the default for this device' (see ``resolve``)."""
+
+    dataset: str = "synthetic"
+    data_root: str | None = None
+    out: str | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float = 1e-4
+    gamma: float = 0.9
+    image_size: int | None = None
+    weights: str = "none"
+    device: str = "auto"
+    seed: int = 0
+    limit_train: int | None = None
+    limit_test: int | None = None
+    loss: str = "nla"
+    preset: str = "paper"
+    consistency: str = "official"
+    views: str = "concat"
+    amp: str | None = None
+    compile: bool = False
+    cuda_graphs: bool | None = None
+    backend: str | None = None
+    noise_rate: float = 0.0
+    noise_seed: int = 0
+    noise_file: str | None = None
+    imbalance_factor: float | None = None
+    imbalance_seed: int = 0
+    label_mode: str | None = None
+    num_classes: int | None = None
+    num_samples: int | None = None
+    eval_batch_size: int = 256
+    log_every: int | None = None
+    plot_every: int = 1
+    progress: bool = True
+    sync_bn: bool = False
+
+    def resolve(self, device: torch.device) -> "TrainSettings":
+        """A copy with every device-dependent default filled in."""
+        quick = device.type != "cuda" and self.dataset == "synthetic"
+        on_cuda = device.type == "cuda"
+        recipe = {"epochs": 60, "image_size": 224, "lr": 1e-4, "batch_size": 32}
+        filled = dataclasses.replace(self)
+        for name, paper_value in recipe.items():
+            if getattr(filled, name) is None:
+                setattr(filled, name, CPU_QUICK_RUN[name] if quick else paper_value)
+        if filled.num_samples is None and quick:
+            filled.num_samples = CPU_QUICK_RUN["num_samples"]
+        if filled.amp is None:
+            filled.amp = "bf16" if on_cuda else "off"
+        if filled.cuda_graphs is None:
+            filled.cuda_graphs = on_cuda
+        if filled.backend is None:
+            # On the CPU the loss is a negligible share of a step: the eager reference avoids
+            # compiling the native extension on a first run.
+            filled.backend = "auto" if on_cuda else "reference"
+        if filled.log_every is None:
+            filled.log_every = 50 if on_cuda else 1
+        if filled.out is None:
+            filled.out = str(Path("runs") / f"{self.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        return filled
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainSettings":
+        """Settings saved in a checkpoint (keys this version does not know are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def nla_config(self) -> NLAConfig:
+        if self.preset == "official":
+            return NLAConfig.official(consistency=self.consistency)
+        return NLAConfig(consistency=self.consistency)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CommandLine:
+    settings: TrainSettings
+    resume: str | None  # checkpoint to continue from
+    explicit: frozenset  # settings typed on the command line (they override a resumed run's)
+
+
+def parse_command_line(argv: list[str]) -> CommandLine:
+    """Settings from ``argv``, and which of them were typed: the same parser built with every
+    default ``SUPPRESS``ed leaves out of its result exactly the options not given."""
+    args = vars(build_parser().parse_args(argv))  # reports errors and prints --help
+    typed = vars(build_parser(defaults=False).parse_args(argv))
+    names = {f.name for f in dataclasses.fields(TrainSettings)}
+    settings = TrainSettings(**{k: v for k, v in args.items() if k in names})
+    return CommandLine(settings, args["resume"], frozenset(typed))
+
+
+def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
+    """The command line of ``python -m nla_fast.train``. ``defaults=False``: every option's
+    default is ``argparse.SUPPRESS`` (the result holds only the options given)."""
+    p = argparse.ArgumentParser(
+        prog="python -m nla_fast.train",
+        description="Train ResNet-18 with the NLA loss (Navigating Label Ambiguity, AAAI 2025). "
+        "With no arguments and no GPU: a few-minute demonstration on synthetic data; "
+        "on a GPU: the paper's recipe (224 px, 60 epochs, batch 32, Adam 1e-4, ExponentialLR 0.9).",
+        formatter_class=HelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    _data_flags(p.add_argument_group("data"))
+    _run_flags(p.add_argument_group("run"))
+    _recipe_flags(p.add_argument_group("recipe"))
+    _speed_flags(p.add_argument_group("speed"))
+    if defaults:
+        p.set_defaults(**dataclasses.asdict(TrainSettings()), resume=None)
+    return p
+
+
+def _data_flags(data) -> None:
+    data.add_argument("--dataset", choices=DATASETS, help="dataset to train and test on")
+    data.add_argument("--data-root", metavar="DIR",
+                      help="folder holding the dataset in its original layout (not needed for synthetic)")
+    data.add_argument("--image-size", type=int, metavar="PX",
+                      help="side of the square network input (default: 224; 48 for the CPU synthetic demo)")
+    data.add_argument("--limit-train", type=int, metavar="N",
+                      help="train on a fixed, seeded subset of N training samples (smoke runs)")
+    data.add_argument("--limit-test", type=int, metavar="N",
+                      help="evaluate on a fixed, seeded subset of N test samples (smoke runs)")
+    data.add_argument("--noise-rate", type=float, metavar="P",
+                      help="replace each training label with probability P by a different class")
+    data.add_argument("--noise-seed", type=int, metavar="SEED", help="seed of the label noise")
+    data.add_argument("--noise-file", metavar="PATH",
+                      help="read noisy training labels from a file of 'name label' lines (RAF-DB format)")
+    data.add_argument("--imbalance-factor", type=float, metavar="RHO",
+                      help="subsample the training set to an exponential long tail with n_max/n_min = RHO")
+    data.add_argument("--imbalance-seed", type=int, metavar="SEED", help="seed of the imbalance subsample")
+    data.add_argument("--label-mode", choices=("majority", "argmax", "soft"),
+                      help="FERPlus labels: the dataset authors' majority rule (the loader's default), "
+                      "plurality (argmax) or the vote distribution (soft)")
+    data.add_argument("--num-classes", type=int, choices=(7, 8),
+                      help="FERPlus / AffectNet: 7 basic expressions or 8 with contempt (the loader's default)")
+    data.add_argument("--num-samples", type=int, metavar="N",
+                      help="synthetic: number of training samples (default: the data module's; 1600 in the CPU demo)")
+
+
+def _run_flags(run) -> None:
+    run.add_argument("--out", metavar="DIR", help="output folder (default: runs/<dataset>-<time>)")
+    run.add_argument("--device", choices=("auto", "cuda", "cpu"), help="where to train; auto picks CUDA when present")
+    run.add_argument("--seed", type=int, help="seed of initialisation, order and augmentation")
+    run.add_argument("--resume", metavar="PATH",
+                     help="continue a run exactly from its checkpoint (e.g. runs/x/last.pt); its settings "
+                     "are reused, flags given here override them (e.g. --epochs)")
+    run.add_argument("--log-every", type=int, metavar="N",
+                     help="read progress back from the device every N steps (default: 50 on CUDA, 1 on CPU)")
+    run.add_argument("--plot-every", type=int, metavar="N",
+                     help="draw the plots every N epochs (and always after the last); 0: only at the end")
+    run.add_argument("--eval-batch-size", type=int, metavar="N", help="batch size of evaluation")
+    run.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="hide the tqdm progress bar (shown by default)")
+
+
+def _recipe_flags(recipe) -> None:
+    recipe.add_argument("--epochs", type=int, metavar="N", help="epochs (default: 60; 3 for the CPU synthetic demo)")
+    recipe.add_argument("--batch-size", type=int, metavar="N",
+                        help="training batch size, images per view; batches are always full, the remainder of "
+                        "each epoch's order is dropped (default: 32; 16 for the CPU synthetic demo)")
+    recipe.add_argument("--lr", type=float,
+                        help="Adam learning rate of epoch 0 (default: 1e-4; 1e-3 for the CPU synthetic demo)")
+    recipe.add_argument("--weight-decay", type=float, metavar="WD", help="Adam's L2 weight decay")
+    recipe.add_argument("--gamma", type=float, help="ExponentialLR factor, applied once per epoch")
+    recipe.add_argument("--weights", metavar="{none,imagenet,PATH}",
+                        help="backbone initialisation: none (random), imagenet (torchvision), or a checkpoint file "
+                        "such as resnet18_msceleb.pth (the paper's; 'module.' is stripped, fc.* dropped)")
+    recipe.add_argument("--loss", choices=("nla", "ce"),
+                        help="nla: NAW + consistency; ce: plain cross-entropy on one view (baseline)")
+    recipe.add_argument("--preset", choices=("paper", "official"),
+                        help="loss constants: paper (as published) or official (the public code's sigma=0.91)")
+    recipe.add_argument("--consistency", choices=("official", "jsd"),
+                        help="consistency term: official (KL to the logit-mean softmax, summed) or jsd")
+    recipe.add_argument("--views", choices=("concat", "separate"),
+                        help="concat: both views in one forward (BatchNorm statistics over both); "
+                        "separate: two forwards, as the reference code")
+
+
+def _speed_flags(speed) -> None:
+    speed.add_argument("--amp", choices=("bf16", "fp16", "off"),
+                       help="autocast precision (default: bf16 on CUDA, off on CPU)")
+    speed.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction,
+                       help="torch.compile the network (default: off; with CUDA graphs the compiled network "
+                       "is captured too)")
+    speed.add_argument("--cuda-graphs", dest="cuda_graphs", action=argparse.BooleanOptionalAction,
+                       help="capture the whole training step as one CUDA graph (default: on with CUDA)")
+    speed.add_argument("--sync-bn", dest="sync_bn", action="store_true",
+                       help="torchrun with several GPUs: SyncBatchNorm, BatchNorm statistics over the global "
+                       "batch instead of each GPU's (CUDA only; no effect in a one-process run)")
+    speed.add_argument("--backend", choices=("auto", "triton", "extension", "reference"),
+                       help="implementation of the NLA loss (default: auto on CUDA, i.e. the fused Triton kernel; "
+                       "reference on CPU, where the loss is a negligible share of the step)")
+
+
+# ----------------------------------------------------------------------------------------------
+# A resumed run's settings
+# ----------------------------------------------------------------------------------------------
+def settings_for_resume(settings: TrainSettings, saved_config: dict, resume: str, explicit) -> tuple:
+    """(settings, notes): the checkpoint's settings (``saved_config`` is its ``config``),
+    overridden by the flags typed this time; the notes say which differ."""
+    notes = []
+    saved = TrainSettings.from_dict(saved_config["train"])
+    overrides = {name: getattr(settings, name) for name in explicit if hasattr(saved, name)}
+    if "out" not in overrides:
+        overrides["out"] = str(Path(resume).resolve().parent)
+    for name, value in overrides.items():
+        if getattr(saved, name) != value and name not in ("out", "progress"):
+            notes.append(f"nla_fast: resume: {name} = {value!r} (the checkpoint had {getattr(saved, name)!r})")
+    settings = dataclasses.replace(saved, **overrides)
+    if pick_device(settings.device).type != saved_config.get("device_type"):
+        # continuing on another kind of device: its own precision / graph defaults
+        fresh = {name: None for name in DEVICE_DEFAULTS if name not in overrides}
+        settings = dataclasses.replace(settings, **fresh)
+    return settings, notes
+
+
+# ----------------------------------------------------------------------------------------------
+# Device and data
+# ----------------------------------------------------------------------------------------------
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda but torch sees no CUDA device")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def load_split(s: TrainSettings, split: str):
+    """One split of the run's dataset at native resolution (the augmentation adds its noise to
+    the raw image, then resizes: SPEC 1.2). The loader gets the settings that are among its own
+    options (``nla_fast.data.DATASET_OPTIONS``); the noise and imbalance protocols apply to the
+    training split only, ``--limit-train`` / ``--limit-test`` to their split."""
+    from .data import canonical_name, load_dataset
+
+    accepted = DATASET_OPTIONS[canonical_name(s.dataset)]
+    options = {name: getattr(s, name) for name in LOADER_SETTINGS
+               if name in accepted and getattr(s, name) is not None}
+    if "num_samples" in options and split != "train":
+        options["num_samples"] = max(64, options["num_samples"] // 4)
+    if split == "train":
+        if s.noise_rate:
+            options.update(noise_rate=s.noise_rate, noise_seed=s.noise_seed)
+        if s.noise_file:
+            options["noise_file"] = s.noise_file
+        if s.imbalance_factor is not None:
+            options.update(imbalance_factor=s.imbalance_factor, imbalance_seed=s.imbalance_seed)
+    dataset = load_dataset(s.dataset, s.data_root, split, image_size=None, **options)
+    index = subset_indices(len(dataset.labels), s.limit_train if split == "train" else s.limit_test)
+    if index is not None:
+        dataset.images, dataset.labels = dataset.images[index], dataset.labels[index]
+    return dataset
+
+
+def subset_indices(num_samples: int, limit: int | None, seed: int = 0) -> torch.Tensor | None:
+    """A deterministic subset of ``limit`` samples (sorted), or None for all; for smoke runs."""
+    if limit is None or limit >= num_samples:
+        return None
+    if limit <= 0:
+        raise ValueError(f"a sample limit must be positive, got {limit}")
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
+    return order[:limit].sort().values

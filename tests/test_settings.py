@@ -1,0 +1,61 @@
+"""nla_fast.settings: device defaults, the command line, and a resumed run's settings."""
+import pytest
+import torch
+
+from nla_fast import settings
+from nla_fast.settings import CPU_QUICK_RUN, TrainSettings, parse_command_line, settings_for_resume
+
+
+def test_cpu_defaults_are_the_quick_synthetic_run():
+    s = TrainSettings().resolve(torch.device("cpu"))
+    quick = CPU_QUICK_RUN
+    assert (s.dataset, s.image_size, s.epochs, s.num_samples, s.lr, s.batch_size) == (
+        "synthetic", quick["image_size"], quick["epochs"], quick["num_samples"], quick["lr"], quick["batch_size"])
+    assert s.amp == "off" and s.cuda_graphs is False and s.backend == "reference"
+    g = TrainSettings().resolve(torch.device("cuda"))
+    assert (g.image_size, g.epochs, g.batch_size, g.lr, g.weight_decay, g.gamma) == (224, 60, 32, 1e-4, 1e-4, 0.9)
+    assert g.amp == "bf16" and g.cuda_graphs is True and g.num_samples is None and g.backend == "auto"
+
+
+def test_command_line_defaults_are_the_settings_defaults():
+    command = parse_command_line([])
+    assert command.settings == TrainSettings() and command.resume is None and command.explicit == frozenset()
+
+
+def test_explicit_flags_are_those_typed_even_when_equal_to_the_default():
+    command = parse_command_line(["--epochs", "5", "--no-progress", "--seed", "0", "--no-cuda-graphs",
+                                  "--sync-bn", "--resume", "runs/x/last.pt", "--dataset=synthetic"])
+    assert command.explicit == {"epochs", "progress", "seed", "cuda_graphs", "sync_bn", "resume", "dataset"}
+    s = command.settings
+    assert (s.epochs, s.progress, s.seed, s.cuda_graphs, s.sync_bn) == (5, False, 0, False, True)
+    assert command.resume == "runs/x/last.pt"
+    with pytest.raises(SystemExit):
+        parse_command_line(["--epochs", "many"])
+
+
+def test_resume_takes_the_saved_settings_and_the_typed_flags(tmp_path):
+    saved = TrainSettings(dataset="synthetic", epochs=2, lr=0.5, seed=9, out="elsewhere", device="cpu")
+    config = {"train": vars(saved) | {"a_setting_of_a_newer_version": 1}, "device_type": "cpu"}
+    command = parse_command_line(["--epochs", "4", "--device", "cpu"])
+    merged, notes = settings_for_resume(command.settings, config, str(tmp_path / "last.pt"), command.explicit)
+    assert (merged.epochs, merged.lr, merged.seed) == (4, 0.5, 9)  # typed, saved, saved
+    assert merged.out == str(tmp_path.resolve())  # the checkpoint's folder
+    assert notes == ["nla_fast: resume: epochs = 4 (the checkpoint had 2)"]
+
+
+def test_load_split_passes_only_the_options_the_loader_takes(monkeypatch):
+    calls = []
+
+    class Loaded:
+        images, labels = torch.zeros(10, 2, 2, 3, dtype=torch.uint8), torch.arange(10)
+
+    monkeypatch.setattr("nla_fast.data.load_dataset", lambda *args, **kw: calls.append((args, kw)) or Loaded())
+    s = TrainSettings(dataset="ferplus", label_mode="soft", num_classes=8, num_samples=99, noise_rate=0.2,
+                      limit_test=4)
+    settings.load_split(s, "train")
+    settings.load_split(s, "test")
+    assert calls[0][1] == {"image_size": None, "label_mode": "soft", "num_classes": 8, "noise_rate": 0.2,
+                           "noise_seed": 0}
+    assert calls[1][1] == {"image_size": None, "label_mode": "soft", "num_classes": 8}
+    synthetic = settings.load_split(TrainSettings(num_samples=400, num_classes=8, limit_test=4), "test")
+    assert calls[2][1] == {"image_size": None, "num_samples": 100} and len(synthetic.labels) == 4
