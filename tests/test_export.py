@@ -11,7 +11,7 @@ import torch
 
 from nla_fast import export as ex
 from nla_fast import train
-from nla_fast.predict import load_model, predict
+from nla_fast.inference import load_model, predict
 
 TINY = ["--dataset", "synthetic", "--num-samples", "16", "--image-size", "32", "--batch-size", "8",
         "--limit-test", "16", "--backend", "reference", "--device", "cpu", "--no-progress", "--plot-every", "0",

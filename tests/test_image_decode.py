@@ -8,7 +8,7 @@ from nla_fast.data import load_dataset
 from nla_fast.data.decode import decode_images, open_rgb
 from nla_fast.data.ferplus import FOLDERS
 from nla_fast.data.fixtures import make_ferplus_folders, write_png16
-from nla_fast.predict import read_image
+from nla_fast.inference import read_image
 
 SHAPES = {"grey": (30, 40), "grey+alpha": (30, 40, 2), "rgb": (30, 40, 3), "rgba": (30, 40, 4)}
 PIL_MODES = {"grey": "L", "grey+alpha": "LA", "rgb": "RGB", "rgba": "RGBA"}
