@@ -11,6 +11,7 @@ between machines, another host's temporary files are never touched.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -44,6 +45,27 @@ def write(path, fill: Callable[[IO[bytes]], None]) -> None:
             fill(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+@contextlib.contextmanager
+def target(path):
+    """For writers that want a file name (ONNX, safetensors, TorchScript): yields a temporary
+    path beside ``path`` and renames it over ``path`` when the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        # the tool created the file with the umask's mode already (0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -26,13 +26,12 @@ import argparse
 import contextlib
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from . import atomic
 from . import checkpoint as ckpt
 from .cli import HelpFormatter
 from .model import build_resnet18
@@ -159,27 +158,8 @@ def _attach(model: torch.nn.Module, metadata: dict) -> torch.nn.Module:
     return model
 
 
-@contextlib.contextmanager
-def _atomic_target(path: Path):
-    """A temporary name next to ``path``, renamed over it when the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the export from other users
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _write_json(metadata: dict, path: Path) -> None:
-    with _atomic_target(path) as tmp:
-        tmp.write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+    atomic.write_text(path, json.dumps(metadata, indent=2, default=str) + "\n")
 
 
 def check_batch(metadata: dict, count: int = CHECK_BATCH) -> torch.Tensor:
@@ -212,7 +192,7 @@ def export_safetensors(weights: dict, metadata: dict, out: Path) -> Path:
     tensors = {name: value.detach().cpu().contiguous() for name, value in weights.items()}
     # the checkpoint's digest is stored in both files so load_exported can tell they belong together
     header = {"format": "pt", "nla_fast": FORMAT, "checkpoint_sha256": metadata["checkpoint"]["sha256"]}
-    with _atomic_target(target) as tmp:
+    with atomic.target(target) as tmp:
         save_file(tensors, str(tmp), metadata=header)
     return target
 
@@ -226,7 +206,7 @@ def export_onnx(model: torch.nn.Module, metadata: dict, out: Path) -> Path:
     example = torch.zeros(TRACE_BATCH, 3, size, size)
     options = dict(input_names=["images"], output_names=["logits"], opset_version=17,
                    dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
-    with _atomic_target(target) as tmp, torch.no_grad():
+    with atomic.target(target) as tmp, torch.no_grad():
         try:
             # the TorchScript-based exporter: the torch.export-based one needs onnxscript, which the
             # onnx extra does not install (deprecated since torch 2.9, still present)
@@ -249,7 +229,7 @@ def export_torchscript(model: torch.nn.Module, metadata: dict, out: Path) -> Pat
     size = metadata["image_size"]
     with torch.no_grad(), _quiet_jit():
         traced = torch.jit.trace(model, torch.zeros(TRACE_BATCH, 3, size, size))
-    with _atomic_target(target) as tmp, _quiet_jit():
+    with atomic.target(target) as tmp, _quiet_jit():
         torch.jit.save(traced, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata, default=str)})
     return target
 

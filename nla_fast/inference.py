@@ -22,7 +22,14 @@ from .model import build_resnet18
 
 def load_model(path, device: str | torch.device = "auto") -> torch.nn.Module:
     """The network of an nla_fast checkpoint in eval mode, with ``classes``, ``image_size`` and
-    ``eval_transform`` (uint8 NHWC batch -> normalised float NCHW) attached."""
+    ``eval_transform`` (uint8 NHWC batch -> normalised float NCHW) attached.
+
+    ``path`` may also be a folder written by ``python -m nla_fast.export --format safetensors``
+    (or its ``model.safetensors`` / ``model.json``)."""
+    if Path(path).is_dir() or Path(path).name in ("model.safetensors", "model.json"):
+        from .export import load_exported
+
+        return load_exported(path, device)
     state = ckpt.load(path)
     info = state["model_info"]
     if device == "auto":

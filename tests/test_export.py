@@ -72,6 +72,10 @@ def test_safetensors_round_trip_gives_identical_logits(checkpoint, tmp_path, cap
         assert torch.equal(exported(x), reference(x))
     assert predict(exported, batch) == predict(reference, batch)
     assert ex.load_exported(out / "model.json", device="cpu").classes == reference.classes  # a file in it
+    via_load_model = load_model(out, device="cpu")  # load_model takes the export folder too
+    with torch.no_grad():
+        assert torch.equal(via_load_model(x), reference(x))
+    assert via_load_model.classes == reference.classes
 
 
 def test_onnx_matches_pytorch_through_onnxruntime(checkpoint, tmp_path, capsys):
