@@ -63,8 +63,8 @@ def built():
 def op(z, zf, y, eps, config, need_grad=True, need_weights=True):
     c = config.constants
     eps_tensor, eps_value = (eps, 0.0) if isinstance(eps, torch.Tensor) else (None, float(eps))
-    return torch.ops.nla_fast.nla_loss_fwd(z, zf, y, eps_tensor, eps_value, c.as_list(), c.jsd, need_grad,
-                                           need_weights)
+    return torch.ops.nla_fast.nla_loss_fwd(z, zf, y, eps_tensor, eps_value, c.as_list(), c.jsd, c.reg_mean,
+                                           need_grad, need_weights)
 
 
 def reference(z, zf, y, eps, config):
@@ -195,9 +195,15 @@ def test_cpu_non_contiguous_and_int32_targets():
             ref = reference(zd, zfd, y, 0.37, config)
             assert_matches(op(zd, zfd, y, 0.37, config), ref, zd, dtype)
             assert_matches(op(zd.contiguous(), zfd.contiguous(), y.long().contiguous(), 0.37, config), ref, zd, dtype)
-    # other integer dtypes are widened
-    out = op(z, zf, y.to(torch.int16), 0.37, NLAConfig())
-    torch.testing.assert_close(out[0], op(z, zf, y.long(), 0.37, NLAConfig())[0], rtol=0, atol=0)
+    # the op reads int64 and int32 only and names the others; the front widens them
+    for dtype in (torch.int16, torch.int8, torch.uint8):
+        with pytest.raises(RuntimeError, match=r"int64 or int32, got .*widens other integer dtypes"):
+            op(z, zf, y.to(dtype), 0.37, NLAConfig())
+        want = nla_fast.nla_loss(z, zf, y.long(), 0.37, backend="extension")
+        torch.testing.assert_close(nla_fast.nla_loss(z, zf, y.to(dtype), 0.37, backend="extension"), want,
+                                   rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="int64 or int32, got Bool"):
+        op(z, zf, y.bool(), 0.37, NLAConfig())
 
 
 @pytest.mark.parametrize("config_name", list(CONFIGS))
@@ -314,7 +320,7 @@ def test_input_errors():
     with pytest.raises(RuntimeError, match="integer class indices"):
         op(z, zf, y.float(), 0.0, NLAConfig())
     with pytest.raises(RuntimeError, match="constants"):
-        torch.ops.nla_fast.nla_loss_fwd(z, zf, y, None, 0.0, [1.0] * 5, False, False, False)
+        torch.ops.nla_fast.nla_loss_fwd(z, zf, y, None, 0.0, [1.0] * 5, False, False, False, False)
 
 
 # ----------------------------------------------------------------------------- torch.library / autograd / compile
@@ -323,10 +329,11 @@ def test_opcheck():
     consts = NLAConfig().constants.as_list()
     zr, zfr = z.clone().requires_grad_(), zf.clone().requires_grad_()
     cases = [
-        (torch.ops.nla_fast.nla_loss_fwd.default, (zr, zfr, y, None, 0.37, consts, False, True, True)),
+        (torch.ops.nla_fast.nla_loss_fwd.default, (zr, zfr, y, None, 0.37, consts, False, False, True, True)),
         (torch.ops.nla_fast.nla_loss_fwd.default,
-         (zr, zfr, y.to(torch.int32), torch.tensor(0.5, dtype=torch.float64), 0.0, consts, True, True, False)),
-        (torch.ops.nla_fast.nla_loss_fwd.default, (z.float(), zf.float(), y, None, 1.0, consts, False, False, True)),
+         (zr, zfr, y.to(torch.int32), torch.tensor(0.5, dtype=torch.float64), 0.0, consts, True, True, True, False)),
+        (torch.ops.nla_fast.nla_loss_fwd.default,
+         (z.float(), zf.float(), y, None, 1.0, consts, False, False, False, True)),
         (torch.ops.nla_fast.naw_weight.default, (z, y, None, 0.37, consts)),
         (torch.ops.nla_fast.naw_weight.default, (z.float(), y, torch.tensor(0.2), 0.0, consts)),
         (torch.ops.nla_fast.nla_scale_grads.default, (torch.tensor(2.5, dtype=torch.float64), z, zf)),
@@ -342,7 +349,7 @@ def test_gradcheck_float64(config_name):
     c = config.constants
 
     def f(a, b):
-        return torch.ops.nla_fast.nla_loss_fwd(a, b, y, None, 0.37, c.as_list(), c.jsd, True, False)[0]
+        return torch.ops.nla_fast.nla_loss_fwd(a, b, y, None, 0.37, c.as_list(), c.jsd, c.reg_mean, True, False)[0]
 
     assert torch.autograd.gradcheck(f, (z.requires_grad_(), zf.requires_grad_()), eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -561,6 +568,6 @@ def test_cuda_opcheck():
     consts = NLAConfig().constants.as_list()
     zr, zfr = z.clone().requires_grad_(), zf.clone().requires_grad_()
     torch.library.opcheck(torch.ops.nla_fast.nla_loss_fwd.default,
-                          (zr, zfr, y, torch.tensor(0.5, device="cuda"), 0.0, consts, False, True, True))
+                          (zr, zfr, y, torch.tensor(0.5, device="cuda"), 0.0, consts, False, False, True, True))
     torch.library.opcheck(torch.ops.nla_fast.naw_weight.default, (z, y, None, 0.37, consts))
     torch.library.opcheck(torch.ops.nla_fast.nla_scale_grads.default, (torch.tensor(2.5, device="cuda"), z, zf))
