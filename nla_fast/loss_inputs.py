@@ -6,8 +6,6 @@ unless ``validate=True`` asks for it (the target range and a tensor eps are then
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 __all__ = ["BackendUnavailable", "check_inputs", "check_eps", "split_eps", "index_target"]
@@ -103,7 +101,8 @@ def check_eps(eps, validate: bool) -> None:
             value = float(eps)
         except (TypeError, ValueError):
             raise ValueError(f"eps must be a float in [0, 1] or a 0-d tensor, got {eps!r}") from None
-    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+    # NaN and +-inf fail the range test too (and math.isfinite does not trace a symbolic float)
+    if not 0.0 <= value <= 1.0:
         raise ValueError(f"eps must lie in [0, 1] (the schedule value, see eps_schedule), got {value}")
 
 
