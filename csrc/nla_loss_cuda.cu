@@ -4,11 +4,11 @@
 // current stream (c10::cuda::getCurrentCUDAStream()) and calls cuda_rows / cuda_scale.
 //
 // Design (one sweep, each logit read once, each gradient written once; cuda_plan in nla_loss.h):
-//   * C <= 32, the tile kernel: a block stages a tile of `threads` consecutive rows of both logit
-//     tensors in shared memory, as raw bytes: with 16-byte vector loads when the rows are
+//   * C <= 32, the tile kernel: a block stages a tile of up to 4 x `threads` consecutive rows of
+//     both logit tensors in shared memory (cuda_plan), as raw bytes: with 16-byte vector loads when the rows are
 //     contiguous and the tile start is 16-byte aligned (every tile starts on a multiple of
 //     64 rows x C x 2 bytes, so that is the base pointer's alignment), else element by element
-//     through the strides. Then each thread takes one row from shared memory into registers
+//     through the strides. Then each thread takes its rows from shared memory into registers
 //     (CMAX = next_pow2(C) values, unrolled) and runs nla_row (nla_loss.h, the CPU kernel's row
 //     code), writing its gradients back over its own row in shared memory; the block then writes
 //     both gradient tiles out with 16-byte stores. Targets and weights are one value per
@@ -90,6 +90,7 @@ struct Params {
   bool y_is_int64;
   int64_t B;
   int64_t C;
+  int rows_per_tile;  // tile kernel: rows staged per block and step (cuda_plan)
   Constants<acc_t> c;
   const void* eps_ptr;  // nullptr: eps_value
   bool eps_is_double;
@@ -168,7 +169,7 @@ __host__ __device__ __forceinline__ int64_t tile_bytes(int64_t rows, int64_t C, 
 template <typename scalar_t, typename acc_t, int CMAX>
 __global__ void __launch_bounds__(256) nla_tile_kernel(const Params<scalar_t, acc_t> P) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const int rows_per_tile = blockDim.x;
+  const int rows_per_tile = P.rows_per_tile;
   scalar_t* tile_z = reinterpret_cast<scalar_t*>(smem);
   scalar_t* tile_zf =
       reinterpret_cast<scalar_t*>(smem + tile_bytes(rows_per_tile, P.C, static_cast<int>(sizeof(scalar_t))));
@@ -188,8 +189,7 @@ __global__ void __launch_bounds__(256) nla_tile_kernel(const Params<scalar_t, ac
     stage_tile(P.z, P.z_s0, P.z_s1, P.z_contig, row0, C, n, tile_z);
     if (has_flip) stage_tile(P.zf, P.zf_s0, P.zf_s1, P.zf_contig, row0, C, n, tile_zf);
     __syncthreads();
-    const int r = threadIdx.x;
-    if (r < rows) {
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
       const int64_t row = row0 + r;
       const int64_t y = read_target(P.y, row, P.y_s0, P.y_is_int64);
       scalar_t* mine_z = tile_z + static_cast<int64_t>(r) * C;
@@ -458,7 +458,7 @@ const char* last_error() {
 
 template <typename scalar_t, typename acc_t, int CMAX>
 void launch_tile(const Params<scalar_t, acc_t>& P, const CudaPlan& plan, cudaStream_t stream) {
-  const int64_t smem = 2 * tile_bytes(plan.threads, P.C, static_cast<int>(sizeof(scalar_t)));
+  const int64_t smem = 2 * tile_bytes(plan.rows_per_block, P.C, static_cast<int>(sizeof(scalar_t)));
   nla_tile_kernel<scalar_t, acc_t, CMAX><<<plan.grid, plan.threads, static_cast<size_t>(smem), stream>>>(P);
 }
 
@@ -504,6 +504,7 @@ const char* rows_typed(const CudaRowsArgs& a, cudaStream_t stream) {
     return last_error();
   }
   const CudaPlan plan = cuda_plan(a.B, a.C, a.dtype);
+  P.rows_per_tile = static_cast<int>(plan.rows_per_block);
   if (plan.tile) {
     const int log2c = ceil_log2(a.C);
     if (log2c <= 2) {
