@@ -2,7 +2,10 @@
 //
 //   nla_fast::nla_loss_fwd    loss, d loss/d logits, d loss/d logits_flip and the NAW weights in
 //                             one sweep over the rows.
-//   nla_fast::nla_scale_grads backward: the saved gradients times grad_output (read from memory).
+//   nla_fast::nla_scale_grads backward: the saved gradients times grad_output (read from memory),
+//                             into new tensors (the traced/compiled backward).
+//   nla_fast::nla_scale_grads_ the eager backward: the saved gradients scaled in place, nothing
+//                             read or written when grad_output == 1 (checked on the device).
 //   nla_fast::naw_weight      the (B,) NAW weights alone.
 //
 // The CUDA kernels live in nla_loss_cuda.cu (no torch headers there); their ATen glue and the CUDA
@@ -35,7 +38,7 @@
 namespace nla_fast {
 namespace {
 
-// ---- argument handling shared by the CPU and CUDA entry points
+// ---- argument handling shared by the CPU and CUDA entry points (every check before any launch)
 inline void check_logits(const at::Tensor& logits, const char* name) {
   TORCH_CHECK(logits.dim() == 2, "nla_fast: ", name, " must be (B, C), got ", logits.sizes());
   TORCH_CHECK(logits.size(1) >= 2, "nla_fast: NLA needs at least 2 classes, got C=", logits.size(1));
@@ -56,37 +59,32 @@ inline void check_inputs(const at::Tensor& logits, const at::Tensor* logits_flip
   }
   TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "nla_fast: target must be (B,) = (",
               logits.size(0), ",), got ", target.sizes());
-  TORCH_CHECK(at::isIntegralType(target.scalar_type(), /*includeBool=*/false),
-              "nla_fast: target must hold integer class indices, got ", target.scalar_type());
+  // int32 and int64 labels are read as they are; nla_fast.nla_loss widens any other integer dtype
+  // (nla_fast.loss_inputs.index_target) before calling the op.
+  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
+              "nla_fast: target must hold integer class indices as int64 or int32, got ", target.scalar_type(),
+              " (nla_fast.nla_loss widens other integer dtypes; call the op with target.long())");
   TORCH_CHECK(target.device() == logits.device(), "nla_fast: target must be on ", logits.device(), ", got ",
               target.device());
   TORCH_CHECK(constants.size() == static_cast<size_t>(kNumConstants), "nla_fast: expected ", kNumConstants,
               " constants (NLAConstants.as_list()), got ", constants.size());
 }
 
-// int32 and int64 targets are read as they are; any other integer dtype is widened to int64.
-inline at::Tensor prepare_target(const at::Tensor& target) {
-  if (target.scalar_type() == at::kInt || target.scalar_type() == at::kLong) return target;
-  return target.to(at::kLong);
-}
-
-// eps lives either in a 0-d tensor on the logits' device (read inside the kernel, so a captured
-// CUDA graph sees updates) or in a host double. Returns the device tensor (undefined if the value
-// is read on the host) converted to the accumulation dtype, and the host value.
-inline std::pair<at::Tensor, double> resolve_eps(const std::optional<at::Tensor>& eps_tensor, double eps_value,
-                                                 const at::Tensor& logits, at::ScalarType acc_type) {
-  if (!eps_tensor.has_value() || !eps_tensor->defined()) return {at::Tensor(), eps_value};
-  const at::Tensor& e = *eps_tensor;
+inline void check_eps_tensor(const at::Tensor& e) {
   TORCH_CHECK(e.numel() == 1, "nla_fast: eps must be a float or a 0-d tensor, got shape ", e.sizes());
   TORCH_CHECK(at::isFloatingType(e.scalar_type()), "nla_fast: eps tensor must be floating point, got ",
               e.scalar_type());
-  if (logits.is_cpu() || e.is_cpu()) {
-    // A CPU scalar is read on the host without any device synchronisation.
-    return {at::Tensor(), e.item<double>()};
+}
+
+// A one-element host tensor's value, read from memory (no dispatcher call, no copy).
+inline double host_scalar(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return static_cast<double>(*t.const_data_ptr<float>());
+    case at::kDouble: return *t.const_data_ptr<double>();
+    case at::kHalf: return static_cast<double>(static_cast<float>(*t.const_data_ptr<at::Half>()));
+    case at::kBFloat16: return static_cast<double>(static_cast<float>(*t.const_data_ptr<at::BFloat16>()));
+    default: TORCH_CHECK(false, "nla_fast: expected a floating-point scalar, got ", t.scalar_type());
   }
-  TORCH_CHECK(e.device() == logits.device(), "nla_fast: eps tensor must be on ", logits.device(), ", got ",
-              e.device());
-  return {e.reshape({}).to(acc_type), eps_value};
 }
 
 inline at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -105,136 +103,46 @@ struct CpuRows {
   int64_t zf_s0, zf_s1;
   const index_t* y;
   int64_t y_s0;
-  int64_t B, C;
-  Constants<acc_t> c;
-  TrueCase<acc_t> tc;
-  bool jsd;
-  scalar_t* gz;  // nullptr: no gradients
+  int64_t C;
+  RowConsts<acc_t> k;
+  scalar_t* gz;  // nullptr: no gradients (contiguous (B, C))
   scalar_t* gzf;
   acc_t* weights;  // nullptr: no weights
 
-  // Processes row i; returns its contribution to the loss (0 in weights-only mode).
+  // Processes row i (nla_row, shared with the CUDA tile kernel); returns its share of the loss.
   acc_t row(int64_t i) const {
     const scalar_t* zr = z + i * z_s0;
-    const scalar_t* zfr = zf ? zf + i * zf_s0 : nullptr;
-    const int64_t yi = static_cast<int64_t>(y[i * y_s0]);
-    const acc_t nan = nla_nan<acc_t>();
-    if (yi < 0 || yi >= C) {  // never index with an out-of-range label: the row is NaN
-      if (weights) weights[i] = nan;
-      if (gz) {
-        for (int64_t j = 0; j < C; ++j) {
-          gz[i * C + j] = static_cast<scalar_t>(nan);
-          gzf[i * C + j] = static_cast<scalar_t>(nan);
-        }
-      }
-      return nan;
-    }
-    const acc_t half = static_cast<acc_t>(0.5);
-    // pass 1: maxima and the nearest negative (first index of the largest logit among j != y)
-    acc_t mz = -nla_inf<acc_t>(), mzf = -nla_inf<acc_t>(), mu = -nla_inf<acc_t>(), best = -nla_inf<acc_t>();
-    int64_t k = -1;
-    for (int64_t j = 0; j < C; ++j) {
-      const acc_t a = static_cast<acc_t>(zr[j * z_s1]);
-      mz = nla_max(mz, a);
-      if (j != yi && (a > best || (a == best && k < 0))) {
-        best = a;
-        k = j;
-      }
-      if (zfr) {
-        const acc_t b = static_cast<acc_t>(zfr[j * zf_s1]);
-        mzf = nla_max(mzf, b);
-        if (!jsd) mu = nla_max(mu, (a + b) * half);
-      }
-    }
-    // pass 2: sums of exponentials
-    acc_t sz = 0, szf = 0, su = 0;
-    for (int64_t j = 0; j < C; ++j) {
-      const acc_t a = static_cast<acc_t>(zr[j * z_s1]);
-      sz += nla_exp(a - mz);
-      if (zfr) {
-        const acc_t b = static_cast<acc_t>(zfr[j * zf_s1]);
-        szf += nla_exp(b - mzf);
-        if (!jsd) su += nla_exp((a + b) * half - mu);
-      }
-    }
-    const acc_t lse_z = mz + nla_log(sz);
-    const acc_t zy = static_cast<acc_t>(zr[yi * z_s1]);
-    const acc_t ce = lse_z - zy;
-    const acc_t g = nla_exp(zy - lse_z);
-    const acc_t n = nla_exp(best - lse_z);
-    const NAW<acc_t> r = naw_weight(g, n, c, tc);
-    if (weights) weights[i] = r.w;
-    if (!zfr) return 0;
-
-    const acc_t lse_zf = mzf + nla_log(szf);
-    const acc_t inv_b = static_cast<acc_t>(1) / static_cast<acc_t>(B);
-    const acc_t lam_over_b = c.lam * inv_b;
-    const acc_t one_m_lam = static_cast<acc_t>(1) - c.lam;
-    acc_t contrib = lam_over_b * (static_cast<acc_t>(1) + r.w) * ce;
-    acc_t lse_u = 0, S = 0, Sf = 0;
-    if (!jsd) {
-      lse_u = mu + nla_log(su);
-      contrib += one_m_lam * (half * (lse_z + lse_zf) - lse_u);
-    } else {
-      for (int64_t j = 0; j < C; ++j) {
-        const acc_t lp = static_cast<acc_t>(zr[j * z_s1]) - lse_z;
-        const acc_t lpf = static_cast<acc_t>(zfr[j * zf_s1]) - lse_zf;
-        const acc_t lm = nla_logaddexp(lp, lpf) - static_cast<acc_t>(0.69314718055994530942);
-        S += nla_exp(lp) * (lp - lm);
-        Sf += nla_exp(lpf) * (lpf - lm);
-      }
-      contrib += one_m_lam * inv_b * half * (S + Sf);
-    }
-    if (gz) {
-      const NAWGrad<acc_t> ng = naw_grad(r, ce, g, n, lam_over_b);
-      scalar_t* gr = gz + i * C;
-      scalar_t* gfr = gzf + i * C;
-      if (!jsd) {
-        const acc_t h = one_m_lam * half;
-        for (int64_t j = 0; j < C; ++j) {
-          const acc_t a = static_cast<acc_t>(zr[j * z_s1]);
-          const acc_t b = static_cast<acc_t>(zfr[j * zf_s1]);
-          const acc_t p = nla_exp(a - lse_z);
-          const acc_t pf = nla_exp(b - lse_zf);
-          const acc_t q = nla_exp((a + b) * half - lse_u);
-          acc_t v = ng.A * p + h * (p - q);
-          if (j == yi) v += ng.Ey;
-          if (j == k) v += ng.Ek;
-          gr[j] = static_cast<scalar_t>(v);
-          gfr[j] = static_cast<scalar_t>(h * (pf - q));
-        }
-      } else {
-        const acc_t h = one_m_lam * half * inv_b;
-        for (int64_t j = 0; j < C; ++j) {
-          const acc_t lp = static_cast<acc_t>(zr[j * z_s1]) - lse_z;
-          const acc_t lpf = static_cast<acc_t>(zfr[j * zf_s1]) - lse_zf;
-          const acc_t lm = nla_logaddexp(lp, lpf) - static_cast<acc_t>(0.69314718055994530942);
-          const acc_t p = nla_exp(lp);
-          const acc_t pf = nla_exp(lpf);
-          acc_t v = ng.A * p + h * p * ((lp - lm) - S);
-          if (j == yi) v += ng.Ey;
-          if (j == k) v += ng.Ek;
-          gr[j] = static_cast<scalar_t>(v);
-          gfr[j] = static_cast<scalar_t>(h * pf * ((lpf - lm) - Sf));
-        }
-      }
-    }
-    return contrib;
+    const scalar_t* zfr = zf ? zf + i * zf_s0 : zr;
+    const int64_t zs = z_s1, zfs = zf ? zf_s1 : z_s1;
+    const auto load = [zr, zfr, zs, zfs](int64_t j, acc_t& a, acc_t& b) {
+      a = static_cast<acc_t>(zr[j * zs]);
+      b = static_cast<acc_t>(zfr[j * zfs]);
+    };
+    scalar_t* gr = gz ? gz + i * C : nullptr;
+    scalar_t* gfr = gzf ? gzf + i * C : nullptr;
+    const auto store = [gr, gfr](int64_t j, acc_t v, acc_t vf) {
+      gr[j] = static_cast<scalar_t>(v);
+      gfr[j] = static_cast<scalar_t>(vf);
+    };
+    return nla_row<0>(load, C, static_cast<int64_t>(y[i * y_s0]), k, zf != nullptr, gz != nullptr, store,
+                      weights ? weights + i : nullptr);
   }
 };
 
-// Runs every row; returns the loss (sum of row contributions in a fixed order, in double).
+// Runs every row of [0, B); returns the loss (sum of row contributions in a fixed order, in double).
 template <typename scalar_t, typename index_t>
-double run_rows(const CpuRows<scalar_t, index_t>& rows) {
-  const int64_t nchunks = (rows.B + kRowsPerChunk - 1) / kRowsPerChunk;
+double run_rows(const CpuRows<scalar_t, index_t>& rows, int64_t B) {
+  const int64_t nchunks = (B + kRowsPerChunk - 1) / kRowsPerChunk;
+  const auto chunk_sum = [&rows, B](int64_t ch) {
+    const int64_t r1 = std::min(B, (ch + 1) * kRowsPerChunk);
+    double s = 0.0;
+    for (int64_t i = ch * kRowsPerChunk; i < r1; ++i) s += static_cast<double>(rows.row(i));
+    return s;
+  };
+  if (nchunks <= 1) return nchunks == 1 ? chunk_sum(0) : 0.0;  // a training batch: no thread pool
   std::vector<double> partial(static_cast<size_t>(nchunks), 0.0);
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t ch = begin; ch < end; ++ch) {
-      const int64_t r1 = std::min(rows.B, (ch + 1) * kRowsPerChunk);
-      double s = 0.0;
-      for (int64_t i = ch * kRowsPerChunk; i < r1; ++i) s += static_cast<double>(rows.row(i));
-      partial[static_cast<size_t>(ch)] = s;
-    }
+    for (int64_t ch = begin; ch < end; ++ch) partial[static_cast<size_t>(ch)] = chunk_sum(ch);
   });
   double total = 0.0;
   for (double s : partial) total += s;
@@ -243,9 +151,10 @@ double run_rows(const CpuRows<scalar_t, index_t>& rows) {
 
 template <typename scalar_t, typename index_t>
 void launch_cpu(const at::Tensor& z, const at::Tensor* zf, const at::Tensor& y, double eps,
-                at::ArrayRef<double> constants, bool jsd, at::Tensor* gz, at::Tensor* gzf, at::Tensor* weights,
-                at::Tensor* loss) {
+                at::ArrayRef<double> constants, bool jsd, bool reg_mean, at::Tensor* gz, at::Tensor* gzf,
+                at::Tensor* weights, at::Tensor* loss) {
   using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = z.size(0);
   CpuRows<scalar_t, index_t> rows;
   rows.z = z.const_data_ptr<scalar_t>();
   rows.z_s0 = z.stride(0);
@@ -255,48 +164,54 @@ void launch_cpu(const at::Tensor& z, const at::Tensor* zf, const at::Tensor& y, 
   rows.zf_s1 = zf ? zf->stride(1) : 0;
   rows.y = y.const_data_ptr<index_t>();
   rows.y_s0 = y.stride(0);
-  rows.B = z.size(0);
   rows.C = z.size(1);
-  rows.c = make_constants<acc_t>(constants.data());
-  rows.tc = make_true_case(rows.c, static_cast<acc_t>(eps));
-  rows.jsd = jsd;
+  rows.k = make_row_consts(make_constants<acc_t>(constants.data()), static_cast<acc_t>(eps), B, jsd, reg_mean);
   rows.gz = gz ? gz->mutable_data_ptr<scalar_t>() : nullptr;
   rows.gzf = gzf ? gzf->mutable_data_ptr<scalar_t>() : nullptr;
   rows.weights = weights ? weights->mutable_data_ptr<acc_t>() : nullptr;
-  const double total = run_rows(rows);
+  const double total = run_rows(rows, B);
   if (loss) {
-    const double value = rows.B > 0 ? total : std::numeric_limits<double>::quiet_NaN();
-    loss->fill_(value);
+    // written through the pointer: no fill_ through the dispatcher
+    *loss->mutable_data_ptr<acc_t>() =
+        static_cast<acc_t>(B > 0 ? total : std::numeric_limits<double>::quiet_NaN());
   }
 }
 
 void dispatch_cpu(const at::Tensor& z, const at::Tensor* zf, const at::Tensor& y, double eps,
-                  at::ArrayRef<double> constants, bool jsd, at::Tensor* gz, at::Tensor* gzf, at::Tensor* weights,
-                  at::Tensor* loss) {
+                  at::ArrayRef<double> constants, bool jsd, bool reg_mean, at::Tensor* gz, at::Tensor* gzf,
+                  at::Tensor* weights, at::Tensor* loss) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "nla_fast_cpu", [&] {
     if (y.scalar_type() == at::kInt) {
-      launch_cpu<scalar_t, int32_t>(z, zf, y, eps, constants, jsd, gz, gzf, weights, loss);
+      launch_cpu<scalar_t, int32_t>(z, zf, y, eps, constants, jsd, reg_mean, gz, gzf, weights, loss);
     } else {
-      launch_cpu<scalar_t, int64_t>(z, zf, y, eps, constants, jsd, gz, gzf, weights, loss);
+      launch_cpu<scalar_t, int64_t>(z, zf, y, eps, constants, jsd, reg_mean, gz, gzf, weights, loss);
     }
   });
+}
+
+// eps on the CPU path: a tensor (on the CPU) is read from memory, else the float.
+inline double cpu_eps(const std::optional<at::Tensor>& eps_tensor, double eps_value) {
+  if (!eps_tensor.has_value() || !eps_tensor->defined()) return eps_value;
+  check_eps_tensor(*eps_tensor);
+  TORCH_CHECK(eps_tensor->is_cpu(), "nla_fast: eps tensor must be on the CPU for CPU logits, got ",
+              eps_tensor->device());
+  return host_scalar(*eps_tensor);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nla_loss_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& logits_flip, const at::Tensor& target,
     const std::optional<at::Tensor>& eps_tensor, double eps_value, at::ArrayRef<double> constants, bool jsd,
-    bool need_grad, bool need_weights) {
+    bool reg_mean, bool need_grad, bool need_weights) {
   check_inputs(logits, &logits_flip, target, constants);
   TORCH_CHECK(logits.is_cpu(), "nla_fast::nla_loss_fwd (CPU kernel) got a tensor on ", logits.device());
-  const at::Tensor y = prepare_target(target);
+  const double eps = cpu_eps(eps_tensor, eps_value);
   const auto acc = acc_type_of(logits.scalar_type());
-  const double eps = resolve_eps(eps_tensor, eps_value, logits, acc).second;
   const int64_t B = logits.size(0), C = logits.size(1);
   at::Tensor loss = at::empty({}, logits.options().dtype(acc));
   at::Tensor gz = need_grad ? at::empty({B, C}, logits.options()) : at::empty({0}, logits.options());
   at::Tensor gzf = need_grad ? at::empty({B, C}, logits.options()) : at::empty({0}, logits.options());
   at::Tensor w = at::empty({need_weights ? B : 0}, logits.options().dtype(acc));
-  dispatch_cpu(logits, &logits_flip, y, eps, constants, jsd, need_grad ? &gz : nullptr,
+  dispatch_cpu(logits, &logits_flip, target, eps, constants, jsd, reg_mean, need_grad ? &gz : nullptr,
                need_grad ? &gzf : nullptr, need_weights ? &w : nullptr, &loss);
   return {loss, gz, gzf, w};
 }
@@ -306,21 +221,53 @@ at::Tensor naw_weight_cpu(const at::Tensor& logits, const at::Tensor& target,
                           at::ArrayRef<double> constants) {
   check_inputs(logits, nullptr, target, constants);
   TORCH_CHECK(logits.is_cpu(), "nla_fast::naw_weight (CPU kernel) got a tensor on ", logits.device());
-  const at::Tensor y = prepare_target(target);
-  const auto acc = acc_type_of(logits.scalar_type());
-  const double eps = resolve_eps(eps_tensor, eps_value, logits, acc).second;
-  at::Tensor w = at::empty({logits.size(0)}, logits.options().dtype(acc));
-  dispatch_cpu(logits, nullptr, y, eps, constants, false, nullptr, nullptr, &w, nullptr);
+  const double eps = cpu_eps(eps_tensor, eps_value);
+  at::Tensor w = at::empty({logits.size(0)}, logits.options().dtype(acc_type_of(logits.scalar_type())));
+  dispatch_cpu(logits, nullptr, target, eps, constants, false, false, nullptr, nullptr, &w, nullptr);
   return w;
+}
+
+inline void check_scale_args(const at::Tensor& grad_output, const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(grad_output.numel() == 1, "nla_fast::nla_scale_grads: grad_output must hold one value, got ",
+              grad_output.sizes());
+  TORCH_CHECK(at::isFloatingType(grad_output.scalar_type()),
+              "nla_fast::nla_scale_grads: grad_output must be floating point, got ", grad_output.scalar_type());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && at::isFloatingType(a.scalar_type()),
+              "nla_fast::nla_scale_grads: both gradients must share a floating-point dtype, got ", a.scalar_type(),
+              " and ", b.scalar_type());
+  TORCH_CHECK(b.device() == a.device(), "nla_fast::nla_scale_grads: both gradients must be on one device");
+}
+
+// in *= g for a contiguous CPU tensor, in the accumulation type.
+void scale_cpu_inplace(at::Tensor& t, double g) {
+  if (t.numel() == 0) return;
+  TORCH_CHECK(t.is_contiguous(), "nla_fast::nla_scale_grads_: the saved gradients must be contiguous");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "nla_fast_scale_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t f = static_cast<acc_t>(g);
+    scalar_t* p = t.mutable_data_ptr<scalar_t>();
+    const int64_t n = t.numel();
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(static_cast<acc_t>(p[i]) * f);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> nla_scale_grads_cpu(const at::Tensor& grad_output, const at::Tensor& grad_logits,
                                                        const at::Tensor& grad_logits_flip) {
-  TORCH_CHECK(grad_output.numel() == 1, "nla_fast::nla_scale_grads: grad_output must hold one value, got ",
-              grad_output.sizes());
+  check_scale_args(grad_output, grad_logits, grad_logits_flip);
   // A 0-d grad_output does not promote: the products keep the gradients' dtype.
   const at::Tensor go = grad_output.reshape({});
   return {at::mul(grad_logits, go), at::mul(grad_logits_flip, go)};
+}
+
+// The eager backward: the saved gradients scaled in place, nothing at all when grad_output == 1.
+void nla_scale_grads_inplace_cpu(const at::Tensor& grad_output, at::Tensor& grad_logits,
+                                 at::Tensor& grad_logits_flip) {
+  check_scale_args(grad_output, grad_logits, grad_logits_flip);
+  TORCH_CHECK(grad_output.is_cpu(), "nla_fast::nla_scale_grads_: grad_output must be on the CPU here");
+  const double g = host_scalar(grad_output);
+  if (g == 1.0) return;
+  scale_cpu_inplace(grad_logits, g);
+  scale_cpu_inplace(grad_logits_flip, g);
 }
 
 // ---- CUDA entry points: ATen glue around the plain launchers of nla_loss_cuda.cu
@@ -336,12 +283,42 @@ DType to_dtype(at::ScalarType t) {
   }
 }
 
-void run_cuda(const at::Tensor& z, const at::Tensor* zf, const at::Tensor& y, const at::Tensor& eps_dev,
-              double eps_value, at::ArrayRef<double> constants, bool jsd, at::Tensor* gz, at::Tensor* gzf,
+// eps for a CUDA launch: (device pointer or nullptr, is double, host value). A tensor on the
+// logits' device is read by the kernel (a captured CUDA graph sees updates); a CPU scalar is
+// read here, from host memory (no device synchronisation).
+struct CudaEps {
+  const void* ptr = nullptr;
+  bool is_double = false;
+  double value = 0.0;
+  at::Tensor keep;  // a converted copy, kept alive until the launch is queued
+};
+
+CudaEps cuda_eps(const std::optional<at::Tensor>& eps_tensor, double eps_value, const at::Tensor& logits) {
+  CudaEps out;
+  out.value = eps_value;
+  if (!eps_tensor.has_value() || !eps_tensor->defined()) return out;
+  const at::Tensor& e = *eps_tensor;
+  check_eps_tensor(e);
+  if (e.is_cpu()) {
+    out.value = host_scalar(e);
+    return out;
+  }
+  TORCH_CHECK(e.device() == logits.device(), "nla_fast: eps tensor must be on ", logits.device(), " (or the CPU), got ",
+              e.device());
+  if (e.scalar_type() == at::kFloat || e.scalar_type() == at::kDouble) {
+    out.ptr = e.const_data_ptr();  // one element: its storage offset is already applied
+    out.is_double = e.scalar_type() == at::kDouble;
+  } else {
+    out.keep = e.to(at::kFloat);  // half / bfloat16 eps: one small copy on the stream
+    out.ptr = out.keep.const_data_ptr();
+  }
+  return out;
+}
+
+void run_cuda(const at::Tensor& z, const at::Tensor* zf, const at::Tensor& y, const CudaEps& eps,
+              at::ArrayRef<double> constants, bool jsd, bool reg_mean, at::Tensor* gz, at::Tensor* gzf,
               at::Tensor* weights, at::Tensor* loss) {
   const int64_t B = z.size(0), C = z.size(1);
-  TORCH_CHECK(C <= (int64_t{1} << kCudaMaxLog2C), "nla_fast: the CUDA kernels support C <= ",
-              (int64_t{1} << kCudaMaxLog2C), " classes, got C=", C);
   CudaRowsArgs a{};
   a.dtype = to_dtype(z.scalar_type());
   a.z = z.const_data_ptr();
@@ -356,16 +333,24 @@ void run_cuda(const at::Tensor& z, const at::Tensor* zf, const at::Tensor& y, co
   a.B = B;
   a.C = C;
   for (int i = 0; i < kNumConstants; ++i) a.constants[i] = constants[i];
-  a.eps_ptr = eps_dev.defined() ? eps_dev.const_data_ptr() : nullptr;
-  a.eps_value = eps_value;
+  a.eps_ptr = eps.ptr;
+  a.eps_is_double = eps.is_double;
+  a.eps_value = eps.value;
   a.jsd = jsd;
+  a.reg_mean = reg_mean;
   a.gz = gz ? gz->mutable_data_ptr() : nullptr;
   a.gzf = gzf ? gzf->mutable_data_ptr() : nullptr;
   a.weights = weights ? weights->mutable_data_ptr() : nullptr;
   at::Tensor partials;  // freed after the launch: the caching allocator orders reuse on this stream
   if (loss != nullptr) {
-    partials = at::empty({cuda_grid(B, C)}, z.options().dtype(acc_type_of(z.scalar_type())));
-    a.partials = partials.mutable_data_ptr();
+    const CudaPlan plan = cuda_plan(B, C, a.dtype);
+    // one block writes the loss itself; several write partials that a second launch sums
+    if (plan.grid > 1) {
+      partials = at::empty({plan.grid}, z.options().dtype(acc_type_of(z.scalar_type())));
+      a.partials = partials.mutable_data_ptr();
+    } else {
+      a.partials = loss->mutable_data_ptr();
+    }
     a.loss = loss->mutable_data_ptr();
   }
   const char* err = cuda_rows(a, c10::cuda::getCurrentCUDAStream(z.device().index()).stream());
@@ -375,19 +360,18 @@ void run_cuda(const at::Tensor& z, const at::Tensor* zf, const at::Tensor& y, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nla_loss_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& logits_flip, const at::Tensor& target,
     const std::optional<at::Tensor>& eps_tensor, double eps_value, at::ArrayRef<double> constants, bool jsd,
-    bool need_grad, bool need_weights) {
+    bool reg_mean, bool need_grad, bool need_weights) {
   check_inputs(logits, &logits_flip, target, constants);
   TORCH_CHECK(logits.is_cuda(), "nla_fast::nla_loss_fwd (CUDA kernel) got a tensor on ", logits.device());
   const c10::cuda::CUDAGuard guard(logits.device());
-  const at::Tensor y = prepare_target(target);
+  const CudaEps eps = cuda_eps(eps_tensor, eps_value, logits);
   const auto acc = acc_type_of(logits.scalar_type());
-  const auto eps = resolve_eps(eps_tensor, eps_value, logits, acc);
   const int64_t B = logits.size(0), C = logits.size(1);
   at::Tensor loss = at::empty({}, logits.options().dtype(acc));
   at::Tensor gz = need_grad ? at::empty({B, C}, logits.options()) : at::empty({0}, logits.options());
   at::Tensor gzf = need_grad ? at::empty({B, C}, logits.options()) : at::empty({0}, logits.options());
   at::Tensor w = at::empty({need_weights ? B : 0}, logits.options().dtype(acc));
-  run_cuda(logits, &logits_flip, y, eps.first, eps.second, constants, jsd, need_grad ? &gz : nullptr,
+  run_cuda(logits, &logits_flip, target, eps, constants, jsd, reg_mean, need_grad ? &gz : nullptr,
            need_grad ? &gzf : nullptr, need_weights ? &w : nullptr, &loss);
   return {loss, gz, gzf, w};
 }
@@ -398,28 +382,28 @@ at::Tensor naw_weight_cuda(const at::Tensor& logits, const at::Tensor& target,
   check_inputs(logits, nullptr, target, constants);
   TORCH_CHECK(logits.is_cuda(), "nla_fast::naw_weight (CUDA kernel) got a tensor on ", logits.device());
   const c10::cuda::CUDAGuard guard(logits.device());
-  const at::Tensor y = prepare_target(target);
-  const auto acc = acc_type_of(logits.scalar_type());
-  const auto eps = resolve_eps(eps_tensor, eps_value, logits, acc);
-  at::Tensor w = at::empty({logits.size(0)}, logits.options().dtype(acc));
-  run_cuda(logits, nullptr, y, eps.first, eps.second, constants, false, nullptr, nullptr, &w, nullptr);
+  const CudaEps eps = cuda_eps(eps_tensor, eps_value, logits);
+  at::Tensor w = at::empty({logits.size(0)}, logits.options().dtype(acc_type_of(logits.scalar_type())));
+  run_cuda(logits, nullptr, target, eps, constants, false, false, nullptr, nullptr, &w, nullptr);
   return w;
+}
+
+// grad_output for a scale kernel: a float or double on the gradients' device.
+at::Tensor cuda_grad_output(const at::Tensor& grad_output, const at::Tensor& like) {
+  at::Tensor go = grad_output;
+  if (go.device() != like.device()) go = go.to(like.device());  // a host scalar: not what autograd passes
+  if (go.scalar_type() != at::kFloat && go.scalar_type() != at::kDouble) go = go.to(at::kFloat);
+  return go;
 }
 
 std::tuple<at::Tensor, at::Tensor> nla_scale_grads_cuda(const at::Tensor& grad_output, const at::Tensor& grad_logits,
                                                         const at::Tensor& grad_logits_flip) {
-  TORCH_CHECK(grad_output.numel() == 1, "nla_fast::nla_scale_grads: grad_output must hold one value, got ",
-              grad_output.sizes());
-  TORCH_CHECK(grad_logits.scalar_type() == grad_logits_flip.scalar_type(),
-              "nla_fast::nla_scale_grads: both gradients must share a dtype");
-  TORCH_CHECK(grad_logits.is_cuda() && grad_logits_flip.device() == grad_logits.device(),
-              "nla_fast::nla_scale_grads: the gradients must be on one CUDA device");
+  check_scale_args(grad_output, grad_logits, grad_logits_flip);
+  TORCH_CHECK(grad_logits.is_cuda(), "nla_fast::nla_scale_grads: the gradients must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(grad_logits.device());
   const at::Tensor a = grad_logits.contiguous();
   const at::Tensor b = grad_logits_flip.contiguous();
-  at::Tensor go = grad_output.reshape({});
-  if (go.device() != a.device()) go = go.to(a.device());  // a host scalar: not what autograd passes
-  if (go.scalar_type() != at::kFloat && go.scalar_type() != at::kDouble) go = go.to(at::kFloat);
+  const at::Tensor go = cuda_grad_output(grad_output, a);
   at::Tensor out_a = at::empty(a.sizes(), a.options());
   at::Tensor out_b = at::empty(b.sizes(), b.options());
   const char* err = cuda_scale(to_dtype(a.scalar_type()), go.const_data_ptr(), go.scalar_type() == at::kDouble,
@@ -428,6 +412,23 @@ std::tuple<at::Tensor, at::Tensor> nla_scale_grads_cuda(const at::Tensor& grad_o
                                c10::cuda::getCurrentCUDAStream(a.device().index()).stream());
   TORCH_CHECK(err == nullptr, "nla_fast: CUDA kernel launch failed: ", err);
   return {out_a, out_b};
+}
+
+void nla_scale_grads_inplace_cuda(const at::Tensor& grad_output, at::Tensor& grad_logits,
+                                  at::Tensor& grad_logits_flip) {
+  check_scale_args(grad_output, grad_logits, grad_logits_flip);
+  TORCH_CHECK(grad_logits.is_cuda(), "nla_fast::nla_scale_grads_: the gradients must be on a CUDA device");
+  TORCH_CHECK(grad_logits.is_contiguous() && grad_logits_flip.is_contiguous(),
+              "nla_fast::nla_scale_grads_: the saved gradients must be contiguous");
+  const c10::cuda::CUDAGuard guard(grad_logits.device());
+  const at::Tensor go = cuda_grad_output(grad_output, grad_logits);
+  // one launch that reads grad_output on the device and exits when it is 1: no host sync
+  const char* err = cuda_scale(to_dtype(grad_logits.scalar_type()), go.const_data_ptr(),
+                               go.scalar_type() == at::kDouble, grad_logits.const_data_ptr(),
+                               grad_logits_flip.const_data_ptr(), grad_logits.mutable_data_ptr(),
+                               grad_logits_flip.mutable_data_ptr(), grad_logits.numel(), grad_logits_flip.numel(),
+                               c10::cuda::getCurrentCUDAStream(grad_logits.device().index()).stream());
+  TORCH_CHECK(err == nullptr, "nla_fast: CUDA kernel launch failed: ", err);
 }
 
 #endif  // NLA_WITH_CUDA
@@ -439,15 +440,17 @@ TORCH_LIBRARY(nla_fast, m) {
   m.set_python_module("nla_fast.extension");
   m.def(
       "nla_loss_fwd(Tensor logits, Tensor logits_flip, Tensor target, Tensor? eps_tensor, float eps_value, "
-      "float[] constants, bool jsd, bool need_grad, bool need_weights) "
+      "float[] constants, bool jsd, bool reg_mean, bool need_grad, bool need_weights) "
       "-> (Tensor loss, Tensor grad_logits, Tensor grad_logits_flip, Tensor weights)");
   m.def("nla_scale_grads(Tensor grad_output, Tensor grad_logits, Tensor grad_logits_flip) -> (Tensor, Tensor)");
+  m.def("nla_scale_grads_(Tensor grad_output, Tensor(a!) grad_logits, Tensor(b!) grad_logits_flip) -> ()");
   m.def("naw_weight(Tensor logits, Tensor target, Tensor? eps_tensor, float eps_value, float[] constants) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(nla_fast, CPU, m) {
   m.impl("nla_loss_fwd", &nla_fast::nla_loss_fwd_cpu);
   m.impl("nla_scale_grads", &nla_fast::nla_scale_grads_cpu);
+  m.impl("nla_scale_grads_", &nla_fast::nla_scale_grads_inplace_cpu);
   m.impl("naw_weight", &nla_fast::naw_weight_cpu);
 }
 
@@ -455,6 +458,7 @@ TORCH_LIBRARY_IMPL(nla_fast, CPU, m) {
 TORCH_LIBRARY_IMPL(nla_fast, CUDA, m) {
   m.impl("nla_loss_fwd", &nla_fast::nla_loss_fwd_cuda);
   m.impl("nla_scale_grads", &nla_fast::nla_scale_grads_cuda);
+  m.impl("nla_scale_grads_", &nla_fast::nla_scale_grads_inplace_cuda);
   m.impl("naw_weight", &nla_fast::naw_weight_cuda);
 }
 #endif

@@ -8,6 +8,10 @@
 //   d[(1 + w) CE]/dz_j = A p_j + [j == y] Ey + [j == k] Ek   with
 //     A = (1 + w) - CE (dw/dg g + dw/dn n),  Ey = CE dw/dg g - (1 + w),  Ek = CE dw/dn n
 // (nla_fast.reference.nla_forward_backward_closed_form writes the same derivation in PyTorch).
+// The consistency term per row is official: (lse z + lse z')/2 - lse((z + z')/2), gradients
+// (p - q)/2 and (p' - q)/2; jsd: 0.5 sum p t + 0.5 sum p' t' with t = log p - log m,
+// m = (p + p')/2 (0 where p = 0, so a -inf logit adds nothing), gradients 0.5 p (t - sum p t). It is summed over the
+// batch, or averaged when reg_mean (NLAConfig.consistency_reduction).
 //
 // This header includes no torch header, so nvcc compiles nla_loss_cuda.cu quickly: the CUDA file
 // holds kernels and plain launchers (declared at the end), the ATen glue and the CUDA operator
@@ -90,21 +94,6 @@ NLA_HD acc_t nla_max(acc_t a, acc_t b) {
   return (a > b || a != a) ? a : b;
 }
 
-// log(exp(a) + exp(b)) as torch.logaddexp: -inf for two -inf, NaN for a NaN.
-template <typename acc_t>
-NLA_HD acc_t nla_logaddexp(acc_t a, acc_t b) {
-  if (a == b) return a + static_cast<acc_t>(0.69314718055994530942);
-  const acc_t m = a > b ? a : b;
-  return m + nla_log1p(nla_exp(-nla_abs(a - b)));
-}
-
-// "Better" candidate for the nearest negative: larger logit, first index among ties.
-// NaN logits never win, so every lane of a reduction ends with the same pair.
-template <typename acc_t>
-NLA_HD bool nla_nn_better(acc_t v, int idx, acc_t best_v, int best_idx) {
-  return v > best_v || (v == best_v && idx < best_idx);
-}
-
 // The eps-dependent part of the true-case Gaussian, computed once per launch/thread.
 template <typename acc_t>
 struct TrueCase {
@@ -169,6 +158,175 @@ NLA_HD NAWGrad<acc_t> naw_grad(const NAW<acc_t>& r, acc_t ce, acc_t g, acc_t n, 
   return o;
 }
 
+
+#if defined(__CUDACC__)
+#define NLA_UNROLL _Pragma("unroll")
+#else
+#define NLA_UNROLL
+#endif
+
+// Everything a row needs besides its values: fixed for a call.
+template <typename acc_t>
+struct RowConsts {
+  Constants<acc_t> c;
+  TrueCase<acc_t> tc;
+  acc_t lam_over_b;  // lam / B: the NAW term is a batch mean
+  acc_t reg_scale;   // (1 - lam), over B when the consistency term is a batch mean (reg_mean)
+  bool jsd;
+};
+
+template <typename acc_t>
+NLA_HD RowConsts<acc_t> make_row_consts(const Constants<acc_t>& c, acc_t eps, int64_t B, bool jsd, bool reg_mean) {
+  RowConsts<acc_t> k;
+  k.c = c;
+  k.tc = make_true_case(c, eps);
+  const acc_t inv_b = static_cast<acc_t>(1) / static_cast<acc_t>(B);
+  k.lam_over_b = c.lam * inv_b;
+  k.reg_scale = (static_cast<acc_t>(1) - c.lam) * (reg_mean ? inv_b : static_cast<acc_t>(1));
+  k.jsd = jsd;
+  return k;
+}
+
+// One row of the loss, its gradients and its NAW weight, from the row's values.
+//   load(j, a, b): a = z_j, b = z'_j (b is not used when !has_flip) in acc_t;
+//   store(j, v, vf): the gradients d loss / d z_j, d loss / d z'_j (only when want_grad);
+//   weight: where w goes (nullptr: nowhere). Returns the row's share of the loss (0 without flip).
+// CMAX > 0: the column loops are unrolled to CMAX (C <= CMAX), so on the GPU a row held in a
+// register array stays in registers; CMAX == 0: plain loops over any C (the CPU kernel).
+// The exponentials of pass 2 are kept (registers for CMAX <= 16, the stack for C <= 64 on the
+// CPU), so the later passes need none: p = e^(z - max) / sum. A JSD log-mixture is
+// log(p + p') - log 2, used only where p > 0 (or p' > 0), so it is finite wherever it counts.
+// An out-of-range target never indexes anything: the row is NaN.
+template <int CMAX, typename acc_t, typename Load, typename Store>
+NLA_HD acc_t nla_row(const Load& load, const int64_t C, const int64_t y, const RowConsts<acc_t>& K,
+                     const bool has_flip, const bool want_grad, const Store& store, acc_t* weight) {
+  constexpr int kCache = CMAX > 0 ? CMAX : 64;
+  const bool cached = CMAX > 0 ? CMAX <= 16 : C <= kCache;
+  const acc_t nan = nla_nan<acc_t>();
+  const acc_t half = static_cast<acc_t>(0.5);
+  const acc_t one = static_cast<acc_t>(1);
+  const acc_t zero = static_cast<acc_t>(0);
+  const acc_t ln2 = static_cast<acc_t>(0.69314718055994530942);
+  const int64_t ncols = CMAX > 0 ? static_cast<int64_t>(CMAX) : C;
+  if (y < 0 || y >= C) {
+    if (weight != nullptr) *weight = nan;
+    if (want_grad) {
+      NLA_UNROLL
+      for (int64_t j = 0; j < ncols; ++j) {
+        if (CMAX == 0 || j < C) store(j, nan, nan);
+      }
+    }
+    return nan;
+  }
+  const bool official = has_flip && !K.jsd;
+  // pass 1: maxima, z_y and the nearest negative k (first index of the largest logit, j != y)
+  acc_t mz = -nla_inf<acc_t>(), mzf = -nla_inf<acc_t>(), mu = -nla_inf<acc_t>(), zy = 0;
+  acc_t best = -nla_inf<acc_t>();
+  int64_t k = -1;
+  NLA_UNROLL
+  for (int64_t j = 0; j < ncols; ++j) {
+    if (CMAX == 0 || j < C) {
+      acc_t a, b;
+      load(j, a, b);
+      mz = nla_max(mz, a);
+      if (j == y) {
+        zy = a;
+      } else if (k < 0 || a > best) {
+        best = a;
+        k = j;
+      }
+      if (has_flip) {
+        mzf = nla_max(mzf, b);
+        if (official) mu = nla_max(mu, (a + b) * half);
+      }
+    }
+  }
+  // pass 2: sums of exponentials (kept per column when cached)
+  acc_t ez[kCache], ezf[kCache], eu[kCache];
+  acc_t sz = 0, szf = 0, su = 0;
+  NLA_UNROLL
+  for (int64_t j = 0; j < ncols; ++j) {
+    if (CMAX == 0 || j < C) {
+      acc_t a, b;
+      load(j, a, b);
+      const acc_t x = nla_exp(a - mz);
+      sz += x;
+      if (cached) ez[j] = x;
+      if (has_flip) {
+        const acc_t xf = nla_exp(b - mzf);
+        szf += xf;
+        if (cached) ezf[j] = xf;
+        if (official) {
+          const acc_t xu = nla_exp((a + b) * half - mu);
+          su += xu;
+          if (cached) eu[j] = xu;
+        }
+      }
+    }
+  }
+  const acc_t lse_z = mz + nla_log(sz);
+  const acc_t ce = lse_z - zy;
+  const acc_t g = nla_exp(zy - lse_z);
+  const acc_t n = nla_exp(best - lse_z);
+  const NAW<acc_t> r = naw_weight(g, n, K.c, K.tc);
+  if (weight != nullptr) *weight = r.w;
+  if (!has_flip) return 0;
+
+  const acc_t lse_zf = mzf + nla_log(szf);
+  const acc_t inv_sz = one / sz, inv_szf = one / szf;
+  acc_t contrib = K.lam_over_b * (one + r.w) * ce;
+  acc_t lse_u = 0, inv_su = 0, S = 0, Sf = 0;
+  if (official) {
+    lse_u = mu + nla_log(su);
+    inv_su = one / su;
+    contrib += K.reg_scale * (half * (lse_z + lse_zf) - lse_u);
+  } else {
+    // pass 3 (JSD): sum p t and sum p' t', t = log p - log m, 0 where p = 0
+    NLA_UNROLL
+    for (int64_t j = 0; j < ncols; ++j) {
+      if (CMAX == 0 || j < C) {
+        acc_t a, b;
+        load(j, a, b);
+        const acc_t p = cached ? ez[j] * inv_sz : nla_exp(a - lse_z);
+        const acc_t pf = cached ? ezf[j] * inv_szf : nla_exp(b - lse_zf);
+        if (p > zero || pf > zero) {
+          const acc_t lm = nla_log(p + pf) - ln2;
+          if (p > zero) S += p * ((a - lse_z) - lm);
+          if (pf > zero) Sf += pf * ((b - lse_zf) - lm);
+        }
+      }
+    }
+    contrib += K.reg_scale * half * (S + Sf);
+  }
+  if (want_grad) {
+    const NAWGrad<acc_t> ng = naw_grad(r, ce, g, n, K.lam_over_b);
+    const acc_t h = K.reg_scale * half;
+    NLA_UNROLL
+    for (int64_t j = 0; j < ncols; ++j) {
+      if (CMAX == 0 || j < C) {
+        acc_t a, b;
+        load(j, a, b);
+        const acc_t p = cached ? ez[j] * inv_sz : nla_exp(a - lse_z);
+        const acc_t pf = cached ? ezf[j] * inv_szf : nla_exp(b - lse_zf);
+        acc_t v, vf;
+        if (official) {
+          const acc_t q = cached ? eu[j] * inv_su : nla_exp((a + b) * half - lse_u);
+          v = ng.A * p + h * (p - q);
+          vf = h * (pf - q);
+        } else {
+          const acc_t lm = (p > zero || pf > zero) ? nla_log(p + pf) - ln2 : zero;
+          v = ng.A * p + (p > zero ? h * p * (((a - lse_z) - lm) - S) : zero);
+          vf = pf > zero ? h * pf * (((b - lse_zf) - lm) - Sf) : zero;
+        }
+        if (j == y) v += ng.Ey;
+        if (j == k) v += ng.Ek;
+        store(j, v, vf);
+      }
+    }
+  }
+  return contrib;
+}
+
 }  // namespace nla_fast
 
 
@@ -177,9 +335,15 @@ namespace nla_fast {
 
 enum class DType : int { Float = 0, Double = 1, Half = 2, BFloat16 = 3 };
 
-constexpr int kCudaThreads = 256;     // threads per block of the row kernel (8 warps)
-constexpr int kCudaMaxBlocks = 4096;  // grid cap: bounds the partials and the final reduction
-constexpr int kCudaMaxLog2C = 10;     // the CUDA kernels take C <= 1024
+inline int dtype_size(DType t) {
+  return t == DType::Double ? 8 : (t == DType::Float ? 4 : 2);
+}
+
+constexpr int kCudaMaxBlocks = 4096;    // grid cap: bounds the partials and the final reduction
+constexpr int kCudaSmallMaxC = 32;      // C <= 32: a row per thread (the tile kernel), else a warp per row
+constexpr int kCudaWarpThreads = 256;   // threads per block of the warp-per-row kernel (8 rows at a time)
+constexpr int kCudaRegisterMaxC = 1024; // the warp kernel holds rows up to this many columns in registers
+constexpr int kCudaTileSmemBytes = 48 * 1024;  // static limit of a block's shared memory (no opt-in)
 
 inline int ceil_log2(int64_t c) {
   int l = 0;
@@ -187,22 +351,42 @@ inline int ceil_log2(int64_t c) {
   return l;
 }
 
-// Rows handled by one block per grid-stride step: a row takes min(next_pow2(C), 32) lanes.
-inline int cuda_rows_per_block(int64_t C) {
-  const int log2c = ceil_log2(C);
-  const int lanes = log2c >= 5 ? 32 : (1 << log2c);
-  return (32 / lanes) * (kCudaThreads / 32);
-}
+// How a (B, C) problem is laid out on the GPU. A fixed function of (B, C, dtype): the loss sum
+// has a fixed order for a given shape (deterministic), and host and device agree on the grid.
+struct CudaPlan {
+  bool tile;          // row-per-thread tile kernel (C <= 32), else the warp-per-row kernel
+  int threads;        // block size
+  int64_t rows_per_block;  // rows a block handles per grid-stride step (one tile)
+  int grid;           // blocks = loss partials
+};
 
-// Blocks of the row kernel = number of loss partials. A fixed function of (B, C): the loss sum
-// has a fixed order for a given shape. With one block (B <= 32 for C <= 8, e.g. a training
-// batch of 32) the block writes the loss itself and the final-sum kernel is skipped.
-inline int cuda_grid(int64_t B, int64_t C) {
-  const int64_t rpb = cuda_rows_per_block(C);
-  int64_t g = (B + rpb - 1) / rpb;
+// Tile kernel: a block stages rows_per_block contiguous rows of both logit tensors in shared
+// memory (the largest block size of 256 / 128 / 64 and then the most rows per thread, 4 / 2 / 1,
+// whose two tiles fit 48 kB with the block's reduction scratch): at (2^20, 7) bf16 a block moves
+// 28 kB per staging step, so the two blocks an SM holds (~100 registers a thread) keep enough
+// bytes in flight.
+inline CudaPlan cuda_plan(int64_t B, int64_t C, DType dtype) {
+  constexpr int64_t kScratch = 512;  // the static shared memory of the block reduction
+  CudaPlan p{};
+  p.tile = C <= kCudaSmallMaxC;
+  if (p.tile) {
+    const int64_t row_bytes = C * dtype_size(dtype);
+    p.threads = 256;
+    while (p.threads > 64 && 2 * p.threads * row_bytes + kScratch > kCudaTileSmemBytes) p.threads /= 2;
+    int rows_per_thread = 4;
+    while (rows_per_thread > 1 && 2 * p.threads * rows_per_thread * row_bytes + kScratch > kCudaTileSmemBytes) {
+      rows_per_thread /= 2;
+    }
+    p.rows_per_block = static_cast<int64_t>(p.threads) * rows_per_thread;
+  } else {
+    p.threads = kCudaWarpThreads;
+    p.rows_per_block = kCudaWarpThreads / 32;
+  }
+  int64_t g = (B + p.rows_per_block - 1) / p.rows_per_block;
   if (g < 1) g = 1;
   if (g > kCudaMaxBlocks) g = kCudaMaxBlocks;
-  return static_cast<int>(g);
+  p.grid = static_cast<int>(g);
+  return p;
 }
 
 struct CudaRowsArgs {
@@ -216,18 +400,23 @@ struct CudaRowsArgs {
   int64_t B;
   int64_t C;
   double constants[kNumConstants];
-  const void* eps_ptr;  // 0-d tensor in the accumulation dtype (float, double for Double); nullptr: eps_value
+  const void* eps_ptr;  // 0-d float or double tensor on the device; nullptr: eps_value
+  bool eps_is_double;
   double eps_value;
   bool jsd;
+  bool reg_mean;
   void* gz;        // nullptr: no gradients (logits dtype, contiguous (B, C))
   void* gzf;
   void* weights;   // nullptr: no weights (accumulation dtype)
-  void* partials;  // cuda_grid(B, C) values in the accumulation dtype; nullptr: no loss
+  void* partials;  // cuda_plan(B, C).grid values in the accumulation dtype; nullptr: no loss
   void* loss;      // 0-d, accumulation dtype; written when partials is set
 };
 
 // Each returns nullptr on success, else the CUDA error string of the launch.
 const char* cuda_rows(const CudaRowsArgs& args, void* stream);
+// out = grad_output * in for two tensors of n_a and n_b elements (contiguous), grad_output read
+// from memory (float or double). in == out is allowed: then nothing is read or written when
+// grad_output == 1 (the common loss.backward()).
 const char* cuda_scale(DType dtype, const void* grad_output, bool grad_output_is_double, const void* a,
                        const void* b, void* out_a, void* out_b, int64_t na, int64_t nb, void* stream);
 

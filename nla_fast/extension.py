@@ -3,10 +3,14 @@
 The operators are declared once in ``csrc/nla_loss.cpp`` (``TORCH_LIBRARY(nla_fast, m)``):
 
 - ``nla_fast::nla_loss_fwd(logits, logits_flip, target, eps_tensor?, eps_value, constants,
-  jsd, need_grad, need_weights) -> (loss, grad_logits, grad_logits_flip, weights)``: the loss,
-  both gradients (when ``need_grad``) and the NAW weights (when ``need_weights``) in one sweep;
+  jsd, reg_mean, need_grad, need_weights) -> (loss, grad_logits, grad_logits_flip, weights)``:
+  the loss, both gradients (when ``need_grad``) and the NAW weights (when ``need_weights``) in
+  one sweep; ``reg_mean``: the consistency term is a batch mean (else a sum); any C >= 2;
+  targets int64 or int32;
 - ``nla_fast::nla_scale_grads(grad_output, grad_logits, grad_logits_flip) -> (Tensor, Tensor)``:
-  the backward, the saved gradients times ``grad_output`` (read from memory, no host check);
+  the traced backward, the saved gradients times ``grad_output`` (read from memory, no host check);
+- ``nla_fast::nla_scale_grads_(grad_output, grad_logits!, grad_logits_flip!)``: the eager
+  backward, in place, moving no data when ``grad_output`` is 1 (checked on the device);
 - ``nla_fast::naw_weight(logits, target, eps_tensor?, eps_value, constants) -> weights``.
 
 CPU kernels are always built; the CUDA kernels (``csrc/nla_loss_cuda.cu``, plain launchers, and
@@ -15,7 +19,8 @@ their ATen glue in ``nla_loss.cpp`` behind ``-DNLA_WITH_CUDA``) are built too wh
 If that build fails, the CPU-only library is built so CPU tensors keep the extension. The library is compiled with ``torch.utils.cpp_extension.load``
 (ninja) into the default torch extensions directory under a name hashed from the sources, the
 flags and the torch version, so an edit rebuilds and a rebuild is cached. Fake (meta) kernels
-and the autograd formula are registered here, from Python, so ``torch.compile`` can trace the ops.
+and the autograd formula are registered here, from Python, so ``torch.compile`` can trace the ops;
+eager calls use a lean ``torch.autograd.Function`` over the same op.
 
 Set ``NLA_FAST_NO_EXTENSION=1`` to never build or load the library.
 """
@@ -33,7 +38,7 @@ from pathlib import Path
 import torch
 
 from .config import NLAConstants
-from .loss_inputs import BackendUnavailable
+from .loss_inputs import BackendUnavailable, split_eps
 
 __all__ = [
     "unavailable_reason",
@@ -332,7 +337,9 @@ def _compute_reason(device_type: str) -> str | None:
 
 
 def _require(device: torch.device) -> None:
-    reason = unavailable_reason(device)
+    reason = _reasons.get(device.type, _MISSING)
+    if reason is _MISSING:
+        reason = unavailable_reason(device)
     if reason is not None:
         raise BackendUnavailable(f"backend 'extension' is unavailable: {reason}")
 
@@ -346,14 +353,19 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _register_python_side() -> None:
-    """Fake (meta) kernels for torch.compile and the autograd formula of nla_loss_fwd."""
+    """Fake (meta) kernels for torch.compile and the autograd formula of nla_loss_fwd.
+
+    The registered autograd formula is what torch.compile and export trace; eager calls take
+    ``_NLALossFunction`` instead (no dispatcher round trips through Python, no zero-filled
+    gradients for the op's non-differentiable outputs, and an in-place backward).
+    """
     global _registered
     if _registered:
         return
 
     @torch.library.register_fake("nla_fast::nla_loss_fwd")
-    def _nla_loss_fwd_fake(logits, logits_flip, target, eps_tensor, eps_value, constants, jsd, need_grad,
-                           need_weights):
+    def _nla_loss_fwd_fake(logits, logits_flip, target, eps_tensor, eps_value, constants, jsd, reg_mean,
+                           need_grad, need_weights):
         torch._check(logits.dim() == 2, lambda: f"logits must be (B, C), got {tuple(logits.shape)}")
         torch._check(logits_flip.shape == logits.shape, lambda: "logits_flip must match logits")
         batch, classes = logits.shape
@@ -372,6 +384,10 @@ def _register_python_side() -> None:
     def _nla_scale_grads_fake(grad_output, grad_logits, grad_logits_flip):
         return grad_logits.new_empty(grad_logits.shape), grad_logits_flip.new_empty(grad_logits_flip.shape)
 
+    @torch.library.register_fake("nla_fast::nla_scale_grads_")
+    def _nla_scale_grads_inplace_fake(grad_output, grad_logits, grad_logits_flip):
+        return None
+
     @torch.library.register_fake("nla_fast::naw_weight")
     def _naw_weight_fake(logits, target, eps_tensor, eps_value, constants):
         torch._check(logits.dim() == 2, lambda: f"logits must be (B, C), got {tuple(logits.shape)}")
@@ -379,7 +395,7 @@ def _register_python_side() -> None:
 
     def _setup_context(ctx, inputs, output):
         _loss, grad, grad_flip, weights = output
-        ctx.need_grad = bool(inputs[7])
+        ctx.need_grad = bool(inputs[8])
         ctx.mark_non_differentiable(grad, grad_flip, weights)
         ctx.save_for_backward(grad, grad_flip)
 
@@ -395,37 +411,110 @@ def _register_python_side() -> None:
         return (
             scaled if needs[0] else None,
             scaled_flip if needs[1] else None,
-            None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None,
         )
 
     torch.library.register_autograd("nla_fast::nla_loss_fwd", _backward, setup_context=_setup_context)
+    _ops.update(
+        fwd=torch.ops.nla_fast.nla_loss_fwd.default,
+        scale=torch.ops.nla_fast.nla_scale_grads.default,
+        scale_inplace=torch.ops.nla_fast.nla_scale_grads_.default,
+        weights=torch.ops.nla_fast.naw_weight.default,
+    )
     _registered = True
 
 
+# ----------------------------------------------------------------------------- the eager autograd path
+_ops: dict[str, object] = {}  # resolved OpOverloads (no overload lookup per call)
+_constants_lists: dict[NLAConstants, list[float]] = {}
+
+
+def _constants_list(constants: NLAConstants) -> list[float]:
+    """``constants.as_list()``, built once per NLAConstants."""
+    values = _constants_lists.get(constants)
+    if values is None:
+        values = _constants_lists[constants] = constants.as_list()
+    return values
+
+
+# Eager calls skip the op's Autograd kernel (a Python autograd.Function generated by
+# register_autograd): _NLALossFunction already records the graph.
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+# The in-place backward also skips ADInplaceOrView: it rescales buffers this Function owns, and a
+# version bump would make a retain_graph backward refuse to read them.
+_below_inplace_or_view = torch._C._AutoDispatchBelowADInplaceOrView
+
+
+class _NLALossFunction(torch.autograd.Function):
+    """Eager autograd for nla_loss_fwd: one forward launch that also writes both gradients;
+    backward scales them in place by grad_output (read on the device; nothing at all when it is
+    1) and returns them."""
+
+    @staticmethod
+    def forward(ctx, logits, logits_flip, target, eps_tensor, eps_value, consts, jsd, reg_mean, return_weights):
+        with _below_autograd():
+            loss, grad, grad_flip, weights = _ops["fwd"](
+                logits, logits_flip, target, eps_tensor, eps_value, consts, jsd, reg_mean, True, return_weights)
+        ctx.save_for_backward(grad, grad_flip)
+        ctx.applied_scale = None  # the grad_output already multiplied into the saved gradients
+        ctx.set_materialize_grads(False)
+        if not return_weights:
+            return loss
+        ctx.mark_non_differentiable(weights)
+        return loss, weights
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused):
+        needs = ctx.needs_input_grad
+        if grad_loss is None:
+            return (None,) * 9
+        grad, grad_flip = ctx.saved_tensors
+        if ctx.applied_scale is None:
+            # first backward: the saved buffers (each forward allocates its own) become the
+            # gradients, scaled in place by a kernel that returns at once when grad_output == 1
+            with _below_inplace_or_view():
+                _ops["scale_inplace"](grad_loss, grad, grad_flip)
+            ctx.applied_scale = grad_loss
+        else:
+            # a further backward (retain_graph=True): undo the first scale, into new tensors (NaN
+            # if that scale was exactly 0, whose information is gone)
+            with _below_autograd():
+                grad, grad_flip = _ops["scale"](grad_loss / ctx.applied_scale, grad, grad_flip)
+        return (grad if needs[0] else None, grad_flip if needs[1] else None, None, None, None, None, None, None,
+                None)
+
+
 # ----------------------------------------------------------------------------- wrappers used by nla_fast.loss
-def _split_eps(eps) -> tuple[torch.Tensor | None, float]:
-    """(eps tensor read by the kernel, host value): a tensor is never read on the host here."""
-    if isinstance(eps, torch.Tensor):
-        return eps.detach(), 0.0
-    return None, float(eps)
-
-
 def nla_loss_extension(logits: torch.Tensor, logits_flip: torch.Tensor, target: torch.Tensor, eps,
                        constants: NLAConstants, return_weights: bool):
     """(loss, weights or None) from ``torch.ops.nla_fast.nla_loss_fwd``, differentiable in both logits.
 
     The loss is 0-d float32 (float64 for float64 logits); the weights are (B,) float32, detached.
+    Targets must be int64 or int32 (``nla_fast.nla_loss`` widens other integer dtypes).
     """
     _require(logits.device)
     if logits_flip.dtype != logits.dtype:
         common = torch.promote_types(logits.dtype, logits_flip.dtype)
         logits, logits_flip = logits.to(common), logits_flip.to(common)
-    eps_tensor, eps_value = _split_eps(eps)
+    eps_tensor, eps_value = split_eps(eps, logits.device)
+    consts = _constants_list(constants)
     need_grad = torch.is_grad_enabled() and (logits.requires_grad or logits_flip.requires_grad)
-    loss, _grad, _grad_flip, weights = torch.ops.nla_fast.nla_loss_fwd(
-        logits, logits_flip, target, eps_tensor, eps_value, constants.as_list(), bool(constants.jsd),
-        bool(need_grad), bool(return_weights),
-    )
+    if torch.compiler.is_compiling():
+        # traced: the registered op, its fake kernel and its register_autograd formula
+        loss, _grad, _grad_flip, weights = torch.ops.nla_fast.nla_loss_fwd(
+            logits, logits_flip, target, eps_tensor, eps_value, consts, constants.jsd, constants.reg_mean,
+            need_grad, return_weights)
+    elif need_grad:
+        out = _NLALossFunction.apply(logits, logits_flip, target, eps_tensor, eps_value, consts, constants.jsd,
+                                     constants.reg_mean, return_weights)
+        if not return_weights:
+            return out, None
+        loss, weights = out
+    else:
+        with _below_autograd():
+            loss, _grad, _grad_flip, weights = _ops["fwd"](
+                logits, logits_flip, target, eps_tensor, eps_value, consts, constants.jsd, constants.reg_mean,
+                False, return_weights)
     if return_weights:
         return loss, weights.detach().float()
     return loss, None
@@ -434,7 +523,8 @@ def nla_loss_extension(logits: torch.Tensor, logits_flip: torch.Tensor, target: 
 def naw_weight_extension(logits: torch.Tensor, target: torch.Tensor, eps, constants: NLAConstants) -> torch.Tensor:
     """(B,) float32 NAW weights from ``torch.ops.nla_fast.naw_weight`` (no gradient)."""
     _require(logits.device)
-    eps_tensor, eps_value = _split_eps(eps)
+    eps_tensor, eps_value = split_eps(eps, logits.device)
     with torch.no_grad():
-        weights = torch.ops.nla_fast.naw_weight(logits.detach(), target, eps_tensor, eps_value, constants.as_list())
+        weights = torch.ops.nla_fast.naw_weight(logits.detach(), target, eps_tensor, eps_value,
+                                                _constants_list(constants))
     return weights.float()

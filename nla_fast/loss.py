@@ -20,6 +20,23 @@ BACKENDS = ("auto", "reference", "triton", "extension")
 _DEFAULT_CONFIG = NLAConfig()
 _reasons: dict[tuple[str, str], str | None] = {}
 _resolved: dict[tuple[str, str], str] = {}  # (backend asked for, device type) -> backend
+_impls: dict[str, tuple] = {}  # fast backend -> (loss function, weight function), imported once
+
+
+def _impl(chosen: str) -> tuple:
+    """(nla_loss_<backend>, naw_weight_<backend>) of a fast backend (no import statement per call)."""
+    impl = _impls.get(chosen)
+    if impl is None:
+        if chosen == "triton":
+            from .kernels.nla_loss import naw_weight_triton, nla_loss_triton
+
+            impl = (nla_loss_triton, naw_weight_triton)
+        else:
+            from .extension import naw_weight_extension, nla_loss_extension
+
+            impl = (nla_loss_extension, naw_weight_extension)
+        _impls[chosen] = impl
+    return impl
 
 
 def _unavailable_reason(backend: str, device_type: str) -> str | None:
@@ -94,11 +111,7 @@ def nla_loss(
         if return_weights:
             return loss, naw_weight_reference(logits.detach(), target, eps, config).float()
         return loss
-    if chosen == "triton":
-        from .kernels.nla_loss import nla_loss_triton as impl
-    else:
-        from .extension import nla_loss_extension as impl
-    loss, weights = impl(logits, logits_flip, target, eps, config.constants, return_weights)
+    loss, weights = _impl(chosen)[0](logits, logits_flip, target, eps, config.constants, return_weights)
     return (loss, weights) if return_weights else loss
 
 
@@ -119,11 +132,7 @@ def naw_weight(
     with torch.no_grad():
         if chosen == "reference":
             return naw_weight_reference(logits, target, eps, config).float()
-        if chosen == "triton":
-            from .kernels.nla_loss import naw_weight_triton as impl
-        else:
-            from .extension import naw_weight_extension as impl
-        return impl(logits, target, eps, config.constants)
+        return _impl(chosen)[1](logits, target, eps, config.constants)
 
 
 class NLALoss(torch.nn.Module):

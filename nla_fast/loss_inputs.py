@@ -6,8 +6,6 @@ unless ``validate=True`` asks for it (the target range and a tensor eps are then
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 __all__ = ["BackendUnavailable", "check_inputs", "check_eps", "split_eps", "index_target"]
@@ -26,8 +24,38 @@ def _in_trace_or_capture() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+# Every integer dtype a label tensor may have (bool is not a label).
+_INTEGER_DTYPES = frozenset(
+    d for d in (getattr(torch, n, None) for n in ("uint8", "int8", "int16", "int32", "int64", "uint16",
+                                                   "uint32", "uint64")) if d is not None
+)
+
+
 def check_inputs(logits, logits_flip, target, validate: bool) -> None:
-    """Shape and dtype checks (free); with ``validate`` also the target range (one host sync)."""
+    """Shape and dtype checks (free); with ``validate`` also the target range (one host sync).
+
+    The common case (everything right) is one combined test; a failure falls through to the
+    checks below, which name what is wrong."""
+    shape = logits.shape
+    device = logits.device
+    if not (
+        len(shape) == 2 and shape[0] > 0 and shape[1] >= 2 and logits.dtype.is_floating_point
+        and target.shape == shape[:1] and target.dtype in _INTEGER_DTYPES and target.device == device
+        and (logits_flip is None or (logits_flip.shape == shape and logits_flip.dtype.is_floating_point
+                                     and logits_flip.device == device))
+    ):
+        _explain_bad_inputs(logits, logits_flip, target)
+    if validate and not _in_trace_or_capture():
+        bad = (target < 0) | (target >= shape[1])
+        if bool(bad.any()):
+            index = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"target[{index}] = {int(target[index])} is outside [0, {shape[1]}) "
+                f"(C = {shape[1]} classes); pass validate=False only for labels checked once"
+            )
+
+
+def _explain_bad_inputs(logits, logits_flip, target) -> None:
     if logits.dim() != 2:
         raise ValueError(f"logits must be (B, C), got shape {tuple(logits.shape)}")
     if logits.shape[0] == 0:
@@ -43,20 +71,13 @@ def check_inputs(logits, logits_flip, target, validate: bool) -> None:
             raise ValueError(f"{name} is on {tensor.device} but logits are on {logits.device}")
     if target.shape != logits.shape[:1]:
         raise ValueError(f"target must be (B,) = ({logits.shape[0]},), got shape {tuple(target.shape)}")
-    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+    if target.dtype not in _INTEGER_DTYPES:
         raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
     if not logits.dtype.is_floating_point:
         raise ValueError(f"logits must be floating point, got dtype {logits.dtype}")
     if logits_flip is not None and not logits_flip.dtype.is_floating_point:
         raise ValueError(f"logits_flip must be floating point, got dtype {logits_flip.dtype}")
-    if validate and not _in_trace_or_capture():
-        bad = (target < 0) | (target >= logits.shape[1])
-        if bool(bad.any()):
-            index = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"target[{index}] = {int(target[index])} is outside [0, {logits.shape[1]}) "
-                f"(C = {logits.shape[1]} classes); pass validate=False only for labels checked once"
-            )
+    raise AssertionError("nla_fast.loss_inputs: inputs failed the combined check but no single check")
 
 
 def index_target(target: torch.Tensor) -> torch.Tensor:
@@ -80,7 +101,8 @@ def check_eps(eps, validate: bool) -> None:
             value = float(eps)
         except (TypeError, ValueError):
             raise ValueError(f"eps must be a float in [0, 1] or a 0-d tensor, got {eps!r}") from None
-    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+    # NaN and +-inf fail the range test too (and math.isfinite does not trace a symbolic float)
+    if not 0.0 <= value <= 1.0:
         raise ValueError(f"eps must lie in [0, 1] (the schedule value, see eps_schedule), got {value}")
 
 
@@ -93,7 +115,10 @@ def split_eps(eps, device: torch.device) -> tuple[torch.Tensor | None, float]:
     """
     if isinstance(eps, torch.Tensor):
         if eps.device == device:
-            return eps.detach().reshape(()), 0.0
+            # no copy and, for the usual 0-d tensor that needs no gradient, no op at all
+            if eps.requires_grad:
+                eps = eps.detach()
+            return (eps if eps.dim() == 0 else eps.reshape(())), 0.0
         if eps.device.type == "cpu":
             return None, float(eps)
         raise ValueError(f"eps tensor is on {eps.device}, the logits on {device}")

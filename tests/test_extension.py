@@ -21,6 +21,7 @@ hash. Tests marked ``gpu`` compare the CUDA kernels and run only with a CUDA dev
 from __future__ import annotations
 
 import hashlib
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -45,6 +46,11 @@ CONFIGS = {
     "official": NLAConfig.official(),
     "jsd": NLAConfig(consistency="jsd"),
 }
+# every consistency variant with each batch reduction (NLAConfig.consistency_reduction)
+REDUCTION_CONFIGS = {
+    f"{variant}-{reduction}": NLAConfig(consistency=variant, consistency_reduction=reduction)
+    for variant in ("official", "jsd") for reduction in ("sum", "mean")
+}
 EPS_VALUES = (0.0, 0.37, 1.0)
 
 
@@ -63,8 +69,8 @@ def built():
 def op(z, zf, y, eps, config, need_grad=True, need_weights=True):
     c = config.constants
     eps_tensor, eps_value = (eps, 0.0) if isinstance(eps, torch.Tensor) else (None, float(eps))
-    return torch.ops.nla_fast.nla_loss_fwd(z, zf, y, eps_tensor, eps_value, c.as_list(), c.jsd, need_grad,
-                                           need_weights)
+    return torch.ops.nla_fast.nla_loss_fwd(z, zf, y, eps_tensor, eps_value, c.as_list(), c.jsd, c.reg_mean,
+                                           need_grad, need_weights)
 
 
 def reference(z, zf, y, eps, config):
@@ -195,9 +201,15 @@ def test_cpu_non_contiguous_and_int32_targets():
             ref = reference(zd, zfd, y, 0.37, config)
             assert_matches(op(zd, zfd, y, 0.37, config), ref, zd, dtype)
             assert_matches(op(zd.contiguous(), zfd.contiguous(), y.long().contiguous(), 0.37, config), ref, zd, dtype)
-    # other integer dtypes are widened
-    out = op(z, zf, y.to(torch.int16), 0.37, NLAConfig())
-    torch.testing.assert_close(out[0], op(z, zf, y.long(), 0.37, NLAConfig())[0], rtol=0, atol=0)
+    # the op reads int64 and int32 only and names the others; the front widens them
+    for dtype in (torch.int16, torch.int8, torch.uint8):
+        with pytest.raises(RuntimeError, match=r"int64 or int32, got .*widens other integer dtypes"):
+            op(z, zf, y.to(dtype), 0.37, NLAConfig())
+        want = nla_fast.nla_loss(z, zf, y.long(), 0.37, backend="extension")
+        torch.testing.assert_close(nla_fast.nla_loss(z, zf, y.to(dtype), 0.37, backend="extension"), want,
+                                   rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="int64 or int32, got Bool"):
+        op(z, zf, y.bool(), 0.37, NLAConfig())
 
 
 @pytest.mark.parametrize("config_name", list(CONFIGS))
@@ -266,6 +278,123 @@ def test_cpu_deterministic_across_thread_counts():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("classes", [1025, 2048, 5000])
+def test_cpu_any_number_of_classes(classes):
+    """No class limit on any backend: wide rows match the oracle (both variants, float64 and float32)."""
+    z32, zf32, y = make_inputs(3, classes, torch.float32)
+    y[0] = classes - 1
+    for config in (CONFIGS["official"], CONFIGS["jsd"]):
+        ref = reference(z32, zf32, y, 0.37, config)
+        for dtype in (torch.float64, torch.float32):
+            assert_matches(op(z32.to(dtype), zf32.to(dtype), y, 0.37, config), ref, z32.to(dtype), dtype)
+
+
+@pytest.mark.parametrize("name", list(REDUCTION_CONFIGS))
+def test_consistency_reduction_sum_and_mean(name):
+    """Both variants, consistency summed or averaged over the batch: value and gradients."""
+    config = REDUCTION_CONFIGS[name]
+    for batch, classes in ((1, 7), (9, 7), (70, 13), (5, 100)):
+        z32, zf32, y = make_inputs(batch, classes, torch.float32)
+        ref = reference(z32, zf32, y, 0.37, config)
+        for dtype in (torch.float64, torch.float32):
+            z, zf = z32.to(dtype), zf32.to(dtype)
+            assert_matches(op(z, zf, y, 0.37, config), ref, z, dtype)
+    # the other reduction really differs by the factor B on the consistency term
+    variant, reduction = name.split("-")
+    other = NLAConfig(consistency=variant, consistency_reduction="mean" if reduction == "sum" else "sum")
+    z, zf, y = make_inputs(9, 7, torch.float64)
+    lam_zero = {"lam": 0.0}
+    mine = op(z, zf, y, 0.0, NLAConfig(consistency=variant, consistency_reduction=reduction, **lam_zero))[0]
+    theirs = op(z, zf, y, 0.0, NLAConfig(consistency=variant, consistency_reduction=other.consistency_reduction,
+                                          **lam_zero))[0]
+    factor = 9.0 if reduction == "sum" else 1.0 / 9.0
+    torch.testing.assert_close(mine, theirs * factor, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", ["official", "jsd"])
+@pytest.mark.parametrize("where", ["one view", "both views"])
+def test_minus_inf_on_a_non_target_class(name, where):
+    """A -inf logit on a class that is not the target: the reference's finite loss and gradients."""
+    config = CONFIGS[name]
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(6, 5, generator=g, dtype=torch.float64) * 2
+    zf = z + torch.randn(6, 5, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    z[:, 4][y != 4] = -math.inf
+    if where == "both views":
+        zf[:, 4][y != 4] = -math.inf
+    zf[5, 3] = -math.inf
+    rloss, rgz, rgzf, rw = reference(z, zf, y, 0.5, config)
+    assert torch.isfinite(rloss) and torch.isfinite(rgz).all() and torch.isfinite(rgzf).all()
+    for dtype in (torch.float64, torch.float32):
+        out = op(z.to(dtype), zf.to(dtype), y, 0.5, config)
+        assert all(torch.isfinite(t).all() for t in out)
+        assert_matches(out, (rloss, rgz, rgzf, rw), z.clamp_min(-10.0).to(dtype), dtype)
+    # and through the public API with autograd
+    a, b = z.clone().requires_grad_(), zf.clone().requires_grad_()
+    loss = nla_fast.nla_loss(a, b, y, 0.5, config, backend="extension")
+    ga, gb = torch.autograd.grad(loss, (a, b))
+    torch.testing.assert_close(loss.detach(), rloss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ga, rgz, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gb, rgzf, rtol=0, atol=1e-12)
+
+
+def test_eager_backward_scales_in_place_and_retains_the_graph():
+    """grad_output 1: the saved gradients are returned as they are; another scale and a second
+    backward (retain_graph=True) give grad_output times the gradient each time."""
+    config = NLAConfig()
+    z, zf, y = make_inputs(7, 8, torch.float64)
+    _, rgz, rgzf, _ = reference(z, zf, y, 0.37, config)
+    a, b = z.clone().requires_grad_(), zf.clone().requires_grad_()
+    loss = nla_fast.nla_loss(a, b, y, 0.37, config, backend="extension")
+    g1 = torch.autograd.grad(loss, (a, b), retain_graph=True)
+    for got, want in zip(g1, (rgz, rgzf)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    g2 = torch.autograd.grad(loss, (a, b), torch.tensor(-3.0, dtype=torch.float64), retain_graph=True)
+    g3 = torch.autograd.grad(loss, (a, b), torch.tensor(0.5, dtype=torch.float64))
+    for got, want in zip(g2, (rgz, rgzf)):
+        torch.testing.assert_close(got, -3.0 * want, rtol=1e-12, atol=1e-12)
+    for got, want in zip(g3, (rgz, rgzf)):
+        torch.testing.assert_close(got, 0.5 * want, rtol=1e-12, atol=1e-12)
+    # the first results were not changed by the later backward calls
+    for got, want in zip(g1, (rgz, rgzf)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    # first backward with a scale, then accumulation into .grad with loss.backward()
+    a.grad = b.grad = None
+    loss = nla_fast.nla_loss(a, b, y, 0.37, config, backend="extension")
+    (2.0 * loss).backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(a.grad, 3.0 * rgz, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b.grad, 3.0 * rgzf, rtol=1e-12, atol=1e-12)
+
+
+def test_eager_call_is_two_native_ops():
+    """fwd + autograd.grad on the extension: one forward op, one in-place scale, the four outputs
+    allocated, nothing filled, multiplied, copied or read back beyond autograd.grad's own
+    ones_like (counted with torch.profiler, as on the GPU run)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    config = NLAConfig.official()
+    z, zf, y = make_inputs(32, 7)
+    a, b = z.clone().requires_grad_(), zf.clone().requires_grad_()
+    eps = torch.tensor(0.37)
+    for _ in range(3):
+        torch.autograd.grad(nla_fast.nla_loss(a, b, y, eps, config, backend="extension", validate=False), (a, b))
+    calls = 5
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            torch.autograd.grad(nla_fast.nla_loss(a, b, y, eps, config, backend="extension", validate=False),
+                                (a, b))
+    counts = {e.key: e.count // calls for e in prof.key_averages() if e.key.startswith(("aten::", "nla_fast::"))}
+    assert counts.pop("nla_fast::nla_loss_fwd") == 1
+    assert counts.pop("nla_fast::nla_scale_grads_") == 1
+    assert counts.pop("aten::empty") == 4  # loss, both gradients, the (0,) weights placeholder
+    # autograd.grad's ones_like for the 0-d grad_output
+    for key in ("aten::ones_like", "aten::empty_like", "aten::empty_strided", "aten::fill_"):
+        assert counts.pop(key, 0) == 1, key
+    assert counts == {}, f"unexpected per-call ops: {counts}"
+
+
 # ----------------------------------------------------------------------------- non-finite input, bad labels
 def test_nan_and_inf_logits_give_non_finite_loss():
     for config in CONFIGS.values():
@@ -314,7 +443,7 @@ def test_input_errors():
     with pytest.raises(RuntimeError, match="integer class indices"):
         op(z, zf, y.float(), 0.0, NLAConfig())
     with pytest.raises(RuntimeError, match="constants"):
-        torch.ops.nla_fast.nla_loss_fwd(z, zf, y, None, 0.0, [1.0] * 5, False, False, False)
+        torch.ops.nla_fast.nla_loss_fwd(z, zf, y, None, 0.0, [1.0] * 5, False, False, False, False)
 
 
 # ----------------------------------------------------------------------------- torch.library / autograd / compile
@@ -323,10 +452,11 @@ def test_opcheck():
     consts = NLAConfig().constants.as_list()
     zr, zfr = z.clone().requires_grad_(), zf.clone().requires_grad_()
     cases = [
-        (torch.ops.nla_fast.nla_loss_fwd.default, (zr, zfr, y, None, 0.37, consts, False, True, True)),
+        (torch.ops.nla_fast.nla_loss_fwd.default, (zr, zfr, y, None, 0.37, consts, False, False, True, True)),
         (torch.ops.nla_fast.nla_loss_fwd.default,
-         (zr, zfr, y.to(torch.int32), torch.tensor(0.5, dtype=torch.float64), 0.0, consts, True, True, False)),
-        (torch.ops.nla_fast.nla_loss_fwd.default, (z.float(), zf.float(), y, None, 1.0, consts, False, False, True)),
+         (zr, zfr, y.to(torch.int32), torch.tensor(0.5, dtype=torch.float64), 0.0, consts, True, True, True, False)),
+        (torch.ops.nla_fast.nla_loss_fwd.default,
+         (z.float(), zf.float(), y, None, 1.0, consts, False, False, False, True)),
         (torch.ops.nla_fast.naw_weight.default, (z, y, None, 0.37, consts)),
         (torch.ops.nla_fast.naw_weight.default, (z.float(), y, torch.tensor(0.2), 0.0, consts)),
         (torch.ops.nla_fast.nla_scale_grads.default, (torch.tensor(2.5, dtype=torch.float64), z, zf)),
@@ -342,12 +472,15 @@ def test_gradcheck_float64(config_name):
     c = config.constants
 
     def f(a, b):
-        return torch.ops.nla_fast.nla_loss_fwd(a, b, y, None, 0.37, c.as_list(), c.jsd, True, False)[0]
+        return torch.ops.nla_fast.nla_loss_fwd(a, b, y, None, 0.37, c.as_list(), c.jsd, c.reg_mean, True, False)[0]
 
     assert torch.autograd.gradcheck(f, (z.requires_grad_(), zf.requires_grad_()), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def test_torch_compile_matches_eager():
+@pytest.mark.parametrize("eps_kind", ["float", "tensor"])
+def test_torch_compile_matches_eager(eps_kind):
+    """torch.compile(fullgraph=True) over nla_loss(backend="extension"): forward and backward match
+    eager, eps a Python float or a 0-d tensor (a new eps value reuses the compiled graph)."""
     torch._dynamo.reset()
     config = NLAConfig()
 
@@ -356,9 +489,9 @@ def test_torch_compile_matches_eager():
         return loss * 2.0, w
 
     compiled = torch.compile(step, fullgraph=True)
-    for batch in (7, 9):
+    for batch, value in ((7, 0.37), (9, 0.8)):
         z, zf, y = make_inputs(batch, 8)
-        eps = torch.tensor(0.37)
+        eps = value if eps_kind == "float" else torch.tensor(value)
         outs = []
         for fn in (step, compiled):
             a, b = z.clone().requires_grad_(), zf.clone().requires_grad_()
@@ -367,6 +500,8 @@ def test_torch_compile_matches_eager():
             outs.append((loss.detach(), w, a.grad, b.grad))
         for e, c in zip(*outs):
             torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-7)
+        rloss = reference(z, zf, y, value if eps_kind == "float" else torch.tensor(value), config)[0]
+        torch.testing.assert_close(outs[1][0].double(), 2.0 * rloss, rtol=2e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- build plumbing
@@ -420,7 +555,10 @@ def test_find_cuda_home_resolves_a_toolkit(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- CUDA (run on the GPU machine)
-CUDA_SHAPES = [(1, 2), (2, 7), (7, 8), (33, 13), (257, 1000), (64, 1024), (1000, 33), (4097, 8), (300, 100), (70, 600)]
+# every kernel path: tile kernel with 4..32 columns (one tile, several tiles, grid-stride), warp
+# kernel in registers (33..1024) and in chunks (over 1024 columns)
+CUDA_SHAPES = [(1, 2), (2, 7), (7, 8), (33, 13), (257, 1000), (64, 1024), (1000, 33), (4097, 8), (300, 100),
+               (70, 600), (600, 32), (1500, 17), (5, 1025), (3, 4096), (9, 3000)]
 
 
 @pytest.mark.gpu
@@ -517,18 +655,19 @@ def test_cuda_autograd_graph_capture_and_compile():
     # torch.compile on CUDA
     torch._dynamo.reset()
 
-    def step(p, q):
-        return nla_fast.nla_loss(p, q, y, eps, config, backend="extension")
+    def step(p, q, e):
+        return nla_fast.nla_loss(p, q, y, e, config, backend="extension")
 
     compiled = torch.compile(step, fullgraph=True)
-    results = []
-    for fn in (step, compiled):
-        p, q = z.clone().requires_grad_(), zf.clone().requires_grad_()
-        loss = fn(p, q)
-        loss.backward()
-        results.append((loss.detach(), p.grad, q.grad))
-    for e, c in zip(*results):
-        torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-7)
+    for e in (eps, 0.37):
+        results = []
+        for fn in (step, compiled):
+            p, q = z.clone().requires_grad_(), zf.clone().requires_grad_()
+            loss = fn(p, q, e)
+            loss.backward()
+            results.append((loss.detach(), p.grad, q.grad))
+        for want, got in zip(*results):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.gpu
@@ -548,9 +687,6 @@ def test_cuda_bad_inputs():
     zi[2, 3] = float("inf")
     assert not torch.isfinite(op(zi, zf, y, 0.5, NLAConfig())[0])
     torch.cuda.synchronize()
-    big, bigf, bigy = make_inputs(4, 1025, device="cuda")
-    with pytest.raises(RuntimeError, match="C <= 1024"):
-        op(big, bigf, bigy, 0.0, NLAConfig())
     loss, gz, gzf, w = op(*make_inputs(0, 7, device="cuda"), 0.0, NLAConfig())
     assert torch.isnan(loss.cpu())
 
@@ -561,6 +697,112 @@ def test_cuda_opcheck():
     consts = NLAConfig().constants.as_list()
     zr, zfr = z.clone().requires_grad_(), zf.clone().requires_grad_()
     torch.library.opcheck(torch.ops.nla_fast.nla_loss_fwd.default,
-                          (zr, zfr, y, torch.tensor(0.5, device="cuda"), 0.0, consts, False, True, True))
+                          (zr, zfr, y, torch.tensor(0.5, device="cuda"), 0.0, consts, False, False, True, True))
     torch.library.opcheck(torch.ops.nla_fast.naw_weight.default, (z, y, None, 0.37, consts))
     torch.library.opcheck(torch.ops.nla_fast.nla_scale_grads.default, (torch.tensor(2.5, device="cuda"), z, zf))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("classes", [1025, 4096])
+def test_cuda_more_than_1024_classes(classes):
+    for config in (CONFIGS["official"], CONFIGS["jsd"]):
+        z, zf, y = make_inputs(6, classes, device="cuda")
+        y[0] = classes - 1
+        for eps in (0.37, torch.tensor(0.37, device="cuda")):
+            assert_matches(op(z, zf, y, eps, config), reference(z, zf, y, eps, config), z, torch.float32)
+        # through the public API and the eager autograd path
+        a, b = z.clone().requires_grad_(), zf.clone().requires_grad_()
+        loss, w = nla_fast.nla_loss(a, b, y, 0.37, config, backend="extension", return_weights=True)
+        ga, gb = torch.autograd.grad(loss, (a, b))
+        assert_matches((loss, ga, gb, w), reference(z, zf, y, 0.37, config), z, torch.float32)
+
+
+@pytest.mark.gpu
+def test_cuda_input_errors_raise_and_do_not_crash():
+    """Bad arguments to the raw op on CUDA raise RuntimeError, checked in a child process so a
+    crash (the first GPU run died on one) fails this test instead of killing the session."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch
+        from nla_fast import extension
+        from nla_fast.config import NLAConfig
+        assert extension.unavailable_reason("cuda") is None
+        c = NLAConfig().constants
+        z = torch.randn(4, 7, device="cuda")
+        y = torch.zeros(4, dtype=torch.long, device="cuda")
+        cases = [
+            (z, z[:, :6], y),                       # shape mismatch
+            (z, z, y.float()),                      # float labels
+            (z, z, y.to(torch.int16)),              # unsupported integer dtype
+            (z, z.double(), y),                     # dtype mismatch
+            (z[:, :1], z[:, :1], y),                # one class
+            (z, z, y.cpu()),                        # labels on the CPU
+        ]
+        for args in cases:
+            try:
+                torch.ops.nla_fast.nla_loss_fwd(*args, None, 0.0, c.as_list(), False, False, True, True)
+            except RuntimeError as err:
+                assert "nla_fast" in str(err), err
+            else:
+                raise AssertionError("no error for a bad input")
+        torch.cuda.synchronize()
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (proc.returncode, proc.stdout[-2000:],
+                                                                         proc.stderr[-4000:])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(REDUCTION_CONFIGS))
+def test_cuda_consistency_reduction(name):
+    config = REDUCTION_CONFIGS[name]
+    for batch, classes in ((32, 7), (1000, 7), (70, 100)):
+        z, zf, y = make_inputs(batch, classes, device="cuda")
+        assert_matches(op(z, zf, y, 0.37, config), reference(z, zf, y, 0.37, config), z, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("classes", [5, 40])
+def test_cuda_minus_inf_on_a_non_target_class(classes):
+    for config in (CONFIGS["official"], CONFIGS["jsd"]):
+        z, zf, y = make_inputs(300, classes, device="cuda")
+        y[y == classes - 1] = 0
+        z[:, classes - 1] = -math.inf
+        zf[::2, classes - 1] = -math.inf
+        out = op(z, zf, y, 0.5, config)
+        assert all(torch.isfinite(t).all() for t in out)
+        assert_matches(out, reference(z, zf, y, 0.5, config), z.clamp_min(-10.0), torch.float32)
+
+
+@pytest.mark.gpu
+def test_cuda_tile_staging_misaligned_and_strided():
+    """The tile kernel's fallbacks: a base pointer off 16-byte alignment, column strides, and the
+    vector path, all against the oracle, in every dtype."""
+    config = CONFIGS["jsd"]
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        base = torch.randn(1000 * 7 + 1, device="cuda").to(dtype)
+        z = base[1:].view(1000, 7)                      # misaligned start
+        zf = torch.randn(1000, 14, device="cuda").to(dtype)[:, ::2]  # column stride 2
+        y = torch.randint(0, 7, (1000,), device="cuda")
+        ref = reference(z.float(), zf.float(), y, 0.37, config)
+        assert_matches(op(z, zf, y, 0.37, config), ref, z, dtype)
+        assert_matches(op(z.contiguous(), zf.contiguous(), y, 0.37, config), ref, z, dtype)
+
+
+@pytest.mark.gpu
+def test_cuda_eager_backward_in_place_and_retain_graph():
+    config = NLAConfig()
+    z, zf, y = make_inputs(4096, 7, device="cuda")
+    _, rgz, rgzf, _ = reference(z, zf, y, 0.37, config)
+    a, b = z.clone().requires_grad_(), zf.clone().requires_grad_()
+    loss = nla_fast.nla_loss(a, b, y, torch.tensor(0.37, device="cuda"), config, backend="extension")
+    g1 = torch.autograd.grad(loss, (a, b), retain_graph=True)
+    g2 = torch.autograd.grad(loss, (a, b), torch.tensor(-3.0, device="cuda"))
+    for got, want in zip(g1, (rgz, rgzf)):
+        torch.testing.assert_close(got.double().cpu(), want, rtol=0, atol=1e-6)
+    for got, want in zip(g2, (rgz, rgzf)):
+        torch.testing.assert_close(got.double().cpu(), -3.0 * want, rtol=0, atol=3e-6)

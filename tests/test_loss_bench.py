@@ -1,5 +1,6 @@
 """The loss benchmark's baseline computes the same function, and --quick runs and writes its files."""
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ def test_reference_style_baseline_equals_official_preset():
 
 
 def test_quick_run_writes_table_and_json(tmp_path, capsys):
+    threads = torch.get_num_threads()
     result = loss_bench.main(["--quick", "--device", "cpu", "--no-compile", "--out-dir", str(tmp_path)])
     files = sorted(tmp_path.iterdir(), key=lambda p: p.suffix)
     assert [p.suffix for p in files] == [".json", ".md"]
@@ -37,8 +39,41 @@ def test_quick_run_writes_table_and_json(tmp_path, capsys):
         assert row["median_ms"] > 0 and row["bytes"] > 0
         if row["backend"] == "reference-style":
             assert row["speedup_vs_reference_style"] == 1.0
-    assert "| B | C | dtype | mode | backend |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| B | C | dtype | mode | backend |" in out
     assert result["copy_bandwidth_gb_per_s"] > 0
+    # the host bar (SPEC 4 CPU proxy): both rows, and the ratio computed from them (not a timing assertion)
+    bar = data["host_bar"]
+    host_rows = {r["backend"]: r for r in data["rows"] if r["mode"] == "fwd+bwd host, CPU, 1 thread"}
+    assert set(host_rows) == {"two F.cross_entropy", "extension"}
+    assert all((r["batch"], r["classes"]) == (32, 7) for r in host_rows.values())
+    assert bar["threads"] == 1 and bar["calls_each"] >= 1000
+    assert math.isclose(bar["two_cross_entropy_us"], host_rows["two F.cross_entropy"]["median_ms"] * 1e3, rel_tol=1e-12)
+    assert math.isclose(bar["extension_us"], host_rows["extension"]["median_ms"] * 1e3, rel_tol=1e-12)
+    assert bar["ratio"] == bar["extension_us"] / bar["two_cross_entropy_us"]
+    key = "extension: host time / two F.cross_entropy, 32x7 CPU 1 thread (<= 1.0)"
+    assert data["targets"][key] == bar["ratio"]
+    assert f"ratio {bar['ratio']:.3f}" in out
+    assert torch.get_num_threads() == threads  # the bar's one thread is not left behind
+
+
+def test_targets_cover_both_fast_backends_eager_and_graph():
+    """targets() on synthetic rows: every ratio SPEC 4 names, for both fast backends and their
+    CUDA-graph rows, computed from the rows."""
+    rows = []
+    for backend, ms in (("reference-style", 4.0), ("reference+compile", 1.0), ("triton", 0.4), ("extension", 0.5),
+                        ("triton graph", 0.01), ("extension graph", 0.02)):
+        rows.append(loss_bench._row(32, 7, torch.float32, "fwd+bwd", backend, ms, 1000, 1.0,
+                                    None if backend == "reference-style" else 4.0))
+    for backend, ms in (("triton graph", 0.02), ("extension graph", 0.04)):
+        rows.append(loss_bench._row(2**20, 7, torch.bfloat16, "fwd+bwd", backend, ms, 67_108_864, 4000.0, None))
+    got = loss_bench.targets(rows, {"ratio": 0.9})
+    for fast, ms in (("triton", 0.4), ("extension", 0.5), ("triton graph", 0.01), ("extension graph", 0.02)):
+        assert got[f"{fast}: 32x7 speedup vs reference-style (>= 50)"] == 4.0 / ms
+        assert got[f"{fast}: 32x7 speedup vs compiled reference (>= 3)"] == 1.0 / ms
+    assert math.isclose(got["extension graph: 2^20x7 bf16 fraction of copy bandwidth (>= 0.70)"],
+                        67_108_864 / 0.04 / 1e6 / 4000, rel_tol=1e-12)
+    assert got["extension: host time / two F.cross_entropy, 32x7 CPU 1 thread (<= 1.0)"] == 0.9
 
 
 def test_summary_renders_loss_rows(tmp_path, capsys):
