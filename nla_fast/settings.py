@@ -167,7 +167,8 @@ def _data_flags(data) -> None:
     data.add_argument("--imbalance-seed", type=int, metavar="SEED", help="seed of the imbalance subsample")
     data.add_argument("--label-mode", choices=("majority", "argmax", "soft"),
                       help="FERPlus labels: the dataset authors' majority rule (the loader's default), "
-                      "plurality (argmax) or the vote distribution (soft)")
+                      "plurality (argmax) or the vote distribution (soft: cross-entropy on it, needs --loss ce; evaluation "
+                      "uses the argmax labels)")
     data.add_argument("--num-classes", type=int, choices=(7, 8),
                       help="FERPlus / AffectNet: 7 basic expressions or 8 with contempt (the loader's default)")
     data.add_argument("--num-samples", type=arg_types.positive_int, metavar="N",

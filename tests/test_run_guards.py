@@ -65,7 +65,7 @@ BAD_TRAIN_FLAGS = [
 @pytest.mark.parametrize("flag,value", BAD_TRAIN_FLAGS)
 def test_train_refuses_a_bad_number_naming_the_flag(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        settings.parse_command_line([flag, value])
+        settings.parse_command_line([f"{flag}={value}"])  # "=": argparse would take "-1e-3" for an option
     assert exit_info.value.code == 2
     assert f"argument {flag}: " in capsys.readouterr().err
 
