@@ -125,6 +125,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def owner_is_dead(host: str, pid: int) -> bool:
+    """True when process ``pid`` of ``host`` provably no longer exists: it ran on this host and
+    is gone. A process of another host is never declared dead (it cannot be checked from here)."""
+    return host == _host() and not _alive(pid)
+
+
+def this_host() -> str:
+    """This machine's name as temporary and lock files record it."""
+    return _host()
+
+
 def remove_stale_temps(folder) -> list[Path]:
     """Remove the temporary files in ``folder`` whose writer is dead (written on this host by
     a process that no longer exists); returns what was removed. Missing folder: nothing."""

@@ -45,13 +45,52 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    blob = torch.load(path, map_location=map_location, weights_only=True)
+    kind = _foreign_kind(path)
+    if kind is not None:
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {kind}, not a checkpoint written by "
+                              "nla_fast.train")
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated or overwritten files fail inside torch.load in many ways
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {damage(err)}") from err
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise CheckpointError(
             f"{str(path)!r} is not an nla_fast checkpoint (no format tag {FORMAT!r}); "
             "backbone weights files go to `--weights PATH` instead"
         )
     return blob
+
+
+# What a file that is not a PyTorch zip archive (torch.save's format since PyTorch 1.6) looks like.
+_SIGNATURES = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+               (b"BM", "a BMP image"), (b"%PDF", "a PDF document"), (b"\x1f\x8b", "a gzip file"))
+
+
+def _foreign_kind(path: Path) -> str | None:
+    """A few words on what ``path`` is when it clearly is not a checkpoint; None when it may be one."""
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    if not head:
+        return "the file is empty (0 bytes)"
+    if head.startswith(b"PK") or head.startswith(b"\x80"):  # zip archive, or a legacy pickle
+        return None
+    for signature, kind in _SIGNATURES:
+        if head.startswith(signature):
+            return kind
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 3:  # not just a character cut at the end of the sample
+            return f"an unknown binary file (it starts with {head[:8]!r})"
+    return f"a text file (it starts with {head[:24].decode('utf-8', 'replace')!r})"
+
+
+def damage(err: BaseException) -> str:
+    """What ``torch.load``'s error says about a damaged file, in one line: its first sentence
+    (the rest is torch's advice to set weights_only=False, which is wrong for a damaged file)."""
+    text = " ".join(str(err).split()).split(". ")[0][:160]
+    detail = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return f"damaged, truncated or not written by nla_fast.train ({detail})"
 
 
 def capture_rng_states(augment_generator: torch.Generator | None) -> dict:

@@ -106,6 +106,25 @@ def rank_seed(seed: int, rank: int) -> int:
     return int(state[0]) << 31 | int(state[1]) >> 1
 
 
+def global_batch_loss(config, world_size: int) -> tuple:
+    """``(config, scale)`` for each rank's step so that DDP's gradient is that of the global batch.
+
+    DDP averages the ranks' gradients. The NAW term is a batch mean, so the average of the
+    ranks' means is the global mean; a consistency term summed over the batch
+    (``consistency_reduction="sum"``, the official variant) covers only the rank's own batch,
+    and its averaged gradient is ``world_size`` times too small. Each rank therefore minimises
+    ``scale * loss(config with lam / scale)`` = ``lam * naw + world_size * (1 - lam) * consistency``
+    with ``scale = lam + (1 - lam) * world_size``: averaged over the ranks, exactly the loss of
+    one process on the global batch (the kernels are unchanged). One process, or a mean
+    reduction: the config as it is and scale 1."""
+    import dataclasses
+
+    if world_size <= 1 or config.consistency_reduction != "sum":
+        return config, 1.0
+    scale = config.lam + (1.0 - config.lam) * world_size
+    return dataclasses.replace(config, lam=config.lam / scale), scale
+
+
 def barrier(ctx: Context) -> None:
     if ctx.distributed:
         dist.barrier()

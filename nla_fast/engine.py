@@ -146,6 +146,7 @@ class StepOptions:
     channels_last: bool = True
     cuda_graphs: bool = True  # ignored off CUDA
     warmup_steps: int = WARMUP_STEPS  # eager steps before the capture (DDP wants more, see train.py)
+    loss_scale: float = 1.0  # the NLA loss is multiplied by it (distributed.global_batch_loss)
 
     def __post_init__(self):
         if self.views not in ("concat", "separate"):
@@ -233,6 +234,10 @@ class TrainStep:
         self.options, self.nla_config = options, nla_config
         self.agree, self.verbose = agree, verbose
         self.device = data.labels.device
+        # a placement's soft_labels (N x C distributions) are the targets of cross-entropy
+        self.soft_targets = getattr(data, "soft_labels", None) is not None
+        if self.soft_targets and options.loss != "ce":
+            raise ValueError("soft label targets need loss='ce': the NLA loss takes one label per sample")
         batch = options.batch_size
         self.host_step = 0  # the host's count of this epoch's steps (the device keeps its own)
         self.steps_per_epoch = steps_per_epoch
@@ -268,7 +273,7 @@ class TrainStep:
             self.totals.reset()
 
     # -- the step -------------------------------------------------------------------------------
-    def _forward_loss(self, view1, view2, labels):
+    def _forward_loss(self, view1, view2, labels, soft_targets=None):
         options, model = self.options, self.model
         memory = torch.channels_last if options.channels_last else torch.contiguous_format
         with autocast_context(self.device, options.amp):
@@ -282,12 +287,15 @@ class TrainStep:
                 logits = model(view1.contiguous(memory_format=memory)).float()
                 logits_flip = model(view2.contiguous(memory_format=memory)).float()
         if options.loss == "ce":
-            loss = F.cross_entropy(logits, labels)
+            # soft targets (FERPlus vote distributions): cross-entropy against the distribution
+            loss = F.cross_entropy(logits, labels if soft_targets is None else soft_targets)
             weights = naw_weight(logits.detach(), labels, self.eps, self.nla_config,
                                  backend=options.backend, validate=False)
         else:
             loss, weights = nla_loss(logits, logits_flip, labels, eps=self.eps, config=self.nla_config,
                                      backend=options.backend, validate=False, return_weights=True)
+            if options.loss_scale != 1.0:
+                loss = loss * options.loss_scale
         return logits, loss, weights
 
     def _step(self) -> None:
@@ -296,8 +304,9 @@ class TrainStep:
         indices = self.epoch_order[positions]
         images = self.data.batch_images(indices)
         labels = self.data.labels[indices]
+        soft = self.data.soft_labels[indices] if self.soft_targets else None
         view1, view2 = self.augment(images, self.generator)
-        logits, loss, weights = self._forward_loss(view1, view2, labels)
+        logits, loss, weights = self._forward_loss(view1, view2, labels, soft)
 
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 
-from . import atomic
+from . import arg_types, atomic
 from . import checkpoint as ckpt
 from .cli import HelpFormatter
 from .data.errors import DatasetError
@@ -39,11 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split to evaluate: test (or valid for FERPlus, train)")
     p.add_argument("--tta", choices=("none", "flip"), default="none",
                    help="flip: average the log-probabilities of each image and its horizontal flip")
-    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="evaluation batch size")
+    p.add_argument("--batch-size", type=arg_types.positive_int, default=256, metavar="N", help="evaluation batch size")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where to run")
     p.add_argument("--amp", choices=("bf16", "fp16", "off"), default=None,
                    help="autocast precision (default: bf16 on CUDA, off on CPU)")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate a fixed, seeded subset of N samples")
+    p.add_argument("--limit", type=arg_types.positive_int, default=None, metavar="N", help="evaluate a fixed, seeded subset of N samples")
     p.add_argument("--label-mode", choices=("majority", "argmax", "soft"), default=None,
                    help="FERPlus labels (default: the training run's)")
     p.add_argument("--num-classes", type=int, choices=(7, 8), default=None,

@@ -120,10 +120,8 @@ def read_checkpoint(path) -> tuple[dict, dict]:
         }
     except ckpt.CheckpointError as err:
         raise ExportError(str(err)) from err
-    except Exception as err:  # truncated or overwritten files fail inside torch.load in many ways
-        # torch's own advice (weights_only=False) is wrong for a damaged file: keep its first sentence
-        raise ExportError(f"cannot read checkpoint {str(path)!r}: damaged, truncated or not written by "
-                          f"nla_fast.train ({_one_line(err).split('. ')[0][:160]})") from err
+    except (KeyError, TypeError, ValueError) as err:  # a readable file without a model in it
+        raise ExportError(f"cannot read checkpoint {str(path)!r}: {ckpt.damage(err)}") from err
     if metadata["arch"] != "resnet18":
         raise ExportError(f"checkpoint {str(path)!r} holds a {metadata['arch']!r} network; only resnet18 is known")
     if len(metadata["classes"]) != metadata["num_classes"]:

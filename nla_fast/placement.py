@@ -12,7 +12,8 @@ Three placements, one interface for ``TrainStep``:
   batch is gathered on the host into one of two pinned buffers and copied into a static
   device buffer, which the (possibly captured) step reads.
 
-Each placement has ``labels`` (on the device), ``start_epoch(order) -> device order`` (the
+Each placement has ``labels`` (on the device), ``soft_labels`` (N x C target distributions
+on the device, indexed like ``labels``; None unless given), ``start_epoch(order) -> device order`` (the
 positions the step reads, in epoch order), ``before_step(step)`` (host work before step
 ``step`` of the epoch) and ``batch_images(indices)`` (called inside the step: device work only,
 so a CUDA graph can capture it).
@@ -45,9 +46,18 @@ def choose(nbytes: int, device: torch.device, sharded: bool, free_bytes: int | N
 
 
 def place_training_set(images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int,
-                       shard_length: int | None = None, say: Callable[[str], None] = print):
+                       shard_length: int | None = None, say: Callable[[str], None] = print,
+                       soft_labels: torch.Tensor | None = None):
     """The placement of a training set. ``shard_length``: a distributed run's samples per rank
-    and epoch (None: one process trains on the whole set)."""
+    and epoch (None: one process trains on the whole set). ``soft_labels``: per-sample target
+    distributions (soft-label training), kept beside the labels."""
+    placed = _place(images, labels, device, batch_size, shard_length, say)
+    if soft_labels is not None:
+        placed.set_soft_labels(soft_labels.float())
+    return placed
+
+
+def _place(images, labels, device, batch_size, shard_length, say):
     sharded = shard_length is not None
     nbytes = shard_length * _row_bytes(images) if sharded else images.numel() * images.element_size()
     where = choose(nbytes, device, sharded)
@@ -70,7 +80,15 @@ def place_test_split(images: torch.Tensor, labels: torch.Tensor, device: torch.d
     return images[mine].to(device), labels[mine].to(device)
 
 
-class DeviceResident:
+class _Placement:
+    soft_labels = None
+
+    def set_soft_labels(self, soft: torch.Tensor) -> None:
+        # small (N x C floats): the whole set on the device, indexed by sample like the labels
+        self.soft_labels = soft.to(self.device)
+
+
+class DeviceResident(_Placement):
     """The whole training set on ``device``."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device):
@@ -87,7 +105,7 @@ class DeviceResident:
         return self.images[indices]
 
 
-class EpochShard:
+class EpochShard(_Placement):
     """This rank's training samples of the current epoch, held on its device.
 
     Why a per-epoch shard and not the whole set: each rank trains on 1/world_size of the set
@@ -113,7 +131,17 @@ class EpochShard:
 
     def start_epoch(self, order: torch.Tensor) -> torch.Tensor:
         self.fill(order)
+        if self.host_soft_labels is not None:
+            self.soft_labels.copy_(self.host_soft_labels[order.cpu()])
         return torch.arange(len(order), device=self.device)
+
+    host_soft_labels = None
+
+    def set_soft_labels(self, soft: torch.Tensor) -> None:
+        # the shard's positions index the device buffers: its soft labels are refilled with it
+        self.host_soft_labels = soft.cpu()
+        self.soft_labels = torch.empty((len(self.labels),) + tuple(soft.shape[1:]), dtype=soft.dtype,
+                                       device=self.device)
 
     def before_step(self, step: int) -> None:
         pass
@@ -146,7 +174,7 @@ class EpochShard:
                 event.synchronize()
 
 
-class HostStaged:
+class HostStaged(_Placement):
     """Images in host memory; each step's batch staged into a static device buffer first."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int):

@@ -11,6 +11,7 @@ import json
 import sys
 import types
 
+from . import arg_types
 from .cli import HelpFormatter
 from .inference import load_model, predict
 
@@ -23,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint written by nla_fast.train (e.g. best.pt)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (aligned face crops, any size)")
-    p.add_argument("--top", type=int, default=3, metavar="K", help="how many classes to show per image")
+    p.add_argument("--top", type=arg_types.positive_int, default=3, metavar="K", help="how many classes to show per image")
     p.add_argument("--tta", choices=("none", "flip"), default="none", help="flip: average with the mirrored image")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where to run")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of text")

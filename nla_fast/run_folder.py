@@ -11,10 +11,16 @@
 
 Only the writer (rank 0 of a distributed run) writes; on the other ranks every method does
 nothing. Every file is written atomically (``nla_fast.atomic``).
+
+A folder is used by one run at a time: the writer holds ``.nla_fast.lock`` (created with
+O_EXCL, holding ``host pid``) while it runs; a lock whose process is dead on this host is
+stale and taken over. A folder that already holds a run's results is only written into by
+``--resume`` of that run, or by a new run given ``--overwrite`` (which first removes them).
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -24,16 +30,103 @@ from . import checkpoint as ckpt
 from .metrics import json_safe
 
 
+LOCK_FILE = ".nla_fast.lock"
+# What a run writes into its folder (removed by --overwrite before a new run starts).
+RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "best_mean.pt", "curves.png", "confusion.png",
+             "naw_weights.png")
+RESULT_FILES = ("last.pt", "best.pt", "best_mean.pt")
+
+
+class RunFolderError(RuntimeError):
+    """The output folder is in use or holds another run; the message says what to do."""
+
+
+def holds_a_run(folder) -> bool:
+    """True when ``folder`` has a run's results: a checkpoint or at least one epoch's metrics."""
+    folder = Path(folder)
+    metrics = folder / "metrics.jsonl"
+    return any((folder / name).is_file() for name in RESULT_FILES) or (metrics.is_file() and metrics.stat().st_size > 0)
+
+
+class FolderLock:
+    """``.nla_fast.lock`` in a run folder: created with O_EXCL, holding ``host pid``. A lock
+    left by a killed run is stale once its process is dead on this host (``nla_fast.atomic``'s
+    check) and is taken over; a lock of a live process, or of another host, refuses."""
+
+    def __init__(self, folder):
+        self.path = Path(folder) / LOCK_FILE
+        self.held = False
+        self.mine = f"{atomic.this_host()} {os.getpid()}\n"
+
+    def acquire(self) -> None:
+        for _ in range(3):  # a stale lock removed, then one more try (a racing run may win it)
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and atomic.owner_is_dead(*owner):
+                    try:
+                        self.path.unlink()
+                    except FileNotFoundError:
+                        pass
+                    continue
+                who = f"process {owner[1]} on {owner[0]}" if owner else "another run (lock being written)"
+                raise RunFolderError(
+                    f"{self.path.parent} is in use by {who} (lock file {self.path}); wait for it to finish or "
+                    f"choose another --out")
+            with os.fdopen(fd, "w") as handle:
+                handle.write(self.mine)
+            self.held = True
+            return
+        raise RunFolderError(f"{self.path.parent}: could not take the lock {self.path}; another run is starting there")
+
+    def _owner(self) -> tuple[str, int] | None:
+        try:
+            host, pid = self.path.read_text().split()
+            return host, int(pid)
+        except (OSError, ValueError):  # just created by another process, not yet written
+            return None
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            try:
+                if self.path.read_text() == self.mine:
+                    self.path.unlink()
+            except OSError:
+                pass
+
+
 class RunFolder:
     def __init__(self, path, writer: bool = True):
         self.path, self.writer = Path(path), writer
         self.last = self.path / "last.pt"
+        self.lock = FolderLock(self.path)
 
-    def start(self) -> None:
-        """Create the folder and remove temporary files of writers that were killed outright."""
-        if self.writer:
-            self.path.mkdir(parents=True, exist_ok=True)
+    def start(self, resumes_this_folder: bool = False, overwrite: bool = False) -> None:
+        """Create the folder, take its lock, make sure no other run's results get replaced
+        (``resumes_this_folder``: a resumed run continuing in its own folder; ``overwrite``:
+        remove an earlier run's files), and remove temporary files of killed writers."""
+        if not self.writer:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        try:
+            if not resumes_this_folder and holds_a_run(self.path):
+                if not overwrite:
+                    raise RunFolderError(
+                        f"{self.path} already holds a run (its checkpoints and metrics.jsonl would be replaced): "
+                        f"continue it with --resume {self.last}, or pass --overwrite to start a new run there")
+                for name in RUN_FILES:
+                    (self.path / name).unlink(missing_ok=True)
             atomic.remove_stale_temps(self.path)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def close(self) -> None:
+        """Release the folder's lock (on success, errors and Ctrl-C alike)."""
+        self.lock.release()
 
     def write_config(self, run_config: dict) -> None:
         if self.writer:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from . import arg_types
 from .cli import HelpFormatter
 from .config import NLAConfig
 from .data import DATASET_OPTIONS, DATASETS
@@ -48,6 +49,7 @@ class TrainSettings:
     loss: str = "nla"
     preset: str = "paper"
     consistency: str = "official"
+    consistency_reduction: str | None = None  # None: the consistency variant's own (NLAConfig)
     views: str = "concat"
     amp: str | None = None
     compile: bool = False
@@ -100,8 +102,8 @@ class TrainSettings:
 
     def nla_config(self) -> NLAConfig:
         if self.preset == "official":
-            return NLAConfig.official(consistency=self.consistency)
-        return NLAConfig(consistency=self.consistency)
+            return NLAConfig.official(consistency=self.consistency, consistency_reduction=self.consistency_reduction)
+        return NLAConfig(consistency=self.consistency, consistency_reduction=self.consistency_reduction)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,6 +114,7 @@ class CommandLine:
     settings: TrainSettings
     resume: str | None  # checkpoint to continue from
     explicit: frozenset  # settings typed on the command line (they override a resumed run's)
+    overwrite: bool = False  # a new run may replace an earlier run's results in --out
 
 
 def parse_command_line(argv: list[str]) -> CommandLine:
@@ -121,7 +124,7 @@ def parse_command_line(argv: list[str]) -> CommandLine:
     typed = vars(build_parser(defaults=False).parse_args(argv))
     names = {f.name for f in dataclasses.fields(TrainSettings)}
     settings = TrainSettings(**{k: v for k, v in args.items() if k in names})
-    return CommandLine(settings, args["resume"], frozenset(typed))
+    return CommandLine(settings, args["resume"], frozenset(typed), bool(args["overwrite"]))
 
 
 def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
@@ -140,7 +143,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     _recipe_flags(p.add_argument_group("recipe"))
     _speed_flags(p.add_argument_group("speed"))
     if defaults:
-        p.set_defaults(**dataclasses.asdict(TrainSettings()), resume=None)
+        p.set_defaults(**dataclasses.asdict(TrainSettings()), resume=None, overwrite=False)
     return p
 
 
@@ -148,26 +151,27 @@ def _data_flags(data) -> None:
     data.add_argument("--dataset", choices=DATASETS, help="dataset to train and test on")
     data.add_argument("--data-root", metavar="DIR",
                       help="folder holding the dataset in its original layout (not needed for synthetic)")
-    data.add_argument("--image-size", type=int, metavar="PX",
+    data.add_argument("--image-size", type=arg_types.image_size, metavar="PX",
                       help="side of the square network input (default: 224; 48 for the CPU synthetic demo)")
-    data.add_argument("--limit-train", type=int, metavar="N",
+    data.add_argument("--limit-train", type=arg_types.positive_int, metavar="N",
                       help="train on a fixed, seeded subset of N training samples (smoke runs)")
-    data.add_argument("--limit-test", type=int, metavar="N",
+    data.add_argument("--limit-test", type=arg_types.positive_int, metavar="N",
                       help="evaluate on a fixed, seeded subset of N test samples (smoke runs)")
-    data.add_argument("--noise-rate", type=float, metavar="P",
+    data.add_argument("--noise-rate", type=arg_types.probability_below_one, metavar="P",
                       help="replace each training label with probability P by a different class")
     data.add_argument("--noise-seed", type=int, metavar="SEED", help="seed of the label noise")
     data.add_argument("--noise-file", metavar="PATH",
                       help="read noisy training labels from a file of 'name label' lines (RAF-DB format)")
-    data.add_argument("--imbalance-factor", type=float, metavar="RHO",
+    data.add_argument("--imbalance-factor", type=arg_types.at_least_one, metavar="RHO",
                       help="subsample the training set to an exponential long tail with n_max/n_min = RHO")
     data.add_argument("--imbalance-seed", type=int, metavar="SEED", help="seed of the imbalance subsample")
     data.add_argument("--label-mode", choices=("majority", "argmax", "soft"),
                       help="FERPlus labels: the dataset authors' majority rule (the loader's default), "
-                      "plurality (argmax) or the vote distribution (soft)")
+                      "plurality (argmax) or the vote distribution (soft: cross-entropy on it, needs --loss ce; evaluation "
+                      "uses the argmax labels)")
     data.add_argument("--num-classes", type=int, choices=(7, 8),
                       help="FERPlus / AffectNet: 7 basic expressions or 8 with contempt (the loader's default)")
-    data.add_argument("--num-samples", type=int, metavar="N",
+    data.add_argument("--num-samples", type=arg_types.positive_int, metavar="N",
                       help="synthetic: number of training samples (default: the data module's; 1600 in the CPU demo)")
 
 
@@ -178,24 +182,27 @@ def _run_flags(run) -> None:
     run.add_argument("--resume", metavar="PATH",
                      help="continue a run exactly from its checkpoint (e.g. runs/x/last.pt); its settings "
                      "are reused, flags given here override them (e.g. --epochs)")
-    run.add_argument("--log-every", type=int, metavar="N",
+    run.add_argument("--overwrite", action="store_true",
+                     help="start a new run in an --out folder that already holds one, removing its checkpoints, "
+                     "metrics and plots first (without it such a folder is refused)")
+    run.add_argument("--log-every", type=arg_types.positive_int, metavar="N",
                      help="read progress back from the device every N steps (default: 50 on CUDA, 1 on CPU)")
-    run.add_argument("--plot-every", type=int, metavar="N",
+    run.add_argument("--plot-every", type=arg_types.non_negative_int, metavar="N",
                      help="draw the plots every N epochs (and always after the last); 0: only at the end")
-    run.add_argument("--eval-batch-size", type=int, metavar="N", help="batch size of evaluation")
+    run.add_argument("--eval-batch-size", type=arg_types.positive_int, metavar="N", help="batch size of evaluation")
     run.add_argument("--no-progress", dest="progress", action="store_false",
                      help="hide the tqdm progress bar (shown by default)")
 
 
 def _recipe_flags(recipe) -> None:
-    recipe.add_argument("--epochs", type=int, metavar="N", help="epochs (default: 60; 3 for the CPU synthetic demo)")
-    recipe.add_argument("--batch-size", type=int, metavar="N",
+    recipe.add_argument("--epochs", type=arg_types.positive_int, metavar="N", help="epochs (default: 60; 3 for the CPU synthetic demo)")
+    recipe.add_argument("--batch-size", type=arg_types.positive_int, metavar="N",
                         help="training batch size, images per view; batches are always full, the remainder of "
                         "each epoch's order is dropped (default: 32; 16 for the CPU synthetic demo)")
-    recipe.add_argument("--lr", type=float,
+    recipe.add_argument("--lr", type=arg_types.positive_float,
                         help="Adam learning rate of epoch 0 (default: 1e-4; 1e-3 for the CPU synthetic demo)")
-    recipe.add_argument("--weight-decay", type=float, metavar="WD", help="Adam's L2 weight decay")
-    recipe.add_argument("--gamma", type=float, help="ExponentialLR factor, applied once per epoch")
+    recipe.add_argument("--weight-decay", type=arg_types.non_negative_float, metavar="WD", help="Adam's L2 weight decay")
+    recipe.add_argument("--gamma", type=arg_types.decay_factor, help="ExponentialLR factor, applied once per epoch")
     recipe.add_argument("--weights", metavar="{none,imagenet,PATH}",
                         help="backbone initialisation: none (random), imagenet (torchvision), or a checkpoint file "
                         "such as resnet18_msceleb.pth (the paper's; 'module.' is stripped, fc.* dropped)")
@@ -205,6 +212,10 @@ def _recipe_flags(recipe) -> None:
                         help="loss constants: paper (as published) or official (the public code's sigma=0.91)")
     recipe.add_argument("--consistency", choices=("official", "jsd"),
                         help="consistency term: official (KL to the logit-mean softmax, summed) or jsd")
+    recipe.add_argument("--consistency-reduction", choices=("sum", "mean"),
+                        help="the consistency term over the batch: summed (the official variant's own, as the "
+                        "reference code) or averaged (the jsd variant's own; independent of the batch size). "
+                        "Default: the variant's own. Under torchrun the sum is over the global batch")
     recipe.add_argument("--views", choices=("concat", "separate"),
                         help="concat: both views in one forward (BatchNorm statistics over both); "
                         "separate: two forwards, as the reference code")
@@ -248,6 +259,68 @@ def settings_for_resume(settings: TrainSettings, saved_config: dict, resume: str
     return settings, notes
 
 
+class SettingsError(ValueError):
+    """Settings that cannot work together; the message says which and what works."""
+
+
+class ResumeError(SettingsError):
+    """``--resume`` with settings that cannot continue the checkpoint's run; the message says why."""
+
+
+def check_label_mode(s: TrainSettings) -> None:
+    """``--label-mode soft`` trains on FERPlus's vote distributions, which only cross-entropy
+    can use: refuse what would silently train on the argmax labels instead."""
+    if s.label_mode != "soft":
+        return
+    if s.dataset != "ferplus":
+        raise SettingsError(f"--label-mode soft is a FERPlus option (its vote distributions); {s.dataset} has one "
+                            "label per image")
+    if s.loss != "ce":
+        raise SettingsError(
+            f"--label-mode soft needs --loss ce (cross-entropy on the vote distribution); the NLA loss (--loss "
+            f"{s.loss}) is defined for one label per image: use --label-mode majority or argmax with it")
+    if s.noise_rate or s.noise_file:
+        raise SettingsError("--label-mode soft trains on the vote distributions, which label noise "
+                            "(--noise-rate / --noise-file) does not change: use --label-mode majority or argmax")
+
+
+# Settings that decide how many samples an epoch has and how they are cut into steps: a
+# checkpoint written mid-epoch can only continue with the values it was written with.
+EPOCH_SHAPE_SETTINGS = ("batch_size", "limit_train", "num_samples", "imbalance_factor", "label_mode")
+
+
+def check_resume(settings: TrainSettings, state: dict, resume: str) -> None:
+    """Refuse a resume that would not continue the checkpoint's run (``settings``: merged by
+    ``settings_for_resume``; ``state``: the checkpoint). Raises :class:`ResumeError`."""
+    saved = TrainSettings.from_dict(state["config"]["train"])
+    if settings.dataset != saved.dataset:
+        raise ResumeError(
+            f"{resume} was trained on {saved.dataset}, not {settings.dataset}: --resume continues the same run "
+            f"(its classes would change meaning). To fine-tune from its weights, start a new run with "
+            f"--weights {resume}")
+    if not state["epoch_done"] and state["step"] > 0:
+        changed = [name for name in EPOCH_SHAPE_SETTINGS if getattr(settings, name) != getattr(saved, name)]
+        if changed:
+            what = ", ".join(f"--{name.replace('_', '-')} {getattr(settings, name)} (it had {getattr(saved, name)})"
+                             for name in changed)
+            raise ResumeError(
+                f"{resume} was written mid-epoch (epoch {state['epoch']}, step {state['step']}); {what} would change "
+                f"that epoch's samples or steps, so the rest of it cannot be trained exactly: resume without "
+                f"changing {', '.join('--' + n.replace('_', '-') for n in changed)}, or from a checkpoint written at "
+                f"the end of an epoch")
+
+
+def check_resume_classes(classes: list, state: dict, resume: str, dataset: str) -> None:
+    """Refuse a resume whose data has other classes than the checkpoint's model (e.g. another
+    ``--num-classes``). Raises :class:`ResumeError`."""
+    saved = list(state["model_info"]["classes"])
+    if list(classes) != saved:
+        raise ResumeError(
+            f"{resume} classifies {len(saved)} classes {saved}; this run's {dataset} data has {len(classes)} "
+            f"{list(classes)}: --resume continues the same run. To fine-tune from its weights, start a new run "
+            f"with --weights {resume}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Device and data
 # ----------------------------------------------------------------------------------------------
@@ -284,6 +357,8 @@ def load_split(s: TrainSettings, split: str):
     index = subset_indices(len(dataset.labels), s.limit_train if split == "train" else s.limit_test)
     if index is not None:
         dataset.images, dataset.labels = dataset.images[index], dataset.labels[index]
+        if getattr(dataset, "soft_labels", None) is not None:
+            dataset.soft_labels = dataset.soft_labels[index]
     return dataset
 
 

@@ -25,6 +25,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -42,8 +43,9 @@ from .loss import BackendUnavailable
 from .metrics import MetricCounts, format_table, json_safe
 from .model import WeightsError, build_resnet18, initialise_weights
 from .placement import place_test_split, place_training_set
-from .run_folder import RunFolder, epoch_record
-from .settings import TrainSettings, load_split, parse_command_line, pick_device, settings_for_resume
+from .run_folder import RunFolder, RunFolderError, epoch_record
+from .settings import (SettingsError, TrainSettings, ResumeError, check_label_mode, check_resume,
+                       check_resume_classes, load_split, parse_command_line, pick_device, settings_for_resume)
 
 
 @dataclass
@@ -88,16 +90,21 @@ class Progress:
     totals: dict | None = None  # running sums of a resumed, partly trained epoch
 
 
-def train(settings: TrainSettings, resume: str | None = None, explicit=None) -> dict:
+def train(settings: TrainSettings, resume: str | None = None, explicit=None, overwrite: bool = False) -> dict:
     """Run (or continue) a training run; returns a summary dict. Raises NonFiniteLoss on a NaN loss.
 
     Launched by ``torchrun`` (RANK / WORLD_SIZE in the environment), each process joins the
     process group and trains its shard under DistributedDataParallel; the group is left at the
-    end, on errors and on Ctrl-C alike."""
-    contexts: list = []
+    end, on errors and on Ctrl-C alike, and so is the output folder's lock.
+
+    ``overwrite``: a new run may replace the results of an earlier run in its ``--out``
+    (otherwise that is refused, see ``nla_fast.run_folder``)."""
+    closers: list = []  # what to release at the end, last opened first
     try:
-        run = set_up(settings, resume, explicit or frozenset(), contexts)
+        run = set_up(settings, resume, explicit or frozenset(), closers, overwrite)
         data = load_data(run)
+        if run.state is not None:
+            check_resume_fits(run, data)
         parts = build(run, data)
         progress = restore(run, parts)
         run.folder.write_config(run_config(run, parts))
@@ -105,31 +112,35 @@ def train(settings: TrainSettings, resume: str | None = None, explicit=None) -> 
         announce(run, data, parts)
         return train_epochs(run, data, parts, progress)
     finally:
-        for ctx in contexts:
-            distributed.cleanup(ctx)
+        for close in reversed(closers):
+            close()
 
 
 # ----------------------------------------------------------------------------------------------
 # Phases
 # ----------------------------------------------------------------------------------------------
-def set_up(settings: TrainSettings, resume: str | None, explicit, contexts: list) -> Run:
+def set_up(settings: TrainSettings, resume: str | None, explicit, closers: list, overwrite: bool = False) -> Run:
     state, notes = None, []
     if resume is not None:
         state = ckpt.load(resume)
         settings, notes = settings_for_resume(settings, state["config"], resume, explicit)
+        check_resume(settings, state, resume)
     ctx, dist_device = distributed.setup(settings.device)
-    contexts.append(ctx)
+    closers.append(lambda: distributed.cleanup(ctx))
     say = print if ctx.is_main else (lambda *args, **kwargs: None)  # only rank 0 talks
     for note in notes:
         say(note)
     device = dist_device if dist_device is not None else pick_device(settings.device)
     s = settings.resolve(device)
+    check_label_mode(s)
     run = Run(s, ctx, device, RunFolder(s.out, writer=ctx.is_main), say, resume, state)
     if state is not None:
         run.own_state = own_resume_state(run)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
-    run.folder.start()
+    closers.append(run.folder.close)
+    run.folder.start(resumes_this_folder=resume is not None and run.folder.path.resolve() == Path(resume).resolve().parent,
+                     overwrite=overwrite)
     torch.manual_seed(s.seed)
     np.random.seed(s.seed % 2**32)
     random.seed(s.seed)
@@ -155,6 +166,19 @@ def own_resume_state(run: Run) -> dict | None:
     return state if run.ctx.rank == 0 else None
 
 
+def check_resume_fits(run: Run, data: Data) -> None:
+    """The resumed checkpoint's classes and, mid-epoch, its epoch size are this run's."""
+    check_resume_classes(data.classes, run.state, run.resume, run.s.dataset)
+    state = run.state
+    if not state["epoch_done"] and state["step"] > 0 and run.own_state is not None:
+        saved = len(run.own_state["totals"]["points"])  # the samples of this rank's epoch when it was saved
+        if saved != data.steps_per_epoch * run.s.batch_size:
+            raise ResumeError(
+                f"{run.resume} was written mid-epoch with {saved} samples per epoch and process; this run has "
+                f"{data.steps_per_epoch * run.s.batch_size} (the training set changed): resume with the same data, "
+                "or from a checkpoint written at the end of an epoch")
+
+
 def load_data(run: Run) -> Data:
     s, ctx = run.s, run.ctx
     if ctx.distributed and ctx.local_rank != 0:
@@ -168,7 +192,9 @@ def load_data(run: Run) -> Data:
         raise SystemExit(f"error: {num_train} training samples make no full batch of {s.batch_size}"
                          + (f" on each of {ctx.world_size} processes" if ctx.world_size > 1 else ""))
     shard_length = steps_per_epoch * s.batch_size if ctx.distributed else None
-    placed = place_training_set(train_set.images, train_set.labels, run.device, s.batch_size, shard_length, run.say)
+    soft = train_set.soft_labels if s.label_mode == "soft" else None  # FERPlus votes (check_label_mode)
+    placed = place_training_set(train_set.images, train_set.labels, run.device, s.batch_size, shard_length, run.say,
+                                soft_labels=soft)
     test_images, test_labels = place_test_split(test_set.images, test_set.labels, run.device, ctx.rank,
                                                 ctx.world_size)
     return Data(placed, test_images, test_labels, EvalTransform(s.image_size), list(train_set.classes), num_train,
@@ -188,15 +214,19 @@ def build(run: Run, data: Data) -> Parts:
         run.say("nla_fast: --sync-bn has no effect in a one-process run")
     model = model.to(device, memory_format=torch.channels_last)
     wrapped = distributed.wrap_ddp(model, device) if ctx.enabled else model
+    nla_config = s.nla_config()
+    # a summed consistency term over the global batch under DDP (the kernels see a local batch)
+    step_config, loss_scale = (distributed.global_batch_loss(nla_config, ctx.world_size) if s.loss == "nla"
+                               else (nla_config, 1.0))
     graphs = bool(s.cuda_graphs) and device.type == "cuda"
     options = StepOptions(batch_size=s.batch_size, views=s.views, loss=s.loss, amp=s.amp, backend=s.backend,
                           channels_last=True, cuda_graphs=s.cuda_graphs,
-                          warmup_steps=distributed.DDP_WARMUP_STEPS if ctx.enabled and graphs else WARMUP_STEPS)
+                          warmup_steps=distributed.DDP_WARMUP_STEPS if ctx.enabled and graphs else WARMUP_STEPS,
+                          loss_scale=loss_scale)
     agree = (lambda ok: distributed.all_agree(ok, ctx, device)) if ctx.enabled else None
-    nla_config = s.nla_config()
     step = build_train_step(model, data.train, options, image_size=s.image_size, lr=s.lr,
                             weight_decay=s.weight_decay, seed=distributed.rank_seed(s.seed, ctx.rank),
-                            nla_config=nla_config, num_classes=len(data.classes),
+                            nla_config=step_config, num_classes=len(data.classes),
                             steps_per_epoch=data.steps_per_epoch,
                             network=torch.compile(wrapped) if s.compile else wrapped, agree=agree,
                             verbose=ctx.is_main)
@@ -233,6 +263,10 @@ def announce(run: Run, data: Data, parts: Parts) -> None:
         run.say(f"nla_fast: distributed: {ctx.world_size} process(es), backend {ctx.backend}; batch {s.batch_size} "
                 f"per process, global batch {s.batch_size * ctx.world_size}; "
                 f"{'SyncBatchNorm' if s.sync_bn else 'per-process BatchNorm'}")
+    if parts.step.options.loss_scale != 1.0:
+        run.say(f"nla_fast: the consistency term is summed over the global batch: each rank's loss is "
+                f"{parts.step.options.loss_scale:g} x the loss with lam {parts.step.nla_config.lam:.4g}, so the averaged "
+                f"gradient is one process's on {s.batch_size * ctx.world_size} images (train_loss: the global batch's)")
     if parts.step.note:
         run.say(f"nla_fast: {parts.step.note}")
 
@@ -400,14 +434,16 @@ def checkpoint_state(run: Run, data: Data, parts: Parts, progress: Progress, epo
 def main(argv=None) -> int:
     command = parse_command_line(sys.argv[1:] if argv is None else list(argv))
     try:
-        result = train(command.settings, resume=command.resume, explicit=command.explicit)
+        result = train(command.settings, resume=command.resume, explicit=command.explicit,
+                       overwrite=command.overwrite)
     except KeyboardInterrupt:
         print("nla_fast: interrupted", file=sys.stderr)
         return 130
     except NonFiniteLoss as err:
         print(f"nla_fast: error: {err}", file=sys.stderr)
         return 1
-    except (WeightsError, DatasetError, FileNotFoundError, ckpt.CheckpointError, BackendUnavailable) as err:
+    except (WeightsError, DatasetError, FileNotFoundError, ckpt.CheckpointError, BackendUnavailable,
+            RunFolderError, SettingsError) as err:
         print(f"nla_fast: error: {err}", file=sys.stderr)
         return 2
     return 130 if result.get("interrupted") else 0

@@ -50,6 +50,7 @@ def test_two_gloo_processes_train_one_epoch_with_exact_evaluation(tmp_path):
     assert row["test_samples"] == 17 and sum(map(sum, row["confusion"])) == 17  # counts summed over ranks
     assert result.stdout.count("epoch 0 (1/1)") == 1  # only rank 0 prints
     assert "global batch 16" in result.stdout
+    assert "summed over the global batch" in result.stdout  # distributed.global_batch_loss is in the step
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["config"]["world_size"] == 2 and len(state["rank_states"]) == 2
     assert not any(k.startswith("module.") for k in state["model"])
