@@ -6,7 +6,6 @@ unless ``validate=True`` asks for it (the target range and a tensor eps are then
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -80,7 +79,7 @@ def check_eps(eps, validate: bool) -> None:
             value = float(eps)
         except (TypeError, ValueError):
             raise ValueError(f"eps must be a float in [0, 1] or a 0-d tensor, got {eps!r}") from None
-    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+    if not 0.0 <= value <= 1.0:  # also rejects NaN and inf; no math.isfinite (a graph break on a traced float)
         raise ValueError(f"eps must lie in [0, 1] (the schedule value, see eps_schedule), got {value}")
 
 
