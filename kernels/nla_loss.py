@@ -534,7 +534,7 @@ def _forward_body(wrap, logits, logits_flip, target, eps_tensor, eps_value, cons
             *args, **flags, BLOCK_B=block_b, PROGRAMS_PER_SM=per_sm,
             num_warps=num_warps, num_stages=num_stages,
         )
-    if loss and num_programs > 1:
+    if loss and partial is not loss_out:  # (after tuning, also when the chosen grid is one program)
         block = min(_SUM_BLOCK, _next_pow2(num_programs))
         wrap(_sum_partials_kernel)[(1,)](partial, loss_out, num_programs, BLOCK=block,
                                          num_warps=max(1, min(8, block // 128)))

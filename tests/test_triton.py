@@ -498,6 +498,39 @@ def test_small_batches_are_one_launch_with_a_fixed_config_and_nothing_is_tuned_h
     assert module._tuned == {}
 
 
+@pytest.mark.parametrize("which", [0, -1])  # 4 programs of 256 rows / one program of 2048 rows
+def test_tuning_path_bookkeeping_with_a_stand_in_tuner(monkeypatch, which):
+    """The GPU-only autotune path, its Python side: a stand-in tuner launches the interpreted
+    kernel with its last candidate and reports it as best; the partial sums are sized for the
+    largest candidate grid, the reduction covers the chosen grid (also a one-program grid), and the choice is remembered
+    (the next call of the bucket launches the plain kernel with it, tuning nothing)."""
+    from nla_fast.kernels import nla_loss as module
+
+    calls = []
+
+    class StandIn:
+        def __init__(self, block_c):
+            self.best_config = module._tuning_configs(block_c)[which]
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                calls.append(kwargs)
+                meta = {**kwargs, **self.best_config.kwargs}
+                module._nla_fwd_kernel[grid(meta)](*args, **meta, num_warps=self.best_config.num_warps)
+            return launch
+
+    monkeypatch.setattr(module, "_may_tune", lambda device: True)
+    monkeypatch.setattr(module, "_tuner", StandIn)
+    monkeypatch.setattr(module, "_tuned", {})
+    monkeypatch.setattr(module, "_plans", {})
+    z, zf, y = rand_inputs(1000, 7, seed=26)
+    for _ in range(2):
+        check(z, zf, y, 0.37, CONFIGS["paper"])
+    assert len(calls) == 1  # tuned once, then remembered
+    best = module._tuning_configs(8)[which]
+    assert list(module._tuned.values()) == [(best.kwargs["BLOCK_B"], best.num_warps, 1, best.kwargs["PROGRAMS_PER_SM"])]
+
+
 _COMPILE_SCRIPT = textwrap.dedent(
     """
     import json, sys, triton
