@@ -13,13 +13,18 @@ nla_loss_reference in float64 on the same input values):
 - large logits (|z| up to 1e4): the same norm-wise rtol, since the error scales with |z|.
 """
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
 from nla_fast.config import NLAConfig
 from nla_fast.loss import NLALoss, nla_loss
 from nla_fast.kernels.nla_loss import naw_weight_triton, nla_loss_triton
-from nla_fast.reference import naw_weight_reference, nla_loss_reference
+from nla_fast.reference import naw_weight_reference, nla_forward_backward_closed_form, nla_loss_reference
 
 TOL = {
     torch.float32: dict(loss=2e-5, grad=2e-5, w=2e-5, atol=1e-7),
@@ -29,10 +34,12 @@ TOL = {
 }
 
 CONFIGS = {
-    "paper": NLAConfig(),
+    "paper": NLAConfig(),  # official consistency, summed over the batch
     "official": NLAConfig.official(),
-    "paper-jsd": NLAConfig(consistency="jsd"),
+    "paper-jsd": NLAConfig(consistency="jsd"),  # averaged over the batch
     "official-jsd": NLAConfig.official(consistency="jsd"),
+    "paper-mean": NLAConfig(consistency_reduction="mean"),
+    "jsd-sum": NLAConfig(consistency="jsd", consistency_reduction="sum"),
 }
 EPS_KINDS = [0.0, 0.37, 1.0, "tensor"]
 DEV = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -355,14 +362,18 @@ def test_eps_tensor_is_read_at_run_time():
     assert_close(second, oracle(z, zf, y, 1.0, NLAConfig())[0], 2e-5)
 
 
-def test_torch_compile_matches_eager():
+@pytest.mark.parametrize("eps_kind", ["tensor", "float"])
+def test_torch_compile_matches_eager(eps_kind):
     """Dynamo traces the autograd.Function and the custom op (aot_eager on CPU; inductor on GPU
     below); a second and third batch size make dynamo retrace with a symbolic batch."""
-    _compile_check("aot_eager" if DEV.type == "cpu" else "inductor", batches=(9, 17))
+    _compile_check("aot_eager" if DEV.type == "cpu" else "inductor", batches=(9, 17), eps_kind=eps_kind)
 
 
-def _compile_check(backend, batches, classes=7):
-    eps = torch.tensor(0.37, device=DEV)
+def _compile_check(backend, batches, classes=7, eps_kind="tensor"):
+    """torch.compile(fullgraph=True) of a step calling nla_loss(backend="triton") against eager:
+    loss, both gradients and weights; eps a 0-d device tensor (read from memory: a new value
+    reaches the compiled graph) or a Python float (under Inductor it arrives as fp64)."""
+    eps = torch.tensor(0.37, device=DEV) if eps_kind == "tensor" else 0.37
 
     def step(a, b, t, e):
         loss, w = nla_loss(a, b, t, e, backend="triton", validate=False, return_weights=True)
@@ -372,7 +383,8 @@ def _compile_check(backend, batches, classes=7):
     compiled = torch.compile(step, backend=backend, fullgraph=True)
     for batch in batches:
         z, zf, y = rand_inputs(batch, classes, seed=16)
-        eps.fill_(0.37)
+        if eps_kind == "tensor":
+            eps.fill_(0.37)
         results = []
         for fn in (step, compiled):
             a, b = z.clone().requires_grad_(), zf.clone().requires_grad_()
@@ -382,8 +394,215 @@ def _compile_check(backend, batches, classes=7):
         for eager_t, compiled_t in zip(*results):
             assert_close(compiled_t, eager_t, 1e-6, what=f"B={batch}")
         assert_close(results[0][0], 2 * oracle(z, zf, y, 0.37, NLAConfig())[0], 2e-5)
-        eps.fill_(0.9)  # a new eps value reaches the compiled graph (it is read from memory)
-        assert_close(compiled(z, zf, y, eps)[0], step(z, zf, y, eps)[0], 1e-6, what="new eps")
+        if eps_kind == "tensor":
+            eps.fill_(0.9)  # a new eps value reaches the compiled graph (it is read from memory)
+            assert_close(compiled(z, zf, y, eps)[0], step(z, zf, y, eps)[0], 1e-6, what="new eps")
+        else:
+            assert_close(compiled(z, zf, y, 0.9)[0], step(z, zf, y, 0.9)[0], 1e-6, what="new eps")
+
+
+# ---------------------------------------------------------------------------------------
+# issue 9 / 11: layouts, shapes, reductions, -inf logits, target dtypes, the compile fault
+
+# odd class counts at a small batch; odd batch sizes at C = 7: single program (B * BLOCK_C <= 4096),
+# persistent grid with a partial last tile (B = 1000: 2 tiles of 512 rows), more tiles than
+# programs (B = 2600: 6 tiles on 4 interpreter programs, the tail to program 1)
+ODD_SHAPES = [(5, c) for c in (2, 3, 7, 8, 9, 100, 1000, 1025)] + [(b, 7) for b in (1, 31, 33, 257, 1000, 2600)]
+
+
+@pytest.mark.parametrize("batch,classes", ODD_SHAPES)
+def test_odd_shapes_flat_and_strided(batch, classes):
+    """Contiguous logits take the flat path (32-bit in-tile offsets; aligned rows when C is a
+    power of two); the same values through transposed / column-sliced views take the strided path."""
+    name = list(CONFIGS)[(batch + classes) % len(CONFIGS)]
+    z, zf, y = rand_inputs(batch, classes, seed=21)
+    check(z, zf, y, EPS_KINDS[batch % len(EPS_KINDS)], CONFIGS[name])
+    z_t = z.t().contiguous().t()  # same values, column-major
+    zf_wide = torch.zeros(batch, 2 * classes, device=DEV)
+    zf_wide[:, ::2] = zf
+    zf_s = zf_wide[:, ::2]  # stride (2C, 2)
+    assert not z_t.is_contiguous() or batch == 1
+    assert not zf_s.is_contiguous()
+    check(z_t, zf_s, y, 0.37, CONFIGS[name])
+
+
+@pytest.mark.parametrize("config_name", ["paper", "paper-mean", "paper-jsd", "jsd-sum"])
+@pytest.mark.parametrize("batch", [1, 33, 1000])
+def test_consistency_reduction_every_combination(config_name, batch):
+    """NLAConfig(consistency_reduction=...) for both variants: value and gradient against the
+    autograd oracle and the closed form; 'sum' and 'mean' differ by exactly the factor B in the
+    consistency part."""
+    cfg = CONFIGS[config_name]
+    z, zf, y = rand_inputs(batch, 7, seed=22)
+    check(z, zf, y, 0.37, cfg)
+    loss, gz, gzf, w = run_triton(z, zf, y, 0.37, cfg)
+    ref = nla_forward_backward_closed_form(z.double().cpu(), zf.double().cpu(), y.cpu(), 0.37, cfg)
+    for actual, expected, what in zip((loss, gz, gzf, w), ref, ("loss", "d/dlogits", "d/dlogits_flip", "weights")):
+        assert_close(actual, expected, 2e-5, what=f"closed form {what}")
+    if batch > 1:  # the consistency gradient of z' is (1 - lam) * reg_scale * ...: sum = B * mean
+        other = NLAConfig(consistency=cfg.consistency,
+                          consistency_reduction="sum" if cfg.consistency_reduction == "mean" else "mean")
+        gzf_other = run_triton(z, zf, y, 0.37, other)[2]
+        factor = batch if cfg.consistency_reduction == "sum" else 1.0 / batch
+        assert_close(gzf, gzf_other * factor, 2e-5, what="sum vs mean")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("config_name", ["paper", "official-jsd", "paper-mean", "jsd-sum"])
+@pytest.mark.parametrize("where", ["z", "zf", "both-same", "both-different"])
+@pytest.mark.parametrize("classes", [2, 7])
+def test_minus_inf_non_target_logit_is_finite(config_name, where, classes):
+    """A -inf logit on a class that is not the target: finite loss and gradients equal to the
+    reference, in one view or both (the JSD term made NaN from (-inf) - (-inf) before). With
+    C = 2 the only negative is -inf (p_nn = 0)."""
+    batch = 9
+    z, zf, y = rand_inputs(batch, classes, seed=23)
+    for row in range(batch):
+        others = [c for c in range(classes) if c != int(y[row])]
+        first, second = others[0], others[-1]
+        if where in ("z", "both-same", "both-different"):
+            z[row, first] = float("-inf")
+        if where in ("zf", "both-same"):
+            zf[row, first] = float("-inf")
+        if where == "both-different":
+            zf[row, second] = float("-inf")
+    loss, gz, gzf, w = run_triton(z, zf, y, 0.37, CONFIGS[config_name])
+    assert torch.isfinite(loss).item() and torch.isfinite(gz).all() and torch.isfinite(gzf).all()
+    assert torch.isfinite(w).all()
+    check(z, zf, y, 0.37, CONFIGS[config_name])
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+def test_public_api_target_dtypes(dtype):
+    """int32/int64 reach the kernel as they are; other integer dtypes are widened by the front."""
+    z, zf, y = rand_inputs(33, 7, seed=24)
+    ref_loss, ref_gz, ref_gzf, _ = oracle(z, zf, y, 0.37, NLAConfig())
+    a, b = z.clone().requires_grad_(), zf.clone().requires_grad_()
+    loss = nla_loss(a, b, y.to(dtype), 0.37, backend="triton")
+    loss.backward()
+    assert_close(loss, ref_loss, 2e-5, what=f"loss, {dtype}")
+    assert_close(a.grad, ref_gz, 2e-5, what=f"d/dlogits, {dtype}")
+    assert_close(b.grad, ref_gzf, 2e-5, what=f"d/dlogits_flip, {dtype}")
+
+
+def test_small_batches_are_one_launch_with_a_fixed_config_and_nothing_is_tuned_here():
+    """B * BLOCK_C <= 4096 is one program whose config depends on B and C only (same loss bits in
+    every process); the interpreter and the CPU never autotune."""
+    from nla_fast.kernels import nla_loss as module
+
+    assert module._fixed_config(32, 8) == (32, 1, 1, 1)  # the trainer's batch: one warp, one tile
+    assert module._fixed_config(512, 8)[0] == 512 and module._fixed_config(513, 8)[0] == 512
+    assert not module._may_tune(torch.device("cpu"))
+    z, zf, y = rand_inputs(2600, 7, seed=25)
+    run_triton(z, zf, y, 0.37, CONFIGS["paper"])
+    assert module._tuned == {}
+
+
+@pytest.mark.parametrize("which", [0, -1])  # 4 programs of 256 rows / one program of 2048 rows
+def test_tuning_path_bookkeeping_with_a_stand_in_tuner(monkeypatch, which):
+    """The GPU-only autotune path, its Python side: a stand-in tuner launches the interpreted
+    kernel with its last candidate and reports it as best; the partial sums are sized for the
+    largest candidate grid, the reduction covers the chosen grid (also a one-program grid), and the choice is remembered
+    (the next call of the bucket launches the plain kernel with it, tuning nothing)."""
+    from nla_fast.kernels import nla_loss as module
+
+    calls = []
+
+    class StandIn:
+        def __init__(self, block_c):
+            self.best_config = module._tuning_configs(block_c)[which]
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                calls.append(kwargs)
+                meta = {**kwargs, **self.best_config.kwargs}
+                module._nla_fwd_kernel[grid(meta)](*args, **meta, num_warps=self.best_config.num_warps)
+            return launch
+
+    monkeypatch.setattr(module, "_may_tune", lambda device: True)
+    monkeypatch.setattr(module, "_tuner", StandIn)
+    monkeypatch.setattr(module, "_tuned", {})
+    monkeypatch.setattr(module, "_plans", {})
+    z, zf, y = rand_inputs(1000, 7, seed=26)
+    for _ in range(2):
+        check(z, zf, y, 0.37, CONFIGS["paper"])
+    assert len(calls) == 1  # tuned once, then remembered
+    best = module._tuning_configs(8)[which]
+    assert list(module._tuned.values()) == [(best.kwargs["BLOCK_B"], best.num_warps, 1, best.kwargs["PROGRAMS_PER_SM"])]
+
+
+_COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, triton
+    from triton.backends.compiler import GPUTarget
+    from nla_fast.kernels.nla_loss import _nla_fwd_kernel as kernel
+
+    # Scalars typed as Inductor passes them: Python floats as fp64, sizes and strides as i64.
+    case = json.loads(sys.argv[1])
+    signature, attrs = {}, {}
+    for index, param in enumerate(kernel.params):
+        name = param.name
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + {"y_ptr": "i64", "loss_ptr": "fp32", "w_ptr": "fp32",
+                                     "eps_ptr": "fp32"}.get(name, case["dtype"])
+            attrs[(index,)] = [["tt.divisibility", 16]]  # what the launcher says of aligned tensors
+        elif name in ("B", "C") or name.startswith("stride"):
+            signature[name] = "i64"
+        else:
+            signature[name] = "fp64"
+    constexprs = {k: v for k, v in case["constexprs"].items() if k in signature}
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=case["num_warps"], num_stages=1))
+    print(json.dumps({"ttgir": compiled.asm["ttgir"], "ptx": compiled.asm["ptx"]}))
+    """
+)
+
+_FLAGS = dict(EPS_FROM_PTR=False, HAS_FLIP=True, JSD=False, REG_MEAN=False, WRITE_LOSS=True, GRAD_Z=True,
+              GRAD_ZF=True, WRITE_W=True, FLAT_ROWS=True, EXACT_C=False, BLOCK_B=512, BLOCK_C=8,
+              PROGRAMS_PER_SM=4, NUM_STAGES=1)
+
+
+def _compile_for_sm90(dtype, num_warps=8, **flags):
+    """Compile the forward kernel for an sm_90 target in a subprocess WITHOUT the interpreter
+    (tests/conftest.py sets TRITON_INTERPRET=1 in this process): what Inductor does on a GPU."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    case = json.dumps({"dtype": dtype, "num_warps": num_warps, "constexprs": {**_FLAGS, **flags}})
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, case], env=env, capture_output=True,
+                          text=True, timeout=300)
+    if done.returncode != 0 and "ptxas" in done.stderr and "not found" in done.stderr.lower():
+        pytest.skip(f"no ptxas for a CUDA compile here: {done.stderr[-300:]}")
+    assert done.returncode == 0, f"sm_90 compile of _nla_fwd_kernel failed:\n{done.stderr[-3000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    "dtype,flags",
+    [
+        ("fp32", dict(JSD=True, REG_MEAN=True, EPS_FROM_PTR=True, FLAT_ROWS=False, BLOCK_B=4, BLOCK_C=1024)),
+        ("fp16", dict(HAS_FLIP=False, WRITE_LOSS=False, GRAD_Z=False, GRAD_ZF=False, EXACT_C=True)),
+    ],
+)
+def test_kernel_compiles_for_sm90_with_fp64_scalars(dtype, flags):
+    """Would have caught the Inductor fault on the CPU: the kernel compiled to PTX for sm_90 with
+    fp64 float scalars and i64 sizes ('Loop-carried variable acc ... re-assigned to fp64' before)."""
+    compiled = _compile_for_sm90(dtype, **flags)
+    assert ".entry _nla_fwd_kernel" in compiled["ptx"]
+
+
+def test_flat_path_compiles_for_sm90_row_per_thread_with_vector_stores():
+    """The trainer's flat path, eps by value (the fault of the first GPU run), compiled with fp64
+    scalars; and the bandwidth design as compiled (sm_90, bf16, C = 7): whole rows in one thread
+    (no shuffles in the row reductions), gradients stored as 16-byte vectors."""
+    compiled = _compile_for_sm90("bf16")
+    assert ".entry _nla_fwd_kernel" in compiled["ptx"]
+    assert "sizePerThread = [1, 8], threadsPerWarp = [32, 1]" in compiled["ttgir"], "compute tile is not row-per-thread"
+    assert "st.global.v4" in compiled["ptx"], "no 16-byte vector stores of the gradients"
+    assert compiled["ptx"].count("shfl.sync") <= 8, "row reductions use warp shuffles"
 
 
 # ---------------------------------------------------------------------------------------
@@ -458,9 +677,12 @@ def test_cuda_graph_capture_and_replay(batch, config_name):
 
 
 @pytest.mark.gpu
-def test_torch_compile_inductor_gpu():
-    _compile_check("inductor", batches=(32, 1000, 999, 4097))
-    _compile_check("inductor", batches=(3, 65), classes=1000)
+@pytest.mark.parametrize("eps_kind", ["tensor", "float"])
+def test_torch_compile_inductor_gpu(eps_kind):
+    """The first GPU run's fault: Inductor passed the float scalars as fp64 and the persistent
+    loop's sum turned fp64 (a compile error). Both eps kinds, single-program and persistent grids."""
+    _compile_check("inductor", batches=(32, 1000, 999, 4097), eps_kind=eps_kind)
+    _compile_check("inductor", batches=(3, 65), classes=1000, eps_kind=eps_kind)
 
 
 @pytest.mark.gpu
