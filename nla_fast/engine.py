@@ -316,9 +316,10 @@ class TrainStep:
         self.eval_forward = None  # the compiled evaluation forward, when compiling
         self.compiled = options.compile
         self.compile_unverified = options.compile  # until the first compiled step has run
+        self.loss_backend = options.backend
         if options.compile:
             # resolved outside the traced region: the first resolution may build the extension or warn
-            resolve_backend(options.backend, self.device)
+            self.loss_backend = resolve_backend(options.backend, self.device)
             try:
                 self.forward_loss = compile_function(self._forward_loss, options.compile_mode)
                 self.eval_forward = compile_function(self.eval_model, options.compile_mode)
@@ -358,10 +359,10 @@ class TrainStep:
         if options.loss == "ce":
             loss = F.cross_entropy(logits, labels)
             weights = naw_weight(logits.detach(), labels, eps, self.nla_config,
-                                 backend=options.backend, validate=False)
+                                 backend=self.loss_backend, validate=False)
         else:
             loss, weights = nla_loss(logits, logits_flip, labels, eps=eps, config=self.nla_config,
-                                     backend=options.backend, validate=False, return_weights=True)
+                                     backend=self.loss_backend, validate=False, return_weights=True)
         with torch.no_grad():
             scores = logits.detach()
             correct = (scores.argmax(dim=1) == labels).sum()
@@ -407,19 +408,33 @@ class TrainStep:
         """The first step through the compiled function, where compiling happens (lazily, at the
         first call: forward at the forward, backward at the backward). If it fails, the step's
         effects so far are undone (nothing but the augmentation's random draws and the gradients
-        happen before the optimiser) and it runs again uncompiled."""
+        happen before the optimiser) and it runs again: compiled with the loss written in plain
+        PyTorch (Inductor fuses it itself) when the fused loss kernel was in the region, else
+        uncompiled. Each fallback says so in one line."""
         state = self.generator.get_state()
-        try:
-            self._step()
-        except Exception as err:
-            self.generator.set_state(state)
-            self.optimizer.zero_grad(set_to_none=True)
-            self._stop_compiling(err)
-            self._step()
+        while True:
+            try:
+                self._step()
+                break
+            except Exception as err:
+                if not self.compiled:
+                    raise  # the uncompiled step failed: not a compilation problem
+                self.generator.set_state(state)
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.loss_backend != "reference":
+                    self.loss_backend = "reference"
+                    self.note = (f"torch.compile failed with the {self.options.backend!r} loss kernel inside "
+                                 f"({one_line(err)}); compiling the plain PyTorch loss instead")
+                    if self.verbose:
+                        print(f"nla_fast: {self.note}", flush=True)
+                    self.forward_loss = compile_function(self._forward_loss, self.options.compile_mode)
+                    continue
+                self._stop_compiling(err)
         self.compile_unverified = False
 
     def _stop_compiling(self, err: BaseException) -> None:
         self.forward_loss, self.eval_forward = self._forward_loss, None
+        self.loss_backend = self.options.backend  # the fused kernels run fine uncompiled
         self.compiled = self.compile_unverified = False
         self.note = f"torch.compile failed ({one_line(err)}); running the uncompiled step"
         if self.verbose:
