@@ -33,7 +33,10 @@ def train_lines(result) -> list[str]:
         lines.append(f"  rung {r['rung']}  {r['samples_per_s']:>8.0f} samples/s  {r['x_rung0']:>6.2f}x rung0  "
                      f"{100 * r['fraction_of_ceiling']:>6.1f}% ceiling  {r['name']}")
     for name, e in result.get("epochs", {}).items():
-        lines.append(f"  epoch {name}: {e['epoch_s']:.1f} s; 60 epochs ~ {e['projected_60_epochs_min']:.1f} min")
+        compile_note = f" + {e['compile_s']:.1f} s compile" if e.get("compile_s") else ""
+        lines.append(f"  epoch {name}: {e['epoch_s']:.1f} s{compile_note}; 60 epochs ~ "
+                     f"{e['projected_60_epochs_min']:.1f} min")
+    lines += [f"  target {k}: {v:.3f}" for k, v in result.get("targets", {}).items() if v is not None]
     return lines
 
 

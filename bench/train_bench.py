@@ -11,11 +11,16 @@ Rungs (a sample = an image and its flip; samples/s = batch / median step time):
   2  + dataset resident on the device, batched on-device augmentation
   3  + bf16 autocast and channels_last
   4  + the fused loss (backend auto)
-  5  + the whole step captured as one CUDA graph: the trainer's default
+  5  + the whole step captured as one CUDA graph (uncompiled: the trainer with --no-compile)
   6  ceiling: bare ResNet-18 forward+backward+Adam on device-resident random tensors of the
      same shapes (2 x batch images), bf16 channels_last, captured as one CUDA graph
+  7  + torch.compile: forward, loss and statistics compiled by Inductor, inside the captured
+     step (the trainer's default on CUDA); its first step (compilation) is reported apart
+  8  compiled ceiling: rung 6 with torch.compile(model), captured as one CUDA graph
+Adam is the trainer's (``--adam``, default fused and capturable) in rungs 5-8. Rungs 5, 7
+and 8 need CUDA (skipped on the CPU, where Inductor's C++ compilation takes minutes).
 Also one full epoch on RAF-DB-shaped data (12,271 train + 3,068 test with evaluation) for
-rungs 0 and 5 and the projected 60-epoch time.
+rungs 0, 5 and 7 and the projected 60-epoch time (rung 7: compile time added once, shown apart).
 
 Step times are medians over blocks of steps (synchronised at each block's end), after warm-up.
 Writes bench/results/train_bench-<device>.json and .png (and copies under $OUT) and prints
@@ -24,6 +29,7 @@ the table last.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -47,7 +53,8 @@ from nla_fast import NLAConfig, atomic, nla_loss  # noqa: E402
 from nla_fast.augment import EvalTransform  # noqa: E402
 from nla_fast.data import load_dataset  # noqa: E402
 from nla_fast.data.fixtures import make_rafdb_tree  # noqa: E402
-from nla_fast.engine import StepOptions, autocast_context, build_train_step, evaluate, make_optimizer  # noqa: E402
+from nla_fast.engine import (StepOptions, autocast_context, build_train_step, compile_function,  # noqa: E402
+                             evaluate, make_optimizer)
 from nla_fast.model import build_resnet18  # noqa: E402
 from nla_fast.placement import DeviceResident  # noqa: E402
 
@@ -66,6 +73,9 @@ class Plan:
     workers: tuple
     epoch: bool
     source_images: int
+    adam: str = "auto"  # make_optimizer's implementation, rungs 5-8
+    compile_mode: str = "default"  # torch.compile mode of rungs 7-8
+    quick: bool = False
 
     @property
     def timed_steps(self) -> int:
@@ -75,7 +85,7 @@ class Plan:
 FULL = Plan(batch=32, image_size=224, warmup=10, blocks=12, block_steps=10, workers=(4, 12), epoch=True,
             source_images=2000)
 QUICK = Plan(batch=4, image_size=32, warmup=1, blocks=2, block_steps=1, workers=(0,), epoch=False,
-             source_images=64)
+             source_images=64, quick=True)
 
 
 def time_blocks(step, plan: Plan, device) -> list[float]:
@@ -183,7 +193,7 @@ def make_train_step(plan, device, images, labels, options: StepOptions, steps_pe
         model = model.to(memory_format=torch.channels_last)
     step = build_train_step(model, DeviceResident(images, labels, device), options, image_size=plan.image_size,
                             lr=1e-4, weight_decay=1e-4, seed=0, nla_config=NLAConfig(), num_classes=NUM_CLASSES,
-                            steps_per_epoch=steps_per_epoch)
+                            steps_per_epoch=steps_per_epoch, adam=plan.adam)
     return model, step
 
 
@@ -198,30 +208,40 @@ def rung_device_step(plan, device, images, labels, options: StepOptions):
     _, step = make_train_step(plan, device, images, labels, options, steps)
     step.start_epoch(epoch_order(len(labels), steps, plan.batch).to(device), lr=1e-4, eps=0.5)
     per_step = time_blocks(step, plan, device)
-    return per_step, step.mode
+    info = {"mode": step.mode, "compiled": step.compiled, "first_step_s": step.first_step_s}
+    if step.note:
+        info["note"] = step.note
+    return per_step, info
 
 
-def rung_ceiling(plan, device):
-    """Rung 6: bare ResNet-18 + Adam on random device tensors, one CUDA graph (eager on the CPU)."""
+def rung_ceiling(plan, device, compiled: bool = False):
+    """Rung 6: bare ResNet-18 + Adam on random device tensors, one CUDA graph (eager on the CPU).
+    Rung 8 (``compiled``): the same with ``torch.compile(model)`` inside the graph (the pattern
+    of measurements/2026-11-29-h200/compile_ceiling.py). Returns (seconds per step, info)."""
     torch.manual_seed(0)
     model = build_resnet18(NUM_CLASSES).to(device).to(memory_format=torch.channels_last)
     on_cuda = device.type == "cuda"
-    optimizer = make_optimizer(model, 1e-4, 1e-4, device, capturable=on_cuda)
+    optimizer = make_optimizer(model, 1e-4, 1e-4, device, capturable=on_cuda, implementation=plan.adam)
+    network = compile_function(model, plan.compile_mode) if compiled else model
     x = torch.randn(2 * plan.batch, 3, plan.image_size, plan.image_size, device=device)
     x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, NUM_CLASSES, (2 * plan.batch,), device=device)
 
     def body():
         with autocast_context(device, "bf16"):
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            loss = torch.nn.functional.cross_entropy(network(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
     if not on_cuda:
-        return time_blocks(body, plan, device), "eager"
+        return time_blocks(body, plan, device), {"mode": "eager"}
+    t0 = time.perf_counter()
     graph = capture_cuda_graph(body, warmup=3)
-    return time_blocks(graph.replay, plan, device), "cuda-graph"
+    sync(device)
+    prepare_s = time.perf_counter() - t0  # warm-up (compilation included) and capture
+    return time_blocks(graph.replay, plan, device), {"mode": "cuda-graph", "compiled": compiled,
+                                                     "prepare_s": prepare_s}
 
 
 def epoch_reference(plan, device, root):
@@ -235,10 +255,13 @@ def epoch_reference(plan, device, root):
     return {"train_s": train_s, "eval_s": eval_s, "steps": steps}
 
 
-def epoch_captured(plan, device, train, test):
+def epoch_captured(plan, device, train, test, compile: bool = False):
+    """One epoch of the trainer's step (uncompiled, rung 5, or compiled, rung 7) and its
+    evaluation. Evaluation runs twice: the second is the steady cost, the difference is the
+    compilation of the evaluation forward (once per run)."""
     images, labels = train
     steps = len(labels) // plan.batch  # full batches only, as the trainer
-    options = StepOptions(batch_size=plan.batch)
+    options = StepOptions(batch_size=plan.batch, compile=compile, compile_mode=plan.compile_mode)
     model, step = make_train_step(plan, device, images, labels, options, steps)
     step.start_epoch(epoch_order(len(labels), steps, plan.batch).to(device), lr=1e-4, eps=0.5)
     sync(device)
@@ -247,10 +270,14 @@ def epoch_captured(plan, device, train, test):
         step()
     sync(device)
     train_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    evaluate(model, test[0], test[1], EvalTransform(plan.image_size), NUM_CLASSES, amp="bf16")
-    sync(device)
-    return {"train_s": train_s, "eval_s": time.perf_counter() - t0, "steps": steps, "mode": step.mode}
+    evals = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        step.evaluate(test[0], test[1], EvalTransform(plan.image_size), NUM_CLASSES, batch_size=256, amp="bf16")
+        sync(device)
+        evals.append(time.perf_counter() - t0)
+    return {"train_s": train_s, "eval_s": evals[1], "eval_first_s": evals[0], "steps": steps, "mode": step.mode,
+            "compiled": step.compiled, "first_step_s": step.first_step_s}
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -278,55 +305,88 @@ def run(plan: Plan, device: torch.device, log) -> dict:
             (3, "+ bf16 autocast, channels_last",
              StepOptions(plan.batch, amp="bf16", channels_last=True, backend="reference", cuda_graphs=False)),
             (4, "+ fused loss", StepOptions(plan.batch, amp="bf16", channels_last=True, cuda_graphs=False)),
-            (5, "+ captured step (trainer default)", StepOptions(plan.batch)),
+            (5, "+ captured step (uncompiled)", StepOptions(plan.batch, compile=False)),
+            (6, None, None),
+            (7, "+ torch.compile (trainer default)",
+             StepOptions(plan.batch, compile=True, compile_mode=plan.compile_mode)),
+            (8, None, None),
         ]
         for rung, name, options in ladder:
-            if rung == 5 and device.type != "cuda":
-                log("rung 5 needs CUDA graphs: skipped on the CPU")
+            if rung in (5, 7, 8) and device.type != "cuda":
+                log(f"rung {rung} needs CUDA (graphs; Inductor takes minutes on the CPU): skipped on the CPU")
                 continue
             reset_memory(device)
-            per_step, mode = rung_device_step(plan, device, *on_device, options)
-            rows.append(row(name, rung, per_step, plan.batch, device, mode=mode))
+            if rung in (6, 8):
+                per_step, info = rung_ceiling(plan, device, compiled=rung == 8)
+                name = ("ceiling: bare ResNet-18 + Adam" if rung == 6
+                        else "compiled ceiling: bare ResNet-18 + Adam, compiled and captured")
+            else:
+                per_step, info = rung_device_step(plan, device, *on_device, options)
+            rows.append(row(name, rung, per_step, plan.batch, device, **info))
             log(rows[-1])
-        reset_memory(device)
-        per_step, mode = rung_ceiling(plan, device)
-        rows.append(row("ceiling: bare ResNet-18 + Adam", 6, per_step, plan.batch, device, mode=mode))
-        log(rows[-1])
 
         if plan.epoch:
             reset_memory(device)
             epochs["rung0"] = epoch_reference(plan, device, root)
             log({"epoch rung 0": epochs["rung0"]})
             if device.type == "cuda":
-                reset_memory(device)
-                epochs["rung5"] = epoch_captured(plan, device, on_device, (test_images, test_labels))
-                log({"epoch rung 5": epochs["rung5"]})
-            for item in epochs.values():
+                for rung in (5, 7):
+                    reset_memory(device)
+                    epochs[f"rung{rung}"] = epoch_captured(plan, device, on_device, (test_images, test_labels),
+                                                           compile=rung == 7)
+                    log({f"epoch rung {rung}": epochs[f"rung{rung}"]})
+            for name, item in epochs.items():
                 item["epoch_s"] = item["train_s"] + item["eval_s"]
-                item["projected_60_epochs_min"] = 60 * item["epoch_s"] / 60
+                item["compile_s"] = 0.0
+                if item.get("compiled"):
+                    # paid once per run: the first compiled step of this process (rung 7, before any
+                    # compiled code existed in it) and the evaluation's first, compiling, pass
+                    first = next((r["first_step_s"] for r in rows if r["rung"] == 7), item["first_step_s"])
+                    item["compile_s"] = first + max(0.0, item["eval_first_s"] - item["eval_s"])
+                item["projected_60_epochs_min"] = (60 * item["epoch_s"] + item["compile_s"]) / 60
 
-    base = next(r for r in rows if r["rung"] == 0)["samples_per_s"]
-    ceiling = next(r for r in rows if r["rung"] == 6)["samples_per_s"]
-    for r in rows:
-        r["x_rung0"] = r["samples_per_s"] / base
-        r["fraction_of_ceiling"] = r["samples_per_s"] / ceiling
+    targets = add_ratios(rows, epochs)
     return {"benchmark": "train_bench", "device": device_slug(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "versions": versions(), "quick": plan is QUICK, "plan": plan.__dict__ | {"workers": list(plan.workers)},
-            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows, "epochs": epochs}
+            "versions": versions(), "quick": plan.quick, "plan": plan.__dict__ | {"workers": list(plan.workers)},
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows, "epochs": epochs, "targets": targets}
+
+
+def add_ratios(rows: list[dict], epochs: dict) -> dict:
+    """Each row's ratios to rung 0, the ceiling (rung 6) and the compiled ceiling (rung 8, when
+    measured), all from this run; returns the issue-13 / SPEC section 4 figures of rung 7."""
+    speed = {r["rung"]: r["samples_per_s"] for r in reversed(rows)}  # rung 0: its first (4 workers) row
+    for r in rows:
+        r["x_rung0"] = r["samples_per_s"] / speed[0]
+        r["fraction_of_ceiling"] = r["samples_per_s"] / speed[6]
+        r["fraction_of_compiled_ceiling"] = r["samples_per_s"] / speed[8] if 8 in speed else None
+    if 7 not in speed:
+        return {}
+    targets = {"rung7_x_rung6 (>= 1.15, moonshot 1.3)": speed[7] / speed[6],
+               "rung7_of_compiled_ceiling (>= 0.90)": speed[7] / speed[8] if 8 in speed else None,
+               "rung7_x_rung0 (>= 6)": speed[7] / speed[0]}
+    if "rung7" in epochs:
+        targets["rung7_60_epochs_min_compile_included (< 2.5)"] = epochs["rung7"]["projected_60_epochs_min"]
+    return targets
 
 
 def table(result) -> str:
     lines = [f"train_bench on {result['device_name']}: torch {result['versions']['torch']}, "
              f"batch {result['plan']['batch']} x 2 views, {result['plan']['image_size']} px",
-             f"{'rung':>4}  {'samples/s':>10}  {'x rung0':>8}  {'% ceiling':>9}  {'peak MB':>8}  name"]
+             f"{'rung':>4}  {'samples/s':>10}  {'x rung0':>8}  {'% ceiling':>9}  {'% c.ceil':>8}  {'peak MB':>8}  name"]
     for r in result["rows"]:
         mem = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
+        compiled = r.get("fraction_of_compiled_ceiling")
+        compiled = f"{100 * compiled:>7.1f}%" if compiled is not None else f"{'-':>8}"
+        first = f" (first step {r['first_step_s']:.1f} s)" if r.get("compiled") and r.get("first_step_s") else ""
         lines.append(f"{r['rung']:>4}  {r['samples_per_s']:>10.0f}  {r['x_rung0']:>8.2f}  "
-                     f"{100 * r['fraction_of_ceiling']:>8.1f}%  {mem:>8}  {r['name']}")
+                     f"{100 * r['fraction_of_ceiling']:>8.1f}%  {compiled}  {mem:>8}  {r['name']}{first}")
     for name, e in result["epochs"].items():
-        lines.append(f"epoch {name}: train {e['train_s']:.1f} s + eval {e['eval_s']:.1f} s; "
+        compile_note = f" + compile {e['compile_s']:.1f} s once" if e.get("compile_s") else ""
+        lines.append(f"epoch {name}: train {e['train_s']:.1f} s + eval {e['eval_s']:.1f} s{compile_note}; "
                      f"60 epochs ~ {e['projected_60_epochs_min']:.1f} min")
+    for name, value in result.get("targets", {}).items():
+        lines.append(f"target {name}: {value:.3f}" if value is not None else f"target {name}: -")
     return "\n".join(lines)
 
 
@@ -352,9 +412,13 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="CPU smoke run, < 1 min")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--adam", choices=("auto", "fused", "foreach"), default="auto",
+                        help="Adam of rungs 5-8 on CUDA: fused (auto) or the multi-tensor foreach, both capturable")
+    parser.add_argument("--compile-mode", choices=("default", "max-autotune-no-cudagraphs"), default="default",
+                        help="torch.compile mode of rungs 7-8 (max-autotune tunes convolutions: minutes more)")
     args = parser.parse_args(argv)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    plan = QUICK if args.quick else FULL
+    plan = dataclasses.replace(QUICK if args.quick else FULL, adam=args.adam, compile_mode=args.compile_mode)
     result = run(plan, device, lambda msg: print(f"[train_bench] {msg}", flush=True))
     stem = f"train_bench-{result['device']}{'-quick' if result['quick'] else ''}"
     out_dirs = [args.out_dir] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])

@@ -14,7 +14,16 @@
                     the first step whose loss was not finite; step_in_epoch += 1
 
 Nothing in it reads a value back to the host, so on CUDA the whole step is captured once as a
-CUDA graph and each later step is one ``graph.replay()``. The learning rate and eps are
+CUDA graph and each later step is one ``graph.replay()``.
+
+With ``StepOptions.compile`` (the trainer's default on CUDA) the forward over both views, the
+loss and the per-sample statistics (``TrainStep._forward_loss``) are one ``torch.compile``d
+function (Inductor, fixed shapes); its backward is AOTAutograd's. Augmentation, Adam and the
+running sums stay outside it, and on CUDA the whole step, compiled kernels included, is still
+captured as one CUDA graph by this module (not by Inductor's ``reduce-overhead`` mode, whose
+graphs would cover the compiled region only and leave Adam and the augmentation to eager
+launches). Compiling happens at the first step; if it fails (old torch, no Triton, an Inductor
+error) the step says so in one line and runs uncompiled from then on. The learning rate and eps are
 changed between epochs by writing into their tensors, never by re-capturing. On the CPU (or
 with ``cuda_graphs=False``) the same function runs eagerly.
 
@@ -28,6 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -39,11 +50,12 @@ import torch.nn.functional as F
 from .augment import TrainAugment
 from .config import NLAConfig
 from .distributed import all_reduce_
-from .loss import naw_weight, nla_loss
+from .loss import naw_weight, nla_loss, resolve_backend
 from .metrics import MetricCounts
 
 WARMUP_STEPS = 3  # eager steps (real training steps) on a side stream before the capture
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # torch.compile modes without Inductor's own graphs
 
 Augment = Callable[[torch.Tensor, torch.Generator], "tuple[torch.Tensor, torch.Tensor]"]
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -147,6 +159,8 @@ class StepOptions:
     cuda_graphs: bool = True  # ignored off CUDA
     warmup_steps: int = WARMUP_STEPS  # eager steps before the capture (DDP wants more, see train.py)
     loss_scale: float = 1.0  # the NLA loss is multiplied by it (distributed.global_batch_loss)
+    compile: bool = False  # torch.compile forward + loss (and the evaluation forward)
+    compile_mode: str = "default"  # torch.compile's mode; "max-autotune-no-cudagraphs" tunes more
 
     def __post_init__(self):
         if self.views not in ("concat", "separate"):
@@ -155,6 +169,9 @@ class StepOptions:
             raise ValueError(f"loss must be 'nla' or 'ce', got {self.loss!r}")
         if self.amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {self.amp!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES} (the step captures its CUDA graph itself; "
+                             f"Inductor's own graph modes would nest in it), got {self.compile_mode!r}")
 
 
 def autocast_context(device: torch.device, amp: str):
@@ -165,24 +182,62 @@ def autocast_context(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
 
 
+ADAM_IMPLEMENTATIONS = ("auto", "fused", "foreach")
+
+
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device,
-                   capturable: bool | None = None):
+                   capturable: bool | None = None, implementation: str = "auto"):
     """Adam with L2 weight decay (not AdamW) and its learning rate held in a device tensor.
 
-    CUDA graphs (``capturable``, the default on CUDA): the capturable multi-tensor Adam, whose
-    step counts live on the device. Otherwise the fused kernel (CPU or CUDA), which also reads
-    a tensor learning rate; the per-parameter loop where fused is unavailable.
+    CUDA graphs (``capturable``, the default on CUDA): the fused kernel, made capturable (its
+    step counts live on the device; one pass over parameters, gradients and moments instead of
+    the dozen multi-tensor passes of ``foreach``), or with ``implementation="foreach"`` the
+    capturable multi-tensor Adam. Otherwise the fused kernel (CPU or CUDA), which also reads a
+    tensor learning rate; the per-parameter loop where fused is unavailable.
     """
+    if implementation not in ADAM_IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {ADAM_IMPLEMENTATIONS}, got {implementation!r}")
     lr_tensor = torch.tensor(float(lr), dtype=torch.float32, device=device)
     params = list(model.parameters())
     if capturable is None:
         capturable = device.type == "cuda"
     if capturable and device.type == "cuda":
-        return torch.optim.Adam(params, lr=lr_tensor, weight_decay=weight_decay, capturable=True, foreach=True)
+        if implementation == "foreach":
+            return torch.optim.Adam(params, lr=lr_tensor, weight_decay=weight_decay, capturable=True, foreach=True)
+        return torch.optim.Adam(params, lr=lr_tensor, weight_decay=weight_decay, capturable=True, fused=True)
     try:
         return torch.optim.Adam(params, lr=lr_tensor, weight_decay=weight_decay, fused=True)
     except (RuntimeError, ValueError):
         return torch.optim.Adam(params, lr=lr_tensor, weight_decay=weight_decay, foreach=False)
+
+
+def inductor_cache_dir() -> str:
+    """Where Inductor keeps its compiled kernels: ``$TORCHINDUCTOR_CACHE_DIR`` when the user set
+    it, else set to ``<nla_fast cache>/inductor`` (``$NLA_FAST_CACHE`` or ``~/.cache/nla_fast``),
+    a folder that outlives reboots, so a second run of the same shapes starts in seconds.
+    Must run before the first compilation (Inductor fixes its folder then)."""
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current:
+        return current
+    from .data.cache import cache_dir
+
+    folder = str(cache_dir() / "inductor")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    return folder
+
+
+def compile_function(fn, mode: str = "default"):
+    """``torch.compile(fn)`` with fixed shapes: the step's shapes never change, and a dynamic
+    first guess would cost a recompilation. Nothing is compiled until the first call."""
+    inductor_cache_dir()
+    return torch.compile(fn, dynamic=False, mode=None if mode == "default" else mode)
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message``, cut to ``limit`` characters (Inductor errors span pages)."""
+    text = str(err).strip().splitlines()
+    line = f"{type(err).__name__}: {text[0] if text else ''}"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def augmentation_generator(device: torch.device, seed: int) -> torch.Generator:
@@ -224,11 +279,14 @@ class TrainStep:
 
     def __init__(self, model, optimizer, data, augment: Augment, generator: torch.Generator,
                  options: StepOptions, nla_config: NLAConfig, num_classes: int, steps_per_epoch: int,
-                 agree: Callable[[bool], bool] | None = None, verbose: bool = True):
+                 agree: Callable[[bool], bool] | None = None, verbose: bool = True,
+                 eval_model: torch.nn.Module | None = None):
         """``data``: where the training images live (``nla_fast.placement``): its labels, the
         device order of an epoch and each step's batch. ``agree(ok) -> bool`` (distributed
         runs): True when the CUDA-graph capture succeeded on every rank (a captured NCCL
-        collective must be captured on all ranks or none). ``verbose``: print notes."""
+        collective must be captured on all ranks or none). ``verbose``: print notes.
+        ``eval_model``: what ``evaluate`` runs (default ``model``; the bare network when
+        ``model`` is a DDP wrapper: evaluation needs no gradient synchronisation)."""
         self.model, self.optimizer, self.data = model, optimizer, data
         self.augment, self.generator = augment, generator
         self.options, self.nla_config = options, nla_config
@@ -257,6 +315,21 @@ class TrainStep:
         self.note = None
         if options.cuda_graphs and self.device.type == "cuda" and self.scaler is not None:
             self.note = "fp16 needs GradScaler, whose inf check reads back every step: running without CUDA graphs"
+        self.eval_model = model if eval_model is None else eval_model
+        self.first_step_s = None  # wall time of the first step (compilation included), set by it
+        self.forward_loss = self._forward_loss
+        self.eval_forward = None  # the compiled evaluation forward, when compiling
+        self.compiled = options.compile
+        self.compile_unverified = options.compile  # until the first compiled step has run
+        self.loss_backend = options.backend
+        if options.compile:
+            # resolved outside the traced region: the first resolution may build the extension or warn
+            self.loss_backend = resolve_backend(options.backend, self.device)
+            try:
+                self.forward_loss = compile_function(self._forward_loss, options.compile_mode)
+                self.eval_forward = compile_function(self.eval_model, options.compile_mode)
+            except Exception as err:  # torch.compile itself refused (e.g. an unsupported Python)
+                self._stop_compiling(err)
 
     # -- between epochs -----------------------------------------------------------------------
     def start_epoch(self, order: torch.Tensor, lr: float, eps: float, start_step: int = 0) -> None:
@@ -273,7 +346,9 @@ class TrainStep:
             self.totals.reset()
 
     # -- the step -------------------------------------------------------------------------------
-    def _forward_loss(self, view1, view2, labels, soft_targets=None):
+    def _forward_loss(self, view1, view2, labels, eps, soft_targets=None):
+        """Forward over the views, loss, NAW weights and the per-sample statistics the running
+        sums need: ``(loss, weights, correct, points)``. The compiled region when compiling."""
         options, model = self.options, self.model
         memory = torch.channels_last if options.channels_last else torch.contiguous_format
         with autocast_context(self.device, options.amp):
@@ -289,14 +364,21 @@ class TrainStep:
         if options.loss == "ce":
             # soft targets (FERPlus vote distributions): cross-entropy against the distribution
             loss = F.cross_entropy(logits, labels if soft_targets is None else soft_targets)
-            weights = naw_weight(logits.detach(), labels, self.eps, self.nla_config,
-                                 backend=options.backend, validate=False)
+            weights = naw_weight(logits.detach(), labels, eps, self.nla_config,
+                                 backend=self.loss_backend, validate=False)
         else:
-            loss, weights = nla_loss(logits, logits_flip, labels, eps=self.eps, config=self.nla_config,
-                                     backend=options.backend, validate=False, return_weights=True)
+            loss, weights = nla_loss(logits, logits_flip, labels, eps=eps, config=self.nla_config,
+                                     backend=self.loss_backend, validate=False, return_weights=True)
             if options.loss_scale != 1.0:
                 loss = loss * options.loss_scale
-        return logits, loss, weights
+        with torch.no_grad():
+            scores = logits.detach()
+            correct = (scores.argmax(dim=1) == labels).sum()
+            probs = scores.softmax(dim=1)
+            p_gt = probs.gather(1, labels[:, None]).squeeze(1)
+            p_nn = probs.scatter(1, labels[:, None], -1.0).amax(dim=1)
+            points = torch.stack([p_gt, p_nn], dim=1)
+        return loss, weights, correct, points
 
     def _step(self) -> None:
         """The whole step; device work only (captured as a CUDA graph on CUDA)."""
@@ -306,7 +388,7 @@ class TrainStep:
         labels = self.data.labels[indices]
         soft = self.data.soft_labels[indices] if self.soft_targets else None
         view1, view2 = self.augment(images, self.generator)
-        logits, loss, weights = self._forward_loss(view1, view2, labels, soft)
+        loss, weights, correct, points = self.forward_loss(view1, view2, labels, self.eps, soft)
 
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -321,18 +403,57 @@ class TrainStep:
             totals = self.totals
             loss = loss.detach()
             totals.loss_sum += loss.double()
-            totals.correct += (logits.argmax(dim=1) == labels).sum()
+            totals.correct += correct
             totals.seen += labels.numel()
             totals.steps += 1
             totals.naw_sum.index_add_(0, labels, weights.double())
             totals.naw_count.index_add_(0, labels, torch.ones_like(labels))
-            probs = logits.detach().softmax(dim=1)
-            p_gt = probs.gather(1, labels[:, None]).squeeze(1)
-            p_nn = probs.scatter(1, labels[:, None], -1.0).amax(dim=1)
-            totals.points[positions] = torch.stack([p_gt, p_nn], dim=1)
+            totals.points[positions] = points
             bad = ~torch.isfinite(loss) & (totals.first_bad_step < 0)
             totals.first_bad_step.copy_(torch.where(bad, self.step_in_epoch, totals.first_bad_step))
             self.step_in_epoch += 1
+
+    def _first_compiled_step(self) -> None:
+        """The first step through the compiled function, where compiling happens (lazily, at the
+        first call: forward at the forward, backward at the backward). If it fails, the step's
+        effects so far are undone (nothing but the augmentation's random draws and the gradients
+        happen before the optimiser) and it runs again: compiled with the loss written in plain
+        PyTorch (Inductor fuses it itself) when the fused loss kernel was in the region, else
+        uncompiled. Each fallback says so in one line."""
+        state = self.generator.get_state()
+        while True:
+            try:
+                self._step()
+                break
+            except Exception as err:
+                if not self.compiled:
+                    raise  # the uncompiled step failed: not a compilation problem
+                self.generator.set_state(state)
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.loss_backend != "reference":
+                    self.loss_backend = "reference"
+                    self.note = (f"torch.compile failed with the {self.options.backend!r} loss kernel inside "
+                                 f"({one_line(err)}); compiling the plain PyTorch loss instead")
+                    if self.verbose:
+                        print(f"nla_fast: {self.note}", flush=True)
+                    self.forward_loss = compile_function(self._forward_loss, self.options.compile_mode)
+                    continue
+                self._stop_compiling(err)
+        self.compile_unverified = False
+
+    def _stop_compiling(self, err: BaseException) -> None:
+        self.forward_loss, self.eval_forward = self._forward_loss, None
+        self.loss_backend = self.options.backend  # the fused kernels run fine uncompiled
+        self.compiled = self.compile_unverified = False
+        self.note = f"torch.compile failed ({one_line(err)}); running the uncompiled step"
+        if self.verbose:
+            print(f"nla_fast: {self.note}", flush=True)
+
+    def _run_step(self) -> None:
+        if self.compile_unverified:
+            self._first_compiled_step()
+        else:
+            self._step()
 
     def __call__(self) -> None:
         if self.host_step >= self.steps_per_epoch:
@@ -343,16 +464,26 @@ class TrainStep:
         if self.graph is not None:
             self.graph.replay()
             return
+        first = self.first_step_s is None
+        t0 = time.perf_counter()
+        self._eager_or_capture()
+        if first:  # one host synchronisation in the whole run, to time compilation honestly
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.first_step_s = time.perf_counter() - t0
+
+    def _eager_or_capture(self) -> None:
         if not self.use_graph:
-            self._step()
+            self._run_step()
             return
-        if self.eager_steps_done < self.options.warmup_steps:
-            # warm-up: real training steps, on a side stream as CUDA-graph capture requires
+        if self.eager_steps_done < self.options.warmup_steps or self.compile_unverified:
+            # warm-up: real training steps (the first compiles, never inside the capture), on a side
+            # stream as CUDA-graph capture requires
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*capturable=True.*")  # it is captured next
-                self._step()
+                self._run_step()
             torch.cuda.current_stream(self.device).wait_stream(side)
             self.eager_steps_done += 1
             return
@@ -360,7 +491,25 @@ class TrainStep:
         if self.graph is not None:
             self.graph.replay()  # capture records the step without running it
         else:
-            self._step()
+            self._run_step()
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def evaluate(self, images, labels, transform: Transform, num_classes: int, class_names=None,
+                 batch_size: int = 256, amp: str = "off", reduce: Callable[[MetricCounts], None] | None = None) -> dict:
+        """``evaluate`` with ``eval_model``, through its compiled forward when compiling: every
+        batch then has one shape (the last one padded), so it compiles once per run, not per
+        epoch or per remainder. A compilation failure at the first call: one line, uncompiled."""
+        if self.eval_forward is not None:
+            try:
+                return evaluate(self.eval_forward, images, labels, transform, num_classes, class_names, batch_size,
+                                amp, reduce=reduce, pad_last_batch=True)
+            except Exception as err:
+                self.eval_forward = None
+                self.note = f"torch.compile failed for evaluation ({one_line(err)}); evaluating uncompiled"
+                if self.verbose:
+                    print(f"nla_fast: {self.note}", flush=True)
+        return evaluate(self.eval_model, images, labels, transform, num_classes, class_names, batch_size, amp,
+                        reduce=reduce)
 
     def _capture(self) -> None:
         torch.cuda.synchronize(self.device)
@@ -384,7 +533,8 @@ class TrainStep:
         if failure is not None:
             self.use_graph = False
             self.mode = "eager"
-            self.note = f"CUDA-graph capture failed ({failure}); running the step without graphs"
+            kept = " (still compiled)" if self.compiled else ""
+            self.note = f"CUDA-graph capture failed ({failure}); running the step without graphs{kept}"
             if self.verbose:
                 print(f"nla_fast: {self.note}", flush=True)
             torch.cuda.synchronize(self.device)
@@ -396,17 +546,19 @@ class TrainStep:
 def build_train_step(model: torch.nn.Module, data, options: StepOptions, *, image_size: int, lr: float,
                      weight_decay: float, seed: int, nla_config: NLAConfig, num_classes: int, steps_per_epoch: int,
                      network: torch.nn.Module | None = None, agree: Callable[[bool], bool] | None = None,
-                     verbose: bool = True) -> TrainStep:
+                     verbose: bool = True, adam: str = "auto") -> TrainStep:
     """The trainer's step over ``model`` (already on its device): Adam with its learning rate
-    in a device tensor (capturable when the step is captured), the batched augmentation at
-    ``image_size`` drawing from a generator seeded with ``seed``. ``network``: what runs (a
-    DDP and/or compiled wrapper of ``model``; default ``model``). ``data``: a placement
+    in a device tensor (capturable when the step is captured; ``adam``: see ``make_optimizer``),
+    the batched augmentation at ``image_size`` drawing from a generator seeded with ``seed``.
+    ``network``: what runs (a DDP wrapper of ``model``; default ``model``); with
+    ``options.compile`` the step compiles its forward and loss itself, and evaluates ``model``. ``data``: a placement
     (``nla_fast.placement``). The optimiser and generator are ``step.optimizer`` / ``step.generator``."""
     device = data.labels.device
-    optimizer = make_optimizer(model, lr, weight_decay, device, capturable=options.cuda_graphs)
+    optimizer = make_optimizer(model, lr, weight_decay, device, capturable=options.cuda_graphs, implementation=adam)
     generator = augmentation_generator(device, seed)
     return TrainStep(model if network is None else network, optimizer, data, TrainAugment(image_size), generator,
-                     options, nla_config, num_classes, steps_per_epoch, agree=agree, verbose=verbose)
+                     options, nla_config, num_classes, steps_per_epoch, agree=agree, verbose=verbose,
+                     eval_model=model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,17 +566,27 @@ def build_train_step(model: torch.nn.Module, data, options: StepOptions, *, imag
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def predict_logits(model, images: torch.Tensor, transform: Transform, batch_size: int = 256,
-                   amp: str = "off", tta: str | None = None, channels_last: bool = True) -> torch.Tensor:
+                   amp: str = "off", tta: str | None = None, channels_last: bool = True,
+                   pad_last_batch: bool = False) -> torch.Tensor:
     """float32 class scores for uint8 NHWC ``images``: logits, or with ``tta="flip"`` the mean
-    log-probability of each image and its horizontal flip."""
+    log-probability of each image and its horizontal flip.
+
+    ``pad_last_batch``: every batch the network sees has ``min(batch_size, len(images))``
+    images, the last one padded with copies of its last image (scores of the padding are
+    dropped; in eval mode each image's scores depend on it alone). A compiled network then
+    sees one shape."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     memory = torch.channels_last if channels_last else torch.contiguous_format
     outputs = []
+    size = min(batch_size, len(images)) if pad_last_batch else batch_size
     try:
-        for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size].to(device, non_blocking=True)
+        for start in range(0, len(images), size):
+            batch = images[start:start + size].to(device, non_blocking=True)
+            real = len(batch)
+            if pad_last_batch and real < size:
+                batch = torch.cat([batch, batch[-1:].expand(size - real, *batch.shape[1:])])
             inputs = transform(batch).contiguous(memory_format=memory)
             with autocast_context(device, amp):
                 if tta == "flip":
@@ -435,7 +597,7 @@ def predict_logits(model, images: torch.Tensor, transform: Transform, batch_size
                     scores = model(inputs).float()
                 else:
                     raise ValueError(f"tta must be None or 'flip', got {tta!r}")
-            outputs.append(scores)
+            outputs.append(scores[:real])
     finally:
         model.train(was_training)
     if not outputs:
@@ -445,13 +607,15 @@ def predict_logits(model, images: torch.Tensor, transform: Transform, batch_size
 
 def evaluate(model, images, labels, transform: Transform, num_classes: int, class_names=None,
              batch_size: int = 256, amp: str = "off", tta: str | None = None,
-             channels_last: bool = True, reduce: Callable[[MetricCounts], None] | None = None) -> dict:
+             channels_last: bool = True, reduce: Callable[[MetricCounts], None] | None = None,
+             pad_last_batch: bool = False) -> dict:
     """Overall, mean-class, per-class and top-2 accuracy and the confusion matrix on a split.
 
     ``reduce``: sums the counts over the ranks of a distributed run (each rank passing its own
-    slice of the split), so the metrics are exact for the whole split.
+    slice of the split), so the metrics are exact for the whole split. ``pad_last_batch``: see
+    ``predict_logits``.
     """
-    scores = predict_logits(model, images, transform, batch_size, amp, tta, channels_last)
+    scores = predict_logits(model, images, transform, batch_size, amp, tta, channels_last, pad_last_batch)
     device = next(model.parameters()).device
     counts = MetricCounts(num_classes, device)
     if len(images):

@@ -22,7 +22,7 @@ from .data import DATASET_OPTIONS, DATASETS
 # and the dataset is synthetic; every value can still be set on the command line).
 CPU_QUICK_RUN = {"image_size": 48, "epochs": 3, "num_samples": 1600, "lr": 1e-3, "batch_size": 16}
 # Settings whose default depends on the device (filled in by TrainSettings.resolve).
-DEVICE_DEFAULTS = ("amp", "cuda_graphs", "log_every", "backend")
+DEVICE_DEFAULTS = ("amp", "cuda_graphs", "log_every", "backend", "compile")
 # Settings that are also options of a dataset loader (see nla_fast.data.DATASET_OPTIONS); a
 # loader receives those of them that it accepts and that are set.
 LOADER_SETTINGS = ("label_mode", "num_classes", "num_samples")
@@ -52,7 +52,7 @@ class TrainSettings:
     consistency_reduction: str | None = None  # None: the consistency variant's own (NLAConfig)
     views: str = "concat"
     amp: str | None = None
-    compile: bool = False
+    compile: bool | None = None
     cuda_graphs: bool | None = None
     backend: str | None = None
     noise_rate: float = 0.0
@@ -84,6 +84,10 @@ class TrainSettings:
             filled.amp = "bf16" if on_cuda else "off"
         if filled.cuda_graphs is None:
             filled.cuda_graphs = on_cuda
+        if filled.compile is None:
+            # On the CPU, Inductor's C++ compilation (minutes on 2 cores) costs more than it saves
+            # in a demo-sized run.
+            filled.compile = on_cuda
         if filled.backend is None:
             # On the CPU the loss is a negligible share of a step: the eager reference avoids
             # compiling the native extension on a first run.
@@ -225,8 +229,9 @@ def _speed_flags(speed) -> None:
     speed.add_argument("--amp", choices=("bf16", "fp16", "off"),
                        help="autocast precision (default: bf16 on CUDA, off on CPU)")
     speed.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction,
-                       help="torch.compile the network (default: off; with CUDA graphs the compiled network "
-                       "is captured too)")
+                       help="torch.compile the forward, loss and evaluation with Inductor (default: on with CUDA, "
+                       "inside the captured step; off on CPU). The first step compiles (tens of seconds, cached "
+                       "in $TORCHINDUCTOR_CACHE_DIR, default <cache>/inductor); --no-compile switches it off")
     speed.add_argument("--cuda-graphs", dest="cuda_graphs", action=argparse.BooleanOptionalAction,
                        help="capture the whole training step as one CUDA graph (default: on with CUDA)")
     speed.add_argument("--sync-bn", dest="sync_bn", action="store_true",

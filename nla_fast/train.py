@@ -38,7 +38,7 @@ from .cli import StopRequest, progress_bar
 from .config import NLAConfig, eps_schedule
 from .data.errors import DatasetError
 from .engine import (WARMUP_STEPS, NonFiniteLoss, StepOptions, TrainStep, build_train_step, epoch_permutation,
-                     evaluate, load_optimizer_state, shard)
+                     inductor_cache_dir, load_optimizer_state, shard)
 from .loss import BackendUnavailable
 from .metrics import MetricCounts, format_table, json_safe
 from .model import WeightsError, build_resnet18, initialise_weights
@@ -88,6 +88,7 @@ class Progress:
     history: list = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"acc": -1.0, "mean_acc": -1.0})
     totals: dict | None = None  # running sums of a resumed, partly trained epoch
+    first_step_reported: bool = False  # the first epoch trained by this process records first_step_s
 
 
 def train(settings: TrainSettings, resume: str | None = None, explicit=None, overwrite: bool = False) -> dict:
@@ -220,7 +221,7 @@ def build(run: Run, data: Data) -> Parts:
                                else (nla_config, 1.0))
     graphs = bool(s.cuda_graphs) and device.type == "cuda"
     options = StepOptions(batch_size=s.batch_size, views=s.views, loss=s.loss, amp=s.amp, backend=s.backend,
-                          channels_last=True, cuda_graphs=s.cuda_graphs,
+                          channels_last=True, cuda_graphs=s.cuda_graphs, compile=bool(s.compile),
                           warmup_steps=distributed.DDP_WARMUP_STEPS if ctx.enabled and graphs else WARMUP_STEPS,
                           loss_scale=loss_scale)
     agree = (lambda ok: distributed.all_agree(ok, ctx, device)) if ctx.enabled else None
@@ -228,7 +229,7 @@ def build(run: Run, data: Data) -> Parts:
                             weight_decay=s.weight_decay, seed=distributed.rank_seed(s.seed, ctx.rank),
                             nla_config=step_config, num_classes=len(data.classes),
                             steps_per_epoch=data.steps_per_epoch,
-                            network=torch.compile(wrapped) if s.compile else wrapped, agree=agree,
+                            network=wrapped, agree=agree,
                             verbose=ctx.is_main)
     return Parts(model, step, nla_config)
 
@@ -355,9 +356,9 @@ def evaluate_epoch(run: Run, data: Data, parts: Parts) -> tuple[dict, float]:
     """Test-split metrics (exact over all ranks) and the seconds they took."""
     t0 = time.perf_counter()
     distributed.broadcast_buffers(parts.model, run.ctx)  # every rank evaluates the model rank 0 saves
-    test = evaluate(parts.step.model, data.test_images, data.test_labels, data.eval_transform, len(data.classes),
-                    data.classes, batch_size=run.s.eval_batch_size, amp=run.s.amp,
-                    reduce=MetricCounts.all_reduce if run.ctx.distributed else None)
+    test = parts.step.evaluate(data.test_images, data.test_labels, data.eval_transform, len(data.classes),
+                               data.classes, batch_size=run.s.eval_batch_size, amp=run.s.amp,
+                               reduce=MetricCounts.all_reduce if run.ctx.distributed else None)
     return test, time.perf_counter() - t0
 
 
@@ -369,13 +370,21 @@ def record(run: Run, data: Data, parts: Parts, progress: Progress, epoch: int, t
     row = epoch_record(epoch, trained.progress, test, trained.naw_means, data.classes, trained.lr, trained.eps,
                        data.steps_per_epoch * s.batch_size * world_size, samples / trained.seconds,
                        trained.seconds, eval_seconds, world_size, parts.step.mode)
+    row["compiled"] = parts.step.compiled
+    if not progress.first_step_reported:
+        # the first epoch this process trained: its first step includes compiling (and warm-up)
+        row["first_step_s"] = parts.step.first_step_s
+        progress.first_step_reported = True
+        run.say(f"nla_fast: first step {parts.step.first_step_s:.1f} s"
+                + (f" (compiling with Inductor, cache {inductor_cache_dir()})" if parts.step.compiled else ""))
     progress.history.append(row)
     run.folder.write_metrics(progress.history)
     p = trained.progress
     run.say(f"epoch {epoch} ({epoch + 1}/{s.epochs}): train loss {p['loss']:.4f} "
             f"acc {100 * p['acc']:.2f}% | test acc {100 * test['acc']:.2f}% mean {100 * test['mean_acc']:.2f}% "
             f"top-2 {100 * test['top2_acc']:.2f}% | lr {trained.lr:.3g} eps {trained.eps:.3f} | "
-            f"{row['samples_per_s']:.0f} samples/s ({parts.step.mode})", flush=True)
+            f"{row['samples_per_s']:.0f} samples/s ({parts.step.mode}{', compiled' if parts.step.compiled else ''})",
+            flush=True)
     best = progress.best
     if test["acc"] > best["acc"]:
         best["acc"], best["acc_epoch"] = test["acc"], epoch

@@ -32,7 +32,7 @@ step build-extension 150 $PY -c "import torch; from nla_fast import extension as
 step gpu-tests 270 $PY scripts/pytest_isolated.py -m gpu
 step loss-bench 120 $PY bench/loss_bench.py
 step data-bench 60 $PY bench/data_bench.py --device cuda
-step train-bench 150 $PY bench/train_bench.py
+step train-bench 240 $PY bench/train_bench.py
 
 $PY bench/summary.py bench/results > "$LOGS/summary.txt" 2>&1
 if [ -n "${OUT:-}" ]; then

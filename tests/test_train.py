@@ -14,7 +14,7 @@ TINY = ["--dataset", "synthetic", "--num-samples", "32", "--image-size", "32", "
         "--limit-test", "16", "--eval-batch-size", "64", "--backend", "reference", "--device", "cpu",
         "--no-progress", "--plot-every", "0", "--seed", "3"]
 STEPS_PER_EPOCH = 4
-TIMING = {"samples_per_s", "seconds", "train_seconds", "eval_seconds"}
+TIMING = {"samples_per_s", "seconds", "train_seconds", "eval_seconds", "first_step_s"}
 
 
 @pytest.fixture(scope="module", autouse=True)

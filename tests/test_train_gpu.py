@@ -25,7 +25,6 @@ def make_step(cuda_graphs: bool, host_images: bool = False, amp: str = "bf16", v
     device = torch.device("cuda", torch.cuda.current_device())
     torch.manual_seed(0)
     model = build_resnet18(7).to(device, memory_format=torch.channels_last)
-    network = torch.compile(model) if compile else model
     optimizer = make_optimizer(model, 1e-4, 1e-4, device, capturable=cuda_graphs)
     data = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (samples, NATIVE, NATIVE, 3), dtype=torch.uint8, generator=data)
@@ -33,9 +32,10 @@ def make_step(cuda_graphs: bool, host_images: bool = False, amp: str = "bf16", v
     placed = (HostStaged(images.pin_memory(), labels, device, BATCH) if host_images
               else DeviceResident(images, labels, device))
     generator = augmentation_generator(device, 2)
-    options = StepOptions(batch_size=BATCH, views=views, amp=amp, backend=backend, cuda_graphs=cuda_graphs)
+    options = StepOptions(batch_size=BATCH, views=views, amp=amp, backend=backend, cuda_graphs=cuda_graphs,
+                          compile=compile)
     steps = samples // BATCH
-    step = TrainStep(network, optimizer, placed, TrainAugment(SIZE), generator, options, NLAConfig(), 7, steps)
+    step = TrainStep(model, optimizer, placed, TrainAugment(SIZE), generator, options, NLAConfig(), 7, steps)
     order = shard(epoch_permutation(samples, 0, 0), 0, 1, BATCH)
     step.start_epoch(order, lr=1e-4, eps=0.4)
     return step
@@ -72,12 +72,12 @@ def test_host_resident_images_give_the_same_steps():
     torch.testing.assert_close(pinned, on_device, rtol=3e-2, atol=3e-2)
 
 
-@pytest.mark.parametrize("cuda_graphs", [True, False])
-def test_no_host_synchronisation_per_step(cuda_graphs):
+@pytest.mark.parametrize("cuda_graphs,compile", [(True, False), (False, False), (True, True)])
+def test_no_host_synchronisation_per_step(cuda_graphs, compile):
     # one epoch long enough for every step below (warm-up and capture, 4 checked, 2 + 6 profiled):
     # a step past the epoch's end raises by design
     total_steps = WARMUP_STEPS + 1 + 4 + 2 + 6
-    step = make_step(cuda_graphs=cuda_graphs, samples=BATCH * total_steps)
+    step = make_step(cuda_graphs=cuda_graphs, compile=compile, samples=BATCH * total_steps)
     assert step.steps_per_epoch >= total_steps
     for _ in range(WARMUP_STEPS + 1):  # warm-up and capture
         step()
@@ -103,10 +103,16 @@ def test_no_host_synchronisation_per_step(cuda_graphs):
     assert int(step.totals.steps) == total_steps
 
 
-def test_compiled_step_follows_the_eager_step():
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_compiled_step_follows_the_eager_step(cuda_graphs):
+    """The trainer's default on CUDA: forward + fused loss compiled by Inductor (the loss's
+    Triton kernels inside the compiled region), captured with the rest of the step."""
     n = WARMUP_STEPS + 3
     eager = loss_trajectory(make_step(cuda_graphs=False), n)
-    compiled = loss_trajectory(make_step(cuda_graphs=False, compile=True), n)
+    compiled_step = make_step(cuda_graphs=cuda_graphs, compile=True)
+    compiled = loss_trajectory(compiled_step, n)
+    assert compiled_step.compiled, compiled_step.note  # no fallback to the uncompiled step
+    assert (compiled_step.graph is not None) == cuda_graphs, compiled_step.note
     torch.testing.assert_close(compiled, eager, rtol=3e-2, atol=3e-2)
 
 
@@ -120,6 +126,7 @@ def test_cli_run_on_cuda(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1]
     assert rows[-1]["step_mode"] == "cuda-graph" and rows[-1]["samples_per_s"] > 0
+    assert rows[0]["compiled"] and rows[0]["first_step_s"] > 0  # compiled by default on CUDA
     assert (out / "last.pt").is_file() and (out / "naw_weights.png").is_file()
     # resume on the GPU runs (bitwise equality is promised on the CPU only)
     assert train.main(["--resume", str(out / "last.pt"), "--epochs", "3", "--no-progress"]) == 0
