@@ -289,6 +289,7 @@ def plot_naw(result, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rates = [r for r in result["rates"] if r > 0] or list(result["rates"])
     fig, axes = plt.subplots(1, len(rates), figsize=(max(7.0, 4.5 * len(rates)), 4), squeeze=False, sharey=True)
@@ -303,6 +304,7 @@ def plot_naw(result, path: Path) -> None:
                         marker="o", markersize=3, label=f"{loss}, {what}")
         ax.set_title(f"{rate:.0%} of labels flipped")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("mean NAW weight w")
     axes[0][0].legend(fontsize=7)
@@ -348,9 +350,16 @@ def main(argv=None) -> dict:
                                    ("image_size", args.image_size)) if v is not None}
     if overrides:
         plan = dataclasses.replace(plan, **overrides)
+    threads = torch.get_num_threads()
+    if args.quick and pick_device(args.device).type == "cpu":
+        # tiny convolutions gain nothing from more threads, and spinning ones stall a busy machine
+        torch.set_num_threads(1)
     t0 = time.perf_counter()
-    result = run_study(plan, args.device, args.rates, args.losses, list(range(args.seeds)),
-                       lambda msg: print(f"[noise_study] {msg}", flush=True), verbose=args.verbose)
+    try:
+        result = run_study(plan, args.device, args.rates, args.losses, list(range(args.seeds)),
+                           lambda msg: print(f"[noise_study] {msg}", flush=True), verbose=args.verbose)
+    finally:
+        torch.set_num_threads(threads)
     result.update(quick=args.quick, total_seconds=time.perf_counter() - t0)
     stem = f"noise_study-{result['device']}{'-quick' if args.quick else ''}"
     table = markdown(result)
