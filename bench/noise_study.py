@@ -35,7 +35,8 @@ step's rate at 224 px on an H200 (SPEC 3; 64 px is not slower): an nla run train
 ~15 s, a ce run (one view) in ~8 s; with ~3 s per run for the model, warm-up, graph capture
 and 15 evaluations, 24 runs take ~16x15 + 8x8 + 24x3 = ~380 s, plus rendering the data once
 (~6,250 faces, well under a minute on 16 cores): under 8 minutes. ``QUICK``: 256 faces at
-16 px, batch 64, 3 epochs: about 5-10 s per run on 2 busy CPU cores.
+16 px, batch 64, 3 epochs: 24 runs took 327 s on 2 CPU cores shared with other jobs (one
+intra-op thread: tiny convolutions gain nothing from more).
 """
 from __future__ import annotations
 
@@ -92,9 +93,11 @@ class _NeverStop:
 
 def run_settings(plan: Plan, device: str, loss: str, seed: int, out: str) -> TrainSettings:
     trainer_loss, preset = LOSSES[loss]
+    # compile pinned off: every run builds a new network, and compiling it 24 times would cost
+    # more than it saves on these small images (the captured CUDA graph is kept)
     return TrainSettings(dataset="synthetic", num_samples=plan.num_samples, image_size=plan.image_size,
                          epochs=plan.epochs, batch_size=plan.batch_size, lr=plan.lr, device=device, seed=seed,
-                         loss=trainer_loss, preset=preset, out=out, progress=False, plot_every=0)
+                         loss=trainer_loss, preset=preset, out=out, progress=False, plot_every=0, compile=False)
 
 
 def noisy_labels(clean: torch.Tensor, num_classes: int, rate: float, seed: int) -> torch.Tensor:
@@ -124,8 +127,11 @@ def group_weights(parts, data, eps: float, flipped: torch.Tensor, ambiguous: tor
     out["naw_flipped"], out["n_flipped"] = mean(was_flipped)
     out["naw_kept"], out["n_kept"] = mean(~was_flipped)
     out["naw_kept_ambiguous"], out["n_kept_ambiguous"] = mean(~was_flipped & was_ambiguous)
-    out["naw_all"], _ = mean(torch.ones_like(trained))
-    # the same mean from the weights the step itself used (summed per class inside the step)
+    # checks of the position -> sample mapping and of the weights: the mean per (noisy) label
+    # of these weights, and of the weights the step itself used (summed per label inside it)
+    labels = data.train.labels[samples]
+    out["naw_per_label"] = [mean(labels == k)[0] for k in range(len(data.classes))]
+    out["naw_per_label_step"] = step.totals.naw_means()
     out["naw_all_step"] = float(step.totals.naw_sum.sum() / step.totals.naw_count.sum().clamp(min=1))
     return out
 

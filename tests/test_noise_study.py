@@ -102,6 +102,10 @@ def test_quick_study_writes_every_cell_weights_per_epoch_table_and_plots(tmp_pat
                 # the groups' weights average to the mean of the weights the step itself used
                 both = (e["n_flipped"] * e["naw_flipped"] + e["n_kept"] * e["naw_kept"]) / trained
                 assert both == pytest.approx(e["naw_all_step"], rel=1e-5)
+            # positions map to the right samples: per noisy label, the weights match the step's own
+            assert [w is None for w in e["naw_per_label"]] == [w is None for w in e["naw_per_label_step"]]
+            assert [w for w in e["naw_per_label"] if w is not None] == pytest.approx(
+                [w for w in e["naw_per_label_step"] if w is not None], rel=1e-5)
             assert 0 <= e["test_acc"] <= 1 and 0 <= e["test_mean_acc"] <= 1
     # the same seed gives every loss the same flipped labels
     for seed in (0, 1):
