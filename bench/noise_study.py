@@ -35,7 +35,7 @@ step's rate at 224 px on an H200 (SPEC 3; 64 px is not slower): an nla run train
 ~15 s, a ce run (one view) in ~8 s; with ~3 s per run for the model, warm-up, graph capture
 and 15 evaluations, 24 runs take ~16x15 + 8x8 + 24x3 = ~380 s, plus rendering the data once
 (~6,250 faces, well under a minute on 16 cores): under 8 minutes. ``QUICK``: 256 faces at
-16 px, batch 64, 3 epochs: 24 runs took 327 s on 2 CPU cores shared with other jobs (one
+16 px, batch 64, 3 epochs: 24 runs took 327-506 s on 2 CPU cores shared with other jobs (one
 intra-op thread: tiny convolutions gain nothing from more).
 """
 from __future__ import annotations
@@ -45,7 +45,6 @@ import copy
 import dataclasses
 import gc
 import json
-import math
 import os
 import statistics
 import sys
