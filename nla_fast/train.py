@@ -187,6 +187,13 @@ def load_data(run: Run) -> Data:
     train_set, test_set = load_split(s, "train"), load_split(s, "test")
     if ctx.distributed and ctx.local_rank == 0:
         distributed.barrier(ctx)
+    return place_data(run, train_set, test_set)
+
+
+def place_data(run: Run, train_set, test_set) -> Data:
+    """Both loaded splits placed for training and evaluation (``bench/noise_study.py`` loads
+    them once and calls this for each run with other training labels)."""
+    s, ctx = run.s, run.ctx
     num_train = len(train_set.labels)
     steps_per_epoch = num_train // ctx.world_size // s.batch_size
     if steps_per_epoch == 0:
