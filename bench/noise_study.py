@@ -59,7 +59,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from loss_bench import device_slug, versions  # noqa: E402
 
-from nla_fast import atomic, distributed, train  # noqa: E402
+from nla_fast import atomic, train  # noqa: E402
 from nla_fast.data.protocols import symmetric_noise  # noqa: E402
 from nla_fast.placement import EpochShard  # noqa: E402
 from nla_fast.reference import naw_weight_from_probs  # noqa: E402
@@ -138,9 +138,9 @@ def group_weights(parts, data, eps: float, flipped: torch.Tensor, ambiguous: tor
 def train_one(settings: TrainSettings, train_set, test_set, labels: torch.Tensor, flipped: torch.Tensor,
               ambiguous: torch.Tensor, verbose: bool) -> dict:
     """One run through the trainer's phases; per-epoch metrics and NAW weights by group."""
-    contexts: list = []
+    closers: list = []  # what set_up opened (process group, run-folder lock), closed in reverse
     try:
-        run = train.set_up(settings, None, frozenset(), contexts)
+        run = train.set_up(settings, None, frozenset(), closers)
         if not verbose:
             run.say = lambda *args, **kwargs: None
         noisy = copy.copy(train_set)  # shares the images; only the labels differ between runs
@@ -163,8 +163,8 @@ def train_one(settings: TrainSettings, train_set, test_set, labels: torch.Tensor
                 "test_acc": epochs[-1]["test_acc"], "test_mean_acc": epochs[-1]["test_mean_acc"],
                 "best_test_acc": progress.best["acc"], "best_test_mean_acc": progress.best["mean_acc"]}
     finally:
-        for ctx in contexts:
-            distributed.cleanup(ctx)
+        for close in reversed(closers):
+            close()
 
 
 def run_study(plan: Plan, device: str, rates, losses, seeds, log, verbose: bool = False) -> dict:
