@@ -33,31 +33,11 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{_host()}-{os.getpid()}-{next(_counter)}.tmp")
 
 
-def write(path, fill: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` atomically: ``fill(handle)`` writes the content into a binary handle."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    # O_EXCL: never write into somebody else's file; 0o666 & ~umask is the mode users expect
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fill(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 @contextlib.contextmanager
 def target(path):
-    """For writers that want a file name (ONNX, safetensors, TorchScript): yields a temporary
-    path beside ``path`` and renames it over ``path`` when the block succeeds."""
+    """A temporary path beside ``path``, flushed to disk and renamed over ``path`` when the
+    block succeeds, removed when it fails. For writers that want a file name (ONNX,
+    safetensors, TorchScript) and for ``write``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
@@ -65,7 +45,6 @@ def target(path):
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        # the tool created the file with the umask's mode already (0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -73,6 +52,14 @@ def target(path):
         except FileNotFoundError:
             pass
         raise
+
+
+def write(path, fill: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` atomically: ``fill(handle)`` writes the content into a binary handle."""
+    with target(path) as tmp:
+        # O_EXCL: never write into somebody else's file; 0o666 & ~umask is the mode users expect
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as handle:
+            fill(handle)
 
 
 def write_bytes(path, data: bytes) -> None:

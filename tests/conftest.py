@@ -26,3 +26,18 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def cuda_device():
     return torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def private_data_cache_one_thread(tmp_path_factory):
+    """Keep a module's synthetic renders out of the user's cache; one intra-op thread (tiny
+    convolutions gain nothing from two, and OpenMP spin-waits badly on a busy machine)."""
+    old, threads = os.environ.get("NLA_FAST_CACHE"), torch.get_num_threads()
+    os.environ["NLA_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    if old is None:
+        os.environ.pop("NLA_FAST_CACHE", None)
+    else:
+        os.environ["NLA_FAST_CACHE"] = old

@@ -16,18 +16,7 @@ from nla_fast.config import eps_schedule  # noqa: E402
 from nla_fast.settings import TrainSettings, load_split  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def data_cache_and_one_thread(tmp_path_factory):
-    """Synthetic renders in a temporary cache; one intra-op thread (tiny convolutions)."""
-    old, threads = os.environ.get("NLA_FAST_CACHE"), torch.get_num_threads()
-    os.environ["NLA_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    if old is None:
-        os.environ.pop("NLA_FAST_CACHE", None)
-    else:
-        os.environ["NLA_FAST_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("private_data_cache_one_thread")
 
 
 def test_noisy_labels_are_those_the_trainer_gets_from_noise_rate_and_seed():

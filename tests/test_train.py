@@ -17,19 +17,7 @@ STEPS_PER_EPOCH = 4
 TIMING = {"samples_per_s", "seconds", "train_seconds", "eval_seconds", "first_step_s"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def data_cache_and_one_thread(tmp_path_factory):
-    """Keep the synthetic renders of these tests out of the user's cache; one intra-op thread
-    (tiny convolutions gain nothing from two, and OpenMP spin-waits badly on a busy machine)."""
-    old, threads = os.environ.get("NLA_FAST_CACHE"), torch.get_num_threads()
-    os.environ["NLA_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    if old is None:
-        os.environ.pop("NLA_FAST_CACHE", None)
-    else:
-        os.environ["NLA_FAST_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("private_data_cache_one_thread")
 
 
 def run(out, *extra):
