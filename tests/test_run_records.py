@@ -174,7 +174,7 @@ def test_ferplus_chooses_best_on_the_validation_split_and_reports_test_there(tmp
     monkeypatch.setattr(train, "evaluate", evaluate)
     out = tmp_path / "run"
     assert train.main(["--dataset", "ferplus", "--data-root", str(root), "--image-size", "32", "--batch-size", "8",
-                       "--epochs", "3", "--backend", "reference", "--device", "cpu", "--no-progress",
+                       "--epochs", "3", "--backend", "reference", "--device", "cpu",
                        "--plot-every", "0", "--out", str(out)]) == 0
     rows = metrics(out)
     assert [row["valid_acc"] for row in rows] == [0.2, 0.6, 0.4]
@@ -183,7 +183,10 @@ def test_ferplus_chooses_best_on_the_validation_split_and_reports_test_there(tmp
     assert ckpt.load(out / "best_mean.pt")["epoch"] == 0
     best = ckpt.load(out / "last.pt")["best"]
     assert (best["split"], best["acc"], best["test_acc_at_acc_epoch"]) == ("valid", 0.6, 0.3)
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
+    assert "epoch 0 (1/3)" not in captured.err  # stderr is no terminal: no progress bar, one line per epoch
+    assert text.count("epoch 2 (3/3): train loss") == 1
     assert "best valid accuracy 60.00% (epoch 1, best.pt): test accuracy there 30.00%" in text
     assert "valid acc 20.00%" in text
     config = json.loads((out / "config.json").read_text())
