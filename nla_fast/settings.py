@@ -22,7 +22,9 @@ from .data import DATASET_OPTIONS, DATASETS
 
 # A synthetic-data run that finishes in a few minutes on 2 CPU cores (used when CUDA is absent
 # and the dataset is synthetic; every value can still be set on the command line).
-CPU_QUICK_RUN = {"image_size": 48, "epochs": 3, "num_samples": 1600, "lr": 1e-3, "batch_size": 16}
+# Measured: 8 epochs reach 68.75% test accuracy, 48.3% mean class accuracy (5 of 7 classes
+# learned) at ~65 samples/s; 3 epochs learned 2 classes; lr 2e-3 or 32 px stay at 2 classes or fewer.
+CPU_QUICK_RUN = {"image_size": 48, "epochs": 8, "num_samples": 1600, "lr": 1e-3, "batch_size": 16}
 # Settings whose default depends on the device (filled in by TrainSettings.resolve).
 DEVICE_DEFAULTS = ("amp", "cuda_graphs", "log_every", "backend")
 # Settings that are also options of a dataset loader (see nla_fast.data.DATASET_OPTIONS); a
@@ -211,7 +213,7 @@ def _run_flags(run) -> None:
 
 
 def _recipe_flags(recipe) -> None:
-    recipe.add_argument("--epochs", type=int, metavar="N", help="epochs (default: 60; 3 for the CPU synthetic demo)")
+    recipe.add_argument("--epochs", type=int, metavar="N", help="epochs (default: 60; 8 for the CPU synthetic demo)")
     recipe.add_argument("--batch-size", type=int, metavar="N",
                         help="training batch size, images per view; batches are always full, the remainder of "
                         "each epoch's order is dropped (default: 32; 16 for the CPU synthetic demo)")
