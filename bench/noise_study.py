@@ -152,8 +152,8 @@ def train_one(settings: TrainSettings, train_set, test_set, labels: torch.Tensor
         t0 = time.perf_counter()
         for epoch in range(run.s.epochs):
             trained = train.train_epoch(run, data, parts, progress, epoch, _NeverStop())
-            test, eval_seconds = train.evaluate_epoch(run, data, parts)
-            train.record(run, data, parts, progress, epoch, trained, test, eval_seconds)
+            test, valid, eval_seconds = train.evaluate_epoch(run, data, parts)
+            train.record(run, data, parts, progress, epoch, trained, test, eval_seconds, valid)
             row = progress.history[-1]
             epochs.append({"epoch": epoch, "eps": trained.eps, "lr": trained.lr, "train_loss": row["train_loss"],
                            "train_acc": row["train_acc"], "test_acc": test["acc"], "test_mean_acc": test["mean_acc"],

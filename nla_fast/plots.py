@@ -25,8 +25,10 @@ def _save(fig, path) -> None:
     atomic.save_figure(fig, path, dpi=100, bbox_inches="tight")
 
 
-def plot_curves(history: list[dict], path) -> None:
-    """Training loss (left) and train / test / mean-class / top-2 accuracy (right) per epoch."""
+def plot_curves(history: list[dict], path, close: bool = True):
+    """Training loss (left) and train / test / mean-class / top-2 accuracy (right) per epoch
+    (and validation accuracy where the run has a validation split). Returns the figure, still
+    open when ``close=False`` (for TensorBoard)."""
     plt = _pyplot()
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -40,7 +42,10 @@ def plot_curves(history: list[dict], path) -> None:
         ("test_acc", "test acc"),
         ("test_mean_acc", "test mean class acc"),
         ("top2_acc", "test top-2 acc"),
+        ("valid_acc", "valid acc"),
     ):
+        if key.startswith("valid") and not any(key in row for row in history):
+            continue
         values = [100 * row[key] if row.get(key) is not None else math.nan for row in history]
         ax_acc.plot(epochs, values, marker="o", label=label)
     ax_acc.set_xlabel("epoch")
@@ -54,11 +59,14 @@ def plot_curves(history: list[dict], path) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     _save(fig, path)
-    plt.close(fig)
+    if close:
+        plt.close(fig)
+    return fig
 
 
-def plot_confusion(confusion, class_names: list[str], path, title: str = "confusion matrix") -> None:
-    """Row-normalised confusion matrix (rows: true class) with the raw counts in each cell."""
+def plot_confusion(confusion, class_names: list[str], path, title: str = "confusion matrix", close: bool = True):
+    """Row-normalised confusion matrix (rows: true class) with the raw counts in each cell.
+    Returns the figure, still open when ``close=False``."""
     plt = _pyplot()
     counts = torch.as_tensor(confusion, dtype=torch.float64)
     rows = counts.sum(dim=1, keepdim=True).clamp_min(1)
@@ -80,7 +88,9 @@ def plot_confusion(confusion, class_names: list[str], path, title: str = "confus
                     color="white" if value > 0.5 else "black")
     fig.tight_layout()
     _save(fig, path)
-    plt.close(fig)
+    if close:
+        plt.close(fig)
+    return fig
 
 
 def naw_weight_grid(eps: float, config: NLAConfig, resolution: int = 121):
@@ -95,8 +105,9 @@ def naw_weight_grid(eps: float, config: NLAConfig, resolution: int = 121):
 
 
 def plot_naw_weights(eps: float, config: NLAConfig, points, path, epoch: int | None = None,
-                     max_points: int = 4000) -> None:
-    """The NAW weight over the (p_gt, p_nn) plane at ``eps``, with samples ``points`` (N, 2) on it."""
+                     max_points: int = 4000, close: bool = True):
+    """The NAW weight over the (p_gt, p_nn) plane at ``eps``, with samples ``points`` (N, 2) on it.
+    Returns the figure, still open when ``close=False``."""
     plt = _pyplot()
     gt, nn, weight = naw_weight_grid(eps, config)
     fig, ax = plt.subplots(figsize=(6, 5))
@@ -118,4 +129,6 @@ def plot_naw_weights(eps: float, config: NLAConfig, points, path, epoch: int | N
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     _save(fig, path)
-    plt.close(fig)
+    if close:
+        plt.close(fig)
+    return fig

@@ -2,12 +2,15 @@
 
     config.json      the settings of the run
     metrics.jsonl    one JSON object per epoch (see ``epoch_record``)
+    metrics.csv      the same rows as flat columns (``per_class_acc/<class>``, ``confusion/<true>/<pred>``)
+    tensorboard/     with --tensorboard: per-epoch scalars and the figures below
     curves.png       loss and accuracies per epoch
     confusion.png    confusion matrix of the latest epoch on the test split
     naw_weights.png  NAW weight over the (p_gt, p_nn) plane at the epoch's eps, with that
                      epoch's training samples scattered on it
     last.pt          every epoch (and on Ctrl-C, mid-epoch); best.pt / best_mean.pt: the
-                     epochs with the best overall / mean class test accuracy
+                     epochs with the best overall / mean class accuracy on the validation
+                     split where the dataset has one (FERPlus), else on the test split
 
 Only the writer (rank 0 of a distributed run) writes; on the other ranks every method does
 nothing. Every file is written atomically (``nla_fast.atomic``).
@@ -32,8 +35,8 @@ from .metrics import json_safe
 
 LOCK_FILE = ".nla_fast.lock"
 # What a run writes into its folder (removed by --overwrite before a new run starts).
-RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "best_mean.pt", "curves.png", "confusion.png",
-             "naw_weights.png")
+RUN_FILES = ("config.json", "metrics.jsonl", "metrics.csv", "last.pt", "best.pt", "best_mean.pt", "curves.png",
+             "confusion.png", "naw_weights.png")
 RESULT_FILES = ("last.pt", "best.pt", "best_mean.pt")
 
 
@@ -102,6 +105,18 @@ class RunFolder:
         self.path, self.writer = Path(path), writer
         self.last = self.path / "last.pt"
         self.lock = FolderLock(self.path)
+        self.tensorboard = None  # a run_log.TensorBoardLog once open_tensorboard is called
+
+    def open_tensorboard(self) -> None:
+        if self.writer:
+            from .run_log import TensorBoardLog
+
+            self.tensorboard = TensorBoardLog(self.path)
+
+    def log_epoch(self, row: dict) -> None:
+        """The epoch's scalars to TensorBoard (metrics.jsonl / .csv are written by write_metrics)."""
+        if self.tensorboard is not None:
+            self.tensorboard.epoch(json_safe(row))
 
     def start(self, resumes_this_folder: bool = False, overwrite: bool = False) -> None:
         """Create the folder, take its lock, make sure no other run's results get replaced
@@ -125,7 +140,10 @@ class RunFolder:
             raise
 
     def close(self) -> None:
-        """Release the folder's lock (on success, errors and Ctrl-C alike)."""
+        """Close the TensorBoard log and release the folder's lock (on success, errors and Ctrl-C alike)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
         self.lock.release()
 
     def write_config(self, run_config: dict) -> None:
@@ -135,6 +153,9 @@ class RunFolder:
     def write_metrics(self, history: list[dict]) -> None:
         if self.writer:
             atomic.write_text(self.path / "metrics.jsonl", "".join(json.dumps(json_safe(row)) + "\n" for row in history))
+            from .run_log import write_csv
+
+            write_csv(self.path / "metrics.csv", [json_safe(row) for row in history])
 
     def save_last(self, blob: dict) -> None:
         if self.writer:
@@ -154,23 +175,33 @@ class RunFolder:
             return
         from . import plots
 
-        plots.plot_curves(history, self.path / "curves.png")
-        plots.plot_confusion(test["confusion"], classes, self.path / "confusion.png",
-                             title=f"test confusion, epoch {epoch} (acc {100 * test['acc']:.2f}%)")
+        keep = self.tensorboard is not None  # the figures stay open for TensorBoard
+        figures = {"curves": plots.plot_curves(history, self.path / "curves.png", close=not keep)}
+        figures["confusion"] = plots.plot_confusion(
+            test["confusion"], classes, self.path / "confusion.png", close=not keep,
+            title=f"test confusion, epoch {epoch} (acc {100 * test['acc']:.2f}%)")
         points = points.cpu()
         points = points[~torch.isnan(points).any(dim=1)]
-        plots.plot_naw_weights(eps, nla_config, points, self.path / "naw_weights.png", epoch=epoch)
+        figures["naw_weights"] = plots.plot_naw_weights(eps, nla_config, points, self.path / "naw_weights.png",
+                                                        epoch=epoch, close=not keep)
+        if keep:
+            import matplotlib.pyplot as plt
+
+            for name, fig in figures.items():
+                self.tensorboard.figure(name, fig, epoch)
+                plt.close(fig)
 
     def summary(self) -> str:
         p = self.path
-        return (f"metrics: {p / 'metrics.jsonl'}; plots: {p / 'curves.png'}, {p / 'confusion.png'}, "
+        return (f"metrics: {p / 'metrics.jsonl'}, {p / 'metrics.csv'}"
+                + (f", {p / 'tensorboard'}" if self.tensorboard is not None else "") + f"; plots: {p / 'curves.png'}, {p / 'confusion.png'}, "
                 f"{p / 'naw_weights.png'}; checkpoints: {p / 'last.pt'}, {p / 'best.pt'}, {p / 'best_mean.pt'}")
 
 
 def epoch_record(epoch, progress, test, naw_means, classes, lr, eps, samples, samples_per_s, train_seconds,
-                 eval_seconds, world_size, mode) -> dict:
-    """One line of metrics.jsonl."""
-    return {
+                 eval_seconds, world_size, mode, valid: dict | None = None) -> dict:
+    """One line of metrics.jsonl; ``valid``: the validation split's metrics, where the dataset has one."""
+    row = {
         "epoch": epoch,
         "train_loss": progress["loss"],
         "train_acc": progress["acc"],
@@ -191,3 +222,8 @@ def epoch_record(epoch, progress, test, naw_means, classes, lr, eps, samples, sa
         "step_mode": mode,
         "confusion": test["confusion"],
     }
+    if valid is not None:
+        row.update({"valid_acc": valid["acc"], "valid_mean_acc": valid["mean_acc"], "valid_top2_acc": valid["top2_acc"],
+                    "valid_per_class_acc": dict(zip(classes, valid["per_class_acc"])),
+                    "valid_samples": valid["num_samples"]})
+    return row

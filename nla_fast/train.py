@@ -8,7 +8,9 @@ Reads top to bottom, in the order a run goes:
     build        model, optimiser and the training step (captured as a CUDA graph on CUDA)
     restore      a resumed run's weights, optimiser, random states, history
     each epoch   train_epoch (new order, lr and eps written into device tensors; steps),
-                 evaluation on the test split, record (``metrics.jsonl``, plots, checkpoints)
+                 evaluation on the test split (and the validation split where the dataset
+                 has one: best.pt is then chosen on it), record (``metrics.jsonl`` /
+                 ``.csv``, TensorBoard, plots, checkpoints)
 
 The files written in ``--out`` are listed in ``nla_fast.run_folder``. Training batches are
 always full: each epoch drops the remainder of its random order (fewer than ``--batch-size``
@@ -43,9 +45,12 @@ from .loss import BackendUnavailable
 from .metrics import MetricCounts, format_table, json_safe
 from .model import WeightsError, build_resnet18, initialise_weights
 from .placement import place_test_split, place_training_set
+from .provenance import environment_record
 from .run_folder import RunFolder, RunFolderError, epoch_record
+from .run_log import MissingExtra, summary_writer_class
 from .settings import (SettingsError, TrainSettings, ResumeError, check_label_mode, check_resume,
-                       check_resume_classes, load_split, parse_command_line, pick_device, settings_for_resume)
+                       check_resume_classes, load_split, model_selection_note, parse_command_line,
+                       pick_device, selection_split, settings_for_resume)
 
 
 @dataclass
@@ -60,6 +65,7 @@ class Run:
     resume: str | None = None  # the checkpoint a resumed run continues from, and its contents
     state: dict | None = None
     own_state: dict | None = None  # this rank's part of it (random states, totals) when world sizes match
+    command_line: list | None = None  # the arguments the run was started with (recorded in config.json)
 
 
 @dataclass
@@ -72,6 +78,9 @@ class Data:
     num_train: int
     num_test: int
     steps_per_epoch: int
+    valid_images: torch.Tensor | None = None  # this rank's slice of the validation split, where there is one
+    valid_labels: torch.Tensor | None = None
+    num_valid: int = 0
 
 
 @dataclass
@@ -91,7 +100,8 @@ class Progress:
     first_step_reported: bool = False  # the first epoch trained by this process records first_step_s
 
 
-def train(settings: TrainSettings, resume: str | None = None, explicit=None, overwrite: bool = False) -> dict:
+def train(settings: TrainSettings, resume: str | None = None, explicit=None, overwrite: bool = False,
+          command_line=None) -> dict:
     """Run (or continue) a training run; returns a summary dict. Raises NonFiniteLoss on a NaN loss.
 
     Launched by ``torchrun`` (RANK / WORLD_SIZE in the environment), each process joins the
@@ -103,6 +113,7 @@ def train(settings: TrainSettings, resume: str | None = None, explicit=None, ove
     closers: list = []  # what to release at the end, last opened first
     try:
         run = set_up(settings, resume, explicit or frozenset(), closers, overwrite)
+        run.command_line = list(command_line) if command_line is not None else None
         data = load_data(run)
         if run.state is not None:
             check_resume_fits(run, data)
@@ -134,6 +145,8 @@ def set_up(settings: TrainSettings, resume: str | None, explicit, closers: list,
     device = dist_device if dist_device is not None else pick_device(settings.device)
     s = settings.resolve(device)
     check_label_mode(s)
+    if s.tensorboard:
+        summary_writer_class()  # a missing package fails here, before any data is loaded
     run = Run(s, ctx, device, RunFolder(s.out, writer=ctx.is_main), say, resume, state)
     if state is not None:
         run.own_state = own_resume_state(run)
@@ -142,6 +155,8 @@ def set_up(settings: TrainSettings, resume: str | None, explicit, closers: list,
     closers.append(run.folder.close)
     run.folder.start(resumes_this_folder=resume is not None and run.folder.path.resolve() == Path(resume).resolve().parent,
                      overwrite=overwrite)
+    if s.tensorboard:
+        run.folder.open_tensorboard()
     torch.manual_seed(s.seed)
     np.random.seed(s.seed % 2**32)
     random.seed(s.seed)
@@ -185,6 +200,8 @@ def load_data(run: Run) -> Data:
     if ctx.distributed and ctx.local_rank != 0:
         distributed.barrier(ctx)  # the machine's first rank decodes (and caches) the data first
     train_set, test_set = load_split(s, "train"), load_split(s, "test")
+    if selection_split(s.dataset) != "test":
+        load_split(s, selection_split(s.dataset))  # cached here too, before the other ranks read it
     if ctx.distributed and ctx.local_rank == 0:
         distributed.barrier(ctx)
     return place_data(run, train_set, test_set)
@@ -205,8 +222,15 @@ def place_data(run: Run, train_set, test_set) -> Data:
                                 soft_labels=soft)
     test_images, test_labels = place_test_split(test_set.images, test_set.labels, run.device, ctx.rank,
                                                 ctx.world_size)
-    return Data(placed, test_images, test_labels, EvalTransform(s.image_size), list(train_set.classes), num_train,
+    data = Data(placed, test_images, test_labels, EvalTransform(s.image_size), list(train_set.classes), num_train,
                 len(test_set.labels), steps_per_epoch)
+    split = selection_split(s.dataset)
+    if split != "test":
+        valid_set = load_split(s, split)
+        data.valid_images, data.valid_labels = place_test_split(valid_set.images, valid_set.labels, run.device,
+                                                                ctx.rank, ctx.world_size)
+        data.num_valid = len(valid_set.labels)
+    return data
 
 
 def build(run: Run, data: Data) -> Parts:
@@ -264,9 +288,11 @@ def restore(run: Run, parts: Parts) -> Progress:
 
 def announce(run: Run, data: Data, parts: Parts) -> None:
     s, ctx = run.s, run.ctx
-    run.say(f"nla_fast: {s.dataset}: {data.num_train} train / {data.num_test} test images, "
+    valid = f" / {data.num_valid} valid" if data.valid_images is not None else ""
+    run.say(f"nla_fast: {s.dataset}: {data.num_train} train{valid} / {data.num_test} test images, "
             f"{len(data.classes)} classes, {s.image_size}px; {data.steps_per_epoch} steps of {s.batch_size} per "
             f"epoch; device {run.device}, amp {s.amp}, views {s.views}, loss {s.loss}; writing to {run.folder.path}")
+    run.say(f"nla_fast: best.pt is chosen on the {model_selection_note(s.dataset)}")
     if ctx.enabled:
         run.say(f"nla_fast: distributed: {ctx.world_size} process(es), backend {ctx.backend}; batch {s.batch_size} "
                 f"per process, global batch {s.batch_size * ctx.world_size}; "
@@ -306,8 +332,8 @@ def train_epochs(run: Run, data: Data, parts: Parts, progress: Progress) -> dict
                 run.say(f"nla_fast: interrupted at epoch {epoch}, step {trained.stopped_at}; wrote "
                         f"{run.folder.last}; continue with: python -m nla_fast.train --resume {run.folder.last}")
                 return {"out": str(run.folder.path), "interrupted": True, "epoch": epoch, "step": trained.stopped_at}
-            test, eval_seconds = evaluate_epoch(run, data, parts)
-            record(run, data, parts, progress, epoch, trained, test, eval_seconds)
+            test, valid, eval_seconds = evaluate_epoch(run, data, parts)
+            record(run, data, parts, progress, epoch, trained, test, eval_seconds, valid)
             run.folder.save_last(checkpoint_state(run, data, parts, progress, epoch, data.steps_per_epoch, True))
             run.folder.keep_best(progress.best.get("acc_epoch") == epoch, progress.best.get("mean_acc_epoch") == epoch)
             stop_after = distributed.any_rank(stop.requested, run.ctx, run.device)
@@ -332,7 +358,8 @@ def train_epoch(run: Run, data: Data, parts: Parts, progress: Progress, epoch: i
     if progress.totals is not None:
         step.totals.load_state_dict(progress.totals)
     progress.start_step, progress.totals = 0, None  # the next epoch starts at its beginning
-    bar = progress_bar(steps, epoch, s.epochs, s.progress and run.ctx.is_main, initial=start)
+    # a bar only on a terminal; into a file or pipe the epoch's line (record) is the progress report
+    bar = progress_bar(steps, epoch, s.epochs, s.progress and run.ctx.is_main and sys.stderr.isatty(), initial=start)
     t0 = time.perf_counter()
     for index in range(start, steps):
         step()
@@ -359,24 +386,31 @@ def train_epoch(run: Run, data: Data, parts: Parts, progress: Progress, epoch: i
     return EpochTraining(lr, eps, final, naw_means, seconds, steps - start)
 
 
-def evaluate_epoch(run: Run, data: Data, parts: Parts) -> tuple[dict, float]:
-    """Test-split metrics (exact over all ranks) and the seconds they took."""
+def evaluate_epoch(run: Run, data: Data, parts: Parts) -> tuple[dict, dict | None, float]:
+    """Test-split and validation-split (None where there is none) metrics, exact over all
+    ranks, and the seconds they took."""
     t0 = time.perf_counter()
     distributed.broadcast_buffers(parts.model, run.ctx)  # every rank evaluates the model rank 0 saves
-    test = parts.step.evaluate(data.test_images, data.test_labels, data.eval_transform, len(data.classes),
-                               data.classes, batch_size=run.s.eval_batch_size, amp=run.s.amp,
-                               reduce=MetricCounts.all_reduce if run.ctx.distributed else None)
-    return test, time.perf_counter() - t0
+
+    def on(images, labels):
+        return parts.step.evaluate(images, labels, data.eval_transform, len(data.classes), data.classes,
+                                   batch_size=run.s.eval_batch_size, amp=run.s.amp,
+                                   reduce=MetricCounts.all_reduce if run.ctx.distributed else None)
+
+    test = on(data.test_images, data.test_labels)
+    valid = on(data.valid_images, data.valid_labels) if data.valid_images is not None else None
+    return test, valid, time.perf_counter() - t0
 
 
 def record(run: Run, data: Data, parts: Parts, progress: Progress, epoch: int, trained: EpochTraining,
-           test: dict, eval_seconds: float) -> None:
-    """The epoch's line of metrics.jsonl and of the log, and the best accuracies so far."""
+           test: dict, eval_seconds: float, valid: dict | None = None) -> None:
+    """The epoch's line of metrics.jsonl (.csv, TensorBoard) and of the log, and the best
+    accuracies so far: on the validation split where there is one, else on the test split."""
     s, world_size = run.s, run.ctx.world_size
     samples = trained.timed_steps * s.batch_size * world_size
     row = epoch_record(epoch, trained.progress, test, trained.naw_means, data.classes, trained.lr, trained.eps,
                        data.steps_per_epoch * s.batch_size * world_size, samples / trained.seconds,
-                       trained.seconds, eval_seconds, world_size, parts.step.mode)
+                       trained.seconds, eval_seconds, world_size, parts.step.mode, valid=valid)
     row["compiled"] = parts.step.compiled
     if not progress.first_step_reported:
         # the first epoch this process trained: its first step includes compiling (and warm-up)
@@ -386,25 +420,41 @@ def record(run: Run, data: Data, parts: Parts, progress: Progress, epoch: int, t
                 + (f" (compiling with Inductor, cache {inductor_cache_dir()})" if parts.step.compiled else ""))
     progress.history.append(row)
     run.folder.write_metrics(progress.history)
+    run.folder.log_epoch(row)
     p = trained.progress
+    on_valid = (f"valid acc {100 * valid['acc']:.2f}% mean {100 * valid['mean_acc']:.2f}% | "
+                if valid is not None else "")
     run.say(f"epoch {epoch} ({epoch + 1}/{s.epochs}): train loss {p['loss']:.4f} "
-            f"acc {100 * p['acc']:.2f}% | test acc {100 * test['acc']:.2f}% mean {100 * test['mean_acc']:.2f}% "
+            f"acc {100 * p['acc']:.2f}% | {on_valid}test acc {100 * test['acc']:.2f}% mean {100 * test['mean_acc']:.2f}% "
             f"top-2 {100 * test['top2_acc']:.2f}% | lr {trained.lr:.3g} eps {trained.eps:.3f} | "
             f"{row['samples_per_s']:.0f} samples/s ({parts.step.mode}{', compiled' if parts.step.compiled else ''})",
             flush=True)
-    best = progress.best
-    if test["acc"] > best["acc"]:
-        best["acc"], best["acc_epoch"] = test["acc"], epoch
-    if test["mean_acc"] > best["mean_acc"]:
-        best["mean_acc"], best["mean_acc_epoch"] = test["mean_acc"], epoch
+    update_best(progress.best, epoch, test, valid)
+
+
+def update_best(best: dict, epoch: int, test: dict, valid: dict | None) -> None:
+    """``best["acc"]`` / ``["mean_acc"]``: the best so far on the selection split (``best["split"]``);
+    ``["test_acc_at_acc_epoch"]`` etc.: the test split's numbers at those epochs."""
+    chosen = valid if valid is not None else test
+    best["split"] = "valid" if valid is not None else "test"
+    for key in ("acc", "mean_acc"):
+        if chosen[key] > best[key]:
+            best[key], best[f"{key}_epoch"] = chosen[key], epoch
+            best[f"test_acc_at_{key}_epoch"], best[f"test_mean_acc_at_{key}_epoch"] = test["acc"], test["mean_acc"]
 
 
 def finish(run: Run, data: Data, progress: Progress, test: dict | None) -> dict:
     best = progress.best
     run.say(f"nla_fast: done. {run.folder.summary()}")
-    if progress.history:
+    if progress.history and best.get("split", "test") == "test":
         run.say(f"nla_fast: best test accuracy {100 * best['acc']:.2f}% (epoch {best.get('acc_epoch')}), "
-                f"best mean class accuracy {100 * best['mean_acc']:.2f}% (epoch {best.get('mean_acc_epoch')})")
+                f"best mean class accuracy {100 * best['mean_acc']:.2f}% (epoch {best.get('mean_acc_epoch')}); "
+                "chosen on the test split (the dataset has no validation split; as the reference code)")
+    elif progress.history:
+        for key, name, file in (("acc", "accuracy", "best.pt"), ("mean_acc", "mean class accuracy", "best_mean.pt")):
+            run.say(f"nla_fast: best {best['split']} {name} {100 * best[key]:.2f}% (epoch {best.get(key + '_epoch')}, "
+                    f"{file}): test accuracy there {100 * best[f'test_acc_at_{key}_epoch']:.2f}%, mean class "
+                    f"accuracy {100 * best[f'test_mean_acc_at_{key}_epoch']:.2f}%")
     if test is not None:
         run.say(format_table(test, data.classes))
     return {"out": str(run.folder.path), "interrupted": False, "history": progress.history, "best": best}
@@ -413,7 +463,10 @@ def finish(run: Run, data: Data, progress: Progress, test: dict | None) -> dict:
 def run_config(run: Run, parts: Parts) -> dict:
     """config.json, also saved in every checkpoint."""
     config = {"train": dataclasses.asdict(run.s), "nla": dataclasses.asdict(parts.nla_config),
-              "device_type": run.device.type}
+              "device_type": run.device.type, "model_selection": model_selection_note(run.s.dataset),
+              "environment": environment_record(),
+              "command_line": ["python", "-m", "nla_fast.train", *run.command_line]
+              if run.command_line is not None else None}
     if run.ctx.enabled:
         config["world_size"] = run.ctx.world_size
     return config
@@ -448,10 +501,11 @@ def checkpoint_state(run: Run, data: Data, parts: Parts, progress: Progress, epo
 
 
 def main(argv=None) -> int:
-    command = parse_command_line(sys.argv[1:] if argv is None else list(argv))
+    args = sys.argv[1:] if argv is None else list(argv)
+    command = parse_command_line(args)
     try:
         result = train(command.settings, resume=command.resume, explicit=command.explicit,
-                       overwrite=command.overwrite)
+                       overwrite=command.overwrite, command_line=args)
     except KeyboardInterrupt:
         print("nla_fast: interrupted", file=sys.stderr)
         return 130
@@ -459,7 +513,7 @@ def main(argv=None) -> int:
         print(f"nla_fast: error: {err}", file=sys.stderr)
         return 1
     except (WeightsError, DatasetError, FileNotFoundError, ckpt.CheckpointError, BackendUnavailable,
-            RunFolderError, SettingsError) as err:
+            RunFolderError, SettingsError, MissingExtra) as err:
         print(f"nla_fast: error: {err}", file=sys.stderr)
         return 2
     return 130 if result.get("interrupted") else 0

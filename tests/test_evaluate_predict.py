@@ -86,7 +86,82 @@ def test_predict_cli_text_and_json(run_dir, tmp_path, capsys):
         assert sum(entry["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
         assert entry["label"] == entry["top"][0]["label"] == max(entry["probabilities"], key=entry["probabilities"].get)
         assert len(entry["top"]) == 3
-    assert predict_main(["--checkpoint", str(run_dir / "last.pt"), str(tmp_path / "missing.png")]) == 2
+    assert predict_main(["--checkpoint", str(run_dir / "last.pt"), str(tmp_path / "missing.png")]) == 1
+    assert "missing.png" in capsys.readouterr().err
+
+
+CLASSES = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]
+
+
+def _image_tree(root):
+    """Nested folders of readable images, one corrupt JPEG, a text file; returns (folder, glob
+    folder, the images the folder and the glob '*.png' name)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    faces, other = root / "faces", root / "other"
+    expected = []
+    for relative, size in (("a.png", 60), ("sub/b.JPG", 40), ("sub/deeper/c.bmp", 80), ("sub/deeper/d.tiff", 50)):
+        path = faces / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+        expected.append(path)
+    (faces / "sub" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (faces / "notes.txt").write_text("not an image, not looked at")
+    other.mkdir()
+    for name in ("e.png", "f.png", "g.jpg"):
+        Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(other / name)
+    expected += [other / "e.png", other / "f.png"]
+    return faces, other, expected
+
+
+def test_predict_folders_globs_and_a_corrupt_file(run_dir, tmp_path, capsys):
+    import csv
+    import io
+
+    faces, other, expected = _image_tree(tmp_path)
+    inputs = [str(faces), str(other / "*.png")]
+    assert predict_main(["--checkpoint", str(run_dir / "last.pt"), *inputs, "--csv", "--batch-size", "2"]) == 1
+    captured = capsys.readouterr()
+    problems = captured.err.strip().splitlines()
+    assert [line for line in problems if "broken.jpg" in line] == [problems[0]] and "skipped" in problems[0]
+    rows = list(csv.DictReader(io.StringIO(captured.out)))
+    assert sorted(row["image"] for row in rows) == sorted(map(str, expected))
+    header = list(rows[0])
+    assert header == ["image", "label", "probability", *CLASSES]
+    for row in rows:
+        probabilities = {name: float(row[name]) for name in CLASSES}
+        assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+        assert row["label"] == max(probabilities, key=probabilities.get)
+        assert float(row["probability"]) == probabilities[row["label"]]
+
+    assert predict_main(["--checkpoint", str(run_dir / "last.pt"), *inputs, "--json", "--batch-size", "3"]) == 1
+    entries = json.loads(capsys.readouterr().out)
+    assert sorted(entry["image"] for entry in entries) == sorted(map(str, expected))
+    by_csv = {row["image"]: float(row["Happiness"]) for row in rows}
+    for entry in entries:  # the same numbers whatever the batch size
+        assert list(entry["probabilities"]) == CLASSES
+        assert sum(entry["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert entry["probabilities"]["Happiness"] == pytest.approx(by_csv[entry["image"]], abs=1e-5)
+
+    # only readable images: exit 0; a pattern matching nothing: reported, exit 1
+    assert predict_main(["--checkpoint", str(run_dir / "last.pt"), str(other / "*.png"), "--csv"]) == 0
+    assert predict_main(["--checkpoint", str(run_dir / "last.pt"), str(tmp_path / "none*.png")]) == 1
+    assert "none*.png" in capsys.readouterr().err
+
+
+def test_predict_refuses_a_damaged_checkpoint_and_bad_usage(run_dir, tmp_path, capsys):
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes((run_dir / "last.pt").read_bytes()[:5000])
+    image = _write_images(tmp_path)[0]
+    assert predict_main(["--checkpoint", str(damaged), str(image)]) == 2
+    assert "damaged.pt" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        predict_main(["--checkpoint", str(run_dir / "last.pt"), str(image), "--json", "--csv"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        predict_main(["--checkpoint", str(run_dir / "last.pt"), str(image), "--batch-size", "0"])
+    assert exit_info.value.code == 2
 
 
 def test_python_api_matches_evaluation(run_dir):
