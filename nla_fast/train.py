@@ -412,8 +412,10 @@ def record(run: Run, data: Data, parts: Parts, progress: Progress, epoch: int, t
                        data.steps_per_epoch * s.batch_size * world_size, samples / trained.seconds,
                        trained.seconds, eval_seconds, world_size, parts.step.mode, valid=valid)
     row["compiled"] = parts.step.compiled
+    # in every row (one column set for metrics.csv), set in the first epoch this process trained:
+    # its first step includes compiling (and warm-up)
+    row["first_step_s"] = None
     if not progress.first_step_reported:
-        # the first epoch this process trained: its first step includes compiling (and warm-up)
         row["first_step_s"] = parts.step.first_step_s
         progress.first_step_reported = True
         run.say(f"nla_fast: first step {parts.step.first_step_s:.1f} s"

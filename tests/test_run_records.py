@@ -15,7 +15,7 @@ from nla_fast.settings import parse_command_line
 
 TINY = ["--num-samples", "32", "--image-size", "32", "--batch-size", "8", "--limit-test", "16",
         "--eval-batch-size", "64", "--backend", "reference", "--device", "cpu", "--no-progress", "--seed", "3"]
-TIMING = {"samples_per_s", "seconds", "train_seconds", "eval_seconds"}
+TIMING = {"samples_per_s", "seconds", "train_seconds", "eval_seconds", "first_step_s"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -162,16 +162,18 @@ def test_ferplus_chooses_best_on_the_validation_split_and_reports_test_there(tmp
     root = make_ferplus_csv(tmp_path / "FERPlus", votes)["root"]
     # scripted accuracies: on the test split the best epoch would be 0, on the valid split it is 1
     scripted = {"valid": [(0.2, 0.5), (0.6, 0.1), (0.4, 0.3)], "test": [(0.9, 0.1), (0.3, 0.7), (0.5, 0.2)]}
-    real_evaluate, calls = train.evaluate, []
+    from nla_fast.engine import TrainStep
 
-    def evaluate(model, images, labels, *args, **kwargs):
-        result = real_evaluate(model, images, labels, *args, **kwargs)
+    real_evaluate, calls = TrainStep.evaluate, []
+
+    def evaluate(step, images, labels, *args, **kwargs):
+        result = real_evaluate(step, images, labels, *args, **kwargs)
         split = "test" if len(calls) % 2 == 0 else "valid"  # evaluate_epoch: test, then valid
         result["acc"], result["mean_acc"] = scripted[split][len(calls) // 2]
         calls.append(split)
         return result
 
-    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(TrainStep, "evaluate", evaluate)
     out = tmp_path / "run"
     assert train.main(["--dataset", "ferplus", "--data-root", str(root), "--image-size", "32", "--batch-size", "8",
                        "--epochs", "3", "--backend", "reference", "--device", "cpu",
