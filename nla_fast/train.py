@@ -454,6 +454,8 @@ def finish(run: Run, data: Data, progress: Progress, test: dict | None) -> dict:
                 "chosen on the test split (the dataset has no validation split; as the reference code)")
     elif progress.history:
         for key, name, file in (("acc", "accuracy", "best.pt"), ("mean_acc", "mean class accuracy", "best_mean.pt")):
+            if f"test_acc_at_{key}_epoch" not in best:  # never improved (e.g. NaN: a split without some class)
+                continue
             run.say(f"nla_fast: best {best['split']} {name} {100 * best[key]:.2f}% (epoch {best.get(key + '_epoch')}, "
                     f"{file}): test accuracy there {100 * best[f'test_acc_at_{key}_epoch']:.2f}%, mean class "
                     f"accuracy {100 * best[f'test_mean_acc_at_{key}_epoch']:.2f}%")
