@@ -2,7 +2,6 @@
 line, --config) and how best.pt is chosen (validation split where the dataset has one)."""
 import csv
 import json
-import os
 import sys
 
 import pytest
@@ -18,17 +17,7 @@ TINY = ["--num-samples", "32", "--image-size", "32", "--batch-size", "8", "--lim
 TIMING = {"samples_per_s", "seconds", "train_seconds", "eval_seconds", "first_step_s"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def data_cache_and_one_thread(tmp_path_factory):
-    old, threads = os.environ.get("NLA_FAST_CACHE"), torch.get_num_threads()
-    os.environ["NLA_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    if old is None:
-        os.environ.pop("NLA_FAST_CACHE", None)
-    else:
-        os.environ["NLA_FAST_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("private_data_cache_one_thread")
 
 
 def metrics(out):
