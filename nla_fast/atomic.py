@@ -87,19 +87,11 @@ def copy(src, dst) -> None:
     """``dst`` becomes a copy of ``src`` in one rename: a hard link (no data copied; files
     written here are replaced, never rewritten, so the two stay independent), else a real copy."""
     src, dst = Path(src), Path(dst)
-    tmp = temp_path(dst)
-    try:
+    with target(dst) as tmp:
         try:
             os.link(src, tmp)
         except OSError:  # no hard links on this file system: copy the bytes
             shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _alive(pid: int) -> bool:
