@@ -1,6 +1,5 @@
 """The evaluate and predict CLIs and the Python side (load_model / predict) on a tiny trained run."""
 import json
-import os
 
 import numpy as np
 import pytest
@@ -18,18 +17,10 @@ TINY = ["--dataset", "synthetic", "--num-samples", "16", "--image-size", "32", "
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    old, threads = os.environ.get("NLA_FAST_CACHE"), torch.get_num_threads()
-    os.environ["NLA_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    torch.set_num_threads(1)  # tiny convolutions: one thread is as fast and kinder to a shared CPU
+def run_dir(tmp_path_factory, private_data_cache_one_thread):
     out = tmp_path_factory.mktemp("run")
     assert train.main(TINY + ["--out", str(out)]) == 0
     yield out
-    torch.set_num_threads(threads)
-    if old is None:
-        os.environ.pop("NLA_FAST_CACHE", None)
-    else:
-        os.environ["NLA_FAST_CACHE"] = old
 
 
 def test_evaluate_prints_a_table_and_writes_the_confusion_matrix(run_dir, capsys, tmp_path):

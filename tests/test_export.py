@@ -1,6 +1,5 @@
 """nla_fast.export: safetensors / ONNX / TorchScript from a tiny trained run, load_exported, errors."""
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -21,18 +20,10 @@ ONNX_TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    old, threads = os.environ.get("NLA_FAST_CACHE"), torch.get_num_threads()
-    os.environ["NLA_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    torch.set_num_threads(1)  # tiny convolutions: one thread is as fast and kinder to a shared CPU
+def checkpoint(tmp_path_factory, private_data_cache_one_thread):
     out = tmp_path_factory.mktemp("run")
     assert train.main(TINY + ["--out", str(out)]) == 0
     yield out / "best.pt"
-    torch.set_num_threads(threads)
-    if old is None:
-        os.environ.pop("NLA_FAST_CACHE", None)
-    else:
-        os.environ["NLA_FAST_CACHE"] = old
 
 
 def _inputs(model, count, seed=7):

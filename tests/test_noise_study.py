@@ -1,7 +1,6 @@
 """bench/noise_study.py: the trainer's noisy labels, the per-cell summary, and a small --quick study on the CPU."""
 import json
 import math
-import os
 import sys
 from pathlib import Path
 

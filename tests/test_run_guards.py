@@ -22,22 +22,14 @@ TINY = ["--dataset", "synthetic", "--num-samples", "16", "--image-size", "32", "
 
 
 @pytest.fixture(scope="module")
-def done_run(tmp_path_factory):
+def done_run(tmp_path_factory, private_data_cache_one_thread):
     """One finished epoch, and a copy of its checkpoint marked as written mid-epoch (after step 1)."""
-    old, threads = os.environ.get("NLA_FAST_CACHE"), torch.get_num_threads()
-    os.environ["NLA_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("run")
     assert train.main(TINY + ["--epochs", "1", "--out", str(out)]) == 0
     state = ckpt.load(out / "last.pt")
     state.update(epoch=0, step=1, epoch_done=False, history=[])
     ckpt.save(state, out / "mid.pt")
     yield out
-    torch.set_num_threads(threads)
-    if old is None:
-        os.environ.pop("NLA_FAST_CACHE", None)
-    else:
-        os.environ["NLA_FAST_CACHE"] = old
 
 
 def one_error_line(capsys, *words):
