@@ -291,7 +291,8 @@ def announce(run: Run, data: Data, parts: Parts) -> None:
     valid = f" / {data.num_valid} valid" if data.valid_images is not None else ""
     run.say(f"nla_fast: {s.dataset}: {data.num_train} train{valid} / {data.num_test} test images, "
             f"{len(data.classes)} classes, {s.image_size}px; {data.steps_per_epoch} steps of {s.batch_size} per "
-            f"epoch; device {run.device}, amp {s.amp}, views {s.views}, loss {s.loss}; writing to {run.folder.path}")
+            f"epoch; device {run.device}, amp {s.amp}, views {s.views}, loss {loss_description(parts)}; "
+            f"writing to {run.folder.path}")
     run.say(f"nla_fast: best.pt is chosen on the {model_selection_note(s.dataset)}")
     if ctx.enabled:
         run.say(f"nla_fast: distributed: {ctx.world_size} process(es), backend {ctx.backend}; batch {s.batch_size} "
@@ -303,6 +304,15 @@ def announce(run: Run, data: Data, parts: Parts) -> None:
                 f"gradient is one process's on {s.batch_size * ctx.world_size} images (train_loss: the global batch's)")
     if parts.step.note:
         run.say(f"nla_fast: {parts.step.note}")
+
+
+def loss_description(parts: Parts) -> str:
+    """``nla (consistency official, summed)``: the loss and how its consistency term is reduced."""
+    options, config = parts.step.options, parts.step.nla_config
+    if options.loss != "nla":
+        return options.loss
+    reduction = {"sum": "summed", "mean": "averaged"}[config.consistency_reduction]
+    return f"nla (consistency {config.consistency}, {reduction})"
 
 
 # ----------------------------------------------------------------------------------------------

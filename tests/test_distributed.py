@@ -41,7 +41,8 @@ def rows(out):
 @pytest.mark.slow
 def test_two_gloo_processes_train_one_epoch_with_exact_evaluation(tmp_path):
     out = tmp_path / "run"
-    result = torchrun(2, out, "--device", "cpu")
+    # summed explicitly: the CPU synthetic demo's own default is the averaged term
+    result = torchrun(2, out, "--device", "cpu", "--consistency-reduction", "sum")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = rows(out)
     assert len(metrics) == 1  # rank 0 alone writes

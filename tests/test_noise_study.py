@@ -52,6 +52,15 @@ def test_summary_is_mean_and_sample_sd_over_seeds_per_cell():
     assert cells[(0.3, "nla-paper")]["test_acc_sd"] == 0.0  # one seed: no spread
 
 
+def test_study_runs_use_the_published_summed_consistency_on_every_device():
+    # the CPU demo's default averages the term; the study compares the losses as published
+    for device in ("cpu", "cuda"):
+        for loss in noise_study.LOSSES:
+            settings = noise_study.run_settings(noise_study.QUICK, device, loss, 0, "unused")
+            if settings.loss == "nla":
+                assert settings.resolve(torch.device(device)).nla_config().consistency_reduction == "sum"
+
+
 def test_bad_arguments_are_refused_with_the_flag_named(capsys):
     for argv, flag in ((["--losses", "ce,focal"], "--losses"), (["--rates", "0,1.5"], "--rates"),
                        (["--seeds", "0"], "--seeds")):

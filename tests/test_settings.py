@@ -12,9 +12,17 @@ def test_cpu_defaults_are_the_quick_synthetic_run():
     assert (s.dataset, s.image_size, s.epochs, s.num_samples, s.lr, s.batch_size) == (
         "synthetic", quick["image_size"], quick["epochs"], quick["num_samples"], quick["lr"], quick["batch_size"])
     assert s.amp == "off" and s.cuda_graphs is False and s.backend == "reference"
+    # the demo averages the consistency term; everywhere else it is the variant's own (summed)
+    assert s.consistency_reduction == quick["consistency_reduction"] == "mean"
+    assert s.nla_config().consistency_reduction == "mean"
+    summed = TrainSettings(consistency_reduction="sum").resolve(torch.device("cpu"))
+    assert summed.nla_config().consistency_reduction == "sum"
+    rafdb_on_cpu = TrainSettings(dataset="rafdb").resolve(torch.device("cpu"))
+    assert rafdb_on_cpu.consistency_reduction is None and rafdb_on_cpu.nla_config().consistency_reduction == "sum"
     g = TrainSettings().resolve(torch.device("cuda"))
     assert (g.image_size, g.epochs, g.batch_size, g.lr, g.weight_decay, g.gamma) == (224, 60, 32, 1e-4, 1e-4, 0.9)
     assert g.amp == "bf16" and g.cuda_graphs is True and g.num_samples is None and g.backend == "auto"
+    assert g.consistency_reduction is None and g.nla_config().consistency_reduction == "sum"
 
 
 def test_command_line_defaults_are_the_settings_defaults():
@@ -59,3 +67,14 @@ def test_load_split_passes_only_the_options_the_loader_takes(monkeypatch):
     assert calls[1][1] == {"image_size": None, "label_mode": "soft", "num_classes": 8}
     synthetic = settings.load_split(TrainSettings(num_samples=400, num_classes=8, limit_test=4), "test")
     assert calls[2][1] == {"image_size": None, "num_samples": 100} and len(synthetic.labels) == 4
+
+
+def test_resuming_a_run_saved_before_the_demo_default_keeps_its_consistency_reduction(tmp_path):
+    # older checkpoints saved consistency_reduction None; the loss config they also saved says what ran
+    config = {"train": vars(TrainSettings(device="cpu")), "nla": {"consistency_reduction": "sum"}, "device_type": "cpu"}
+    command = parse_command_line([])
+    merged, _ = settings_for_resume(command.settings, config, str(tmp_path / "last.pt"), command.explicit)
+    assert merged.resolve(torch.device("cpu")).nla_config().consistency_reduction == "sum"
+    typed = parse_command_line(["--consistency-reduction", "mean"])
+    merged, _ = settings_for_resume(typed.settings, config, str(tmp_path / "last.pt"), typed.explicit)
+    assert merged.resolve(torch.device("cpu")).nla_config().consistency_reduction == "mean"
