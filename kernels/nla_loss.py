@@ -711,10 +711,18 @@ class _NLALossFunction(torch.autograd.Function):
         return (oz, ozf, None, None, None, None, None, None, None, None, None)
 
 
-@functools.lru_cache(maxsize=64)
-def _kernel_constants(constants):
-    """(the 12 float constants as the kernel takes them, jsd, reg_mean), once per NLAConstants."""
+def _unpack_constants(constants):
+    """(the 12 float constants as the kernel takes them, jsd, reg_mean)."""
     return [float(c) for c in constants[:12]], bool(constants.jsd), bool(constants.reg_mean)
+
+
+_cached_constants = functools.lru_cache(maxsize=64)(_unpack_constants)  # once per NLAConstants, eagerly
+
+
+def _kernel_constants(constants):
+    # Dynamo cannot use an lru_cache (it warns and traces through it); the unpacking is traced
+    # once per compiled graph anyway
+    return _unpack_constants(constants) if torch.compiler.is_compiling() else _cached_constants(constants)
 
 
 def nla_loss_triton(logits, logits_flip, target, eps, constants, return_weights):

@@ -363,6 +363,7 @@ def test_eps_tensor_is_read_at_run_time():
 
 
 @pytest.mark.parametrize("eps_kind", ["tensor", "float"])
+@pytest.mark.filterwarnings("error:.*lru_cache.*:UserWarning")  # Dynamo's warning about tracing through a cache
 def test_torch_compile_matches_eager(eps_kind):
     """Dynamo traces the autograd.Function and the custom op (aot_eager on CPU; inductor on GPU
     below); a second and third batch size make dynamo retrace with a symbolic batch."""
