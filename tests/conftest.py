@@ -4,7 +4,10 @@ Without a GPU the Triton kernels run in Triton's interpreter, which must be swit
 before any kernel module is imported. Tests marked ``gpu`` need CUDA and run in
 ``make gpu-check`` on the GPU machine.
 """
+import contextlib
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,16 +31,32 @@ def cuda_device():
     return torch.device("cuda")
 
 
+@contextlib.contextmanager
+def one_thread_with_environment(name: str, value: str):
+    """``name=value`` in the environment and one intra-op thread, both restored afterwards."""
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(name, value)
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def private_data_cache_one_thread(tmp_path_factory):
     """Keep a module's synthetic renders out of the user's cache; one intra-op thread (tiny
     convolutions gain nothing from two, and OpenMP spin-waits badly on a busy machine)."""
-    old, threads = os.environ.get("NLA_FAST_CACHE"), torch.get_num_threads()
-    os.environ["NLA_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    if old is None:
-        os.environ.pop("NLA_FAST_CACHE", None)
-    else:
-        os.environ["NLA_FAST_CACHE"] = old
+    with one_thread_with_environment("NLA_FAST_CACHE", str(tmp_path_factory.mktemp("cache"))):
+        yield
+
+
+@pytest.fixture(scope="module")
+def stable_inductor_cache():
+    """One Inductor cache for the compile tests that survives between runs of the suite (a cold
+    compile costs minutes on 2 cores) and stays out of the user's own cache; one thread."""
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    with one_thread_with_environment("TORCHINDUCTOR_CACHE_DIR",
+                                     str(Path(tempfile.gettempdir()) / f"nla_fast_test_inductor_{uid}")):
+        yield

@@ -8,8 +8,6 @@ slowest test, at the end. The fallback tests compile nothing and run in the fast
 """
 import json
 import os
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,20 +22,7 @@ BATCH, SAMPLES, NATIVE, SIZE, CLASSES = 4, 16, 20, 16, 7
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def stable_inductor_cache():
-    """One Inductor cache for these tests that survives between runs of the suite (a cold
-    compile costs minutes on 2 cores) and stays out of the user's own cache; one thread."""
-    old, threads = os.environ.get("TORCHINDUCTOR_CACHE_DIR"), torch.get_num_threads()
-    uid = os.getuid() if hasattr(os, "getuid") else "user"
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / f"nla_fast_test_inductor_{uid}")
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    if old is None:
-        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-    else:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
+pytestmark = pytest.mark.usefixtures("stable_inductor_cache")  # conftest: a cache kept between runs
 
 
 class SmallNet(torch.nn.Module):
