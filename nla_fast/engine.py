@@ -51,6 +51,7 @@ from .augment import TrainAugment
 from .config import NLAConfig
 from .distributed import all_reduce_
 from .loss import naw_weight, nla_loss, resolve_backend
+from .messages import short_error
 from .metrics import MetricCounts
 
 WARMUP_STEPS = 3  # eager steps (real training steps) on a side stream before the capture
@@ -231,13 +232,6 @@ def compile_function(fn, mode: str = "default"):
     first guess would cost a recompilation. Nothing is compiled until the first call."""
     inductor_cache_dir()
     return torch.compile(fn, dynamic=False, mode=None if mode == "default" else mode)
-
-
-def one_line(err: BaseException, limit: int = 300) -> str:
-    """``Type: first line of the message``, cut to ``limit`` characters (Inductor errors span pages)."""
-    text = str(err).strip().splitlines()
-    line = f"{type(err).__name__}: {text[0] if text else ''}"
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def augmentation_generator(device: torch.device, seed: int) -> torch.Generator:
@@ -433,7 +427,7 @@ class TrainStep:
                 if self.loss_backend != "reference":
                     self.loss_backend = "reference"
                     self.note = (f"torch.compile failed with the {self.options.backend!r} loss kernel inside "
-                                 f"({one_line(err)}); compiling the plain PyTorch loss instead")
+                                 f"({short_error(err)}); compiling the plain PyTorch loss instead")
                     if self.verbose:
                         print(f"nla_fast: {self.note}", flush=True)
                     self.forward_loss = compile_function(self._forward_loss, self.options.compile_mode)
@@ -445,7 +439,7 @@ class TrainStep:
         self.forward_loss, self.eval_forward = self._forward_loss, None
         self.loss_backend = self.options.backend  # the fused kernels run fine uncompiled
         self.compiled = self.compile_unverified = False
-        self.note = f"torch.compile failed ({one_line(err)}); running the uncompiled step"
+        self.note = f"torch.compile failed ({short_error(err)}); running the uncompiled step"
         if self.verbose:
             print(f"nla_fast: {self.note}", flush=True)
 
@@ -505,7 +499,7 @@ class TrainStep:
                                 amp, reduce=reduce, pad_last_batch=True)
             except Exception as err:
                 self.eval_forward = None
-                self.note = f"torch.compile failed for evaluation ({one_line(err)}); evaluating uncompiled"
+                self.note = f"torch.compile failed for evaluation ({short_error(err)}); evaluating uncompiled"
                 if self.verbose:
                     print(f"nla_fast: {self.note}", flush=True)
         return evaluate(self.eval_model, images, labels, transform, num_classes, class_names, batch_size, amp,
