@@ -63,7 +63,8 @@ from nla_fast import atomic, train  # noqa: E402
 from nla_fast.data.protocols import symmetric_noise  # noqa: E402
 from nla_fast.placement import EpochShard  # noqa: E402
 from nla_fast.reference import naw_weight_from_probs  # noqa: E402
-from nla_fast.settings import TrainSettings, load_split, pick_device  # noqa: E402
+from nla_fast.device import pick_device  # noqa: E402
+from nla_fast.settings import TrainSettings, load_split  # noqa: E402
 
 RESULTS = BENCH / "results"
 RATES = (0.0, 0.1, 0.2, 0.3)

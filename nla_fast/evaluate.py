@@ -22,7 +22,8 @@ from .engine import evaluate
 from .metrics import format_table, json_safe
 from .inference import load_model
 from .data import DATASETS
-from .settings import TrainSettings, load_split, pick_device
+from .device import DEVICE_CHOICES, DeviceError, pick_device
+from .settings import TrainSettings, load_split
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=("none", "flip"), default="none",
                    help="flip: average the log-probabilities of each image and its horizontal flip")
     p.add_argument("--batch-size", type=arg_types.positive_int, default=256, metavar="N", help="evaluation batch size")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where to run")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="where to run")
     p.add_argument("--amp", choices=("bf16", "fp16", "off"), default=None,
                    help="autocast precision (default: bf16 on CUDA, off on CPU)")
     p.add_argument("--limit", type=arg_types.positive_int, default=None, metavar="N", help="evaluate a fixed, seeded subset of N samples")
@@ -55,10 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    device = pick_device(args.device)
     try:
+        device = pick_device(args.device)
         state = ckpt.load(args.checkpoint)
-    except (FileNotFoundError, ckpt.CheckpointError) as err:
+    except (DeviceError, FileNotFoundError, ckpt.CheckpointError) as err:
         print(f"nla_fast.evaluate: error: {err}", file=sys.stderr)
         return 2
     trained = TrainSettings.from_dict(state["config"]["train"])

@@ -34,6 +34,7 @@ import torch
 from . import atomic
 from . import checkpoint as ckpt
 from .cli import HelpFormatter
+from .device import pick_device
 from .messages import short_error
 from .model import build_resnet18
 
@@ -311,10 +312,8 @@ def load_exported(folder, device: str | torch.device = "auto") -> torch.nn.Modul
     if header.get("checkpoint_sha256") != expected_sha:
         raise ExportError(f"{str(weights_path)!r} and {str(meta_path)!r} come from different checkpoints "
                           "(their checkpoint_sha256 differ): export again into an empty folder")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     model = _network(weights, metadata, repr(str(weights_path)))
-    model = model.to(torch.device(device), memory_format=torch.channels_last).eval()
+    model = model.to(pick_device(device), memory_format=torch.channels_last).eval()
     return _attach(model, metadata)
 
 

@@ -16,6 +16,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .augment import EvalTransform, resize_uint8
+from .device import pick_device
 from .engine import predict_logits
 from .model import build_resnet18
 
@@ -32,9 +33,7 @@ def load_model(path, device: str | torch.device = "auto") -> torch.nn.Module:
         return load_exported(path, device)
     state = ckpt.load(path)
     info = state["model_info"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = pick_device(device)
     model = build_resnet18(info["num_classes"])
     model.load_state_dict(state["model"])
     model = model.to(device, memory_format=torch.channels_last).eval()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from . import arg_types
 from .cli import HelpFormatter
+from .device import DEVICE_CHOICES, DeviceError, pick_device
 from .inference import load_model, predict, read_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=arg_types.positive_int, default=3, metavar="K", help="how many classes to show per image (text output)")
     p.add_argument("--batch-size", type=arg_types.positive_int, default=64, metavar="N", help="images read and classified at a time")
     p.add_argument("--tta", choices=("none", "flip"), default="none", help="flip: average with the mirrored image")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where to run")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="where to run")
     output = p.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true",
                         help="print one JSON list: per image its label, probability and every class's probability")
@@ -98,7 +99,12 @@ def main(argv=None) -> int:
     if args.top < 1:
         parser.error(f"--top must be at least 1, got {args.top}")
     try:
-        model = load_model(args.checkpoint, device=args.device)
+        device = pick_device(args.device)
+    except DeviceError as err:
+        print(f"nla_fast.predict: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        model = load_model(args.checkpoint, device=device)
     except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as err:
         # missing, truncated or foreign checkpoint
         print(f"nla_fast.predict: error: cannot load checkpoint {args.checkpoint}: {err}", file=sys.stderr)

@@ -20,6 +20,7 @@ from . import arg_types
 from .cli import HelpFormatter
 from .config import NLAConfig
 from .data import DATASET_OPTIONS, DATASETS
+from .device import DEVICE_CHOICES, device_type
 
 # A synthetic-data run that finishes in about three minutes on 2 CPU cores (used when CUDA is
 # absent and the dataset is synthetic; every value can still be set on the command line).
@@ -206,7 +207,7 @@ def _data_flags(data) -> None:
 
 def _run_flags(run) -> None:
     run.add_argument("--out", metavar="DIR", help="output folder (default: runs/<dataset>-<time>)")
-    run.add_argument("--device", choices=("auto", "cuda", "cpu"), help="where to train; auto picks CUDA when present")
+    run.add_argument("--device", choices=DEVICE_CHOICES, help="where to train; auto picks CUDA when present")
     run.add_argument("--seed", type=int, help="seed of initialisation, order and augmentation")
     run.add_argument("--resume", metavar="PATH",
                      help="continue a run exactly from its checkpoint (e.g. runs/x/last.pt); its settings "
@@ -298,7 +299,7 @@ def settings_for_resume(settings: TrainSettings, saved_config: dict, resume: str
         if getattr(saved, name) != value and name not in ("out", "progress"):
             notes.append(f"nla_fast: resume: {name} = {value!r} (the checkpoint had {getattr(saved, name)!r})")
     settings = dataclasses.replace(saved, **overrides)
-    if pick_device(settings.device).type != saved_config.get("device_type"):
+    if device_type(settings.device) != saved_config.get("device_type"):
         # continuing on another kind of device: its own precision / graph defaults
         fresh = {name: None for name in DEVICE_DEFAULTS if name not in overrides}
         settings = dataclasses.replace(settings, **fresh)
@@ -426,20 +427,13 @@ def settings_from_config_file(path, settings: TrainSettings, explicit) -> tuple:
     merged = dataclasses.replace(merged, **{name: getattr(settings, name) for name in explicit if name in names})
     notes = []
     saved_device = loaded.get("device_type")
-    if saved_device is not None and saved_device != _device_type(merged.device):
+    if saved_device is not None and saved_device != device_type(merged.device):
         # made on another kind of device: this device's own precision / graph defaults
         reset = [name for name in DEVICE_DEFAULTS if name not in explicit]
         merged = dataclasses.replace(merged, **{name: None for name in reset})
         notes.append(f"nla_fast: --config {path} was written on {saved_device}; this run uses "
-                     f"{_device_type(merged.device)}'s defaults for {', '.join(reset)}")
+                     f"{device_type(merged.device)}'s defaults for {', '.join(reset)}")
     return merged, notes
-
-
-def _device_type(device_name: str) -> str:
-    """The device type ``--device`` will pick, without initialising CUDA."""
-    if device_name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device_name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,16 +462,6 @@ def model_selection_note(dataset: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # Device and data
 # ----------------------------------------------------------------------------------------------
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda but torch sees no CUDA device")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def load_split(s: TrainSettings, split: str):
     """One split of the run's dataset at native resolution (the augmentation adds its noise to
     the raw image, then resizes: SPEC 1.2). The loader gets the settings that are among its own

@@ -39,6 +39,7 @@ from .augment import MEAN, STD, EvalTransform
 from .cli import StopRequest, progress_bar
 from .config import NLAConfig, eps_schedule
 from .data.errors import DatasetError
+from .device import DeviceError, pick_device
 from .engine import (WARMUP_STEPS, NonFiniteLoss, StepOptions, TrainStep, build_train_step, epoch_permutation,
                      inductor_cache_dir, load_optimizer_state, shard)
 from .loss import BackendUnavailable
@@ -50,7 +51,7 @@ from .run_folder import RunFolder, RunFolderError, epoch_record
 from .run_log import MissingExtra, summary_writer_class
 from .settings import (SettingsError, TrainSettings, ResumeError, check_label_mode, check_resume,
                        check_resume_classes, load_split, model_selection_note, parse_command_line,
-                       pick_device, selection_split, settings_for_resume)
+                       selection_split, settings_for_resume)
 
 
 @dataclass
@@ -527,7 +528,7 @@ def main(argv=None) -> int:
         print(f"nla_fast: error: {err}", file=sys.stderr)
         return 1
     except (WeightsError, DatasetError, FileNotFoundError, ckpt.CheckpointError, BackendUnavailable,
-            RunFolderError, SettingsError, MissingExtra) as err:
+            RunFolderError, SettingsError, MissingExtra, DeviceError) as err:
         print(f"nla_fast: error: {err}", file=sys.stderr)
         return 2
     return 130 if result.get("interrupted") else 0

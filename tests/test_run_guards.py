@@ -116,6 +116,21 @@ def test_a_damaged_checkpoint_is_one_line_and_exit_2_everywhere(done_run, tmp_pa
     assert not (tmp_path / "metrics.jsonl").exists()  # the resume wrote nothing
 
 
+def test_a_missing_cuda_device_is_one_line_and_exit_2_everywhere(done_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    image = tmp_path / "face.png"
+    Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(image)
+    commands = {
+        "train": lambda: train.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "run"), "--device", "cuda"]),
+        "evaluate": lambda: evaluate_main(["--checkpoint", str(done_run / "last.pt"), "--device", "cuda"]),
+        "predict": lambda: predict_main(["--checkpoint", str(done_run / "last.pt"), str(image), "--device", "cuda"]),
+    }
+    for name, command in commands.items():
+        assert command() == 2, name
+        one_error_line(capsys, "'cuda'", "no CUDA device")
+    assert not (tmp_path / "run").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # The output folder
 # ----------------------------------------------------------------------------------------------
