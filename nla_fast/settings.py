@@ -1,7 +1,6 @@
-"""The settings of a training run: what they are, how the command line fills them, how a
-resumed run merges its saved settings with the flags typed this time, and how they pick a
-device and load a dataset split. ``train``, ``evaluate`` and ``predict`` import this module;
-it imports none of them.
+"""The settings of a training run: what they are, how the command line fills them, and how a
+resumed run merges its saved settings with the flags typed this time. ``train`` imports this
+module; it imports none of the programs.
 """
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ import torch
 from . import arg_types
 from .cli import HelpFormatter
 from .config import NLAConfig
-from .data import DATASET_OPTIONS, DATASETS
+from .data import DATASETS
 from .device import DEVICE_CHOICES, device_type
 
 # A synthetic-data run that finishes in about three minutes on 2 CPU cores (used when CUDA is
@@ -37,6 +36,8 @@ DEVICE_DEFAULTS = ("amp", "cuda_graphs", "log_every", "backend", "compile")
 # Settings that are also options of a dataset loader (see nla_fast.data.DATASET_OPTIONS); a
 # loader receives those of them that it accepts and that are set.
 LOADER_SETTINGS = ("label_mode", "num_classes", "num_samples")
+# Settings that change the training split's labels or samples (nla_fast.data.protocols).
+PROTOCOL_SETTINGS = ("noise_rate", "noise_seed", "noise_file", "imbalance_factor", "imbalance_seed")
 
 
 @dataclass
@@ -116,6 +117,16 @@ class TrainSettings:
         """Settings saved in a checkpoint (keys this version does not know are ignored)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
+
+    def split_arguments(self, split: str) -> dict:
+        """The keyword arguments of ``nla_fast.data.splits.load_split`` for ``split`` of this
+        run's dataset: the loader's options, ``--limit-train`` / ``--limit-test``, and on the
+        training split only the noise and imbalance protocols."""
+        arguments = {name: getattr(self, name) for name in LOADER_SETTINGS}
+        arguments["limit"] = self.limit_train if split == "train" else self.limit_test
+        if split == "train":
+            arguments.update({name: getattr(self, name) for name in PROTOCOL_SETTINGS})
+        return arguments
 
     def nla_config(self) -> NLAConfig:
         if self.preset == "official":
@@ -457,44 +468,3 @@ def model_selection_note(dataset: str) -> str:
     if split == "test":
         return "test split (no validation split; as the reference code)"
     return f"{split} split; the test split is reported at the chosen epoch"
-
-
-# ----------------------------------------------------------------------------------------------
-# Device and data
-# ----------------------------------------------------------------------------------------------
-def load_split(s: TrainSettings, split: str):
-    """One split of the run's dataset at native resolution (the augmentation adds its noise to
-    the raw image, then resizes: SPEC 1.2). The loader gets the settings that are among its own
-    options (``nla_fast.data.DATASET_OPTIONS``); the noise and imbalance protocols apply to the
-    training split only, ``--limit-train`` / ``--limit-test`` to their split."""
-    from .data import canonical_name, load_dataset
-
-    accepted = DATASET_OPTIONS[canonical_name(s.dataset)]
-    options = {name: getattr(s, name) for name in LOADER_SETTINGS
-               if name in accepted and getattr(s, name) is not None}
-    if "num_samples" in options and split != "train":
-        options["num_samples"] = max(64, options["num_samples"] // 4)
-    if split == "train":
-        if s.noise_rate:
-            options.update(noise_rate=s.noise_rate, noise_seed=s.noise_seed)
-        if s.noise_file:
-            options["noise_file"] = s.noise_file
-        if s.imbalance_factor is not None:
-            options.update(imbalance_factor=s.imbalance_factor, imbalance_seed=s.imbalance_seed)
-    dataset = load_dataset(s.dataset, s.data_root, split, image_size=None, **options)
-    index = subset_indices(len(dataset.labels), s.limit_train if split == "train" else s.limit_test)
-    if index is not None:
-        dataset.images, dataset.labels = dataset.images[index], dataset.labels[index]
-        if getattr(dataset, "soft_labels", None) is not None:
-            dataset.soft_labels = dataset.soft_labels[index]
-    return dataset
-
-
-def subset_indices(num_samples: int, limit: int | None, seed: int = 0) -> torch.Tensor | None:
-    """A deterministic subset of ``limit`` samples (sorted), or None for all; for smoke runs."""
-    if limit is None or limit >= num_samples:
-        return None
-    if limit <= 0:
-        raise ValueError(f"a sample limit must be positive, got {limit}")
-    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
-    return order[:limit].sort().values

@@ -39,6 +39,7 @@ from .augment import MEAN, STD, EvalTransform
 from .cli import StopRequest, progress_bar
 from .config import NLAConfig, eps_schedule
 from .data.errors import DatasetError
+from .data.splits import load_split
 from .device import DeviceError, pick_device
 from .engine import (WARMUP_STEPS, NonFiniteLoss, StepOptions, TrainStep, build_train_step, epoch_permutation,
                      inductor_cache_dir, load_optimizer_state, shard)
@@ -50,7 +51,7 @@ from .provenance import environment_record
 from .run_folder import RunFolder, RunFolderError, epoch_record
 from .run_log import MissingExtra, summary_writer_class
 from .settings import (SettingsError, TrainSettings, ResumeError, check_label_mode, check_resume,
-                       check_resume_classes, load_split, model_selection_note, parse_command_line,
+                       check_resume_classes, model_selection_note, parse_command_line,
                        selection_split, settings_for_resume)
 
 
@@ -200,12 +201,17 @@ def load_data(run: Run) -> Data:
     s, ctx = run.s, run.ctx
     if ctx.distributed and ctx.local_rank != 0:
         distributed.barrier(ctx)  # the machine's first rank decodes (and caches) the data first
-    train_set, test_set = load_split(s, "train"), load_split(s, "test")
+    train_set, test_set = load_run_split(s, "train"), load_run_split(s, "test")
     if selection_split(s.dataset) != "test":
-        load_split(s, selection_split(s.dataset))  # cached here too, before the other ranks read it
+        load_run_split(s, selection_split(s.dataset))  # cached here too, before the other ranks read it
     if ctx.distributed and ctx.local_rank == 0:
         distributed.barrier(ctx)
     return place_data(run, train_set, test_set)
+
+
+def load_run_split(s: TrainSettings, split: str):
+    """One split of the run's dataset: its loader options, limits and (training split) protocols."""
+    return load_split(s.dataset, s.data_root, split, **s.split_arguments(split))
 
 
 def place_data(run: Run, train_set, test_set) -> Data:
@@ -227,7 +233,7 @@ def place_data(run: Run, train_set, test_set) -> Data:
                 len(test_set.labels), steps_per_epoch)
     split = selection_split(s.dataset)
     if split != "test":
-        valid_set = load_split(s, split)
+        valid_set = load_run_split(s, split)
         data.valid_images, data.valid_labels = place_test_split(valid_set.images, valid_set.labels, run.device,
                                                                 ctx.rank, ctx.world_size)
         data.num_valid = len(valid_set.labels)

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from nla_fast import NLAConfig, engine, train
+from nla_fast import NLAConfig, engine, evaluation, train
 from nla_fast.augment import TrainAugment
 from nla_fast.engine import StepOptions, TrainStep, augmentation_generator, epoch_permutation, make_optimizer, shard
 from nla_fast.placement import DeviceResident
@@ -130,7 +130,7 @@ def test_compiled_evaluation_pads_the_last_batch_and_compiles_once():
     step = make_step(compile=True)
     run_epoch(step)
     images, labels = eval_split(10)  # batches of 4: 4, 4 and a remainder of 2
-    plain = engine.evaluate(step.eval_model, images, labels, eval_transform, CLASSES, batch_size=4)
+    plain = evaluation.evaluate(step.eval_model, images, labels, eval_transform, CLASSES, batch_size=4)
     first = step.evaluate(images, labels, eval_transform, CLASSES, batch_size=4)
     graphs = unique_graphs()
     again = step.evaluate(images, labels, eval_transform, CLASSES, batch_size=4)
@@ -145,13 +145,13 @@ def test_padding_the_last_batch_changes_no_score():
     shapes = []
     model.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
     images, _ = eval_split(10)
-    plain = engine.predict_logits(model, images, eval_transform, batch_size=4)
+    plain = evaluation.predict_logits(model, images, eval_transform, batch_size=4)
     shapes_plain, shapes[:] = list(shapes), []
-    padded = engine.predict_logits(model, images, eval_transform, batch_size=4, pad_last_batch=True)
+    padded = evaluation.predict_logits(model, images, eval_transform, batch_size=4, pad_last_batch=True)
     assert shapes_plain == [(4, 3, SIZE, SIZE)] * 2 + [(2, 3, SIZE, SIZE)]
     assert shapes == [(4, 3, SIZE, SIZE)] * 3 and padded.shape == (10, CLASSES)
     torch.testing.assert_close(padded, plain)
-    small = engine.predict_logits(model, images[:3], eval_transform, batch_size=4, pad_last_batch=True)
+    small = evaluation.predict_logits(model, images[:3], eval_transform, batch_size=4, pad_last_batch=True)
     torch.testing.assert_close(small, plain[:3])  # a split smaller than a batch is not padded up to it
 
 
@@ -225,7 +225,7 @@ def test_failing_evaluation_compile_falls_back(monkeypatch, capsys):
     step = make_step(compile=True)
     images, labels = eval_split(6)
     result = step.evaluate(images, labels, eval_transform, CLASSES, batch_size=4)
-    plain = engine.evaluate(step.eval_model, images, labels, eval_transform, CLASSES, batch_size=4)
+    plain = evaluation.evaluate(step.eval_model, images, labels, eval_transform, CLASSES, batch_size=4)
     assert result["confusion"] == plain["confusion"]
     assert "torch.compile failed for evaluation (RuntimeError: no C++ compiler)" in capsys.readouterr().out
     assert step.eval_forward is None
