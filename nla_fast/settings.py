@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,14 +22,12 @@ from .config import NLAConfig
 from .data import DATASETS
 from .device import DEVICE_CHOICES, device_type
 
+# The paper's recipe: the defaults of a run on CUDA or on a real dataset.
+PAPER_RECIPE = {"image_size": 224, "epochs": 60, "batch_size": 32, "lr": 1e-4, "weight_decay": 1e-4, "gamma": 0.9}
 # A synthetic-data run that finishes in about three minutes on 2 CPU cores (used when CUDA is
-# absent and the dataset is synthetic; every value can still be set on the command line).
-# It averages the consistency term over the batch: summed (the official variant's own), it
-# weighs each sample B times more than the mean NAW term, and a network trained from scratch
-# spends the few minutes making its two views agree. Measured on 2 cores at 64 px (mean class
-# accuracy on the test split): summed 46% after 6 epochs (Fear, Disgust never predicted), 60%
-# after 8 at batch 8 (over 5 minutes); averaged 69% after 6 with every class learned. 48 px
-# learns the rare classes' small cues (teeth, wrinkles) too late; 5 epochs leave Fear unlearned.
+# absent and the dataset is synthetic; every value can still be set on the command line). It
+# averages the consistency term over the batch, which a network trained from scratch needs to
+# learn every class in a few epochs (the measurements: bench/NOTES.md).
 CPU_QUICK_RUN = {"image_size": 64, "epochs": 6, "num_samples": 1600, "lr": 1e-3, "batch_size": 16,
                  "consistency_reduction": "mean"}
 # Settings whose default depends on the device (filled in by TrainSettings.resolve).
@@ -50,8 +49,8 @@ class TrainSettings:
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
-    weight_decay: float = 1e-4
-    gamma: float = 0.9
+    weight_decay: float = PAPER_RECIPE["weight_decay"]
+    gamma: float = PAPER_RECIPE["gamma"]
     image_size: int | None = None
     weights: str = "none"
     device: str = "auto"
@@ -84,16 +83,12 @@ class TrainSettings:
 
     def resolve(self, device: torch.device) -> "TrainSettings":
         """A copy with every device-dependent default filled in."""
-        quick = device.type != "cuda" and self.dataset == "synthetic"
         on_cuda = device.type == "cuda"
-        recipe = {"epochs": 60, "image_size": 224, "lr": 1e-4, "batch_size": 32}
+        quick = not on_cuda and self.dataset == "synthetic"
         filled = dataclasses.replace(self)
-        for name, paper_value in recipe.items():
+        for name, value in (PAPER_RECIPE | CPU_QUICK_RUN if quick else PAPER_RECIPE).items():
             if getattr(filled, name) is None:
-                setattr(filled, name, CPU_QUICK_RUN[name] if quick else paper_value)
-        for name in ("num_samples", "consistency_reduction"):
-            if getattr(filled, name) is None and quick:
-                setattr(filled, name, CPU_QUICK_RUN[name])
+                setattr(filled, name, value)
         if filled.amp is None:
             filled.amp = "bf16" if on_cuda else "off"
         if filled.cuda_graphs is None:
@@ -132,6 +127,10 @@ class TrainSettings:
         if self.preset == "official":
             return NLAConfig.official(consistency=self.consistency, consistency_reduction=self.consistency_reduction)
         return NLAConfig(consistency=self.consistency, consistency_reduction=self.consistency_reduction)
+
+
+# each setting's types, from its annotation: int | None -> (int, NoneType)
+_SETTING_TYPES = {name: typing.get_args(hint) or (hint,) for name, hint in typing.get_type_hints(TrainSettings).items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,7 +172,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
         prog="python -m nla_fast.train",
         description="Train ResNet-18 with the NLA loss (Navigating Label Ambiguity, AAAI 2025). "
         "With no arguments and no GPU: a few-minute demonstration on synthetic data; "
-        "on a GPU: the paper's recipe (224 px, 60 epochs, batch 32, Adam 1e-4, ExponentialLR 0.9).",
+        f"on a GPU: the paper's recipe ({_recipe_in_words()}).",
         formatter_class=HelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
@@ -186,12 +185,19 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+def _recipe_in_words() -> str:
+    r = PAPER_RECIPE
+    return (f"{r['image_size']} px, {r['epochs']} epochs, batch {r['batch_size']}, Adam {r['lr']:g} with L2 "
+            f"{r['weight_decay']:g}, ExponentialLR {r['gamma']:g}")
+
+
 def _data_flags(data) -> None:
     data.add_argument("--dataset", choices=DATASETS, help="dataset to train and test on")
     data.add_argument("--data-root", metavar="DIR",
                       help="folder holding the dataset in its original layout (not needed for synthetic)")
     data.add_argument("--image-size", type=arg_types.image_size, metavar="PX",
-                      help=f"side of the square network input (default: 224; {CPU_QUICK_RUN['image_size']} for "
+                      help=f"side of the square network input (default: {PAPER_RECIPE['image_size']}; "
+                      f"{CPU_QUICK_RUN['image_size']} for "
                       "the CPU synthetic demo)")
     data.add_argument("--limit-train", type=arg_types.positive_int, metavar="N",
                       help="train on a fixed, seeded subset of N training samples (smoke runs)")
@@ -245,13 +251,15 @@ def _run_flags(run) -> None:
 
 def _recipe_flags(recipe) -> None:
     recipe.add_argument("--epochs", type=arg_types.positive_int, metavar="N",
-                        help=f"epochs (default: 60; {CPU_QUICK_RUN['epochs']} for the CPU synthetic demo)")
+                        help=f"epochs (default: {PAPER_RECIPE['epochs']}; {CPU_QUICK_RUN['epochs']} for the CPU synthetic "
+                        "demo)")
     recipe.add_argument("--batch-size", type=arg_types.positive_int, metavar="N",
                         help="training batch size, images per view; batches are always full, the remainder of "
-                        f"each epoch's order is dropped (default: 32; {CPU_QUICK_RUN['batch_size']} for the CPU "
+                        f"each epoch's order is dropped (default: {PAPER_RECIPE['batch_size']}; {CPU_QUICK_RUN['batch_size']} "
+                        "for the CPU "
                         "synthetic demo)")
     recipe.add_argument("--lr", type=arg_types.positive_float,
-                        help=f"Adam learning rate of epoch 0 (default: 1e-4; {CPU_QUICK_RUN['lr']:g} for the CPU "
+                        help=f"Adam learning rate of epoch 0 (default: {PAPER_RECIPE['lr']:g}; {CPU_QUICK_RUN['lr']:g} for the CPU "
                         "synthetic demo)")
     recipe.add_argument("--weight-decay", type=arg_types.non_negative_float, metavar="WD", help="Adam's L2 weight decay")
     recipe.add_argument("--gamma", type=arg_types.decay_factor, help="ExponentialLR factor, applied once per epoch")
@@ -390,20 +398,15 @@ class ConfigFileError(ValueError):
 RUN_CONFIG_KEYS = ("train", "nla", "device_type", "world_size", "environment", "command_line", "model_selection")
 # settings a --config file does not carry over to a new run: it writes into its own folder
 NOT_FROM_CONFIG = ("out",)
-_JSON_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
-
-
 def _check_setting_type(name: str, value, path) -> None:
-    field_type = {f.name: f.type for f in dataclasses.fields(TrainSettings)}[name]
-    allowed = [part.strip() for part in str(field_type).split("|")]
-    if value is None:
-        if "None" not in allowed:
-            raise ConfigFileError(f"{path}: setting {name!r} cannot be null")
-        return
-    types = tuple(t for part in allowed for t in _JSON_TYPES.get(part, ()))
-    # bool is an int in Python: a true/false is only accepted where the setting is a bool
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-        raise ConfigFileError(f"{path}: setting {name!r} = {value!r} should be {field_type}")
+    """Refuse a value of the wrong JSON type for setting ``name`` (its annotation: ``int | None``...)."""
+    allowed = _SETTING_TYPES[name]
+    if float in allowed:
+        allowed += (int,)  # JSON writes 1.0 as 1
+    # a true/false is a Python int: only a bool setting takes it
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        names = " or ".join("null" if kind is type(None) else kind.__name__ for kind in _SETTING_TYPES[name])
+        raise ConfigFileError(f"{path}: setting {name!r} = {json.dumps(value)} should be {names}")
 
 
 def settings_from_config_file(path, settings: TrainSettings, explicit) -> tuple:

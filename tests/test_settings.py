@@ -26,6 +26,19 @@ def test_cpu_defaults_are_the_quick_synthetic_run():
     assert g.consistency_reduction is None and g.nla_config().consistency_reduction == "sum"
 
 
+def test_the_paper_recipe_is_one_constant_read_by_the_defaults_and_the_help(monkeypatch):
+    from nla_fast import settings
+
+    for name, value in (("epochs", 77), ("image_size", 288), ("batch_size", 48), ("lr", 3e-4)):
+        monkeypatch.setitem(settings.PAPER_RECIPE, name, value)
+    g = TrainSettings().resolve(torch.device("cuda"))
+    assert (g.epochs, g.image_size, g.batch_size, g.lr) == (77, 288, 48, 3e-4)
+    text = " ".join(settings.build_parser().format_help().split())
+    assert "(288 px, 77 epochs, batch 48, Adam 0.0003" in text
+    for words in ("(default: 288;", "epochs (default: 77;", "(default: 48;", "(default: 0.0003;"):
+        assert words in text, words
+
+
 def test_command_line_defaults_are_the_settings_defaults():
     command = parse_command_line([])
     assert command.settings == TrainSettings() and command.resume is None and command.explicit == frozenset()
