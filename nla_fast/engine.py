@@ -53,6 +53,7 @@ from .evaluation import AMP_DTYPES, Transform, autocast_context, evaluate
 from .loss import naw_weight, nla_loss, resolve_backend
 from .messages import short_error
 from .metrics import MetricCounts
+from .reference import ground_truth_and_nearest_negative
 
 WARMUP_STEPS = 3  # eager steps (real training steps) on a side stream before the capture
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # torch.compile modes without Inductor's own graphs
@@ -358,9 +359,7 @@ class TrainStep:
         with torch.no_grad():
             scores = logits.detach()
             correct = (scores.argmax(dim=1) == labels).sum()
-            probs = scores.softmax(dim=1)
-            p_gt = probs.gather(1, labels[:, None]).squeeze(1)
-            p_nn = probs.scatter(1, labels[:, None], -1.0).amax(dim=1)
+            p_gt, p_nn, _ = ground_truth_and_nearest_negative(scores.softmax(dim=1), labels)
             points = torch.stack([p_gt, p_nn], dim=1)
         return loss, weights, correct, points
 

@@ -140,6 +140,20 @@ def test_compiled_evaluation_pads_the_last_batch_and_compiles_once():
     assert step.model.training  # evaluation put the model back in training mode
 
 
+def test_the_steps_per_sample_points_are_p_gt_and_the_largest_other_probability():
+    step = make_step(compile=False, loss="ce")  # "ce": the logits are those of view 1 alone
+    images, labels = eval_split(BATCH)
+    view1, view2 = step.augment(images, step.generator)
+    with torch.no_grad():  # classes 3 and 4 score alike: a tie among the negatives
+        step.model.fc.weight[3].copy_(step.model.fc.weight[4])
+        step.model.fc.bias[3].copy_(step.model.fc.bias[4])
+        _, _, _, points = step._forward_loss(view1, view2, labels, step.eps)
+        probs = step.model(view1.contiguous(memory_format=torch.channels_last)).float().softmax(dim=1)
+    for row, label, (p_gt, p_nn) in zip(probs, labels.tolist(), points.tolist()):
+        others = [p for k, p in enumerate(row.tolist()) if k != label]
+        assert p_gt == pytest.approx(row[label].item(), abs=1e-7) and p_nn == pytest.approx(max(others), abs=1e-7)
+
+
 def test_padding_the_last_batch_changes_no_score():
     model = SmallNet().eval()
     shapes = []
