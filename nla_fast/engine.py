@@ -53,6 +53,7 @@ from .evaluation import AMP_DTYPES, Transform, autocast_context, evaluate
 from .loss import naw_weight, nla_loss, resolve_backend
 from .messages import short_error
 from .metrics import MetricCounts
+from .placement import Placement
 from .reference import ground_truth_and_nearest_negative
 
 WARMUP_STEPS = 3  # eager steps (real training steps) on a side stream before the capture
@@ -262,7 +263,7 @@ class NonFiniteLoss(RuntimeError):
 class TrainStep:
     """One training step over device-resident data; call it once per step (see module docstring)."""
 
-    def __init__(self, model, optimizer, data, augment: Augment, generator: torch.Generator,
+    def __init__(self, model, optimizer, data: Placement, augment: Augment, generator: torch.Generator,
                  options: StepOptions, nla_config: NLAConfig, num_classes: int, steps_per_epoch: int,
                  agree: Callable[[bool], bool] | None = None, verbose: bool = True,
                  eval_model: torch.nn.Module | None = None):
@@ -527,7 +528,7 @@ class TrainStep:
         self.mode = "cuda-graph"
 
 
-def build_train_step(model: torch.nn.Module, data, options: StepOptions, *, image_size: int, lr: float,
+def build_train_step(model: torch.nn.Module, data: Placement, options: StepOptions, *, image_size: int, lr: float,
                      weight_decay: float, seed: int, nla_config: NLAConfig, num_classes: int, steps_per_epoch: int,
                      network: torch.nn.Module | None = None, agree: Callable[[bool], bool] | None = None,
                      verbose: bool = True, adam: str = "auto") -> TrainStep:

@@ -46,7 +46,7 @@ from .engine import (WARMUP_STEPS, NonFiniteLoss, StepOptions, TrainStep, build_
 from .loss import BackendUnavailable
 from .metrics import MetricCounts, format_table, json_safe
 from .model import WeightsError, build_resnet18, initialise_weights
-from .placement import place_test_split, place_training_set
+from .placement import Placement, place_test_split, place_training_set
 from .provenance import environment_record
 from .run_folder import RunFolder, RunFolderError, epoch_record
 from .run_log import MissingExtra, summary_writer_class
@@ -72,7 +72,7 @@ class Run:
 
 @dataclass
 class Data:
-    train: object  # a placement (nla_fast.placement): the training images and labels
+    train: Placement  # the training images and labels, wherever they live
     test_images: torch.Tensor  # this rank's slice of the test split, on the device
     test_labels: torch.Tensor
     eval_transform: EvalTransform
