@@ -191,14 +191,16 @@ def _recipe_in_words() -> str:
             f"{r['weight_decay']:g}, ExponentialLR {r['gamma']:g}")
 
 
+def _recipe_default(name: str) -> str:
+    return f"default: {PAPER_RECIPE[name]:g}; {CPU_QUICK_RUN[name]:g} for the CPU synthetic demo"
+
+
 def _data_flags(data) -> None:
     data.add_argument("--dataset", choices=DATASETS, help="dataset to train and test on")
     data.add_argument("--data-root", metavar="DIR",
                       help="folder holding the dataset in its original layout (not needed for synthetic)")
     data.add_argument("--image-size", type=arg_types.image_size, metavar="PX",
-                      help=f"side of the square network input (default: {PAPER_RECIPE['image_size']}; "
-                      f"{CPU_QUICK_RUN['image_size']} for "
-                      "the CPU synthetic demo)")
+                      help=f"side of the square network input ({_recipe_default('image_size')})")
     data.add_argument("--limit-train", type=arg_types.positive_int, metavar="N",
                       help="train on a fixed, seeded subset of N training samples (smoke runs)")
     data.add_argument("--limit-test", type=arg_types.positive_int, metavar="N",
@@ -251,16 +253,12 @@ def _run_flags(run) -> None:
 
 def _recipe_flags(recipe) -> None:
     recipe.add_argument("--epochs", type=arg_types.positive_int, metavar="N",
-                        help=f"epochs (default: {PAPER_RECIPE['epochs']}; {CPU_QUICK_RUN['epochs']} for the CPU synthetic "
-                        "demo)")
+                        help=f"epochs ({_recipe_default('epochs')})")
     recipe.add_argument("--batch-size", type=arg_types.positive_int, metavar="N",
                         help="training batch size, images per view; batches are always full, the remainder of "
-                        f"each epoch's order is dropped (default: {PAPER_RECIPE['batch_size']}; {CPU_QUICK_RUN['batch_size']} "
-                        "for the CPU "
-                        "synthetic demo)")
+                        f"each epoch's order is dropped ({_recipe_default('batch_size')})")
     recipe.add_argument("--lr", type=arg_types.positive_float,
-                        help=f"Adam learning rate of epoch 0 (default: {PAPER_RECIPE['lr']:g}; {CPU_QUICK_RUN['lr']:g} for the CPU "
-                        "synthetic demo)")
+                        help=f"Adam learning rate of epoch 0 ({_recipe_default('lr')})")
     recipe.add_argument("--weight-decay", type=arg_types.non_negative_float, metavar="WD", help="Adam's L2 weight decay")
     recipe.add_argument("--gamma", type=arg_types.decay_factor, help="ExponentialLR factor, applied once per epoch")
     recipe.add_argument("--weights", metavar="{none,imagenet,PATH}",
@@ -394,7 +392,7 @@ class ConfigFileError(ValueError):
     """A --config file that cannot be used (unreadable, not JSON, unknown key, wrong type)."""
 
 
-# top-level keys of a run's config.json (see train.run_config); only "train" holds settings
+# top-level keys of a run's config.json (see train._run_config); only "train" holds settings
 RUN_CONFIG_KEYS = ("train", "nla", "device_type", "world_size", "environment", "command_line", "model_selection")
 # settings a --config file does not carry over to a new run: it writes into its own folder
 NOT_FROM_CONFIG = ("out",)
