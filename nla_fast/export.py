@@ -145,7 +145,7 @@ def _eval_transform(metadata: dict, channels_last: bool = True):
 
 
 def _attach(model: torch.nn.Module, metadata: dict) -> torch.nn.Module:
-    """Attach what :func:`nla_fast.inference.load_model` attaches to a checkpoint's model."""
+    """Attach what :func:`nla_fast.evaluation.load_model` attaches to a checkpoint's model."""
     model.classes = list(metadata["classes"])
     model.image_size = int(metadata["image_size"])
     model.eval_transform = _eval_transform(metadata)
@@ -284,7 +284,7 @@ def export(checkpoint, fmt: str, out=None, check_count: int = CHECK_BATCH, verbo
 def load_exported(folder, device: str | torch.device = "auto") -> torch.nn.Module:
     """The network of an export folder (``model.safetensors`` + ``model.json``) in eval mode, with
     ``classes``, ``image_size``, ``eval_transform`` and ``checkpoint_epoch`` attached as
-    :func:`nla_fast.inference.load_model` attaches them. ``folder`` may also name a file in it."""
+    :func:`nla_fast.evaluation.load_model` attaches them. ``folder`` may also name a file in it."""
     folder = Path(folder)
     if folder.is_file():
         folder = folder.parent
