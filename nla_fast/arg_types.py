@@ -89,3 +89,41 @@ def at_least_one(text: str) -> float:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value:g}")
     return value
+
+
+def _triple(text: str) -> list:
+    parts = [part for part in text.replace(" ", "").split(",")]
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers R,G,B, got {text!r}")
+    return [_finite(part) for part in parts]
+
+
+def rgb_triple(text: str) -> list:
+    """Three finite numbers ``R,G,B`` (a normalisation mean)."""
+    return _triple(text)
+
+
+def positive_rgb_triple(text: str) -> list:
+    """Three numbers ``R,G,B`` > 0 (a normalisation standard deviation)."""
+    values = _triple(text)
+    if min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"every value must be greater than 0, got {text!r}")
+    return values
+
+
+def open_fraction(text: str) -> float:
+    """A share in (0, 1) (a held-out fraction)."""
+    value = _finite(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {value:g}")
+    return value
+
+
+def seed_list(text: str) -> tuple:
+    """Distinct integer seeds, comma-separated (``0,1,2``)."""
+    seeds = tuple(_number(part.strip(), int) for part in text.split(",") if part.strip())
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"expected seeds like 0,1,2, got {text!r}")
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"a seed is given twice in {text!r}")
+    return seeds

@@ -140,3 +140,7 @@ def _python_state_to_plain(state):
 
 def _python_state_from_plain(plain):
     return (plain["version"], tuple(plain["internal"]), plain["gauss"])
+
+
+# what other readers of PyTorch files (weights files, nla_fast.model) say about a foreign file
+foreign_kind = _foreign_kind

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .augment import TrainAugment
+from .augment import MEAN, STD, TrainAugment
 from .config import NLAConfig
 from .distributed import all_reduce_
 from .evaluation import AMP_DTYPES, Transform, autocast_context, evaluate
@@ -510,7 +510,7 @@ class TrainStep:
             with torch.cuda.graph(graph):
                 self._step()
         except Exception as err:  # anything that cannot be captured: run eagerly instead
-            failure = f"{type(err).__name__}: {err}"
+            failure = short_error(err, first_line=True)  # one line, whatever the backbone raised
         else:
             failure = None
         if self.agree is not None and not self.agree(failure is None) and failure is None:
@@ -531,16 +531,17 @@ class TrainStep:
 def build_train_step(model: torch.nn.Module, data: Placement, options: StepOptions, *, image_size: int, lr: float,
                      weight_decay: float, seed: int, nla_config: NLAConfig, num_classes: int, steps_per_epoch: int,
                      network: torch.nn.Module | None = None, agree: Callable[[bool], bool] | None = None,
-                     verbose: bool = True, adam: str = "auto") -> TrainStep:
+                     verbose: bool = True, adam: str = "auto", mean=MEAN, std=STD) -> TrainStep:
     """The trainer's step over ``model`` (already on its device): Adam with its learning rate
     in a device tensor (capturable when the step is captured; ``adam``: see ``make_optimizer``),
-    the batched augmentation at ``image_size`` drawing from a generator seeded with ``seed``.
+    the batched augmentation at ``image_size`` (normalised with ``mean``/``std``) drawing from a
+    generator seeded with ``seed``.
     ``network``: what runs (a DDP wrapper of ``model``; default ``model``); with
     ``options.compile`` the step compiles its forward and loss itself, and evaluates ``model``. ``data``: a placement
     (``nla_fast.placement``). The optimiser and generator are ``step.optimizer`` / ``step.generator``."""
     device = data.labels.device
     optimizer = make_optimizer(model, lr, weight_decay, device, capturable=options.cuda_graphs, implementation=adam)
     generator = augmentation_generator(device, seed)
-    return TrainStep(model if network is None else network, optimizer, data, TrainAugment(image_size), generator,
+    return TrainStep(model if network is None else network, optimizer, data, TrainAugment(image_size, mean, std), generator,
                      options, nla_config, num_classes, steps_per_epoch, agree=agree, verbose=verbose,
                      eval_model=model)

@@ -17,7 +17,6 @@ from . import checkpoint as ckpt
 from .augment import EvalTransform
 from .device import pick_device
 from .metrics import MetricCounts
-from .model import build_resnet18
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
@@ -34,15 +33,17 @@ def load_model(path, device: str | torch.device = "auto") -> torch.nn.Module:
         from .export import load_exported
 
         return load_exported(path, device)
+    from .backbones import build_model
+
     state = ckpt.load(path)
     info = state["model_info"]
     device = pick_device(device)
-    model = build_resnet18(info["num_classes"])
+    model = build_model(info.get("arch", "resnet18"), info["num_classes"], int(info["image_size"]))
     model.load_state_dict(state["model"])
     model = model.to(device, memory_format=torch.channels_last).eval()
     model.classes = list(info["classes"])
     model.image_size = int(info["image_size"])
-    model.eval_transform = EvalTransform(model.image_size)
+    model.eval_transform = EvalTransform(model.image_size, tuple(info["mean"]), tuple(info["std"]))
     model.checkpoint_epoch = state["epoch"]
     return model
 

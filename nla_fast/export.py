@@ -36,7 +36,6 @@ from . import checkpoint as ckpt
 from .cli import HelpFormatter
 from .device import pick_device
 from .messages import short_error
-from .model import build_resnet18
 
 FORMAT = "nla_fast.export/1"
 FORMATS = ("safetensors", "onnx", "torchscript")
@@ -119,8 +118,12 @@ def read_checkpoint(path) -> tuple[dict, dict]:
         raise ExportError(str(err)) from err
     except (KeyError, TypeError, ValueError) as err:  # a readable file without a model in it
         raise ExportError(f"cannot read checkpoint {str(path)!r}: {ckpt.damage(err)}") from err
-    if metadata["arch"] != "resnet18":
-        raise ExportError(f"checkpoint {str(path)!r} holds a {metadata['arch']!r} network; only resnet18 is known")
+    from .backbones import ModelError, check_model_name
+
+    try:
+        check_model_name(metadata["arch"])
+    except ModelError as err:
+        raise ExportError(f"checkpoint {str(path)!r} holds a {metadata['arch']!r} network: {err}") from None
     if len(metadata["classes"]) != metadata["num_classes"]:
         raise ExportError(f"checkpoint {str(path)!r}: {len(metadata['classes'])} class names for "
                           f"{metadata['num_classes']} classes")
@@ -128,11 +131,17 @@ def read_checkpoint(path) -> tuple[dict, dict]:
 
 
 def _network(weights: dict, metadata: dict, source: str) -> torch.nn.Module:
-    model = build_resnet18(metadata["num_classes"])
+    from .backbones import ModelError, build_model
+
+    arch = metadata.get("arch", "resnet18")
+    try:
+        model = build_model(arch, metadata["num_classes"], int(metadata["image_size"]))
+    except ModelError as err:
+        raise ExportError(f"{source}: {err}") from None
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
-        raise ExportError(f"the weights in {source} do not fit a {metadata['num_classes']}-class ResNet-18: "
+        raise ExportError(f"the weights in {source} do not fit a {metadata['num_classes']}-class {arch}: "
                           f"{short_error(err)}") from err
     return model.eval()
 

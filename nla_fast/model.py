@@ -45,18 +45,25 @@ def _strip_prefixes(state: dict) -> tuple[dict, list[str]]:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict:
-    """The tensor dict inside a checkpoint file, loaded with ``weights_only=True``."""
+    """The tensor dict inside a weights file: a PyTorch file loaded with ``weights_only=True``
+    (a state dict, or a dict holding one under 'state_dict' / 'model_state_dict' / 'model'),
+    or a ``.safetensors`` file. :class:`WeightsError` names the file and what is wrong."""
+    from .checkpoint import damage, foreign_kind
+
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    kind = foreign_kind(path)
+    if kind is not None:
+        raise WeightsError(f"weights file {str(path)!r} is {kind}, not a PyTorch weights file")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
         raise WeightsError(
-            f"could not read {str(path)!r} with torch.load(weights_only=True): {err}. "
-            "The file must hold only tensors and plain containers (a state dict, or a dict with "
-            "'state_dict' or 'model' holding one)."
-        ) from err
+            f"cannot read weights file {str(path)!r}: {damage(err)}. It must hold only tensors and plain "
+            "containers (a state dict, or a dict with 'state_dict' or 'model' holding one)") from err
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(blob, dict) and isinstance(blob.get(key), dict):
             blob = blob[key]
@@ -69,41 +76,59 @@ def read_state_dict(path: str | os.PathLike) -> dict:
     return {k: v for k, v in blob.items() if isinstance(v, torch.Tensor)}
 
 
+def _read_safetensors(path: Path) -> dict:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise WeightsError(f"{str(path)!r} is a safetensors file: pip install 'nla_fast[safetensors]'") from None
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for damaged headers
+        raise WeightsError(f"cannot read weights file {str(path)!r}: {type(err).__name__}: {err}") from err
+
+
 def _names(keys, limit: int = 8) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def load_backbone_weights(model: torch.nn.Module, path: str | os.PathLike) -> str:
-    """Load every matching backbone tensor from ``path`` into ``model``; ``fc.*`` is never taken.
+def load_backbone_weights(model: torch.nn.Module, path: str | os.PathLike, classifier=("fc",),
+                          dry_run: bool = False) -> str:
+    """Load every matching backbone tensor from ``path`` into ``model``; the classifier
+    (parameters under the prefixes ``classifier``: ``fc`` for ResNet-18) is never taken.
 
     Returns a report in plain words: how many tensors were loaded, which prefix was stripped,
     what the model still lacks (left at its initial values) and what the file had that the
     model does not use. Tensors whose shape differs from the model's are skipped and named.
+    ``dry_run``: only check that the file can be read and has a tensor that fits.
     """
+    heads = tuple(f"{prefix}." for prefix in classifier)
     state, stripped = _strip_prefixes(read_state_dict(path))
-    dropped_fc = sorted(k for k in state if k.startswith("fc."))
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    dropped_fc = sorted(k for k in state if k.startswith(heads))
+    state = {k: v for k, v in state.items() if not k.startswith(heads)}
     own = model.state_dict()
     mismatched = sorted(k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape))
     usable = {k: v for k, v in state.items() if k in own and k not in mismatched}
     if not usable:
         raise WeightsError(
-            f"{str(path)!r} has no tensor that fits a torchvision ResNet-18 "
-            f"(its keys look like: {_names(state, 5)})"
+            f"{str(path)!r} has no tensor that fits a {type(model).__name__} like this one "
+            f"(its keys look like: {_names(state, 5)}; the model's: {_names(own, 5)})"
         )
+    if dry_run:
+        return ""
     result = model.load_state_dict(usable, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+    missing = [k for k in result.missing_keys if not k.startswith(heads)]
     unexpected = sorted(k for k in state if k not in own)
+    head = "/".join(classifier)
 
     lines = [f"Loaded {len(usable)} of the model's {len(own)} tensors from {path}."]
     if stripped:
         lines.append("Stripped the key prefix " + " and ".join(repr(p) for p in dict.fromkeys(stripped)) + ".")
     if dropped_fc:
-        lines.append(f"Dropped the file's classifier ({_names(dropped_fc)}); the new 512->C classifier starts fresh.")
+        lines.append(f"Dropped the file's classifier ({_names(dropped_fc)}); the new classifier starts fresh.")
     else:
-        lines.append("The file has no classifier (fc.*); the new 512->C classifier starts fresh.")
+        lines.append(f"The file has no classifier ({head}.*); the new classifier starts fresh.")
     if missing:
         lines.append(f"Missing from the file, left at their initial values: {_names(missing)}.")
     else:

@@ -80,6 +80,12 @@ class TrainSettings:
     progress: bool = True
     sync_bn: bool = False
     tensorboard: bool = False
+    model: str = "resnet18"  # torchvision's ResNet-18, or a timm model name (nla_fast.backbones)
+    mean: list | None = None  # input normalisation; None: the one that goes with model and weights
+    std: list | None = None
+    val_fraction: float | None = None  # hold out this share of the training split to choose best.pt on
+    val_seed: int = 0
+    sampler: str = "uniform"  # or "balanced": classes drawn equally often (nla_fast.sampling)
 
     def resolve(self, device: torch.device) -> "TrainSettings":
         """A copy with every device-dependent default filled in."""
@@ -142,6 +148,7 @@ class CommandLine:
     resume: str | None  # checkpoint to continue from
     explicit: frozenset  # settings typed on the command line (they override a resumed run's)
     overwrite: bool = False  # a new run may replace an earlier run's results in --out
+    seeds: tuple | None = None  # --seeds: one run per seed, in sub-folders of --out (nla_fast.seeds)
 
 
 def parse_command_line(argv: list[str]) -> CommandLine:
@@ -162,7 +169,10 @@ def parse_command_line(argv: list[str]) -> CommandLine:
         if os.environ.get("RANK", "0") == "0":
             for note in notes:
                 print(note, file=sys.stderr)
-    return CommandLine(settings, args["resume"], frozenset(typed), bool(args["overwrite"]))
+    if args["seeds"] is not None and ("seed" in typed or args["resume"] is not None):
+        parser.error("--seeds runs one run per seed: it cannot be combined with --seed or --resume (run the same "
+                     "--seeds command again to continue an interrupted sweep)")
+    return CommandLine(settings, args["resume"], frozenset(typed), bool(args["overwrite"]), args["seeds"])
 
 
 def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
@@ -180,8 +190,9 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     _run_flags(p.add_argument_group("run"))
     _recipe_flags(p.add_argument_group("recipe"))
     _speed_flags(p.add_argument_group("speed"))
+    _research_flags(p.add_argument_group("backbone, validation, sampling, seeds"))
     if defaults:
-        p.set_defaults(**dataclasses.asdict(TrainSettings()), resume=None, overwrite=False, config=None)
+        p.set_defaults(**dataclasses.asdict(TrainSettings()), resume=None, overwrite=False, config=None, seeds=None)
     return p
 
 
@@ -261,9 +272,11 @@ def _recipe_flags(recipe) -> None:
                         help=f"Adam learning rate of epoch 0 ({_recipe_default('lr')})")
     recipe.add_argument("--weight-decay", type=arg_types.non_negative_float, metavar="WD", help="Adam's L2 weight decay")
     recipe.add_argument("--gamma", type=arg_types.decay_factor, help="ExponentialLR factor, applied once per epoch")
-    recipe.add_argument("--weights", metavar="{none,imagenet,PATH}",
-                        help="backbone initialisation: none (random), imagenet (torchvision), or a checkpoint file "
-                        "such as resnet18_msceleb.pth (the paper's; 'module.' is stripped, fc.* dropped)")
+    recipe.add_argument("--weights", metavar="{none,pretrained,imagenet,PATH}",
+                        help="backbone initialisation: none (random); pretrained (resnet18: torchvision's ImageNet "
+                        "weights, also called imagenet; a timm --model: timm's own, from the local cache, never "
+                        "downloaded); or a file of backbone weights such as resnet18_msceleb.pth (the paper's; "
+                        "'module.' is stripped, the classifier dropped)")
     recipe.add_argument("--loss", choices=("nla", "ce"),
                         help="nla: NAW + consistency; ce: plain cross-entropy on one view (baseline)")
     recipe.add_argument("--preset", choices=("paper", "official"),
@@ -295,6 +308,28 @@ def _speed_flags(speed) -> None:
     speed.add_argument("--backend", choices=("auto", "triton", "extension", "reference"),
                        help="implementation of the NLA loss (default: auto on CUDA, i.e. the fused Triton kernel; "
                        "reference on CPU, where the loss is a negligible share of the step)")
+
+
+def _research_flags(group) -> None:
+    group.add_argument("--model", metavar="NAME",
+                       help="the network: resnet18 (torchvision's layout, the paper's; default) or any timm model "
+                       "name, e.g. resnet50, convnext_tiny, vit_small_patch16_224 (needs pip install "
+                       "'nla_fast[timm]'); --weights pretrained then loads timm's weights from the local cache")
+    group.add_argument("--mean", type=arg_types.rgb_triple, metavar="R,G,B",
+                       help="input normalisation mean (default: the paper's for resnet18, ImageNet's with "
+                       "--weights imagenet, a timm model's from its pretrained config)")
+    group.add_argument("--std", type=arg_types.positive_rgb_triple, metavar="R,G,B",
+                       help="input normalisation standard deviation (default: as --mean)")
+    group.add_argument("--val-fraction", type=arg_types.open_fraction, metavar="F",
+                       help="hold out a stratified, seeded share F of the training split as the validation split "
+                       "best.pt is chosen on (label noise and imbalance apply to the rest only)")
+    group.add_argument("--val-seed", type=int, metavar="SEED", help="seed of the --val-fraction hold-out")
+    group.add_argument("--sampler", choices=("uniform", "balanced"),
+                       help="training order: uniform (a shuffle of the set per epoch) or balanced (each epoch draws "
+                       "as many samples, with replacement, each class equally likely; for long-tailed sets)")
+    group.add_argument("--seeds", type=arg_types.seed_list, metavar="LIST",
+                       help="e.g. 0,1,2: one run per seed, in sequence, in <out>/seed-<n>, then summary.json and "
+                       "summary.md in <out> (mean and sd of the final and best figures)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,7 +385,8 @@ def check_label_mode(s: TrainSettings) -> None:
 
 # Settings that decide how many samples an epoch has and how they are cut into steps: a
 # checkpoint written mid-epoch can only continue with the values it was written with.
-EPOCH_SHAPE_SETTINGS = ("batch_size", "limit_train", "num_samples", "imbalance_factor", "label_mode")
+EPOCH_SHAPE_SETTINGS = ("batch_size", "limit_train", "num_samples", "imbalance_factor", "label_mode",
+                        "val_fraction", "val_seed", "sampler")
 
 
 def check_resume(settings: TrainSettings, state: dict, resume: str) -> None:

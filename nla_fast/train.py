@@ -41,9 +41,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import backbones
 from . import checkpoint as ckpt
 from . import distributed
-from .augment import MEAN, STD, EvalTransform
+from .augment import EvalTransform
 from .cli import StopRequest, progress_bar
 from .config import NLAConfig, eps_schedule
 from .data.errors import DatasetError
@@ -53,7 +54,7 @@ from .engine import (WARMUP_STEPS, NonFiniteLoss, StepOptions, TrainStep, build_
                      inductor_cache_dir, load_optimizer_state, shard)
 from .loss import BackendUnavailable
 from .metrics import MetricCounts, format_table, json_safe
-from .model import WeightsError, build_resnet18, initialise_weights
+from .model import WeightsError
 from .placement import Placement, place_test_split, place_training_set
 from .provenance import environment_record
 from .run_folder import RunFolder, RunFolderError, epoch_record
@@ -155,6 +156,7 @@ def set_up(settings: TrainSettings, resume: str | None, explicit, closers: list,
     device = dist_device if dist_device is not None else pick_device(settings.device)
     s = settings.resolve(device)
     check_label_mode(s)
+    s = _with_model_checked(s, state)
     if s.tensorboard:
         summary_writer_class()  # a missing package fails here, before any data is loaded
     run = Run(s, ctx, device, RunFolder(s.out, writer=ctx.is_main), say, resume, state)
@@ -171,6 +173,24 @@ def set_up(settings: TrainSettings, resume: str | None, explicit, closers: list,
     np.random.seed(s.seed % 2**32)
     random.seed(s.seed)
     return run
+
+
+def _with_model_checked(s: TrainSettings, state: dict | None) -> TrainSettings:
+    """``--model`` and ``--weights`` checked before any data is loaded (an unknown model, a
+    weights file that cannot be read or does not fit, timm weights missing from the cache), and
+    the input normalisation filled in: ``--mean``/``--std``, else the one that goes with the
+    model and its weights (a resumed run keeps its checkpoint's)."""
+    backbones.check_model_name(s.model)
+    if state is None:
+        backbones.check_weights(s.model, s.weights)
+    if s.mean is None or s.std is None:
+        if state is not None:
+            mean, std = state["model_info"]["mean"], state["model_info"]["std"]
+        else:
+            mean, std, _ = backbones.normalisation(s.model, s.weights)
+        s = dataclasses.replace(s, mean=list(mean) if s.mean is None else s.mean,
+                                std=list(std) if s.std is None else s.std)
+    return s
 
 
 def _own_resume_state(run: Run) -> dict | None:
@@ -237,7 +257,7 @@ def place_data(run: Run, train_set, test_set) -> Data:
                                 soft_labels=soft)
     test_images, test_labels = place_test_split(test_set.images, test_set.labels, run.device, ctx.rank,
                                                 ctx.world_size)
-    data = Data(placed, test_images, test_labels, EvalTransform(s.image_size), list(train_set.classes), num_train,
+    data = Data(placed, test_images, test_labels, EvalTransform(s.image_size, s.mean, s.std), list(train_set.classes), num_train,
                 len(test_set.labels), steps_per_epoch)
     split = selection_split(s.dataset)
     if split != "test":
@@ -250,9 +270,11 @@ def place_data(run: Run, train_set, test_set) -> Data:
 
 def build(run: Run, data: Data) -> Parts:
     s, ctx, device = run.s, run.ctx, run.device
-    model = build_resnet18(len(data.classes))
+    # a resumed run's weights come from its checkpoint (restore)
+    model, report = backbones.create(s.model, len(data.classes), s.image_size,
+                                     s.weights if run.state is None else backbones.RANDOM)
     if run.state is None:
-        run.say(initialise_weights(model, s.weights))  # same seed on every rank; DDP also broadcasts rank 0's
+        run.say(report)  # same seed on every rank; DDP also broadcasts rank 0's
     if s.sync_bn and ctx.distributed:
         if device.type != "cuda":
             raise SystemExit("error: --sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU implementation)")
@@ -274,7 +296,7 @@ def build(run: Run, data: Data) -> Parts:
     step = build_train_step(model, data.train, options, image_size=s.image_size, lr=s.lr,
                             weight_decay=s.weight_decay, seed=distributed.rank_seed(s.seed, ctx.rank),
                             nla_config=step_config, num_classes=len(data.classes),
-                            steps_per_epoch=data.steps_per_epoch,
+                            steps_per_epoch=data.steps_per_epoch, mean=s.mean, std=s.std,
                             network=wrapped, agree=agree,
                             verbose=ctx.is_main)
     return Parts(model, step, nla_config)
@@ -510,8 +532,8 @@ def _checkpoint_state(run: Run, data: Data, parts: Parts, progress: Progress, ep
     blob = {
         "format": ckpt.FORMAT,
         "model": {k: v.detach().cpu() for k, v in parts.model.state_dict().items()},
-        "model_info": {"arch": "resnet18", "num_classes": len(data.classes), "classes": data.classes,
-                       "image_size": s.image_size, "mean": list(MEAN), "std": list(STD), "dataset": s.dataset},
+        "model_info": {"arch": s.model, "num_classes": len(data.classes), "classes": data.classes,
+                       "image_size": s.image_size, "mean": list(s.mean), "std": list(s.std), "dataset": s.dataset},
         "optimizer": parts.step.optimizer.state_dict(),
         "schedule": {"base_lr": s.lr, "gamma": s.gamma, "lr": float(step.lr), "slope": parts.nla_config.slope,
                      "epochs": s.epochs, "eps": float(step.eps)},
@@ -541,7 +563,7 @@ def main(argv=None) -> int:
     except NonFiniteLoss as err:
         print(f"nla_fast: error: {err}", file=sys.stderr)
         return 1
-    except (WeightsError, DatasetError, FileNotFoundError, ckpt.CheckpointError, BackendUnavailable,
+    except (WeightsError, backbones.ModelError, DatasetError, FileNotFoundError, ckpt.CheckpointError, BackendUnavailable,
             RunFolderError, SettingsError, MissingExtra, DeviceError) as err:
         print(f"nla_fast: error: {err}", file=sys.stderr)
         return 2
