@@ -89,8 +89,9 @@ def shard(order: torch.Tensor, rank: int, world_size: int, batch_size: int) -> t
 class RunningTotals:
     """Sums over the steps of an epoch, updated inside the step; read on the host every N steps."""
 
-    def __init__(self, num_classes: int, capacity: int, device):
+    def __init__(self, num_classes: int, capacity: int, device, steps: int = 1):
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.step_loss = torch.full((steps,), math.nan, dtype=torch.float64, device=device)  # each step's loss
         self.correct = torch.zeros((), dtype=torch.int64, device=device)
         self.seen = torch.zeros((), dtype=torch.int64, device=device)
         self.naw_sum = torch.zeros(num_classes, dtype=torch.float64, device=device)
@@ -105,7 +106,7 @@ class RunningTotals:
 
     def reset(self) -> None:
         for name, value in self.tensors().items():
-            if name == "points":
+            if name in ("points", "step_loss"):
                 value.fill_(math.nan)
             elif name == "first_bad_step":
                 value.fill_(-1)
@@ -138,12 +139,19 @@ class RunningTotals:
         sums, counts = all_reduce_(self.naw_sum.clone(), "sum"), all_reduce_(self.naw_count.clone(), "sum")
         return [s / n if n else None for s, n in zip(sums.cpu().tolist(), counts.cpu().tolist())]
 
+    def step_losses(self) -> list[float]:
+        """The loss of each step of the epoch, averaged over the ranks (NaN for steps not run here)."""
+        losses = all_reduce_(self.step_loss.clone(), "sum")
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        return (losses / world).cpu().tolist()
+
     def state_dict(self) -> dict:
         return {name: value.detach().cpu().clone() for name, value in self.tensors().items()}
 
     def load_state_dict(self, state: dict) -> None:
         for name, value in self.tensors().items():
-            value.copy_(state[name])
+            if name in state:  # a checkpoint of an older version has no step_loss: its steps stay NaN
+                value.copy_(state[name])
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,7 +298,7 @@ class TrainStep:
         self.offsets = torch.arange(batch, dtype=torch.int64, device=self.device)
         self.eps = torch.zeros((), dtype=torch.float32, device=self.device)
         self.lr = optimizer.param_groups[0]["lr"]
-        self.totals = RunningTotals(num_classes, steps_per_epoch * batch, self.device)
+        self.totals = RunningTotals(num_classes, steps_per_epoch * batch, self.device, steps_per_epoch)
         self.scaler = None
         if options.amp == "fp16":
             self.scaler = torch.amp.GradScaler(self.device.type)
@@ -387,6 +395,7 @@ class TrainStep:
             totals = self.totals
             loss = loss.detach()
             totals.loss_sum += loss.double()
+            totals.step_loss.index_copy_(0, self.step_in_epoch.view(1), loss.double().view(1))
             totals.correct += correct
             totals.seen += labels.numel()
             totals.steps += 1

@@ -20,7 +20,7 @@ from .data.errors import DatasetError
 from .data.splits import load_split
 from .device import DEVICE_CHOICES, DeviceError, pick_device
 from .evaluation import evaluate, load_model
-from .metrics import format_table, json_safe
+from .metrics import as_record, format_table, json_safe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,9 +71,9 @@ def main(argv=None) -> int:
     amp = args.amp or ("bf16" if device.type == "cuda" else "off")
     metrics = evaluate(model, data.images, data.labels, model.eval_transform, len(classes), classes,
                        batch_size=args.batch_size, amp=amp, tta=None if args.tta == "none" else args.tta)
-    metrics.update(checkpoint=str(args.checkpoint), dataset=dataset, split=args.split, tta=args.tta,
-                   epoch=state["epoch"])
-    write_report(args, metrics, classes, dataset, state["epoch"])
+    record = {"checkpoint": str(args.checkpoint), "dataset": dataset, "split": args.split, "tta": args.tta,
+              "epoch": state["epoch"], "classes": classes, **as_record(metrics, classes)}
+    write_report(args, record, metrics, classes, dataset, state["epoch"])
     return 0
 
 
@@ -93,18 +93,19 @@ def split_arguments(args, trained: dict) -> dict:
             "num_samples": trained.get("num_samples") if same else None, "limit": args.limit}
 
 
-def write_report(args, metrics: dict, classes: list, dataset: str, epoch: int) -> None:
-    """The confusion matrix as JSON and PNG, and the metrics on stdout (a table, or JSON)."""
+def write_report(args, record: dict, metrics: dict, classes: list, dataset: str, epoch: int) -> None:
+    """The record (``metrics.as_record``'s shape) and confusion matrix as JSON and PNG, and the
+    metrics on stdout (a table, or the record as JSON)."""
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent
     out.mkdir(parents=True, exist_ok=True)
     stem = f"eval-{Path(args.checkpoint).stem}-{dataset}-{args.split}" + ("-flip" if args.tta == "flip" else "")
-    atomic.write_text(out / f"{stem}-confusion.json", json.dumps(json_safe(metrics), indent=2) + "\n")
+    atomic.write_text(out / f"{stem}-confusion.json", json.dumps(json_safe(record), indent=2) + "\n")
     from .plots import plot_confusion
 
     plot_confusion(metrics["confusion"], classes, out / f"{stem}-confusion.png",
                    title=f"{dataset}/{args.split} (acc {100 * metrics['acc']:.2f}%)")
     if args.json:
-        print(json.dumps(json_safe(metrics)))
+        print(json.dumps(json_safe(record)))
         return
     print(f"{args.checkpoint} (epoch {epoch}) on {dataset}/{args.split}"
           f"{' with flip TTA' if args.tta == 'flip' else ''}:")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 class MetricCounts:
@@ -15,6 +16,7 @@ class MetricCounts:
         self.num_classes = num_classes
         self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
         self.top2_correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # cross-entropy, summed
 
     @torch.no_grad()
     def update(self, scores: torch.Tensor, target: torch.Tensor) -> None:
@@ -26,6 +28,7 @@ class MetricCounts:
         k = min(2, c)
         top = scores.topk(k, dim=1).indices
         self.top2_correct += (top == target[:, None]).any(dim=1).sum()
+        self.loss_sum += F.cross_entropy(scores.float(), target, reduction="sum").double()
 
     def all_reduce(self) -> None:
         """Sum the counts over the ranks of a distributed run (each counted its own slice of the
@@ -35,16 +38,21 @@ class MetricCounts:
         packed = all_reduce_(torch.cat([self.confusion.view(-1), self.top2_correct.view(1)]))
         self.confusion.view(-1).copy_(packed[:-1])
         self.top2_correct.copy_(packed[-1])
+        all_reduce_(self.loss_sum)
 
     def summarise(self, class_names: list[str] | None = None) -> dict:
-        return summarise_confusion(self.confusion.cpu(), int(self.top2_correct), class_names)
+        return summarise_confusion(self.confusion.cpu(), int(self.top2_correct), class_names, float(self.loss_sum))
 
 
-def summarise_confusion(confusion: torch.Tensor, top2_correct: int, class_names=None) -> dict:
+def summarise_confusion(confusion: torch.Tensor, top2_correct: int, class_names=None,
+                        loss_sum: float | None = None) -> dict:
     """Metrics from a confusion matrix (rows: true class, columns: predicted class).
 
     Per-class accuracy is the recall of each class; a class with no test sample has ``None``
-    and is left out of the mean class accuracy.
+    and is left out of the mean class accuracy. Per-class F1 is ``2 tp / (support + predicted)``;
+    a class neither present nor predicted has ``None`` and is left out of the macro F1 (as
+    scikit-learn's ``f1_score(average="macro")`` leaves out labels absent from both).
+    ``loss_sum``: the summed cross-entropy of the scores, reported as a mean (``loss``).
     """
     confusion = confusion.to(torch.int64)
     total = int(confusion.sum())
@@ -52,9 +60,15 @@ def summarise_confusion(confusion: torch.Tensor, top2_correct: int, class_names=
     hits = confusion.diagonal().tolist()
     per_class = [h / s if s else None for h, s in zip(hits, support)]
     present = [a for a in per_class if a is not None]
+    predicted = confusion.sum(dim=0).tolist()
+    f1 = [2 * h / (s + p) if s + p else None for h, s, p in zip(hits, support, predicted)]
+    scored = [value for value in f1 if value is not None]
     return {
         "acc": sum(hits) / total if total else math.nan,
         "mean_acc": sum(present) / len(present) if present else math.nan,
+        "macro_f1": sum(scored) / len(scored) if scored else math.nan,
+        "per_class_f1": f1,
+        "loss": loss_sum / total if loss_sum is not None and total else math.nan,
         "per_class_acc": per_class,
         "top2_acc": top2_correct / total if total else math.nan,
         "num_samples": total,
@@ -80,14 +94,36 @@ def format_table(metrics: dict, class_names: list[str]) -> str:
     lines = [
         f"{'overall accuracy':<{width}}  {pct(metrics['acc'])} %",
         f"{'mean class accuracy':<{width}}  {pct(metrics['mean_acc'])} %",
+        f"{'macro F1':<{width}}  {pct(metrics.get('macro_f1'))} %",
         f"{'top-2 accuracy':<{width}}  {pct(metrics['top2_acc'])} %",
         f"{'samples':<{width}}  {metrics['num_samples']:6d}",
         "",
-        f"{'class':<{width}}  {'acc %':>6}  {'support':>7}",
+        f"{'class':<{width}}  {'acc %':>6}  {'F1 %':>6}  {'support':>7}",
     ]
-    for name, acc, support in zip(class_names, metrics["per_class_acc"], metrics["support"]):
-        lines.append(f"{name:<{width}}  {pct(acc)}  {support:7d}")
+    f1 = metrics.get("per_class_f1") or [None] * len(class_names)
+    for name, acc, class_f1, support in zip(class_names, metrics["per_class_acc"], f1, metrics["support"]):
+        lines.append(f"{name:<{width}}  {pct(acc)}  {pct(class_f1)}  {support:7d}")
     return "\n".join(lines)
+
+
+def as_record(metrics: dict, class_names: list[str], prefix: str = "") -> dict:
+    """A split's metrics in the shape ``metrics.jsonl`` and ``evaluate --json`` share: numbers
+    under ``<prefix>acc``, ``<prefix>mean_acc``, ``<prefix>macro_f1``, ``<prefix>loss``, per-class
+    values as ``{class name: value}`` (``per_class_acc``, ``per_class_f1``, ``support``), the
+    confusion matrix as rows of counts (true class) by column (predicted class)."""
+    names = list(class_names)
+    return {
+        f"{prefix}acc": metrics["acc"],
+        f"{prefix}mean_acc": metrics["mean_acc"],
+        f"{prefix}macro_f1": metrics["macro_f1"],
+        f"{prefix}loss": metrics["loss"],
+        f"{prefix}top2_acc": metrics["top2_acc"],
+        f"{prefix}per_class_acc": dict(zip(names, metrics["per_class_acc"])),
+        f"{prefix}per_class_f1": dict(zip(names, metrics["per_class_f1"])),
+        f"{prefix}support": dict(zip(names, metrics["support"])),
+        f"{prefix}samples": metrics["num_samples"],
+        f"{prefix}confusion": metrics["confusion"],
+    }
 
 
 def json_safe(value):

@@ -17,9 +17,13 @@ SCALARS = {
     "train_acc": "accuracy/train",
     "test_acc": "accuracy/test",
     "test_mean_acc": "mean_class_accuracy/test",
+    "test_macro_f1": "macro_f1/test",
+    "test_loss": "loss/test",
     "top2_acc": "top2_accuracy/test",
     "valid_acc": "accuracy/valid",
     "valid_mean_acc": "mean_class_accuracy/valid",
+    "valid_macro_f1": "macro_f1/valid",
+    "valid_loss": "loss/valid",
     "valid_top2_acc": "top2_accuracy/valid",
     "lr": "schedule/lr",
     "eps": "schedule/eps",
@@ -91,9 +95,19 @@ class TensorBoardLog:
             value = row.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.writer.add_scalar(tag, value, step)
-        for name, value in (row.get("per_class_acc") or {}).items():
-            if value is not None:
-                self.writer.add_scalar(f"per_class_accuracy_test/{name}", value, step)
+        for key, tag in (("per_class_acc", "per_class_accuracy_test"), ("valid_per_class_acc", "per_class_accuracy_valid"),
+                         ("naw_weight_mean", "naw_weight_mean")):
+            for name, value in (row.get(key) or {}).items():
+                if value is not None:
+                    self.writer.add_scalar(f"{tag}/{name}", value, step)
+        self.writer.flush()
+
+    def train_steps(self, epoch: int, losses: list) -> None:
+        """Each step's training loss, ``loss/train_step`` at the global step ``epoch * steps + i``
+        (steps trained by an earlier process before a mid-epoch resume are NaN and left out)."""
+        for index, value in enumerate(losses):
+            if math.isfinite(value):
+                self.writer.add_scalar("loss/train_step", value, epoch * len(losses) + index)
         self.writer.flush()
 
     def figure(self, name: str, fig, epoch: int) -> None:

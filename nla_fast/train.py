@@ -364,6 +364,7 @@ class EpochTraining:
     seconds: float
     timed_steps: int  # steps run in this process (fewer than the epoch's after a mid-epoch resume)
     stopped_at: int | None = None  # steps done when Ctrl-C stopped the epoch early
+    step_losses: list | None = None  # each step's training loss (NaN for steps of an earlier process)
 
 
 def train_epochs(run: Run, data: Data, parts: Parts, progress: Progress) -> dict:
@@ -428,9 +429,10 @@ def train_epoch(run: Run, data: Data, parts: Parts, progress: Progress, epoch: i
             return EpochTraining(lr, eps, so_far, [], time.perf_counter() - t0, done - start, stopped_at=done)
     final = step.totals.progress()
     naw_means = step.totals.naw_means()
+    step_losses = step.totals.step_losses() if s.tensorboard else None  # a collective: every rank calls it
     seconds = time.perf_counter() - t0
     bar.close()
-    return EpochTraining(lr, eps, final, naw_means, seconds, steps - start)
+    return EpochTraining(lr, eps, final, naw_means, seconds, steps - start, step_losses=step_losses)
 
 
 def evaluate_epoch(run: Run, data: Data, parts: Parts) -> tuple[dict, dict | None, float]:
@@ -459,6 +461,10 @@ def record(run: Run, data: Data, parts: Parts, progress: Progress, epoch: int, t
                        data.steps_per_epoch * s.batch_size * world_size, samples / trained.seconds,
                        trained.seconds, eval_seconds, world_size, parts.step.mode, valid=valid)
     row["compiled"] = parts.step.compiled
+    for prefix, split in (("test_", test), ("valid_", valid)):
+        if split is not None:
+            row.update({f"{prefix}macro_f1": split["macro_f1"], f"{prefix}loss": split["loss"],
+                        f"{prefix}per_class_f1": dict(zip(data.classes, split["per_class_f1"]))})
     # in every row (one column set for metrics.csv), set in the first epoch this process trained:
     # its first step includes compiling (and warm-up)
     row["first_step_s"] = None
@@ -470,12 +476,15 @@ def record(run: Run, data: Data, parts: Parts, progress: Progress, epoch: int, t
     progress.history.append(row)
     run.folder.write_metrics(progress.history)
     run.folder.log_epoch(row)
+    if run.folder.tensorboard is not None and trained.step_losses is not None:
+        run.folder.tensorboard.train_steps(epoch, trained.step_losses)
     p = trained.progress
-    on_valid = (f"valid acc {100 * valid['acc']:.2f}% mean {100 * valid['mean_acc']:.2f}% | "
-                if valid is not None else "")
+    on_valid = (f"valid acc {100 * valid['acc']:.2f}% mean {100 * valid['mean_acc']:.2f}% "
+                f"F1 {100 * valid['macro_f1']:.2f}% loss {valid['loss']:.4f} | " if valid is not None else "")
     run.say(f"epoch {epoch} ({epoch + 1}/{s.epochs}): train loss {p['loss']:.4f} "
             f"acc {100 * p['acc']:.2f}% | {on_valid}test acc {100 * test['acc']:.2f}% mean {100 * test['mean_acc']:.2f}% "
-            f"top-2 {100 * test['top2_acc']:.2f}% | lr {trained.lr:.3g} eps {trained.eps:.3f} | "
+            f"F1 {100 * test['macro_f1']:.2f}% top-2 {100 * test['top2_acc']:.2f}% loss {test['loss']:.4f} | "
+            f"lr {trained.lr:.3g} eps {trained.eps:.3f} | "
             f"{row['samples_per_s']:.0f} samples/s ({parts.step.mode}{', compiled' if parts.step.compiled else ''})",
             flush=True)
     _update_best(progress.best, epoch, test, valid)

@@ -48,7 +48,7 @@ def test_evaluate_flip_tta_and_json(run_dir, capsys, tmp_path):
                               "--tta", "flip", "--json", "--out", str(tmp_path)])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["tta"] == "flip" and result["num_samples"] == 24 and len(result["per_class_acc"]) == 7
+    assert result["tta"] == "flip" and result["samples"] == 24 and len(result["per_class_acc"]) == 7
     assert list(tmp_path.glob("*-flip-confusion.png"))
 
 

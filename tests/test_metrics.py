@@ -34,7 +34,9 @@ def test_batches_accumulate_like_one_pass():
     counts = MetricCounts(7)
     for start in range(0, 50, 16):
         counts.update(scores[start:start + 16], target[start:start + 16])
-    assert counts.summarise() == whole
+    summed = counts.summarise()
+    assert summed.pop("loss") == pytest.approx(whole.pop("loss"), rel=1e-6)  # float sums in another order
+    assert summed == whole
 
 
 def test_absent_class_is_none_and_left_out_of_the_mean():
@@ -50,3 +52,30 @@ def test_absent_class_is_none_and_left_out_of_the_mean():
 def test_empty_split_gives_nan():
     m = summarise_confusion(torch.zeros(2, 2, dtype=torch.int64), 0)
     assert math.isnan(m["acc"]) and math.isnan(m["mean_acc"]) and math.isnan(m["top2_acc"])
+
+
+def test_macro_f1_per_class_f1_and_the_cross_entropy_loss():
+    from nla_fast.metrics import MetricCounts
+
+    # true 0,0,1,1,2 ; predicted 0,1,1,1,1 ; class 3 neither present nor predicted
+    scores = torch.tensor([[3.0, 0, 0, 0], [0, 2, 0, 0], [0, 1, 0, 0], [0, 4, 1, 0], [0, 1, 0.5, 0]])
+    target = torch.tensor([0, 0, 1, 1, 2])
+    counts = MetricCounts(4)
+    counts.update(scores[:2], target[:2])  # two batches: the sums carry over
+    counts.update(scores[2:], target[2:])
+    m = counts.summarise(["a", "b", "c", "d"])
+    # F1 = 2 tp / (support + predicted): a 2/3, b 4/6, c 0/1, d absent from both (None, left out)
+    assert m["per_class_f1"][:3] == pytest.approx([2 / 3, 2 / 3, 0.0]) and m["per_class_f1"][3] is None
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
+    assert m["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(scores, target)), rel=1e-6)
+    assert m["mean_acc"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)  # unchanged beside it
+
+
+def test_as_record_keys_every_per_class_value_by_class_name():
+    from nla_fast.metrics import as_record, compute_metrics
+
+    m = compute_metrics(torch.tensor([[1.0, 0], [0, 1.0], [1.0, 0]]), torch.tensor([0, 1, 1]), 2, ["x", "y"])
+    record = as_record(m, ["x", "y"], prefix="test_")
+    assert record["test_per_class_acc"] == {"x": 1.0, "y": 0.5} and record["test_support"] == {"x": 1, "y": 2}
+    assert record["test_per_class_f1"] == pytest.approx({"x": 2 / 3, "y": 2 / 3})
+    assert record["test_confusion"] == [[1, 0], [1, 1]] and record["test_samples"] == 3

@@ -182,3 +182,36 @@ def test_ferplus_chooses_best_on_the_validation_split_and_reports_test_there(tmp
     assert "valid acc 20.00%" in text
     config = json.loads((out / "config.json").read_text())
     assert config["model_selection"].startswith("valid split")
+
+
+def test_tensorboard_has_each_steps_loss_the_naw_weight_per_class_f1_and_the_test_loss(logged_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = logged_run
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    jsonl = metrics(out)
+    steps = events.Scalars("loss/train_step")  # 4 steps per epoch, 3 epochs (the third after a resume)
+    assert [s.step for s in steps] == list(range(12))
+    for epoch, row in enumerate(jsonl):  # the epoch's train_loss is the mean of its steps' losses
+        assert sum(s.value for s in steps[4 * epoch:4 * epoch + 4]) / 4 == pytest.approx(row["train_loss"], rel=1e-5)
+    for tag, key in (("macro_f1/test", "test_macro_f1"), ("loss/test", "test_loss")):
+        assert [s.value for s in events.Scalars(tag)] == pytest.approx([row[key] for row in jsonl], rel=1e-6), tag
+    for name, value in jsonl[-1]["naw_weight_mean"].items():
+        if value is not None:
+            assert events.Scalars(f"naw_weight_mean/{name}")[-1].value == pytest.approx(value, rel=1e-6), name
+
+
+def test_evaluate_json_has_the_shapes_of_metrics_jsonl(logged_run, capsys, tmp_path):
+    from nla_fast.evaluate import main as evaluate_main
+
+    out, _ = logged_run
+    row = metrics(out)[-1]
+    assert 0 <= row["test_macro_f1"] <= 1 and row["test_loss"] > 0
+    capsys.readouterr()
+    assert evaluate_main(["--checkpoint", str(out / "last.pt"), "--limit", "16", "--json", "--out", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert isinstance(result["per_class_acc"], dict) and result["per_class_acc"] == row["per_class_acc"]
+    assert result["per_class_f1"] == row["test_per_class_f1"] and result["confusion"] == row["confusion"]
+    assert result["macro_f1"] == row["test_macro_f1"] and result["mean_acc"] == row["test_mean_acc"]
+    assert result["loss"] == pytest.approx(row["test_loss"], rel=1e-6) and result["samples"] == row["test_samples"]
