@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=DATASETS, default=None,
                    help="dataset to evaluate on (default: the one the checkpoint was trained on)")
     p.add_argument("--data-root", default=None, metavar="DIR", help="folder of the dataset (default: the training run's)")
-    p.add_argument("--split", default="test", help="split to evaluate: test (or valid for FERPlus, train)")
+    p.add_argument("--split", default="test",
+                   help="split to evaluate: test, train, or valid (FERPlus's, or the run's --val-fraction hold-out)")
     p.add_argument("--tta", choices=("none", "flip"), default="none",
                    help="flip: average the log-probabilities of each image and its horizontal flip")
     p.add_argument("--batch-size", type=arg_types.positive_int, default=256, metavar="N", help="evaluation batch size")
@@ -88,9 +89,12 @@ def split_arguments(args, trained: dict) -> dict:
         typed = getattr(args, name)
         return typed if typed is not None else (trained.get(name) if same else None)
 
-    return {"dataset": dataset, "data_root": typed_or_trained("data_root"),
-            "label_mode": typed_or_trained("label_mode"), "num_classes": typed_or_trained("num_classes"),
-            "num_samples": trained.get("num_samples") if same else None, "limit": args.limit}
+    arguments = {"dataset": dataset, "data_root": typed_or_trained("data_root"),
+                 "label_mode": typed_or_trained("label_mode"), "num_classes": typed_or_trained("num_classes"),
+                 "num_samples": trained.get("num_samples") if same else None, "limit": args.limit}
+    if same and trained.get("val_fraction") is not None:  # the run's own held-out split (--split valid)
+        arguments.update(val_fraction=trained["val_fraction"], val_seed=trained.get("val_seed", 0))
+    return arguments
 
 
 def write_report(args, record: dict, metrics: dict, classes: list, dataset: str, epoch: int) -> None:

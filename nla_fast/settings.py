@@ -127,6 +127,10 @@ class TrainSettings:
         arguments["limit"] = self.limit_train if split == "train" else self.limit_test
         if split == "train":
             arguments.update({name: getattr(self, name) for name in PROTOCOL_SETTINGS})
+        if self.val_fraction is not None and split in ("train", "valid"):
+            arguments.update(val_fraction=self.val_fraction, val_seed=self.val_seed)
+            if split == "valid":
+                arguments["limit"] = None  # the held-out share is its size: --limit-test is the test split's
         return arguments
 
     def nla_config(self) -> NLAConfig:
@@ -493,15 +497,29 @@ def settings_from_config_file(path, settings: TrainSettings, explicit) -> tuple:
 VALIDATION_SPLITS = {"ferplus": "valid"}
 
 
-def selection_split(dataset: str) -> str:
+def selection_split(dataset: str, val_fraction: float | None = None) -> str:
     from .data import canonical_name
 
+    if val_fraction is not None:
+        return "valid"
     return VALIDATION_SPLITS.get(canonical_name(dataset), "test")
 
 
-def model_selection_note(dataset: str) -> str:
+def model_selection_note(dataset: str, val_fraction: float | None = None, val_seed: int = 0) -> str:
     """What config.json says about how best.pt / best_mean.pt were chosen."""
-    split = selection_split(dataset)
+    split = selection_split(dataset, val_fraction)
+    if val_fraction is not None:
+        return (f"valid split held out of the training split (--val-fraction {val_fraction:g}, stratified by class, "
+                f"--val-seed {val_seed}); the test split is reported at the chosen epoch")
     if split == "test":
         return "test split (no validation split; as the reference code)"
     return f"{split} split; the test split is reported at the chosen epoch"
+
+
+def check_val_fraction(s: TrainSettings) -> None:
+    """``--val-fraction`` holds out a validation split where the dataset publishes none."""
+    from .data import canonical_name
+
+    if s.val_fraction is not None and canonical_name(s.dataset) in VALIDATION_SPLITS:
+        raise SettingsError(f"--val-fraction: {s.dataset} has its own validation split "
+                            f"({VALIDATION_SPLITS[canonical_name(s.dataset)]!r}), on which best.pt is chosen already")

@@ -59,7 +59,7 @@ from .placement import Placement, place_test_split, place_training_set
 from .provenance import environment_record
 from .run_folder import RunFolder, RunFolderError, epoch_record
 from .run_log import MissingExtra, summary_writer_class
-from .settings import (SettingsError, TrainSettings, ResumeError, check_label_mode, check_resume,
+from .settings import (SettingsError, TrainSettings, ResumeError, check_label_mode, check_resume, check_val_fraction,
                        check_resume_classes, model_selection_note, parse_command_line,
                        selection_split, settings_for_resume)
 
@@ -156,6 +156,7 @@ def set_up(settings: TrainSettings, resume: str | None, explicit, closers: list,
     device = dist_device if dist_device is not None else pick_device(settings.device)
     s = settings.resolve(device)
     check_label_mode(s)
+    check_val_fraction(s)
     s = _with_model_checked(s, state)
     if s.tensorboard:
         summary_writer_class()  # a missing package fails here, before any data is loaded
@@ -230,8 +231,8 @@ def load_data(run: Run) -> Data:
     if ctx.distributed and ctx.local_rank != 0:
         distributed.barrier(ctx)  # the machine's first rank decodes (and caches) the data first
     train_set, test_set = load_run_split(s, "train"), load_run_split(s, "test")
-    if selection_split(s.dataset) != "test":
-        load_run_split(s, selection_split(s.dataset))  # cached here too, before the other ranks read it
+    if selection_split(s.dataset, s.val_fraction) != "test":
+        load_run_split(s, selection_split(s.dataset, s.val_fraction))  # cached here too, before the other ranks
     if ctx.distributed and ctx.local_rank == 0:
         distributed.barrier(ctx)
     return place_data(run, train_set, test_set)
@@ -259,7 +260,7 @@ def place_data(run: Run, train_set, test_set) -> Data:
                                                 ctx.world_size)
     data = Data(placed, test_images, test_labels, EvalTransform(s.image_size, s.mean, s.std), list(train_set.classes), num_train,
                 len(test_set.labels), steps_per_epoch)
-    split = selection_split(s.dataset)
+    split = selection_split(s.dataset, s.val_fraction)
     if split != "test":
         valid_set = load_run_split(s, split)
         data.valid_images, data.valid_labels = place_test_split(valid_set.images, valid_set.labels, run.device,
@@ -330,7 +331,7 @@ def _announce(run: Run, data: Data, parts: Parts) -> None:
             f"{len(data.classes)} classes, {s.image_size}px; {data.steps_per_epoch} steps of {s.batch_size} per "
             f"epoch; device {run.device}, amp {s.amp}, views {s.views}, loss {_loss_description(parts)}; "
             f"writing to {run.folder.path}")
-    run.say(f"nla_fast: best.pt is chosen on the {model_selection_note(s.dataset)}")
+    run.say(f"nla_fast: best.pt is chosen on the {model_selection_note(s.dataset, s.val_fraction, s.val_seed)}")
     if ctx.enabled:
         run.say(f"nla_fast: distributed: {ctx.world_size} process(es), backend {ctx.backend}; batch {s.batch_size} "
                 f"per process, global batch {s.batch_size * ctx.world_size}; "
@@ -523,7 +524,8 @@ def finish(run: Run, data: Data, progress: Progress, test: dict | None) -> dict:
 def _run_config(run: Run, parts: Parts) -> dict:
     """config.json, also saved in every checkpoint."""
     config = {"train": dataclasses.asdict(run.s), "nla": dataclasses.asdict(parts.nla_config),
-              "device_type": run.device.type, "model_selection": model_selection_note(run.s.dataset),
+              "device_type": run.device.type,
+              "model_selection": model_selection_note(run.s.dataset, run.s.val_fraction, run.s.val_seed),
               "environment": environment_record(),
               "command_line": ["python", "-m", "nla_fast.train", *run.command_line]
               if run.command_line is not None else None}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import DATASET_OPTIONS, canonical_name, load_dataset
+from .protocols import apply_protocols
 
 # the synthetic set's other splits are this share of --num-samples (at least SMALLEST_SPLIT)
 SYNTHETIC_SPLIT_SHARE = 4
@@ -14,7 +15,8 @@ SMALLEST_SPLIT = 64
 
 def load_split(dataset: str, data_root, split: str, *, label_mode: str | None = None, num_classes: int | None = None,
                num_samples: int | None = None, limit: int | None = None, noise_rate: float = 0.0, noise_seed: int = 0,
-               noise_file: str | None = None, imbalance_factor: float | None = None, imbalance_seed: int = 0):
+               noise_file: str | None = None, imbalance_factor: float | None = None, imbalance_seed: int = 0,
+               val_fraction: float | None = None, val_seed: int = 0):
     """``split`` of ``dataset`` at native resolution (the augmentation adds its noise to the raw
     image, then resizes: SPEC 1.2).
 
@@ -24,11 +26,15 @@ def load_split(dataset: str, data_root, split: str, *, label_mode: str | None = 
     ``noise_*`` / ``imbalance_*``: the training split's protocols; given for another split
     they are refused (ValueError), so an evaluation always sees the clean labels.
     ``limit``: keep a fixed, seeded subset of that many samples (``subset_indices``).
+    ``val_fraction``: ``train`` and ``valid`` are the two parts of the dataset's training split
+    held out by ``nla_fast.data.holdout`` (stratified, seeded with ``val_seed``); the protocols
+    then apply to the training part only.
     """
     accepted = DATASET_OPTIONS[canonical_name(dataset)]
     given = {"label_mode": label_mode, "num_classes": num_classes, "num_samples": num_samples}
     options = {name: value for name, value in given.items() if value is not None and name in accepted}
-    if "num_samples" in options and split != "train":
+    held_out = val_fraction is not None and split in ("train", "valid")  # both parts of the training split
+    if "num_samples" in options and split != "train" and not held_out:
         options["num_samples"] = max(SMALLEST_SPLIT, options["num_samples"] // SYNTHETIC_SPLIT_SHARE)
     protocols = {}
     if noise_rate:
@@ -40,7 +46,14 @@ def load_split(dataset: str, data_root, split: str, *, label_mode: str | None = 
     if protocols and split != "train":
         raise ValueError(f"label noise and imbalance ({', '.join(protocols)}) apply to the training split only, "
                          f"not to {split!r}")
-    loaded = load_dataset(dataset, data_root, split, image_size=None, **options, **protocols)
+    if held_out:
+        from .holdout import split_off_validation
+
+        whole = load_dataset(dataset, data_root, "train", image_size=None, **options)  # clean labels
+        train_part, valid_part = split_off_validation(whole, val_fraction, val_seed)
+        loaded = apply_protocols(train_part, protocols) if split == "train" else valid_part
+    else:
+        loaded = load_dataset(dataset, data_root, split, image_size=None, **options, **protocols)
     index = subset_indices(len(loaded.labels), limit)
     if index is not None:
         loaded.images, loaded.labels = loaded.images[index], loaded.labels[index]
