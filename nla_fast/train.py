@@ -50,8 +50,8 @@ from .config import NLAConfig, eps_schedule
 from .data.errors import DatasetError
 from .data.splits import load_split
 from .device import DeviceError, pick_device
-from .engine import (WARMUP_STEPS, NonFiniteLoss, StepOptions, TrainStep, build_train_step, epoch_permutation,
-                     inductor_cache_dir, load_optimizer_state, shard)
+from .engine import (WARMUP_STEPS, NonFiniteLoss, StepOptions, TrainStep, build_train_step, inductor_cache_dir,
+                     load_optimizer_state, shard)
 from .loss import BackendUnavailable
 from .metrics import MetricCounts, format_table, json_safe
 from .model import WeightsError
@@ -59,6 +59,7 @@ from .placement import Placement, place_test_split, place_training_set
 from .provenance import environment_record
 from .run_folder import RunFolder, RunFolderError, epoch_record
 from .run_log import MissingExtra, summary_writer_class
+from .sampling import EpochOrder
 from .settings import (SettingsError, TrainSettings, ResumeError, check_label_mode, check_resume, check_val_fraction,
                        check_resume_classes, model_selection_note, parse_command_line,
                        selection_split, settings_for_resume)
@@ -92,6 +93,7 @@ class Data:
     valid_images: torch.Tensor | None = None  # this rank's slice of the validation split, where there is one
     valid_labels: torch.Tensor | None = None
     num_valid: int = 0
+    order: EpochOrder | None = None  # each epoch's sample order (--sampler)
 
 
 @dataclass
@@ -258,8 +260,9 @@ def place_data(run: Run, train_set, test_set) -> Data:
                                 soft_labels=soft)
     test_images, test_labels = place_test_split(test_set.images, test_set.labels, run.device, ctx.rank,
                                                 ctx.world_size)
-    data = Data(placed, test_images, test_labels, EvalTransform(s.image_size, s.mean, s.std), list(train_set.classes), num_train,
-                len(test_set.labels), steps_per_epoch)
+    data = Data(placed, test_images, test_labels, EvalTransform(s.image_size, s.mean, s.std), list(train_set.classes),
+                num_train, len(test_set.labels), steps_per_epoch,
+                order=EpochOrder(s.sampler, train_set.labels, len(train_set.classes), s.seed))
     split = selection_split(s.dataset, s.val_fraction)
     if split != "test":
         valid_set = load_run_split(s, split)
@@ -331,6 +334,9 @@ def _announce(run: Run, data: Data, parts: Parts) -> None:
             f"{len(data.classes)} classes, {s.image_size}px; {data.steps_per_epoch} steps of {s.batch_size} per "
             f"epoch; device {run.device}, amp {s.amp}, views {s.views}, loss {_loss_description(parts)}; "
             f"writing to {run.folder.path}")
+    if s.sampler == "balanced":
+        run.say(f"nla_fast: balanced sampler: each epoch draws {data.num_train} samples with replacement, every class "
+                "equally likely (train_class_counts in metrics.jsonl)")
     run.say(f"nla_fast: best.pt is chosen on the {model_selection_note(s.dataset, s.val_fraction, s.val_seed)}")
     if ctx.enabled:
         run.say(f"nla_fast: distributed: {ctx.world_size} process(es), backend {ctx.backend}; batch {s.batch_size} "
@@ -366,6 +372,7 @@ class EpochTraining:
     timed_steps: int  # steps run in this process (fewer than the epoch's after a mid-epoch resume)
     stopped_at: int | None = None  # steps done when Ctrl-C stopped the epoch early
     step_losses: list | None = None  # each step's training loss (NaN for steps of an earlier process)
+    class_counts: list | None = None  # training samples of each class in the epoch's order (every rank's)
 
 
 def train_epochs(run: Run, data: Data, parts: Parts, progress: Progress) -> dict:
@@ -401,7 +408,9 @@ def train_epoch(run: Run, data: Data, parts: Parts, progress: Progress, epoch: i
     ``--log-every`` steps; stops early on Ctrl-C, raises NonFiniteLoss on a NaN loss."""
     s, step, steps = run.s, parts.step, data.steps_per_epoch
     lr, eps = s.lr * s.gamma**epoch, eps_schedule(epoch, s.epochs, parts.nla_config.slope)
-    order = shard(epoch_permutation(data.num_train, s.seed, epoch), run.ctx.rank, run.ctx.world_size, s.batch_size)
+    order = data.order(epoch)
+    drawn = data.order.class_counts(order, run.ctx.world_size, s.batch_size)
+    order = shard(order, run.ctx.rank, run.ctx.world_size, s.batch_size)
     start = progress.start_step
     step.start_epoch(order, lr, eps, start)
     if progress.totals is not None:
@@ -427,13 +436,15 @@ def train_epoch(run: Run, data: Data, parts: Parts, progress: Progress, epoch: i
             bar.update(done - bar.n)
         if stop_now and done < steps:
             bar.close()
-            return EpochTraining(lr, eps, so_far, [], time.perf_counter() - t0, done - start, stopped_at=done)
+            return EpochTraining(lr, eps, so_far, [], time.perf_counter() - t0, done - start, stopped_at=done,
+                                 class_counts=drawn)
     final = step.totals.progress()
     naw_means = step.totals.naw_means()
     step_losses = step.totals.step_losses() if s.tensorboard else None  # a collective: every rank calls it
     seconds = time.perf_counter() - t0
     bar.close()
-    return EpochTraining(lr, eps, final, naw_means, seconds, steps - start, step_losses=step_losses)
+    return EpochTraining(lr, eps, final, naw_means, seconds, steps - start, step_losses=step_losses,
+                         class_counts=drawn)
 
 
 def evaluate_epoch(run: Run, data: Data, parts: Parts) -> tuple[dict, dict | None, float]:
@@ -462,6 +473,7 @@ def record(run: Run, data: Data, parts: Parts, progress: Progress, epoch: int, t
                        data.steps_per_epoch * s.batch_size * world_size, samples / trained.seconds,
                        trained.seconds, eval_seconds, world_size, parts.step.mode, valid=valid)
     row["compiled"] = parts.step.compiled
+    row["train_class_counts"] = dict(zip(data.classes, trained.class_counts)) if trained.class_counts else None
     for prefix, split in (("test_", test), ("valid_", valid)):
         if split is not None:
             row.update({f"{prefix}macro_f1": split["macro_f1"], f"{prefix}loss": split["loss"],
