@@ -127,6 +127,9 @@ def train(settings: TrainSettings, resume: str | None = None, explicit=None, ove
     try:
         run = set_up(settings, resume, explicit or frozenset(), closers, overwrite)
         run.command_line = list(command_line) if command_line is not None else None
+        if _nothing_left(run):
+            return {"out": str(run.folder.path), "interrupted": False, "history": run.state["history"],
+                    "best": run.state["best"], "nothing_left": True}
         data = load_data(run)
         if run.state is not None:
             _check_resume_fits(run, data)
@@ -194,6 +197,16 @@ def _with_model_checked(s: TrainSettings, state: dict | None) -> TrainSettings:
         s = dataclasses.replace(s, mean=list(mean) if s.mean is None else s.mean,
                                 std=list(std) if s.std is None else s.std)
     return s
+
+
+def _nothing_left(run: Run) -> bool:
+    """A resumed run that has trained all its epochs says so (and loads no data)."""
+    state = run.state
+    if state is None or not state["epoch_done"] or state["epoch"] + 1 < run.s.epochs:
+        return False
+    run.say(f"nla_fast: {run.resume} has trained all {state['epoch'] + 1} of its epochs: nothing left to train "
+            f"(pass --epochs N with N > {state['epoch'] + 1} to train further; its results are in {run.folder.path})")
+    return True
 
 
 def _own_resume_state(run: Run) -> dict | None:
@@ -577,9 +590,19 @@ def _checkpoint_state(run: Run, data: Data, parts: Parts, progress: Progress, ep
 def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     command = parse_command_line(args)
+    if command.seeds is not None:
+        from .seeds import run_seeds
+
+        return run_seeds(command, args)
+    return _report(lambda: train(command.settings, resume=command.resume, explicit=command.explicit,
+                                 overwrite=command.overwrite, command_line=args))
+
+
+def _report(run_training) -> int:
+    """``run_training()``'s exit status: 0 done, 130 interrupted, 1 a non-finite loss, 2 an error
+    (told in one line)."""
     try:
-        result = train(command.settings, resume=command.resume, explicit=command.explicit,
-                       overwrite=command.overwrite, command_line=args)
+        result = run_training()
     except KeyboardInterrupt:
         print("nla_fast: interrupted", file=sys.stderr)
         return 130
