@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from . import arg_types, atomic
 from . import checkpoint as ckpt
 from .cli import HelpFormatter
@@ -19,8 +21,9 @@ from .data import DATASETS
 from .data.errors import DatasetError
 from .data.splits import load_split
 from .device import DEVICE_CHOICES, DeviceError, pick_device
-from .evaluation import evaluate, load_model
-from .metrics import as_record, format_table, json_safe
+from .class_map import ClassMapError, map_classes
+from .evaluation import evaluate, load_model, predict_logits
+from .metrics import MetricCounts, as_record, format_table, json_safe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,16 +69,52 @@ def main(argv=None) -> int:
         data = load_split(split=args.split, **arguments)
     except (FileNotFoundError, DatasetError, ValueError) as err:
         return _error(err)
+    class_map = None
     if list(data.classes) != classes:
-        return _error(f"the checkpoint's classes {classes} differ from {dataset}'s {list(data.classes)}")
+        try:
+            class_map = map_classes(data.classes, classes)
+        except ClassMapError as err:
+            return _error(f"the checkpoint's classes {classes} differ from {dataset}'s {list(data.classes)}: {err}")
+        # printed once, before the figures (on stderr when stdout carries the JSON)
+        print(f"{dataset}'s classes matched to the checkpoint's by meaning:\n{class_map.table()}",
+              file=sys.stderr if args.json else sys.stdout)
     model = load_model(args.checkpoint, device=device)
     amp = args.amp or ("bf16" if device.type == "cuda" else "off")
-    metrics = evaluate(model, data.images, data.labels, model.eval_transform, len(classes), classes,
-                       batch_size=args.batch_size, amp=amp, tta=None if args.tta == "none" else args.tta)
+    tta = None if args.tta == "none" else args.tta
+    if class_map is None:
+        metrics = evaluate(model, data.images, data.labels, model.eval_transform, len(classes), classes,
+                           batch_size=args.batch_size, amp=amp, tta=tta)
+        extra = {}
+    else:
+        metrics, extra = evaluate_mapped(model, data, class_map, args.batch_size, amp, tta)
     record = {"checkpoint": str(args.checkpoint), "dataset": dataset, "split": args.split, "tta": args.tta,
-              "epoch": state["epoch"], "classes": classes, **as_record(metrics, classes)}
+              "epoch": state["epoch"], "classes": classes, **as_record(metrics, classes), **extra}
     write_report(args, record, metrics, classes, dataset, state["epoch"])
     return 0
+
+
+def evaluate_mapped(model, data, class_map, batch_size: int, amp: str, tta) -> tuple[dict, dict]:
+    """Metrics in the checkpoint's classes of the samples whose class it has (labels mapped by
+    meaning), and, for each data class it cannot predict, how many samples it has and what the
+    checkpoint predicted for them: ``(metrics, {"class_map", "unpredictable"})``."""
+    scores = predict_logits(model, data.images, model.eval_transform, batch_size, amp, tta).cpu()
+    to_model = torch.tensor([-1 if index is None else index for index in class_map.to_model])
+    labels = to_model[data.labels.cpu()]
+    scored = labels >= 0
+    counts = MetricCounts(len(class_map.model_classes))
+    if bool(scored.any()):
+        counts.update(scores[scored], labels[scored])
+    metrics = counts.summarise(list(class_map.model_classes))
+    predicted = scores.argmax(dim=1) if len(scores) else torch.zeros(0, dtype=torch.int64)
+    unpredictable = {}
+    for index, name in enumerate(class_map.data_classes):
+        if class_map.to_model[index] is None:
+            mine = predicted[data.labels.cpu() == index]
+            votes = torch.bincount(mine, minlength=len(class_map.model_classes)).tolist()
+            unpredictable[name] = {"samples": len(mine), "predicted_as": dict(zip(class_map.model_classes, votes))}
+    mapping = {name: class_map.model_classes[index] if index is not None else None
+               for name, index in zip(class_map.data_classes, class_map.to_model)}
+    return metrics, {"class_map": mapping, "unpredictable": unpredictable}
 
 
 def split_arguments(args, trained: dict) -> dict:
@@ -114,6 +153,11 @@ def write_report(args, record: dict, metrics: dict, classes: list, dataset: str,
     print(f"{args.checkpoint} (epoch {epoch}) on {dataset}/{args.split}"
           f"{' with flip TTA' if args.tta == 'flip' else ''}:")
     print(format_table(metrics, classes))
+    for name, seen in (record.get("unpredictable") or {}).items():
+        shown = ", ".join(f"{label} {count}" for label, count in sorted(seen["predicted_as"].items(),
+                                                                         key=lambda item: -item[1]) if count)
+        print(f"{name}: {seen['samples']} image(s) of a class the checkpoint cannot predict, left out of the figures "
+              f"above" + (f"; predicted as {shown}" if shown else ""))
     print(f"confusion matrix: {out / (stem + '-confusion.png')}, {out / (stem + '-confusion.json')}")
 
 

@@ -1,6 +1,8 @@
-"""Tiny on-disk trees in every supported layout, for tests and benchmarks.
+"""Tiny on-disk trees in every supported layout, for tests and benchmarks, with labels chosen by
+the caller (``nla_fast.data.samples`` writes whole datasets whose labels are the faces' own).
 
-Images are synthetic faces (or flat colours) so the trees are small and fast to write.
+Images are the synthetic faces (RAF-DB, FERPlus); the AffectNet tree draws a coloured face box
+on a plain background, so that a test can see where the crop was taken.
 """
 from __future__ import annotations
 
@@ -17,6 +19,12 @@ def _faces(n: int, size: int, seed: int) -> np.ndarray:
     from .synthetic import generate
 
     return generate("train", num_samples=n, seed=seed, resolution=size)["images"].numpy()
+
+
+def _grey_faces(n: int, seed: int) -> np.ndarray:
+    """``n`` synthetic faces as FER2013 has them: 48 x 48 grey, uint8."""
+    rgb = _faces(n, 48, seed).astype(np.float32)
+    return (rgb @ np.array([0.299, 0.587, 0.114], np.float32)).round().astype(np.uint8)
 
 
 def make_rafdb_tree(root, n_train: int = 12, n_test: int = 6, size: int = 100, seed: int = 0,
@@ -55,8 +63,7 @@ def make_ferplus_csv(root, votes: Sequence[Sequence[int]], usages: Optional[Sequ
     n = len(votes)
     usages = list(usages) if usages is not None else [FER_USAGE[k % 3] for k in range(n)]
     names = list(names) if names is not None else [f"fer{k:07d}.png" for k in range(n)]
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, (n, 48 * 48))
+    pixels = _grey_faces(n, seed).reshape(n, 48 * 48)
     with open(root / "fer2013.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["emotion", "pixels", "Usage"])
@@ -78,15 +85,15 @@ def make_ferplus_folders(root, votes_by_split: dict, seed: int = 0) -> dict:
     from .ferplus import FOLDERS
 
     root = Path(root)
-    rng = np.random.default_rng(seed)
     out = {"root": root}
-    for split, votes in votes_by_split.items():
+    for index, (split, votes) in enumerate(votes_by_split.items()):
         folder = root / FOLDERS[split]
         folder.mkdir(parents=True, exist_ok=True)
         rows, imgs = [], []
+        grey = _grey_faces(len(votes), seed * 7 + index)
         for k, v in enumerate(votes):
             name = f"fer{k:07d}.png"
-            img = rng.integers(0, 256, (48, 48)).astype(np.uint8)
+            img = grey[k]
             Image.fromarray(img).save(folder / name)
             rows.append([name, "(0, 0, 48, 48)", *v])
             imgs.append(img)
