@@ -45,6 +45,7 @@ def target(path):
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, _umask_mode())  # a writer that made its own file (safetensors: 0600) gets the usual mode
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -52,6 +53,13 @@ def target(path):
         except FileNotFoundError:
             pass
         raise
+
+
+def _umask_mode() -> int:
+    """0o666 less the process's umask: the mode ``open()`` gives a new file."""
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write(path, fill: Callable[[IO[bytes]], None]) -> None:

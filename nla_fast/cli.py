@@ -13,8 +13,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
+        # a switch (--no-progress, --overwrite) says what it does: "(default: True)" would only confuse
         if "default" in text or default is None or default is argparse.SUPPRESS or default is False \
-                or not action.option_strings:
+                or not action.option_strings or (action.nargs == 0 and isinstance(default, bool)):
             return text
         return super()._get_help_string(action)
 

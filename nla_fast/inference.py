@@ -45,7 +45,9 @@ def _as_hwc_uint8(image) -> torch.Tensor:
         from .data.decode import to_rgb8
 
         image = np.asarray(to_rgb8(image))
-    tensor = torch.as_tensor(np.asarray(image) if isinstance(image, np.ndarray) else image)
+    if isinstance(image, np.ndarray) and not image.flags.writeable:
+        image = image.copy()  # a read-only array (np.asarray of a PIL image): torch would warn it cannot share it
+    tensor = torch.as_tensor(image)
     if tensor.dim() == 2:
         tensor = tensor[..., None].expand(-1, -1, 3)
     if tensor.dim() != 3 or tensor.shape[-1] not in (1, 3):

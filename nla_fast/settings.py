@@ -249,10 +249,11 @@ def _run_flags(run) -> None:
     run.add_argument("--overwrite", action="store_true",
                      help="start a new run in an --out folder that already holds one, removing its checkpoints, "
                      "metrics and plots first (without it such a folder is refused)")
-    run.add_argument("--config", metavar="JSON",
-                     help="start a run with the settings of a run's config.json (e.g. runs/x/config.json) or of a "
-                     "JSON object of settings (the keys of config.json's \"train\"); flags given here override "
-                     "them; its output folder is not taken (the new run gets its own --out)")
+    run.add_argument("--config", metavar="FILE|JSON",
+                     help="start a run with the settings of a run's config.json (e.g. runs/x/config.json), of a "
+                     "file holding a JSON object of settings (the keys of config.json's \"train\"), or of such an "
+                     "object given inline ('{\"epochs\": 30}'); flags given here override them; its output folder "
+                     "is not taken (the new run gets its own --out)")
     run.add_argument("--tensorboard", action="store_true",
                      help="also log the per-epoch metrics and the figures to <out>/tensorboard "
                      "(needs pip install 'nla_fast[tensorboard]')")
@@ -447,16 +448,27 @@ def _check_setting_type(name: str, value, path) -> None:
         raise ConfigFileError(f"{path}: setting {name!r} = {json.dumps(value)} should be {names}")
 
 
-def settings_from_config_file(path, settings: TrainSettings, explicit) -> tuple:
-    """(settings, notes): those of the JSON file ``path`` (a run's config.json, or an object of
-    settings), with the flags in ``explicit`` taken from ``settings`` instead. Unknown keys are
-    refused (ConfigFileError naming the key and the file)."""
+def _read_config(path) -> tuple:
+    """(the JSON value, how messages name it) of ``--config``: a file, or an inline object ``{...}``."""
+    text = str(path).strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text), "(inline JSON)"
+        except ValueError as err:
+            raise ConfigFileError(f"--config: the inline JSON object is not valid JSON ({err})") from None
     try:
-        loaded = json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text()), path
     except OSError as err:
         raise ConfigFileError(f"--config {path}: cannot read it ({err.strerror or err})") from None
     except ValueError as err:
         raise ConfigFileError(f"--config {path}: not valid JSON ({err})") from None
+
+
+def settings_from_config_file(path, settings: TrainSettings, explicit) -> tuple:
+    """(settings, notes): those of the JSON file ``path`` (a run's config.json, or an object of
+    settings), with the flags in ``explicit`` taken from ``settings`` instead. Unknown keys are
+    refused (ConfigFileError naming the key and the file)."""
+    loaded, path = _read_config(path)
     if not isinstance(loaded, dict):
         raise ConfigFileError(f"--config {path}: expected a JSON object, got {type(loaded).__name__}")
     names = {f.name for f in dataclasses.fields(TrainSettings)}

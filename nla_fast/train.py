@@ -265,8 +265,11 @@ def place_data(run: Run, train_set, test_set) -> Data:
     num_train = len(train_set.labels)
     steps_per_epoch = num_train // ctx.world_size // s.batch_size
     if steps_per_epoch == 0:
-        raise SystemExit(f"error: {num_train} training samples make no full batch of {s.batch_size}"
-                         + (f" on each of {ctx.world_size} processes" if ctx.world_size > 1 else ""))
+        fits = max(1, num_train // ctx.world_size)
+        raise SettingsError(f"{num_train} training samples make no full batch of {s.batch_size}"
+                            + (f" on each of {ctx.world_size} processes" if ctx.world_size > 1 else "")
+                            + f": use --batch-size {fits} or less, or more training samples (--limit-train, "
+                            "--num-samples, --imbalance-factor and --val-fraction change how many there are)")
     shard_length = steps_per_epoch * s.batch_size if ctx.distributed else None
     soft = train_set.soft_labels if s.label_mode == "soft" else None  # FERPlus votes (check_label_mode)
     placed = place_training_set(train_set.images, train_set.labels, run.device, s.batch_size, shard_length, run.say,

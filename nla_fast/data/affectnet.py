@@ -130,7 +130,7 @@ def load(root, split: str, image_size=None, num_classes: int = 7, csv_file=None,
     if num_classes not in (7, 8):
         raise ValueError(f"AffectNet num_classes must be 7 or 8, got {num_classes}")
     if root is None:
-        raise DatasetNotFoundError(f"AffectNet needs root=. {WHERE}")
+        raise DatasetNotFoundError(f"AffectNet needs --data-root DIR (root= from Python). {WHERE}")
     root = Path(root).expanduser()
     if not root.exists():
         raise DatasetNotFoundError(f"AffectNet root {root} does not exist; {_expected(root, split)}")

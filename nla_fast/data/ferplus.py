@@ -56,7 +56,7 @@ def _expected(root: Path) -> str:
 
 def _layout(root) -> tuple[Path, str]:
     if root is None:
-        raise DatasetNotFoundError(f"FERPlus needs root=. {WHERE}")
+        raise DatasetNotFoundError(f"FERPlus needs --data-root DIR (root= from Python). {WHERE}")
     root = Path(root).expanduser()
     if not root.exists():
         raise DatasetNotFoundError(f"FERPlus root {root} does not exist; {_expected(root)}")

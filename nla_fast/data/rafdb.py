@@ -38,7 +38,7 @@ def _expected(root: Path) -> str:
 
 def resolve_root(root) -> Path:
     if root is None:
-        raise DatasetNotFoundError(f"RAF-DB needs root= (the 'basic' folder). {WHERE}")
+        raise DatasetNotFoundError(f"RAF-DB needs --data-root DIR, its 'basic' folder (root= from Python). {WHERE}")
     root = Path(root).expanduser()
     if not root.exists():
         raise DatasetNotFoundError(f"RAF-DB root {root} does not exist; {_expected(root)}")
