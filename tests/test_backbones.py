@@ -199,3 +199,18 @@ def _placement():
 
     images = torch.randint(0, 256, (8, 36, 36, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     return DeviceResident(images, torch.arange(8) % 7, torch.device("cpu"))
+
+
+@pytest.mark.gpu
+def test_a_timm_model_runs_the_compiled_captured_step_on_cuda(tmp_path, capsys):
+    """The default CUDA step (bf16, channels-last, compiled, one CUDA graph) with a timm backbone;
+    where it cannot be compiled or captured, the run says why in one line."""
+    out = tmp_path / "run"
+    flags = [flag for flag in TINY if flag not in ("--device", "cpu", "--backend", "reference")]
+    assert train.main(flags + ["--device", "cuda", "--num-samples", "64", "--epochs", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    row = metrics(out)[-1]
+    if row["step_mode"] != "cuda-graph":
+        (line,) = [line for line in printed.splitlines() if "capture failed" in line]
+        assert "\n" not in line
+    assert row["compiled"] or len([line for line in printed.splitlines() if "torch.compile failed" in line]) == 1
