@@ -52,7 +52,8 @@ class ClassMap:
         width = max(len(name) for name in self.data_classes + ("data class",))
         lines = [f"{'data class':<{width}}  checkpoint class"]
         for name, index in zip(self.data_classes, self.to_model):
-            lines.append(f"{name:<{width}}  {self.model_classes[index] if index is not None else '- (cannot be predicted)'}")
+            paired = self.model_classes[index] if index is not None else "- (cannot be predicted)"
+            lines.append(f"{name:<{width}}  {paired}")
         for name in self.model_only:
             lines.append(f"{'-':<{width}}  {name} (no such class in the data)")
         return "\n".join(lines)

@@ -551,6 +551,7 @@ def build_train_step(model: torch.nn.Module, data: Placement, options: StepOptio
     device = data.labels.device
     optimizer = make_optimizer(model, lr, weight_decay, device, capturable=options.cuda_graphs, implementation=adam)
     generator = augmentation_generator(device, seed)
-    return TrainStep(model if network is None else network, optimizer, data, TrainAugment(image_size, mean, std), generator,
+    augment = TrainAugment(image_size, mean, std)
+    return TrainStep(model if network is None else network, optimizer, data, augment, generator,
                      options, nla_config, num_classes, steps_per_epoch, agree=agree, verbose=verbose,
                      eval_model=model)

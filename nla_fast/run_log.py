@@ -95,8 +95,8 @@ class TensorBoardLog:
             value = row.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.writer.add_scalar(tag, value, step)
-        for key, tag in (("per_class_acc", "per_class_accuracy_test"), ("valid_per_class_acc", "per_class_accuracy_valid"),
-                         ("naw_weight_mean", "naw_weight_mean")):
+        for key, tag in (("per_class_acc", "per_class_accuracy_test"),
+                         ("valid_per_class_acc", "per_class_accuracy_valid"), ("naw_weight_mean", "naw_weight_mean")):
             for name, value in (row.get(key) or {}).items():
                 if value is not None:
                     self.writer.add_scalar(f"{tag}/{name}", value, step)

@@ -29,7 +29,8 @@ def class_balanced_weights(labels: torch.Tensor, num_classes: int) -> torch.Tens
 def balanced_order(weights: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
     """``len(weights)`` sample indices drawn with replacement in proportion to ``weights``;
     depends only on (seed, epoch)."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), _BALANCED_SALT]).generate_state(2, dtype=np.uint32)
+    entropy = [int(seed) & 0xFFFFFFFF, int(epoch), _BALANCED_SALT]
+    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
     generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
     return torch.multinomial(weights, len(weights), replacement=True, generator=generator)
 

@@ -612,8 +612,8 @@ def _report(run_training) -> int:
     except NonFiniteLoss as err:
         print(f"nla_fast: error: {err}", file=sys.stderr)
         return 1
-    except (WeightsError, backbones.ModelError, DatasetError, FileNotFoundError, ckpt.CheckpointError, BackendUnavailable,
-            RunFolderError, SettingsError, MissingExtra, DeviceError) as err:
+    except (WeightsError, backbones.ModelError, DatasetError, FileNotFoundError, ckpt.CheckpointError,
+            BackendUnavailable, RunFolderError, SettingsError, MissingExtra, DeviceError) as err:
         print(f"nla_fast: error: {err}", file=sys.stderr)
         return 2
     return 130 if result.get("interrupted") else 0
