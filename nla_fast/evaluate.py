@@ -16,12 +16,13 @@ import torch
 
 from . import arg_types, atomic
 from . import checkpoint as ckpt
+from .backbones import ModelError
+from .class_map import ClassMapError, map_classes
 from .cli import HelpFormatter
 from .data import DATASETS
 from .data.errors import DatasetError
 from .data.splits import load_split
 from .device import DEVICE_CHOICES, DeviceError, pick_device
-from .class_map import ClassMapError, map_classes
 from .evaluation import evaluate, load_model, predict_logits
 from .metrics import MetricCounts, as_record, format_table, json_safe
 
@@ -78,7 +79,10 @@ def main(argv=None) -> int:
         # printed once, before the figures (on stderr when stdout carries the JSON)
         print(f"{dataset}'s classes matched to the checkpoint's by meaning:\n{class_map.table()}",
               file=sys.stderr if args.json else sys.stdout)
-    model = load_model(args.checkpoint, device=device)
+    try:
+        model = load_model(args.checkpoint, device=device)
+    except ModelError as err:  # a timm network without timm installed
+        return _error(f"{args.checkpoint}: {err}")
     amp = args.amp or ("bf16" if device.type == "cuda" else "off")
     tta = None if args.tta == "none" else args.tta
     if class_map is None:

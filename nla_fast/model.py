@@ -48,7 +48,7 @@ def read_state_dict(path: str | os.PathLike) -> dict:
     """The tensor dict inside a weights file: a PyTorch file loaded with ``weights_only=True``
     (a state dict, or a dict holding one under 'state_dict' / 'model_state_dict' / 'model'),
     or a ``.safetensors`` file. :class:`WeightsError` names the file and what is wrong."""
-    from .checkpoint import damage, foreign_kind
+    from .checkpoint import foreign_kind
 
     path = Path(path)
     if not path.is_file():
@@ -61,9 +61,14 @@ def read_state_dict(path: str | os.PathLike) -> dict:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
-        raise WeightsError(
-            f"cannot read weights file {str(path)!r}: {damage(err)}. It must hold only tensors and plain "
-            "containers (a state dict, or a dict with 'state_dict' or 'model' holding one)") from err
+        first = " ".join(str(err).split()).split(". ")[0][:160]
+        if "Weights only load failed" in first:  # a readable file holding Python objects besides tensors
+            raise WeightsError(
+                f"cannot read weights file {str(path)!r} with torch.load(weights_only=True): it holds Python objects "
+                "besides tensors and plain containers. Save the state dict alone (torch.save(model.state_dict(), "
+                "path)), or a dict with 'state_dict' or 'model' holding one") from err
+        raise WeightsError(f"cannot read weights file {str(path)!r}: damaged or truncated "
+                           f"({type(err).__name__}: {first})") from err
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(blob, dict) and isinstance(blob.get(key), dict):
             blob = blob[key]

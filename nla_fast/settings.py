@@ -398,6 +398,9 @@ def check_resume(settings: TrainSettings, state: dict, resume: str) -> None:
     """Refuse a resume that would not continue the checkpoint's run (``settings``: merged by
     ``settings_for_resume``; ``state``: the checkpoint). Raises :class:`ResumeError`."""
     saved = TrainSettings.from_dict(state["config"]["train"])
+    if settings.model != saved.model:
+        raise ResumeError(f"{resume} holds a {saved.model} network, not {settings.model}: --resume continues the same "
+                          f"run. To start {settings.model} from another run's backbone, use --weights")
     if settings.dataset != saved.dataset:
         raise ResumeError(
             f"{resume} was trained on {saved.dataset}, not {settings.dataset}: --resume continues the same run "

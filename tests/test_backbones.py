@@ -79,7 +79,7 @@ def test_the_normalisation_follows_the_model_and_its_weights():
     assert backbones.normalisation(TIMM_MODEL, "pretrained")[:2] == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-def test_mean_and_std_flags_override_and_are_recorded(tmp_path):
+def test_mean_and_std_flags_override_and_are_recorded(tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(TINY[:-2] + ["--epochs", "1", "--limit-train", "8", "--mean", "0.4,0.4,0.4", "--std",
                                    "0.3, 0.3, 0.3", "--out", str(out)]) == 0
@@ -87,6 +87,10 @@ def test_mean_and_std_flags_override_and_are_recorded(tmp_path):
     assert config["model"] == "resnet18" and config["mean"] == [0.4] * 3 and config["std"] == [0.3] * 3
     info = ckpt.load(out / "last.pt")["model_info"]
     assert info["mean"] == [0.4] * 3 and info["arch"] == "resnet18"
+    capsys.readouterr()
+    assert train.main(["--resume", str(out / "last.pt"), "--epochs", "2", "--model", TIMM_MODEL]) == 2
+    err = capsys.readouterr().err
+    assert f"holds a resnet18 network, not {TIMM_MODEL}" in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_vit_is_built_for_the_run_image_size():
