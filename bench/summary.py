@@ -136,7 +136,8 @@ def train_lines(train: dict | None) -> list[str]:
         lines.append(f"  rung {r['rung']}  {r['samples_per_s']:>8.0f} samples/s  {r['name']}{first}")
     for name, e in (train.get("epochs") or {}).items():
         if "projected_60_epochs_min" in e:
-            lines.append(f"  epoch {name}: {e['epoch_s']:.1f} s + {e['compile_s']:.1f} s compile once; 60 epochs ~ "
+            compile_note = f" + {e['compile_s']:.1f} s compile once" if e.get("compile_s") else ""
+            lines.append(f"  epoch {name}: {e['epoch_s']:.1f} s{compile_note}; 60 epochs ~ "
                          f"{e['projected_60_epochs_min']:.2f} min")
     return lines
 

@@ -149,3 +149,15 @@ def test_summary_without_kernel_model_says_no_prediction_and_skips_quick_results
     rows, _ = target_rows(summary.render(quick))
     assert all("not measured" in r for r in rows if r.startswith("triton: 32x7"))  # a --quick run is no device figure
     assert summary.render(tmp_path / "empty") == f"no full benchmark results in {tmp_path / 'empty'}"
+
+
+def test_summary_reads_the_recorded_first_gpu_run():
+    """The tracked results of 2026-11-29 (older JSON fields: no graph rows, no compile time per
+    epoch) render: the figures they hold, the rest not measured."""
+    text = summary.render(ROOT / "bench" / "results" / "2026-11-29-nvidia-h200")
+    rows, counts = target_rows(text)
+    line = next(r for r in rows if r.startswith("triton: 32x7 fp32 fwd+bwd eager, x reference-style"))
+    assert "6.69x" in line and " FAIL " in line
+    assert "device NVIDIA H200 (sm_90), torch 2.11.0+cu130, triton 3.6.0" in text
+    assert "epoch rung5: 3.0 s; 60 epochs ~ 2.99 min" in text
+    assert counts.endswith("(of 22 targets)")
