@@ -19,7 +19,7 @@ import torch
 from . import arg_types
 from .cli import HelpFormatter
 from .config import NLAConfig
-from .data import DATASET_OPTIONS, DATASETS
+from .data import DATASET_OPTIONS, DATASETS, default_cache_size
 
 # A synthetic-data run that finishes in about three minutes on 2 CPU cores (used when CUDA is
 # absent and the dataset is synthetic; every value can still be set on the command line).
@@ -35,7 +35,7 @@ CPU_QUICK_RUN = {"image_size": 64, "epochs": 6, "num_samples": 1600, "lr": 1e-3,
 DEVICE_DEFAULTS = ("amp", "cuda_graphs", "log_every", "backend", "compile")
 # Settings that are also options of a dataset loader (see nla_fast.data.DATASET_OPTIONS); a
 # loader receives those of them that it accepts and that are set.
-LOADER_SETTINGS = ("label_mode", "num_classes", "num_samples")
+LOADER_SETTINGS = ("label_mode", "num_classes", "num_samples", "cache_size")
 
 
 @dataclass
@@ -51,6 +51,7 @@ class TrainSettings:
     weight_decay: float = 1e-4
     gamma: float = 0.9
     image_size: int | None = None
+    cache_size: int | None = None  # None: nla_fast.data.default_cache_size (filled in by resolve)
     weights: str = "none"
     device: str = "auto"
     seed: int = 0
@@ -92,6 +93,8 @@ class TrainSettings:
         for name in ("num_samples", "consistency_reduction"):
             if getattr(filled, name) is None and quick:
                 setattr(filled, name, CPU_QUICK_RUN[name])
+        if filled.cache_size is None:  # AffectNet: the size the run trains at; the others: their source size
+            filled.cache_size = default_cache_size(filled.dataset, filled.image_size)
         if filled.amp is None:
             filled.amp = "bf16" if on_cuda else "off"
         if filled.cuda_graphs is None:
@@ -181,6 +184,10 @@ def _data_flags(data) -> None:
     data.add_argument("--image-size", type=arg_types.image_size, metavar="PX",
                       help=f"side of the square network input (default: 224; {CPU_QUICK_RUN['image_size']} for "
                       "the CPU synthetic demo)")
+    data.add_argument("--cache-size", type=arg_types.positive_int, metavar="PX",
+                      help="side of the cached images (default: the --image-size the run trains at for AffectNet, "
+                      "whose face crops are larger; the source size for RAF-DB (100) and FERPlus (48)); the run's "
+                      "first lines say both sizes")
     data.add_argument("--limit-train", type=arg_types.positive_int, metavar="N",
                       help="train on a fixed, seeded subset of N training samples (smoke runs)")
     data.add_argument("--limit-test", type=arg_types.positive_int, metavar="N",

@@ -126,9 +126,10 @@ class ImageFiles:
             pool.shutdown(wait=True, cancel_futures=True)  # on an error, stop at once
 
     def note(self) -> Optional[str]:
-        """How many images were resized to the cache size (None when none was)."""
+        """How many images were resized to the cache size (None when none was, or when every
+        image is a face box cropped out of a larger photo and so resized by design)."""
         count = int(self.resized.sum())
-        if not count:
+        if not count or self.boxes is not None:
             return None
         h, w = self.shape
         return f"{self.desc}: {count} of {self.count} images were not {h}x{w} and were resized to it"
