@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
+import subprocess
+import sys
+import textwrap
 import time
 
 import numpy as np
@@ -419,3 +423,70 @@ def test_dataset_container_helpers(raf):
     assert img.shape == (100, 100, 3) and int(lab) == int(ds.labels[2])
     assert ds.nbytes == 10 * 100 * 100 * 3 and "rafdb/train: 10 images 100x100" in ds.summary()
     assert sum(ds.class_counts) == 10 and ds.noise_rate == 0.0
+
+
+# ----------------------------------------------------------------------------- cache: streamed, sized, never fatal
+def test_a_split_is_cached_at_its_source_size_whatever_its_first_image(tmp_path):
+    tree = make_rafdb_tree(tmp_path / "raf", n_train=6, n_test=2, size=100)
+    Image.fromarray(np.full((1, 1, 3), 90, np.uint8)).save(tree["root"] / "Image/aligned/train_00001_aligned.jpg")
+    ds = load_dataset("rafdb", tree["root"], "train", verbose=False)
+    assert ds.images.shape == (6, 100, 100, 3)  # RAF-DB's aligned size, not the first image's 1x1
+    jpg = np.asarray(Image.open(tree["root"] / "Image/aligned/train_00002_aligned.jpg").convert("RGB"))
+    assert np.array_equal(ds.images[1].numpy(), jpg)  # the others untouched
+    assert load_dataset("rafdb", tree["root"], "train", cache_size=40, verbose=False).images.shape == (6, 40, 40, 3)
+
+
+def test_a_full_disk_costs_the_cache_not_the_load(tmp_path):
+    # a file-size limit makes every write past 64 KiB fail (EFBIG) like a full disk; torch.save raised
+    # RuntimeError ("unexpected pos") there, which the old cache did not catch
+    tree = make_rafdb_tree(tmp_path / "raf", n_train=12, n_test=2, size=100)
+    script = textwrap.dedent(f"""
+        import resource, signal
+        from nla_fast.data import load_dataset
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+        ds = load_dataset("rafdb", {str(tree["root"])!r}, "train", cache_dir={str(tmp_path / "cache")!r})
+        print("loaded", tuple(ds.images.shape), ds.info["cache_file"], int(ds.images.long().sum()))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = load_dataset("rafdb", tree["root"], "train", cache=False, verbose=False).images
+    assert done.stdout.split() == ["loaded", "(12,", "100,", "100,", "3)", "None", str(int(expected.long().sum()))]
+    said = [line for line in done.stderr.splitlines() if "could not write cache" in line]
+    assert len(said) == 1 and "going on without a cache" in said[0] and "Traceback" not in done.stderr
+    assert list((tmp_path / "cache").iterdir()) == []  # no partial file left
+
+
+def test_a_folder_without_room_for_the_file_is_not_written(raf, tmp_path, monkeypatch, capsys):
+    usage = shutil.disk_usage(tmp_path)._replace(free=1000)
+    monkeypatch.setattr(cache_mod.shutil, "disk_usage", lambda path: usage)
+    ds = load_dataset("rafdb", raf["root"], "train")
+    err = capsys.readouterr().err
+    assert ds.info["cache_file"] is None and len(ds) == 10 and "GB are free in" in err
+    assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []
+
+
+class RecordingImages:
+    """An image source that records, at each chunk it decodes, how much of the file is written."""
+
+    def __init__(self, folder, count=10, side=16):
+        self.folder, self.shape, self.count = folder, (side, side), count
+        self.calls = []
+
+    def fill(self, lo, hi, out):
+        written = sum(p.stat().st_size for p in self.folder.iterdir() if p.name.endswith(".tmp"))
+        self.calls.append((lo, hi, written))
+        out[...] = np.arange(lo, hi, dtype=np.uint8)[:, None, None, None]
+
+
+def test_a_build_writes_each_chunk_while_decoding_the_next(tmp_path, monkeypatch):
+    row = 16 * 16 * 3
+    monkeypatch.setattr(cache_mod, "CHUNK_BYTES", 2 * row)  # two images per chunk
+    source = RecordingImages(tmp_path / "cache")
+    payload, path, built = cache_mod.load_or_build("synthetic", "train", {"n": 10}, lambda: {"images": source},
+                                                   directory=tmp_path / "cache", verbose=False)
+    assert [(lo, hi) for lo, hi, _ in source.calls] == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    for k, (lo, _, written) in enumerate(source.calls[2:], 2):  # chunk k-2 is in the file before chunk k decodes
+        assert written >= cache_mod.DATA_OFFSET + (k - 1) * 2 * row, (k, written)
+    assert built and payload["images"][:, 0, 0, 0].tolist() == list(range(10))
+    assert cache_mod.mapped_file(payload["images"]) == str(path)  # training reads the finished file
