@@ -27,3 +27,23 @@ def test_data_bench_quick(tmp_path):
     assert fig["cpu_ours_b32_samples_per_s"] > 0 and fig["cpu_dataloader_w2_samples_per_s"] > 0
     assert res["targets"]["cpu_speedup_vs_best_dataloader"] > 0
     assert "cpu_ours_b32_samples_per_s" in proc.stdout  # the table
+
+
+@pytest.mark.slow
+def test_cache_bench_reports_time_and_peak_memory_per_build(tmp_path):
+    out = tmp_path / "cache_bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "cache_bench.py"), "--quick", "--images", "40", "120",
+         "--cache-size", "48", "--workers", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.read_text())
+    assert res["device"] and res["torch"] and res["cache_size"] == 48
+    rows = {(r["images"], r["mode"]): r for r in res["rows"]}
+    assert set(rows) == {(40, "streamed"), (40, "in-memory"), (120, "streamed"), (120, "in-memory")}
+    for row in rows.values():
+        assert row["ms_per_image"] > 0 and row["peak_rss_growth_mib"] is not None
+    assert rows[(120, "streamed")]["file_gb"] * 1e9 >= 120 * 48 * 48 * 3
+    assert isinstance(res["jpeg_draft"]["within_tolerance"], bool)
+    assert "peak MiB" in proc.stdout and "JPEG draft decoding" in proc.stdout  # the table

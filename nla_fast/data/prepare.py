@@ -25,7 +25,7 @@ import time
 from datetime import timedelta
 from typing import Callable, TypeVar
 
-from . import DATASETS, SPLITS, canonical_name, default_cache_size, load_dataset
+from . import DATASETS, SOURCE_SIZES, SPLITS, canonical_name, default_cache_size, load_dataset
 from . import cache as _cache
 from .errors import DatasetError
 
@@ -92,6 +92,8 @@ def cache_note(dataset, image_size: int) -> str:
     h, w = dataset.image_size
     file = dataset.info.get("cache_file")
     where = f"cached in {file}" if file else "not cached (decoded into memory)"
+    if SOURCE_SIZES.get(dataset.name) == h == w:
+        where += " (the source size)"
     trained = f"trained at {image_size} px" + (" (resized on the device)" if (h, w) != (image_size, image_size) else "")
     return f"nla_fast: {dataset.name}/{dataset.split} images at {h}x{w} px, {where}; {trained}"
 
