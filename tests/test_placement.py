@@ -1,4 +1,5 @@
 """nla_fast.placement: where the training images live, and the step sees the same batches from each."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -106,7 +107,9 @@ def cached_split(tmp_path):
     from nla_fast.data.fixtures import make_rafdb_tree
 
     tree = make_rafdb_tree(tmp_path / "raf", n_train=12, n_test=4, size=100)
-    data = load_dataset("rafdb", tree["root"], "train", cache_dir=tmp_path / "cache", verbose=False)
+    load_dataset("rafdb", tree["root"], "train", cache_dir=tmp_path / "cache", verbose=False)  # builds the file
+    data = load_dataset("rafdb", tree["root"], "train", cache_dir=tmp_path / "cache", verbose=False)  # reads it
+    assert not data.info["cache_built"]
     return data, data.info["cache_file"]
 
 
@@ -116,8 +119,11 @@ def test_a_cpu_run_reads_its_own_copy_not_a_cache_file_overwritten_in_place(tmp_
     expected = data.images.clone()
     placed = placement.place_training_set(data.images, data.labels, CPU, 4, shard_length=8 if sharded else None)
     test_images, _ = placement.place_test_split(data.images, data.labels, CPU)
+    size = os.path.getsize(cache_file)
     with open(cache_file, "r+b") as f:  # in place: same file, same size, every byte zero
-        f.write(bytes(len(f.read())))
+        f.write(bytes(size))
+    assert os.path.getsize(cache_file) == size and mapped_file(data.images) == cache_file
+    assert int(data.images.sum()) == 0  # what a run reading the map would now train on
     order = torch.arange(8)
     positions = placed.start_epoch(order)
     placed.before_step(0)
@@ -134,7 +140,8 @@ def test_a_cache_file_truncated_under_a_placed_cpu_set_does_not_crash_the_run(tm
         from nla_fast.data import load_dataset
         from nla_fast.data.fixtures import make_rafdb_tree
         tree = make_rafdb_tree(Path({str(tmp_path)!r}) / "raf", n_train=12, n_test=4, size=100)
-        data = load_dataset("rafdb", tree["root"], "train", cache_dir={str(tmp_path / "cache")!r}, verbose=False)
+        for _ in range(2):  # the second load reads the file the first one built
+            data = load_dataset("rafdb", tree["root"], "train", cache_dir={str(tmp_path / "cache")!r}, verbose=False)
         expected = data.images.numpy().copy()
         placed = placement.place_training_set(data.images, data.labels, torch.device("cpu"), 4)
         test_images, _ = placement.place_test_split(data.images, data.labels, torch.device("cpu"))
@@ -158,3 +165,21 @@ def test_a_set_too_large_for_memory_is_read_from_its_file_and_the_run_says_which
     assert mapped_file(copied) is None and torch.equal(copied, data.images) and len(said) == 1
     in_memory = torch.zeros(4, 8, 8, 3, dtype=torch.uint8)
     assert placement.in_own_memory(in_memory, say=said.append, free_bytes=0) is in_memory  # not a map: as it is
+
+
+@pytest.mark.gpu
+def test_host_staged_streams_its_batches_from_the_cache_file_on_cuda(cuda_device, tmp_path, monkeypatch):
+    data, cache_file = cached_split(tmp_path)
+    monkeypatch.setattr(placement, "DEVICE_DATA_SHARE", 0.0)  # the set does not fit on the device
+    monkeypatch.setattr(placement, "HOST_MEMORY_SHARE", 0.0)  # nor in host memory: read from the file
+    said = []
+    staged = placement.place_training_set(data.images, data.labels, cuda_device, 4, say=said.append)
+    assert isinstance(staged, HostStaged) and mapped_file(staged.host_images) == cache_file
+    assert not staged.host_images.is_pinned() and all(buffer.is_pinned() for buffer in staged.staging)
+    assert any(cache_file in line for line in said)
+    order = torch.tensor([5, 1, 9, 3, 0, 2, 7, 4])
+    positions = staged.start_epoch(order)
+    for step in range(2):
+        staged.before_step(step)
+        torch.cuda.synchronize()
+        assert torch.equal(staged.batch_images(positions[4 * step:4 * step + 4]).cpu(), data.images[order[4 * step:4 * step + 4]])
