@@ -182,4 +182,5 @@ def test_host_staged_streams_its_batches_from_the_cache_file_on_cuda(cuda_device
     for step in range(2):
         staged.before_step(step)
         torch.cuda.synchronize()
-        assert torch.equal(staged.batch_images(positions[4 * step:4 * step + 4]).cpu(), data.images[order[4 * step:4 * step + 4]])
+        batch = slice(4 * step, 4 * step + 4)
+        assert torch.equal(staged.batch_images(positions[batch]).cpu(), data.images[order[batch]])

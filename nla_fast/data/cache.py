@@ -388,7 +388,8 @@ def _check(handle, header: dict) -> None:
         raise CacheFileError(f"checksum {check.get('name')!r} is not {CHECKSUM_NAME!r}")
     crcs = file_crcs(handle.fileno(), DATA_OFFSET, header["data_end"])
     if crcs != check["crcs"]:
-        bad = next(i for i, (a, b) in enumerate(zip(crcs, check["crcs"])) if a != b) if len(crcs) == len(check["crcs"]) else 0
+        differ = [i for i, (got, stored) in enumerate(zip(crcs, check["crcs"])) if got != stored]
+        bad = differ[0] if differ and len(crcs) == len(check["crcs"]) else 0
         start = DATA_OFFSET + bad * BLOCK_BYTES
         raise CacheFileError(f"payload checksum mismatch in bytes {start}..{start + BLOCK_BYTES}: "
                              "the file was damaged on disk")
@@ -441,7 +442,7 @@ def open_cache(path: Path, key: str, check: bool = True, verbose: bool = False) 
             _check(handle, header)
             seconds = time.perf_counter() - started
             if verbose and seconds >= SAY_CHECKS_OVER_S:
-                print(f"[nla_fast.data] checked {path} ({stat.st_size / 1e9:.2f} GB in {seconds:.1f} s)", file=sys.stderr)
+                _say(True, f"checked {path} ({stat.st_size / 1e9:.2f} GB in {seconds:.1f} s)")
         with _LOCK:
             _CHECKED[str(path)] = identity
         payload = dict(header["values"])

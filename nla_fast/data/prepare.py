@@ -113,9 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "it unless --cache-size is given")
     p.add_argument("--cache-size", type=int, metavar="PX",
                    help="side of the cached images (default: the trainer's default for --image-size)")
-    p.add_argument("--num-classes", type=int, choices=(7, 8), help="AffectNet: 7 or 8 classes (the trainer's default: 7)")
+    p.add_argument("--num-classes", type=int, choices=(7, 8),
+                   help="AffectNet: 7 or 8 classes (the trainer's default: 7)")
     p.add_argument("--workers", type=int, metavar="N", help="decoding threads (default: every core)")
-    p.add_argument("--cache-dir", metavar="DIR", help="where the caches go (default: $NLA_FAST_CACHE or ~/.cache/nla_fast)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="where the caches go (default: $NLA_FAST_CACHE or ~/.cache/nla_fast)")
     return p
 
 
