@@ -13,8 +13,8 @@ file's size. Two ways for each N:
 * ``in-memory``: the same decode into one array (``cache=False``): the memory a build that
   holds the set needs (what the cache did before it was streamed), for comparison.
 
-The rows reuse 64 distinct photos (so writing the set is quick and the page cache holds
-them): the figures are decode + write, not the disk's read speed. Seconds per image and
+The rows reuse 64 distinct photos (``--photos``), so writing the set is quick and the page
+cache holds them: the figures are decode + write, not the disk's read speed. Seconds per image and
 memory per image do not depend on N, so they extrapolate to AffectNet's 283,901 training
 images. A last section checks whether JPEG draft decoding (DCT-domain downscaling) gives
 the same pixels as a full decode within the stated tolerance; it is used only if it does.
@@ -227,6 +227,7 @@ def main(argv=None):
     ap.add_argument("--in-memory-up-to", type=int, default=4000,
                     help="build in memory (for comparison) only up to this N (default 4000)")
     ap.add_argument("--workers", type=int, help="decoding threads (default: every core)")
+    ap.add_argument("--photos", type=int, default=DISTINCT_PHOTOS, help="distinct photos the rows reuse (default 64)")
     ap.add_argument("--out", help="JSON path (default bench/results/cache_bench-<device>[-quick].json)")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -242,7 +243,7 @@ def main(argv=None):
     from nla_fast import atomic
 
     result = {"benchmark": "cache_bench", "device": device_name(), "quick": args.quick, **environment(),
-              "date": time.strftime("%Y-%m-%d"), "cache_size": side, "distinct_photos": DISTINCT_PHOTOS,
+              "date": time.strftime("%Y-%m-%d"), "cache_size": side, "distinct_photos": args.photos,
               "rows": [], "jpeg_draft": None, "summary": {}}
     started = time.perf_counter()
     print(f"cache_bench  {result['cpu']} ({result['usable_cores']} cores)  torch {result['torch']}  "
@@ -250,7 +251,7 @@ def main(argv=None):
     print(f"{'images':>8} {'mode':>10} {'seconds':>9} {'ms/image':>9} {'peak MiB':>10} {'file GB':>9} {'check s':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "affectnet"
-        photos = write_photos(root / "Manually_Annotated_Images", DISTINCT_PHOTOS)
+        photos = write_photos(root / "Manually_Annotated_Images", args.photos)
         for n in sorted(sizes):
             write_training_csv(root, photos, n)
             modes = ["streamed"] + (["in-memory"] if n <= args.in_memory_up_to else [])
