@@ -391,8 +391,8 @@ def _check(handle, header: dict) -> None:
         differ = [i for i, (got, stored) in enumerate(zip(crcs, check["crcs"])) if got != stored]
         bad = differ[0] if differ and len(crcs) == len(check["crcs"]) else 0
         start = DATA_OFFSET + bad * BLOCK_BYTES
-        raise CacheFileError(f"payload checksum mismatch in bytes {start}..{start + BLOCK_BYTES}: "
-                             "the file was damaged on disk")
+        end = min(start + BLOCK_BYTES, header["data_end"])
+        raise CacheFileError(f"payload checksum mismatch in bytes {start}..{end}: the file was damaged on disk")
     if _digest(header, crcs) != check["digest"]:
         raise CacheFileError("payload checksum mismatch in its header: the file was damaged on disk")
 
@@ -401,8 +401,11 @@ def verify_file(path) -> float:
     """Read ``path`` back and check it against its checksum (raises :class:`CacheFileError`);
     the seconds it took."""
     started = time.perf_counter()
-    with open(path, "rb") as handle:
-        _check(handle, _read_header(handle, os.fstat(handle.fileno()).st_size))
+    try:
+        with open(path, "rb") as handle:
+            _check(handle, _read_header(handle, os.fstat(handle.fileno()).st_size))
+    except CacheFileError as err:
+        raise CacheFileError(f"cache file {path}: {err}") from None
     return time.perf_counter() - started
 
 
