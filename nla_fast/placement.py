@@ -11,6 +11,8 @@ Three placements, one interface for ``TrainStep``:
   batch is gathered on the host into one of two pinned buffers and copied into a static
   device buffer, which the (possibly captured) step reads.
 
+Each is a :class:`Placement`, the interface the step reads.
+
 Host memory: the loaders map their images from the cache file (:mod:`nla_fast.data.cache`).
 A run must not depend on that file once it has started (a file truncated under a map ends
 the process with a bus error; one overwritten in place changes the pixels), so the images
@@ -18,17 +20,11 @@ the run reads on the host are copied into its own memory when the copies of all 
 of the machine fit in ``HOST_MEMORY_SHARE`` of its available memory. A larger set is read
 from the file during the run (shared by the machine's processes through the page cache),
 and the run says so: that file must then be left alone until the run ends (README).
-
-Each placement has ``labels`` (on the device), ``soft_labels`` (N x C target distributions
-on the device, indexed like ``labels``; None unless given), ``start_epoch(order) -> device order`` (the
-positions the step reads, in epoch order), ``before_step(step)`` (host work before step
-``step`` of the epoch) and ``batch_images(indices)`` (called inside the step: device work only,
-so a CUDA graph can capture it).
 """
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -40,6 +36,23 @@ DEVICE_DATA_SHARE = 0.5
 # Copy the training images out of the cache file when the machine's copies stay below this
 # share of its available memory, else read them from the file during the run.
 HOST_MEMORY_SHARE = 0.5
+
+
+@runtime_checkable
+class Placement(Protocol):
+    """What ``TrainStep`` reads of the training set, wherever its images live."""
+
+    labels: torch.Tensor  # on the device
+    soft_labels: torch.Tensor | None  # N x C target distributions on the device, indexed like labels; or None
+
+    def start_epoch(self, order: torch.Tensor) -> torch.Tensor:
+        """The epoch's sample order (indices into the set) -> the positions the step reads, on the device."""
+
+    def before_step(self, step: int) -> None:
+        """Host work before step ``step`` of the epoch (outside any captured graph)."""
+
+    def batch_images(self, indices: torch.Tensor) -> torch.Tensor:
+        """The batch's uint8 images; called inside the step: device work only, so a CUDA graph can capture it."""
 
 
 def _row_bytes(images: torch.Tensor) -> int:
@@ -96,7 +109,7 @@ def in_own_memory(images: torch.Tensor, copies: int = 1, say: Callable[[str], No
 
 def place_training_set(images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int,
                        shard_length: int | None = None, say: Callable[[str], None] = print,
-                       soft_labels: torch.Tensor | None = None):
+                       soft_labels: torch.Tensor | None = None) -> Placement:
     """The placement of a training set. ``shard_length``: a distributed run's samples per rank
     and epoch (None: one process trains on the whole set). ``soft_labels``: per-sample target
     distributions (soft-label training), kept beside the labels."""

@@ -5,7 +5,8 @@ import torch
 from nla_fast.data import cache as cache_mod
 from nla_fast.data import prepare
 from nla_fast.data.fixtures import make_affectnet_tree, make_rafdb_tree
-from nla_fast.settings import TrainSettings, load_split, parse_command_line
+from nla_fast.data.splits import load_split
+from nla_fast.settings import TrainSettings, parse_command_line
 
 CPU = torch.device("cpu")
 
@@ -32,7 +33,7 @@ def test_prepare_builds_what_the_trainer_then_reads_and_checks_it_on_a_second_ru
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].startswith("affectnet/train: 5 images at 64x64 px, built and checked")
     settings = TrainSettings(dataset="affectnet", data_root=str(tmp_path / "aff"), image_size=64).resolve(CPU)
-    train = load_split(settings, "train")
+    train = load_split(settings.dataset, settings.data_root, "train", **settings.split_arguments("train"))
     assert not train.info["cache_built"]  # the trainer found prepare's file: the same key
     line = prepare.cache_note(train, 64)
     assert line.startswith("nla_fast: affectnet/train images at 64x64 px, cached in ")
