@@ -15,7 +15,7 @@ from pathlib import Path
 from . import arg_types, atomic
 from . import checkpoint as ckpt
 from .cli import HelpFormatter
-from .data import DATASETS
+from .data import DATASETS, default_cache_size
 from .data.errors import DatasetError
 from .data.splits import load_split
 from .device import DEVICE_CHOICES, DeviceError, pick_device
@@ -88,9 +88,12 @@ def split_arguments(args, trained: dict) -> dict:
         typed = getattr(args, name)
         return typed if typed is not None else (trained.get(name) if same else None)
 
+    # the cache size the run used (its files are found again), else the one a run at its input size would use
+    cache_size = (trained.get("cache_size") if same else None) or default_cache_size(dataset, trained.get("image_size"))
     return {"dataset": dataset, "data_root": typed_or_trained("data_root"),
             "label_mode": typed_or_trained("label_mode"), "num_classes": typed_or_trained("num_classes"),
-            "num_samples": trained.get("num_samples") if same else None, "limit": args.limit}
+            "num_samples": trained.get("num_samples") if same else None, "cache_size": cache_size,
+            "limit": args.limit}
 
 
 def write_report(args, metrics: dict, classes: list, dataset: str, epoch: int) -> None:

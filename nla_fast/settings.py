@@ -19,7 +19,7 @@ import torch
 from . import arg_types
 from .cli import HelpFormatter
 from .config import NLAConfig
-from .data import DATASETS
+from .data import DATASETS, default_cache_size
 from .device import DEVICE_CHOICES, device_type
 
 # The paper's recipe: the defaults of a run on CUDA or on a real dataset.
@@ -34,7 +34,7 @@ CPU_QUICK_RUN = {"image_size": 64, "epochs": 6, "num_samples": 1600, "lr": 1e-3,
 DEVICE_DEFAULTS = ("amp", "cuda_graphs", "log_every", "backend", "compile")
 # Settings that are also options of a dataset loader (see nla_fast.data.DATASET_OPTIONS); a
 # loader receives those of them that it accepts and that are set.
-LOADER_SETTINGS = ("label_mode", "num_classes", "num_samples")
+LOADER_SETTINGS = ("label_mode", "num_classes", "num_samples", "cache_size")
 # Settings that change the training split's labels or samples (nla_fast.data.protocols).
 PROTOCOL_SETTINGS = ("noise_rate", "noise_seed", "noise_file", "imbalance_factor", "imbalance_seed")
 
@@ -52,6 +52,7 @@ class TrainSettings:
     weight_decay: float = PAPER_RECIPE["weight_decay"]
     gamma: float = PAPER_RECIPE["gamma"]
     image_size: int | None = None
+    cache_size: int | None = None  # None: nla_fast.data.default_cache_size (filled in by resolve)
     weights: str = "none"
     device: str = "auto"
     seed: int = 0
@@ -89,6 +90,8 @@ class TrainSettings:
         for name, value in (PAPER_RECIPE | CPU_QUICK_RUN if quick else PAPER_RECIPE).items():
             if getattr(filled, name) is None:
                 setattr(filled, name, value)
+        if filled.cache_size is None:  # AffectNet: the size the run trains at; the others: their source size
+            filled.cache_size = default_cache_size(filled.dataset, filled.image_size)
         if filled.amp is None:
             filled.amp = "bf16" if on_cuda else "off"
         if filled.cuda_graphs is None:
@@ -201,6 +204,10 @@ def _data_flags(data) -> None:
                       help="folder holding the dataset in its original layout (not needed for synthetic)")
     data.add_argument("--image-size", type=arg_types.image_size, metavar="PX",
                       help=f"side of the square network input ({_recipe_default('image_size')})")
+    data.add_argument("--cache-size", type=arg_types.positive_int, metavar="PX",
+                      help="side of the cached images (default: the --image-size the run trains at for AffectNet, "
+                      "whose face crops are larger; the source size for RAF-DB (100) and FERPlus (48)); the run's "
+                      "first lines say both sizes")
     data.add_argument("--limit-train", type=arg_types.positive_int, metavar="N",
                       help="train on a fixed, seeded subset of N training samples (smoke runs)")
     data.add_argument("--limit-test", type=arg_types.positive_int, metavar="N",

@@ -47,6 +47,7 @@ from .augment import MEAN, STD, EvalTransform
 from .cli import StopRequest, progress_bar
 from .config import NLAConfig, eps_schedule
 from .data.errors import DatasetError
+from .data.prepare import cache_note, first_on_each_machine
 from .data.splits import load_split
 from .device import DeviceError, pick_device
 from .engine import (WARMUP_STEPS, NonFiniteLoss, StepOptions, TrainStep, build_train_step, epoch_permutation,
@@ -206,14 +207,16 @@ def _check_resume_fits(run: Run, data: Data) -> None:
 
 
 def load_data(run: Run) -> Data:
-    s, ctx = run.s, run.ctx
-    if ctx.distributed and ctx.local_rank != 0:
-        distributed.barrier(ctx)  # the machine's first rank decodes (and caches) the data first
-    train_set, test_set = load_run_split(s, "train"), load_run_split(s, "test")
-    if selection_split(s.dataset) != "test":
-        load_run_split(s, selection_split(s.dataset))  # cached here too, before the other ranks read it
-    if ctx.distributed and ctx.local_rank == 0:
-        distributed.barrier(ctx)
+    s = run.s
+
+    def load():
+        if selection_split(s.dataset) != "test":
+            load_run_split(s, selection_split(s.dataset))  # cached here too, before the other ranks read it
+        return load_run_split(s, "train"), load_run_split(s, "test")
+
+    # under torchrun the first rank of each machine builds or checks the caches while the others wait
+    train_set, test_set = first_on_each_machine(run.ctx, load)
+    run.say(cache_note(train_set, s.image_size))
     return place_data(run, train_set, test_set)
 
 

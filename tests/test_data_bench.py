@@ -45,3 +45,23 @@ def test_targets_come_from_whatever_figures_are_measured():
     got = data_bench.targets(fig, ["cuda"], [4, 12], 32)
     assert got["cuda_aug_fraction_of_eager_step"] == 0.1 and got["cuda_graph_aug_fraction_of_graph_step"] == 0.05
     assert got["cuda_aug_under_10pct_of_step"] is True and got["cuda_rafdb_cache_le_0.5GB"] is True
+
+
+@pytest.mark.slow
+def test_cache_bench_reports_time_and_peak_memory_per_build(tmp_path):
+    out = tmp_path / "cache_bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "cache_bench.py"), "--quick", "--images", "120", "--photos", "8",
+         "--cache-size", "48", "--workers", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.read_text())
+    assert res["device"] and res["torch"] and res["cache_size"] == 48
+    rows = {(r["images"], r["mode"]): r for r in res["rows"]}
+    assert set(rows) == {(120, "streamed"), (120, "in-memory")}
+    for row in rows.values():
+        assert row["ms_per_image"] > 0 and row["peak_rss_growth_mib"] is not None
+    assert rows[(120, "streamed")]["file_gb"] * 1e9 >= 120 * 48 * 48 * 3
+    assert isinstance(res["jpeg_draft"]["within_tolerance"], bool)
+    assert "peak MiB" in proc.stdout and "JPEG draft decoding" in proc.stdout  # the table

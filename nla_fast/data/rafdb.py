@@ -7,6 +7,8 @@ Layout (``root`` is the ``basic`` folder, or a folder holding ``basic/``)::
 
 Labels 1..7 in the file become 0..6: Surprise, Fear, Disgust, Happiness, Sadness, Anger,
 Neutral. Names starting with ``train`` form the training split, ``test`` the test split.
+Images are cached at :data:`SOURCE_SIZE` (the aligned faces' size; ``cache_size`` to
+change): an image of another size is resized to it and counted, it never sets the size.
 """
 from __future__ import annotations
 
@@ -15,12 +17,13 @@ from pathlib import Path
 import torch
 
 from . import cache as _cache
-from .decode import decode_images
+from .decode import ImageFiles, square
 from .errors import DatasetNotFoundError, LabelFormatError, LabelRangeError
 
 CLASSES = ("Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral")
 TRAIN_COUNTS = (1290, 281, 717, 4772, 1982, 705, 2524)
 TEST_COUNTS = (329, 74, 160, 1185, 478, 162, 680)
+SOURCE_SIZE = 100  # RAF-DB's aligned faces are 100 x 100
 LABEL_FILE = Path("EmoLabel") / "list_patition_label.txt"
 IMAGE_DIR = Path("Image") / "aligned"
 WHERE = (
@@ -84,7 +87,7 @@ def image_path(root: Path, name: str) -> Path:
     return root / IMAGE_DIR / f"{stem}_aligned.jpg"
 
 
-def load(root, split: str, use_cache=True, cache_dir=None, workers=None, verbose=True, **_):
+def load(root, split: str, cache_size=None, use_cache=True, cache_dir=None, workers=None, verbose=True, **_):
     if split not in ("train", "test"):
         raise ValueError(f"RAF-DB splits are 'train' and 'test', got {split!r}")
     root = resolve_root(root)
@@ -93,16 +96,17 @@ def load(root, split: str, use_cache=True, cache_dir=None, workers=None, verbose
     if not names:
         raise LabelFormatError(f"{label_file} lists no '{split}*' images")
     paths = [image_path(root, n) for n in names]
+    size = square(cache_size or SOURCE_SIZE)
     key = {
         "root": str(root.resolve()),
         "labels_sha256": _cache.file_digest(label_file),
         "images": _cache.stat_digest(paths),
+        "size": size,
     }
 
     def build():
-        images = decode_images(paths, workers=workers, desc=f"rafdb/{split}", verbose=verbose)
         return {
-            "images": torch.from_numpy(images),
+            "images": ImageFiles(paths, size, workers=workers, desc=f"rafdb/{split}"),
             "labels": torch.tensor(labels, dtype=torch.int64),
             "names": names,
         }
@@ -113,6 +117,7 @@ def load(root, split: str, use_cache=True, cache_dir=None, workers=None, verbose
         labels=payload["labels"],
         names=list(payload["names"]),
         classes=CLASSES,
-        info={"root": str(root), "label_file": str(label_file), "cache_file": str(path) if path else None, "cache_built": built},
+        info={"root": str(root), "label_file": str(label_file), "cache_file": str(path) if path else None,
+              "cache_built": built, "cache_size": size},
     )
 

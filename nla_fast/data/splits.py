@@ -13,12 +13,14 @@ SMALLEST_SPLIT = 64
 
 
 def load_split(dataset: str, data_root, split: str, *, label_mode: str | None = None, num_classes: int | None = None,
-               num_samples: int | None = None, limit: int | None = None, noise_rate: float = 0.0, noise_seed: int = 0,
-               noise_file: str | None = None, imbalance_factor: float | None = None, imbalance_seed: int = 0):
+               num_samples: int | None = None, cache_size: int | None = None, limit: int | None = None,
+               noise_rate: float = 0.0, noise_seed: int = 0, noise_file: str | None = None,
+               imbalance_factor: float | None = None, imbalance_seed: int = 0):
     """``split`` of ``dataset`` at native resolution (the augmentation adds its noise to the raw
     image, then resizes: SPEC 1.2).
 
-    ``label_mode``, ``num_classes``, ``num_samples``: passed to the loader when set and among
+    ``label_mode``, ``num_classes``, ``num_samples``, ``cache_size`` (the size the images are
+    cached at, see ``nla_fast.data.default_cache_size``): passed to the loader when set and among
     its options (``nla_fast.data.DATASET_OPTIONS``; a run's settings are shared by every
     dataset). A synthetic split other than ``train`` gets a quarter of ``num_samples``.
     ``noise_*`` / ``imbalance_*``: the training split's protocols; given for another split
@@ -26,7 +28,7 @@ def load_split(dataset: str, data_root, split: str, *, label_mode: str | None = 
     ``limit``: keep a fixed, seeded subset of that many samples (``subset_indices``).
     """
     accepted = DATASET_OPTIONS[canonical_name(dataset)]
-    given = {"label_mode": label_mode, "num_classes": num_classes, "num_samples": num_samples}
+    given = {"label_mode": label_mode, "num_classes": num_classes, "num_samples": num_samples, "cache_size": cache_size}
     options = {name: value for name, value in given.items() if value is not None and name in accepted}
     if "num_samples" in options and split != "train":
         options["num_samples"] = max(SMALLEST_SPLIT, options["num_samples"] // SYNTHETIC_SPLIT_SHARE)
