@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     try:
         device = pick_device(args.device)
         state = ckpt.load(args.checkpoint)
-        out = usable_folder(report_folder(args))  # before the work: a folder it could not write into
+        # before the work: a folder it could not write into
+        out = usable_folder(report_folder(args), "--out" if args.out else "the checkpoint's folder (the default --out)")
     except (DeviceError, FileNotFoundError, ckpt.CheckpointError, FolderUnusable) as err:
         return _error(err)
     classes = list(state["model_info"]["classes"])

