@@ -227,7 +227,9 @@ def test_a_full_disk_while_writing_the_lock_leaves_no_lock(tmp_path, monkeypatch
         run_folder.RunFolder(tmp_path).start()
     monkeypatch.undo()
     assert not (tmp_path / run_folder.LOCK_FILE).exists()  # the next run is not refused
-    run_folder.RunFolder(tmp_path).start()
+    folder = run_folder.RunFolder(tmp_path)
+    folder.start()
+    folder.close()
 
 
 def test_an_empty_lock_whose_writer_is_gone_is_stale(tmp_path):
