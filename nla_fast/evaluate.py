@@ -15,6 +15,8 @@ from pathlib import Path
 from . import arg_types, atomic
 from . import checkpoint as ckpt
 from .cli import HelpFormatter
+from .console import say
+from .disk import FolderUnusable, usable_folder
 from .data import DATASETS, default_cache_size
 from .data.errors import DatasetError
 from .data.splits import load_split
@@ -56,7 +58,9 @@ def main(argv=None) -> int:
     try:
         device = pick_device(args.device)
         state = ckpt.load(args.checkpoint)
-    except (DeviceError, FileNotFoundError, ckpt.CheckpointError) as err:
+        # before the work: a folder it could not write into
+        out = usable_folder(report_folder(args), "--out" if args.out else "the checkpoint's folder (the default --out)")
+    except (DeviceError, FileNotFoundError, ckpt.CheckpointError, FolderUnusable) as err:
         return _error(err)
     classes = list(state["model_info"]["classes"])
     arguments = split_arguments(args, state["config"]["train"])
@@ -73,7 +77,11 @@ def main(argv=None) -> int:
                        batch_size=args.batch_size, amp=amp, tta=None if args.tta == "none" else args.tta)
     metrics.update(checkpoint=str(args.checkpoint), dataset=dataset, split=args.split, tta=args.tta,
                    epoch=state["epoch"])
-    write_report(args, metrics, classes, dataset, state["epoch"])
+    try:
+        write_report(args, metrics, classes, dataset, state["epoch"], out)
+    except OSError as err:  # a full disk: disk.WriteFailed names the file and the free space
+        print(f"nla_fast.evaluate: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -96,10 +104,15 @@ def split_arguments(args, trained: dict) -> dict:
             "limit": args.limit}
 
 
-def write_report(args, metrics: dict, classes: list, dataset: str, epoch: int) -> None:
-    """The confusion matrix as JSON and PNG, and the metrics on stdout (a table, or JSON)."""
-    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent
-    out.mkdir(parents=True, exist_ok=True)
+def report_folder(args) -> Path:
+    """Where the confusion matrix files go: ``--out``, else the checkpoint's folder."""
+    return Path(args.out) if args.out else Path(args.checkpoint).resolve().parent
+
+
+def write_report(args, metrics: dict, classes: list, dataset: str, epoch: int, out: Path | None = None) -> None:
+    """The confusion matrix as JSON and PNG, and the metrics on stdout (a table, or JSON; a
+    reader that closes the pipe early, ``| head``, ends no more than the printing)."""
+    out = out if out is not None else report_folder(args)
     stem = f"eval-{Path(args.checkpoint).stem}-{dataset}-{args.split}" + ("-flip" if args.tta == "flip" else "")
     atomic.write_text(out / f"{stem}-confusion.json", json.dumps(json_safe(metrics), indent=2) + "\n")
     from .plots import plot_confusion
@@ -107,12 +120,12 @@ def write_report(args, metrics: dict, classes: list, dataset: str, epoch: int) -
     plot_confusion(metrics["confusion"], classes, out / f"{stem}-confusion.png",
                    title=f"{dataset}/{args.split} (acc {100 * metrics['acc']:.2f}%)")
     if args.json:
-        print(json.dumps(json_safe(metrics)))
+        say(json.dumps(json_safe(metrics)))
         return
-    print(f"{args.checkpoint} (epoch {epoch}) on {dataset}/{args.split}"
-          f"{' with flip TTA' if args.tta == 'flip' else ''}:")
-    print(format_table(metrics, classes))
-    print(f"confusion matrix: {out / (stem + '-confusion.png')}, {out / (stem + '-confusion.json')}")
+    say(f"{args.checkpoint} (epoch {epoch}) on {dataset}/{args.split}"
+        f"{' with flip TTA' if args.tta == 'flip' else ''}:")
+    say(format_table(metrics, classes))
+    say(f"confusion matrix: {out / (stem + '-confusion.png')}, {out / (stem + '-confusion.json')}")
 
 
 def _error(err) -> int:

@@ -414,6 +414,24 @@ def _check_setting_type(name: str, value, path) -> None:
         raise ConfigFileError(f"{path}: setting {name!r} = {json.dumps(value)} should be {names}")
 
 
+def _check_setting_value(name: str, value, where, actions: dict) -> None:
+    """Check ``value`` as the command line checks its flag: the flag's ``type=`` function
+    (``arg_types``: ranges, finiteness) and its choices; a ConfigFileError naming the key."""
+    action = actions.get(name)
+    if action is None or value is None or isinstance(value, bool):  # None: the default; bools are typed
+        return
+    flag = max(action.option_strings, key=len)
+    shown = json.dumps(value)
+    if action.type is not None:
+        try:
+            value = action.type(str(value))
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as err:
+            raise ConfigFileError(f"--config {where}: setting {name!r} = {shown}: {err} (as {flag})") from None
+    if action.choices is not None and value not in action.choices:
+        raise ConfigFileError(f"--config {where}: setting {name!r} = {shown}: should be one of "
+                              f"{', '.join(map(str, action.choices))} (as {flag})")
+
+
 def settings_from_config_file(path, settings: TrainSettings, explicit) -> tuple:
     """(settings, notes): those of the JSON file ``path`` (a run's config.json, or an object of
     settings), with the flags in ``explicit`` taken from ``settings`` instead. Unknown keys are
@@ -442,6 +460,9 @@ def settings_from_config_file(path, settings: TrainSettings, explicit) -> tuple:
     for name, value in values.items():
         _check_setting_type(name, value, where)
     taken = {name: value for name, value in values.items() if name not in NOT_FROM_CONFIG and name not in explicit}
+    actions = {action.dest: action for action in build_parser()._actions if action.option_strings}
+    for name, value in taken.items():  # the flags' own checks (a flag typed here overrides, unchecked)
+        _check_setting_value(name, value, where, actions)
     merged = dataclasses.replace(TrainSettings(), **taken)
     merged = dataclasses.replace(merged, **{name: getattr(settings, name) for name in explicit if name in names})
     notes = []

@@ -30,6 +30,7 @@ import torch
 from . import cache as _cache
 from .decode import ImageFiles, square
 from .errors import DatasetNotFoundError, LabelFormatError, LabelRangeError
+from .text_files import open_label_text
 
 CLASSES8 = ("Neutral", "Happy", "Sad", "Surprise", "Fear", "Disgust", "Anger", "Contempt")
 CLASSES7 = CLASSES8[:7]
@@ -38,6 +39,7 @@ MANUAL_FILES = {"train": "training.csv", "test": "validation.csv"}
 PLAIN_FILES = {"train": "train.csv", "test": "test.csv"}
 IMAGE_DIR = "Manually_Annotated_Images"
 MANUAL_COLUMNS = ("subDirectory_filePath", "face_x", "face_y", "face_width", "face_height", "expression")
+MAX_BOX = 1 << 20  # px: no face box lies this far out (10^20 is a damaged field, not a position)
 WHERE = (
     "AffectNet is distributed by its authors on request (academic licence): "
     "http://mohammadmahoor.com/affectnet/ ; nothing is downloaded automatically"
@@ -70,8 +72,7 @@ def _find_csv(root: Path, split: str, csv_file) -> Path:
 def read_csv(path: Path, root: Path, num_classes: int):
     """``(paths, boxes or None, labels, names, manual?)`` of the rows kept for ``num_classes``."""
     paths, boxes, labels, names = [], [], [], []
-    # utf-8-sig: a byte-order mark (Windows editors, Excel) would otherwise glue onto the first field
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with open_label_text(path, newline="") as f:
         reader = csv.reader(f)
         header = [h.strip() for h in (next(reader, None) or [])]
         if "subDirectory_filePath" in header:
@@ -102,7 +103,7 @@ def read_csv(path: Path, root: Path, num_classes: int):
                 value = int(float(raw))
                 if float(raw) != value:
                     raise ValueError
-            except ValueError:
+            except (ValueError, OverflowError):  # OverflowError: inf
                 raise LabelFormatError(f"{path}, line {line}: expression {raw!r} is not an integer") from None
             if not 0 <= value <= 10:
                 raise LabelRangeError(f"{path}, line {line}: expression {value} out of range 0..10")
@@ -114,8 +115,11 @@ def read_csv(path: Path, root: Path, num_classes: int):
             if manual:
                 try:
                     box = tuple(int(float(row[col[c]])) for c in ("face_x", "face_y", "face_width", "face_height"))
-                except ValueError:
+                except (ValueError, OverflowError):  # OverflowError: inf
                     raise LabelFormatError(f"{path}, line {line}: face box fields are not numbers") from None
+                if max(abs(v) for v in box) > MAX_BOX:
+                    raise LabelRangeError(f"{path}, line {line}: face box (x={box[0]}, y={box[1]}, w={box[2]}, "
+                                          f"h={box[3]}) is beyond any image ({MAX_BOX} px)")
                 if box[2] <= 0 or box[3] <= 0:
                     raise LabelRangeError(f"{path}, line {line}: face box size {box[2]}x{box[3]} is not positive")
                 boxes.append(box)

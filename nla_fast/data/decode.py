@@ -70,7 +70,8 @@ def open_rgb(path, box=None):
             return im
     except CorruptImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        # DecompressionBombError: more pixels than Pillow's safety limit (a crafted or broken file)
         raise CorruptImageError(f"cannot decode image {path}: {err}") from err
 
 

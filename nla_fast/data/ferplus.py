@@ -32,6 +32,7 @@ import torch
 from . import cache as _cache
 from .decode import ArrayImages, ImageFiles, square
 from .errors import CorruptImageError, DatasetNotFoundError, LabelFormatError, LabelRangeError
+from .text_files import open_label_text
 
 CLASSES8 = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt")
 CLASSES7 = CLASSES8[:7]
@@ -40,6 +41,8 @@ USAGE = {"Training": "train", "PublicTest": "valid", "PrivateTest": "test"}
 FOLDERS = {"train": "FER2013Train", "valid": "FER2013Valid", "test": "FER2013Test"}
 LABEL_MODES = ("majority", "argmax", "soft")
 SOURCE_SIZE = 48  # FER2013's faces are 48 x 48 (the cache keeps them so unless cache_size says otherwise)
+# FERPlus has ten annotators per image; a larger count is a damaged file, not a vote
+MAX_VOTES = 1000
 WHERE = (
     "fer2013.csv comes from the Kaggle 'Challenges in Representation Learning: Facial Expression "
     "Recognition Challenge' (https://www.kaggle.com/c/challenges-in-representation-learning-facial-"
@@ -74,19 +77,21 @@ def _parse_votes(fields, path: Path, lineno: int) -> list[int]:
     if len(fields) != 10:
         raise LabelFormatError(f"{path}, line {lineno}: expected 10 vote counts, got {len(fields)}")
     try:
-        votes = [int(float(v)) for v in fields]
+        numbers = [float(v) for v in fields]
     except ValueError:
         raise LabelFormatError(f"{path}, line {lineno}: vote counts {fields} are not integers") from None
-    for v in votes:
-        if v < 0:
-            raise LabelRangeError(f"{path}, line {lineno}: vote count {v} out of range (must be >= 0)")
-    return votes
+    for raw, number in zip(fields, numbers):
+        if number < 0:
+            raise LabelRangeError(f"{path}, line {lineno}: vote count {int(number) if number.is_integer() else raw.strip()} "
+                                  "out of range (must be >= 0)")
+        if not number <= MAX_VOTES:  # also inf and nan
+            raise LabelRangeError(f"{path}, line {lineno}: vote count {raw.strip()!r} out of range 0..{MAX_VOTES}")
+    return [int(number) for number in numbers]
 
 
 def _read_csv_pair(root: Path, split: str):
     old_path, new_path = root / "fer2013.csv", root / "fer2013new.csv"
-    # utf-8-sig: a byte-order mark (Windows editors, Excel) would otherwise glue onto the first field
-    with open(new_path, newline="", encoding="utf-8-sig") as f:
+    with open_label_text(new_path, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or len(header) < 12 or header[0].strip() != "Usage":
@@ -105,7 +110,7 @@ def _read_csv_pair(root: Path, split: str):
             new_rows.append((usage, row[1].strip(), _parse_votes(row[2:], new_path, reader.line_num), reader.line_num))
 
     pixels, names, votes, rows = [], [], [], []
-    with open(old_path, newline="", encoding="utf-8-sig") as f:
+    with open_label_text(old_path, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:3]] != ["emotion", "pixels", "Usage"]:
@@ -154,7 +159,7 @@ def _read_folder(root: Path, split: str, workers, verbose):
             f"FERPlus label file {label_file} is missing (split {split!r}); {_expected(root)}"
         )
     names, votes = [], []
-    with open(label_file, newline="", encoding="utf-8-sig") as f:
+    with open_label_text(label_file, newline="") as f:
         reader = csv.reader(f)
         for row in reader:
             if not row:

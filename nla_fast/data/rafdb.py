@@ -19,6 +19,7 @@ import torch
 from . import cache as _cache
 from .decode import ImageFiles, square
 from .errors import DatasetNotFoundError, LabelFormatError, LabelRangeError
+from .text_files import open_label_text
 
 CLASSES = ("Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral")
 TRAIN_COUNTS = (1290, 281, 717, 4772, 1982, 705, 2524)
@@ -54,8 +55,7 @@ def resolve_root(root) -> Path:
 
 def read_name_label_lines(path, low: int, high: int):
     """Yield (line number, name, label) of RAF-DB-format ``name label`` lines, label in low..high."""
-    # utf-8-sig: a byte-order mark (Windows editors, Excel) would otherwise glue onto the first field
-    with open(path, encoding="utf-8-sig") as f:
+    with open_label_text(path) as f:
         for lineno, line in enumerate(f, 1):
             parts = line.split()
             if not parts:
@@ -73,12 +73,22 @@ def read_name_label_lines(path, low: int, high: int):
 
 
 def read_label_file(path: Path, split: str) -> tuple[list[str], list[int]]:
-    """Names and 0-based labels of ``split`` from list_patition_label.txt."""
-    names, labels = [], []
-    for _, name, value in read_name_label_lines(path, 1, 7):
-        if name.startswith(split):
-            names.append(name)
-            labels.append(value - 1)
+    """Names and 0-based labels of ``split`` from list_patition_label.txt. A name listed twice
+    is refused when its labels differ (which one is right cannot be told) and kept once when
+    they agree."""
+    names, labels, seen = [], [], {}
+    for lineno, name, value in read_name_label_lines(path, 1, 7):
+        if not name.startswith(split):
+            continue
+        if name in seen:
+            first_line, first_value = seen[name]
+            if first_value != value:
+                raise LabelFormatError(f"{path}, line {lineno}: {name} is labelled {value}, but {first_value} on "
+                                       f"line {first_line}: keep one line per image")
+            continue
+        seen[name] = (lineno, value)
+        names.append(name)
+        labels.append(value - 1)
     return names, labels
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import DATASET_OPTIONS, canonical_name, load_dataset
+from .errors import LabelFormatError
 
 # the synthetic set's other splits are this share of --num-samples (at least SMALLEST_SPLIT)
 SYNTHETIC_SPLIT_SHARE = 4
@@ -26,6 +27,8 @@ def load_split(dataset: str, data_root, split: str, *, label_mode: str | None = 
     ``noise_*`` / ``imbalance_*``: the training split's protocols; given for another split
     they are refused (ValueError), so an evaluation always sees the clean labels.
     ``limit``: keep a fixed, seeded subset of that many samples (``subset_indices``).
+    A split left without samples (every row dropped by a label rule) raises LabelFormatError:
+    a run would otherwise report NaN accuracies and choose no best checkpoint.
     """
     accepted = DATASET_OPTIONS[canonical_name(dataset)]
     given = {"label_mode": label_mode, "num_classes": num_classes, "num_samples": num_samples, "cache_size": cache_size}
@@ -43,12 +46,27 @@ def load_split(dataset: str, data_root, split: str, *, label_mode: str | None = 
         raise ValueError(f"label noise and imbalance ({', '.join(protocols)}) apply to the training split only, "
                          f"not to {split!r}")
     loaded = load_dataset(dataset, data_root, split, image_size=None, **options, **protocols)
+    if len(loaded.labels) == 0:
+        raise LabelFormatError(_empty_split(loaded, dataset, split))
     index = subset_indices(len(loaded.labels), limit)
     if index is not None:
         loaded.images, loaded.labels = loaded.images[index], loaded.labels[index]
         if getattr(loaded, "soft_labels", None) is not None:
             loaded.soft_labels = loaded.soft_labels[index]
     return loaded
+
+
+def _empty_split(loaded, dataset: str, split: str) -> str:
+    info = loaded.info
+    source = info.get("label_file") or ", ".join(info.get("label_files") or []) or info.get("root") or dataset
+    if info.get("rows_total"):  # FERPlus: rows read, then dropped by the label rule
+        why = (f"all {info['rows_total']} of its rows were dropped by the {info.get('label_mode', 'label')} rule "
+               "(no majority, unknown, not a face, or a class left out)")
+    elif "rows_total" in info:
+        why = "the label files have no row of this split"
+    else:
+        why = "its label file lists no image of a class this run keeps (see --num-classes)"
+    return f"{dataset} {split} split is empty ({source}): {why}"
 
 
 def subset_indices(num_samples: int, limit: int | None, seed: int = 0) -> torch.Tensor | None:
