@@ -19,7 +19,9 @@ image and its flipped view. Every figure is the median of several timed windows.
     python bench/data_bench.py            # full run (CUDA if present, and CPU)
     python bench/data_bench.py --quick    # small CPU-only run (< 30 s), used by the tests
 
-Writes a table to stdout and JSON to bench/results/data_bench[_quick].json.
+Writes a table to stdout and JSON to data_bench[_quick].json under bench/out/ (not tracked;
+``--save``: bench/results/<date>-<device>/; ``--out-dir`` or ``--out FILE`` elsewhere),
+rewritten after every figure, so a run cut short keeps what it measured.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ from nla_fast.engine import make_optimizer  # noqa: E402
 from nla_fast.model import build_resnet18  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
+import result_files  # noqa: E402
 from timing import capture_cuda_graph, seconds_per_call  # noqa: E402
 
 RAF_TRAIN, RAF_TEST = 12271, 3068
@@ -188,6 +191,79 @@ def cache_memory(device, shape):
 
 
 # ----------------------------------------------------------------------------- main
+def targets(fig: dict, device_types: list[str], workers: list[int], batch: int) -> dict:
+    """Ratios inside this run, from whichever figures are measured so far."""
+    t = {}
+    for tag in device_types:
+        loaders = [fig[k] for k in (f"{tag}_dataloader_w{w}_samples_per_s" for w in workers) if k in fig]
+        ours = fig.get(f"{tag}_ours_b{batch}_samples_per_s")
+        if loaders and ours:
+            t[f"{tag}_speedup_vs_best_dataloader"] = ours / max(loaders)
+    if "cuda_speedup_vs_best_dataloader" in t:
+        t["cuda_speedup_vs_best_dataloader_ge_20x"] = t["cuda_speedup_vs_best_dataloader"] >= 20
+    eager_aug, graph_aug = fig.get(f"cuda_ours_b{batch}_ms_per_batch"), fig.get(f"cuda_ours_graph_b{batch}_ms_per_batch")
+    eager_step, graph_step = fig.get(f"cuda_train_step_b{batch}_eager_ms"), fig.get(f"cuda_train_step_b{batch}_graph_ms")
+    if eager_aug and eager_step:
+        t["cuda_aug_fraction_of_eager_step"] = eager_aug / eager_step
+    if graph_aug and graph_step:
+        t["cuda_graph_aug_fraction_of_graph_step"] = graph_aug / graph_step
+        t["cuda_eager_aug_fraction_of_graph_step"] = eager_aug / graph_step
+        t["cuda_aug_under_10pct_of_step"] = t["cuda_graph_aug_fraction_of_graph_step"] < 0.10
+    if "cuda_rafdb_cache_bytes_measured" in fig:
+        t["cuda_rafdb_cache_le_0.5GB"] = fig["cuda_rafdb_cache_bytes_measured"] <= 0.5e9
+    return t
+
+
+def measure_device(device, ds, root: Path, args, workers, fig: dict, save) -> None:
+    """Every figure of one device into ``fig``; ``save()`` after each."""
+    tag = device.type
+    quick = args.quick
+    images = ds.images.to(device)
+    for w in workers:
+        fig[f"{tag}_dataloader_w{w}_samples_per_s"] = bench_dataloader(
+            root, w, device, args.batch, 2 if device.type == "cuda" else 1, args.image_size)
+        save()
+    steps, windows = (2, 3) if quick else ((50, 7) if device.type == "cuda" else (5, 5))
+    for b in sorted({args.batch, 256} if not quick else {args.batch}):
+        r = bench_ours(images, device, b, steps if b == args.batch else max(3, steps // 4), windows, args.image_size)
+        fig[f"{tag}_ours_b{b}_samples_per_s"] = r["samples_per_s"]
+        fig[f"{tag}_ours_b{b}_ms_per_batch"] = r["ms_per_batch"]
+        save()
+    if device.type == "cuda":
+        r = bench_ours(images, device, args.batch, 200, windows, args.image_size, graph=True)
+        fig[f"cuda_ours_graph_b{args.batch}_samples_per_s"] = r["samples_per_s"]
+        fig[f"cuda_ours_graph_b{args.batch}_ms_per_batch"] = r["ms_per_batch"]
+        save()
+        step = bench_train_step(device, args.batch, args.image_size, 30, 5)
+        for k, v in step.items():
+            fig[f"cuda_train_step_b{args.batch}_{k}"] = v
+        fig["cuda_rafdb_cache_bytes_computed"] = (RAF_TRAIN + RAF_TEST) * 100 * 100 * 3
+        fig["cuda_rafdb_cache_bytes_measured"] = cache_memory(device, (RAF_TRAIN + RAF_TEST, 100, 100, 3))
+        save()
+    del images
+
+
+def print_table(results: dict, args, n_images: int) -> None:
+    print(f"data_bench  device={results['device']}  torch={results['torch']}  "
+          f"image={args.image_size}  batch={args.batch}  jpegs={n_images}{'  (quick)' if args.quick else ''}")
+    print(f"{'figure':<48}{'median':>14}")
+    for k, v in results["figures"].items():
+        print(f"{k:<48}{v:>14.4g}" if isinstance(v, float) else f"{k:<48}{v:>14}")
+    print(f"{'target':<48}{'value':>14}")
+    for k, v in results["targets"].items():
+        print(f"{k:<48}{v!s:>14}" if isinstance(v, bool) else f"{k:<48}{v:>14.4g}")
+
+
+def environment() -> dict:
+    out = {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count()}
+    for name in ("torchvision", "triton"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            out[name] = None
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small CPU-only run (< 30 s)")
@@ -196,7 +272,8 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, nargs="+", default=None, help="DataLoader workers (default 4 12; quick 2)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--image-size", type=int, default=None, help="default 224 (quick: 112)")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="the JSON file (default: data_bench[_quick].json in the results folder)")
+    result_files.add_arguments(ap)
     args = ap.parse_args(argv)
 
     quick = args.quick
@@ -208,26 +285,23 @@ def main(argv=None):
         devices.append(torch.device("cuda"))
     if args.device in ("auto", "cpu") or quick or not devices:
         devices.append(torch.device("cpu"))
-    out_path = Path(args.out) if args.out else ROOT / "bench" / "results" / ("data_bench_quick.json" if quick else "data_bench.json")
+    device_name = torch.cuda.get_device_name(0) if devices[0].type == "cuda" else f"cpu-{platform.machine()}"
+    out_path = Path(args.out) if args.out else (result_files.output_dir(args, result_files.slug(device_name))
+                                                / ("data_bench_quick.json" if quick else "data_bench.json"))
 
     t_start = time.perf_counter()
     results = {
         "benchmark": "data_bench", "quick": quick,
         "device": torch.cuda.get_device_name(0) if devices[0].type == "cuda" else platform.processor() or platform.machine(),
-        "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
+        **environment(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "image_size": args.image_size, "batch": args.batch, "n_images": n_images, "figures": {}, "targets": {},
     }
-    try:
-        import torchvision
-        results["torchvision"] = torchvision.__version__
-    except ImportError:
-        pass
-    try:
-        import triton
-        results["triton"] = triton.__version__
-    except ImportError:
-        results["triton"] = None
     fig = results["figures"]
+
+    def save():  # after every figure: a run cut short keeps what it measured
+        results["targets"] = targets(fig, [d.type for d in devices], workers, args.batch)
+        results["wall_s"] = time.perf_counter() - t_start
+        atomic.write_text(out_path, json.dumps(results, indent=2))
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -236,58 +310,11 @@ def main(argv=None):
         t0 = time.perf_counter()
         ds = load_dataset("rafdb", Path(tmp) / "raf", "train", cache_dir=Path(tmp) / "cache", verbose=False)
         fig["decode_cache_images_per_s"] = n_images / (time.perf_counter() - t0)
-
+        save()
         for device in devices:
-            tag = device.type
-            images = ds.images.to(device)
-            for w in workers:
-                fig[f"{tag}_dataloader_w{w}_samples_per_s"] = bench_dataloader(
-                    Path(tmp) / "raf", w, device, args.batch, 2 if device.type == "cuda" else 1, args.image_size)
-            steps, windows = (2, 3) if quick else ((50, 7) if device.type == "cuda" else (5, 5))
-            for b in sorted({args.batch, 256} if not quick else {args.batch}):
-                r = bench_ours(images, device, b, steps if b == args.batch else max(3, steps // 4), windows, args.image_size)
-                fig[f"{tag}_ours_b{b}_samples_per_s"] = r["samples_per_s"]
-                fig[f"{tag}_ours_b{b}_ms_per_batch"] = r["ms_per_batch"]
-            if device.type == "cuda":
-                r = bench_ours(images, device, args.batch, 200, windows, args.image_size, graph=True)
-                fig[f"cuda_ours_graph_b{args.batch}_samples_per_s"] = r["samples_per_s"]
-                fig[f"cuda_ours_graph_b{args.batch}_ms_per_batch"] = r["ms_per_batch"]
-                step = bench_train_step(device, args.batch, args.image_size, 30, 5)
-                for k, v in step.items():
-                    fig[f"cuda_train_step_b{args.batch}_{k}"] = v
-                fig["cuda_rafdb_cache_bytes_computed"] = (RAF_TRAIN + RAF_TEST) * 100 * 100 * 3
-                fig["cuda_rafdb_cache_bytes_measured"] = cache_memory(device, (RAF_TRAIN + RAF_TEST, 100, 100, 3))
-            del images
-
-    # targets (ratios inside this run)
-    t = results["targets"]
-    for tag in [d.type for d in devices]:
-        best_dl = max(fig[f"{tag}_dataloader_w{w}_samples_per_s"] for w in workers)
-        t[f"{tag}_speedup_vs_best_dataloader"] = fig[f"{tag}_ours_b{args.batch}_samples_per_s"] / best_dl
-    if any(d.type == "cuda" for d in devices):
-        b = args.batch
-        t["cuda_speedup_vs_best_dataloader_ge_20x"] = t["cuda_speedup_vs_best_dataloader"] >= 20
-        eager_aug = fig[f"cuda_ours_b{b}_ms_per_batch"]
-        graph_aug = fig[f"cuda_ours_graph_b{b}_ms_per_batch"]
-        if f"cuda_train_step_b{b}_eager_ms" in fig:
-            t["cuda_aug_fraction_of_eager_step"] = eager_aug / fig[f"cuda_train_step_b{b}_eager_ms"]
-        if f"cuda_train_step_b{b}_graph_ms" in fig:
-            t["cuda_graph_aug_fraction_of_graph_step"] = graph_aug / fig[f"cuda_train_step_b{b}_graph_ms"]
-            t["cuda_eager_aug_fraction_of_graph_step"] = eager_aug / fig[f"cuda_train_step_b{b}_graph_ms"]
-            t["cuda_aug_under_10pct_of_step"] = t["cuda_graph_aug_fraction_of_graph_step"] < 0.10
-        t["cuda_rafdb_cache_le_0.5GB"] = fig["cuda_rafdb_cache_bytes_measured"] <= 0.5e9
-    results["wall_s"] = time.perf_counter() - t_start
-
-    # table
-    print(f"data_bench  device={results['device']}  torch={results['torch']}  "
-          f"image={args.image_size}  batch={args.batch}  jpegs={n_images}{'  (quick)' if quick else ''}")
-    print(f"{'figure':<48}{'median':>14}")
-    for k, v in fig.items():
-        print(f"{k:<48}{v:>14.4g}" if isinstance(v, float) else f"{k:<48}{v:>14}")
-    print(f"{'target':<48}{'value':>14}")
-    for k, v in t.items():
-        print(f"{k:<48}{v!s:>14}" if isinstance(v, bool) else f"{k:<48}{v:>14.4g}")
-    atomic.write_text(out_path, json.dumps(results, indent=2))
+            measure_device(device, ds, Path(tmp) / "raf", args, workers, fig, save)
+    save()
+    print_table(results, args, n_images)
     print(f"wrote {out_path}  ({results['wall_s']:.1f} s)")
     return results
 

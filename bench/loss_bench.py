@@ -1,13 +1,22 @@
 """NLA loss benchmark: every backend against the reference-style loss, in one run.
 
-    python bench/loss_bench.py            # full sweep (GPU: do_bench medians, cold L2)
-    python bench/loss_bench.py --quick    # small CPU-friendly sweep, < 30 s
+    python bench/loss_bench.py                  # full sweep (GPU: do_bench medians, cold L2)
+    python bench/loss_bench.py --targets        # SPEC 4's rows only, in order of value (make gpu-check)
+    python bench/loss_bench.py --quick          # small CPU-friendly sweep, < 30 s
+    python bench/loss_bench.py --time-cap 90    # start no row after 90 s; the JSON lists what was left
+    python bench/loss_bench.py --save           # the reference copy: bench/results/<date>-<device>/
 
-Prints a table and writes bench/results/loss_bench-<device>.{json,md} (and a copy under
-$OUT when set). Bytes counted per call: both logit tensors and the targets read once, plus
-both gradients written once for forward+backward; GB/s is set against a device-to-device
-copy measured in the same run. On CUDA, each fast backend's forward + autograd.grad is also
-captured in a CUDA graph and replayed (backend "<name> graph": what the trainer pays).
+Prints a table and writes loss_bench-<device>[-quick].{json,md} under bench/out/ (not tracked;
+``--out-dir`` elsewhere; and a copy under $OUT when set), rewritten after every row, so a run
+that is cut short keeps what it measured. Bytes counted per call: both logit tensors and the
+targets read once, plus both gradients written once for forward+backward; GB/s is set against
+a device-to-device copy measured in the same run. On CUDA, each fast backend's forward +
+autograd.grad is also captured in a CUDA graph and replayed (backend "<name> graph"): the
+kernel-only time of the call, what the trainer pays, so host and device costs are told apart.
+
+``--targets`` measures forward+backward at (32, 7) fp32 (reference-style, both fast backends,
+the compiled reference: one Inductor compile), then (2^20, 7) bf16, (2^20, 7) fp32 and
+(4096, 1000) bf16 (fast backends only: three autotuned batch buckets), then the host bar.
 
 The host bar (SPEC 4, CPU proxy for the host path), measured on the CPU with one thread in
 every run: the extension's forward + ``torch.autograd.grad`` (B=32, C=7, ``validate=False``)
@@ -20,33 +29,35 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import result_files  # noqa: E402
+import spec_targets  # noqa: E402
 from reference_style import reference_style_nla_loss  # noqa: E402
 from timing import capture_cuda_graph  # noqa: E402
 
-from nla_fast import NLAConfig, nla_loss  # noqa: E402
+from nla_fast import NLAConfig, atomic, nla_loss  # noqa: E402
 from nla_fast.reference import nla_loss_reference  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 FULL_SHAPES = [(32, 7), (64, 7), (4096, 7), (65536, 7), (2**20, 7), (4096, 1000)]
 QUICK_SHAPES = [(32, 7), (4096, 7)]
-FAST_BACKENDS = ("triton", "extension")
+FAST_BACKENDS = spec_targets.FAST_BACKENDS
 HOST_BAR_CALLS = {True: 1500, False: 6000}  # interleaved calls of each, --quick or not
 CONFIG = NLAConfig.official()  # the constants the reference-style loss uses
 
 
 def device_slug(device: torch.device) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
-    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+    return result_files.slug(name)
 
 
 def versions() -> dict:
@@ -87,7 +98,8 @@ def copy_bandwidth_gbs(device: torch.device, quick: bool) -> float:
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
-def make_backends(device: torch.device, with_compile: bool) -> dict:
+def make_backends(device: torch.device, with_compile: bool, wanted: set | None = None) -> dict:
+    """name -> loss(z, zf, y, eps) for every backend that runs here (or only those ``wanted``)."""
     backends = {
         "reference-style": lambda z, zf, y, e: reference_style_nla_loss(z, zf, y, float(e)),
         "reference": lambda z, zf, y, e: nla_loss_reference(z, zf, y, e, CONFIG),
@@ -95,7 +107,9 @@ def make_backends(device: torch.device, with_compile: bool) -> dict:
     if with_compile:
         compiled = torch.compile(nla_loss_reference, dynamic=False)
         backends["reference+compile"] = lambda z, zf, y, e: compiled(z, zf, y, e, CONFIG)
-    for name in ("triton", "extension"):
+    for name in FAST_BACKENDS:
+        if wanted is not None and name not in wanted:
+            continue
         if device.type == "cpu" and name == "triton":
             continue  # the interpreter's timings mean nothing
         try:
@@ -105,75 +119,149 @@ def make_backends(device: torch.device, with_compile: bool) -> dict:
             print(f"[loss_bench] backend {name} unavailable: {err}", file=sys.stderr)
             continue
         backends[name] = lambda z, zf, y, e, _n=name: nla_loss(z, zf, y, e, CONFIG, backend=_n, validate=False)
-    return backends
+    return {name: fn for name, fn in backends.items() if wanted is None or name in wanted}
 
 
-def run(args) -> dict:
+@dataclass(frozen=True)
+class Case:
+    """One input shape and mode; ``backends`` in the order measured (None: every backend)."""
+    batch: int
+    classes: int
+    dtype: torch.dtype
+    mode: str  # "fwd" or "fwd+bwd"
+    backends: tuple | None = None
+
+
+# SPEC 4's loss rows in order of value. (32, 7): the reference-style baseline first (every
+# speedup is against it), the compiled reference last (its Inductor compile is the slowest row).
+TARGET_CASES = (
+    Case(32, 7, torch.float32, "fwd+bwd", ("reference-style", "triton", "extension", "reference+compile")),
+    Case(2**20, 7, torch.bfloat16, "fwd+bwd", FAST_BACKENDS),
+    Case(2**20, 7, torch.float32, "fwd+bwd", FAST_BACKENDS),
+    Case(4096, 1000, torch.bfloat16, "fwd+bwd", FAST_BACKENDS),
+)
+
+
+def sweep_cases(shapes, dtypes) -> list[Case]:
+    return [Case(b, c, dtype, mode) for b, c in shapes for dtype in dtypes for mode in ("fwd", "fwd+bwd")]
+
+
+def plan_cases(args, device: torch.device) -> list[Case]:
+    if args.targets:
+        return list(TARGET_CASES)
+    dtypes = [torch.float32] if (args.quick or device.type == "cpu") else [torch.float32, torch.bfloat16]
+    return sweep_cases(QUICK_SHAPES if args.quick else FULL_SHAPES, dtypes)
+
+
+def case_inputs(case: Case, device: torch.device):
+    gen = torch.Generator(device=device).manual_seed(case.batch + case.classes)
+    z = (2 * torch.randn(case.batch, case.classes, device=device, generator=gen)).to(case.dtype)
+    zf = (z.float() + 0.5 * torch.randn(case.batch, case.classes, device=device, generator=gen)).to(case.dtype)
+    y = torch.randint(0, case.classes, (case.batch,), device=device, generator=gen)
+    grads = case.mode == "fwd+bwd"
+    return z.detach().requires_grad_(grads), zf.detach().requires_grad_(grads), y, torch.tensor(0.37, device=device)
+
+
+class Clock:
+    """Seconds since the run started, against an optional cap on starting new rows."""
+
+    def __init__(self, cap_s: float | None):
+        self.start, self.cap_s = time.perf_counter(), cap_s
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def over(self) -> bool:
+        return self.cap_s is not None and self.elapsed() > self.cap_s
+
+
+def run(args, on_row=lambda result: None) -> dict:
+    """Measure every row of the plan; ``on_row(result)`` after each (the caller rewrites the files)."""
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     quick = args.quick
-    shapes = QUICK_SHAPES if quick else FULL_SHAPES
-    dtypes = [torch.float32] if (quick or device.type == "cpu") else [torch.float32, torch.bfloat16]
+    cases = plan_cases(args, device)
     with_compile = args.compile if args.compile is not None else (device.type == "cuda")
-    backends = make_backends(device, with_compile)
+    wanted = {name for case in cases for name in (case.backends or ())} or None
+    backends = make_backends(device, with_compile, wanted)
+    clock = Clock(args.time_cap)
     bandwidth = copy_bandwidth_gbs(device, quick)
     print(f"[loss_bench] {device_slug(device)}: copy bandwidth {bandwidth:.0f} GB/s; backends {list(backends)}")
-
-    rows = []
-    for batch, classes in shapes:
-        for dtype in dtypes:
-            gen = torch.Generator(device=device).manual_seed(batch + classes)
-            z = (2 * torch.randn(batch, classes, device=device, generator=gen)).to(dtype)
-            zf = (z.float() + 0.5 * torch.randn(batch, classes, device=device, generator=gen)).to(dtype)
-            y = torch.randint(0, classes, (batch,), device=device, generator=gen)
-            eps = torch.tensor(0.37, device=device)
-            io_bytes = 2 * z.numel() * z.element_size() + y.numel() * y.element_size()
-            for mode in ("fwd", "fwd+bwd"):
-                zg = z.detach().requires_grad_(mode == "fwd+bwd")
-                zfg = zf.detach().requires_grad_(mode == "fwd+bwd")
-                nbytes = io_bytes + (2 * z.numel() * z.element_size() if mode == "fwd+bwd" else 0)
-                baseline = None
-                for name, fn in backends.items():
-                    if mode == "fwd":
-                        def call(fn=fn):
-                            with torch.no_grad():
-                                fn(zg, zfg, y, eps)
-                    else:
-                        def call(fn=fn):
-                            torch.autograd.grad(fn(zg, zfg, y, eps), (zg, zfg))
-                    try:
-                        ms = median_ms(call, device, quick)
-                    except Exception as err:  # noqa: BLE001 - a failing backend is a row, not a crash
-                        print(f"[loss_bench] {name} {batch}x{classes} {dtype} {mode}: {err}", file=sys.stderr)
-                        continue
-                    if name == "reference-style":
-                        baseline = ms
-                    rows.append(_row(batch, classes, dtype, mode, name, ms, nbytes, bandwidth, baseline))
-                if mode == "fwd+bwd" and device.type == "cuda":
-                    # fwd + autograd.grad captured once and replayed: no Python, no dispatcher
-                    for name in FAST_BACKENDS:
-                        if name not in backends:
-                            continue
-                        try:
-                            graph = capture_cuda_graph(
-                                lambda fn=backends[name]: torch.autograd.grad(fn(zg, zfg, y, eps), (zg, zfg)))
-                            ms = median_ms(graph.replay, device, quick)
-                        except Exception as err:  # noqa: BLE001 - a failing capture is reported, not fatal
-                            print(f"[loss_bench] {name} graph {batch}x{classes} {dtype}: {err}", file=sys.stderr)
-                            continue
-                        rows.append(_row(batch, classes, dtype, mode, f"{name} graph", ms, nbytes, bandwidth,
-                                         baseline))
-    bar = host_bar(quick)
-    if bar is not None:
-        rows += bar.pop("rows")
     result = {
         "benchmark": "loss_bench", "device": device_slug(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "versions": versions(), "quick": quick, "copy_bandwidth_gb_per_s": bandwidth,
+        "arch": _arch(device), "versions": versions(), "quick": quick, "plan": "targets" if args.targets else "sweep",
+        "copy_bandwidth_gb_per_s": bandwidth,
         "timer": "triton.testing.do_bench median" if device.type == "cuda" else "perf_counter median",
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows, "host_bar": bar,
-        "targets": targets(rows, bar),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"), "time_cap_s": args.time_cap, "rows": [], "host_bar": None,
+        "not_measured": [], "targets": {},
     }
+    for case in cases:
+        measure_case(case, backends, device, quick, bandwidth, clock, result, on_row)
+    if clock.over():
+        result["not_measured"].append("host bar")
+    else:
+        bar = host_bar(quick)
+        if bar is not None:
+            result["rows"] += bar.pop("rows")
+            result["host_bar"] = bar
+    result["targets"] = targets(result["rows"], result["host_bar"])
+    on_row(result)
     return result
+
+
+def measure_case(case: Case, backends: dict, device, quick: bool, bandwidth: float, clock: Clock, result: dict,
+                 on_row) -> None:
+    """The rows of one case: each backend eager, then (CUDA, forward+backward, fast backends) the
+    same call captured in a CUDA graph and replayed."""
+    label = f"{case.batch}x{case.classes} {str(case.dtype).replace('torch.', '')} {case.mode}"
+    graphed = case.mode == "fwd+bwd" and device.type == "cuda"
+    planned = [(name, row_name) for name in (case.backends or backends) if name in backends
+               for row_name in [name] + ([f"{name} graph"] if graphed and name in FAST_BACKENDS else [])]
+    if clock.over():
+        result["not_measured"] += [f"{label} {row_name}" for _, row_name in planned]
+        return
+    z, zf, y, eps = case_inputs(case, device)
+    nbytes = 2 * z.numel() * z.element_size() + y.numel() * y.element_size()
+    if case.mode == "fwd+bwd":
+        nbytes += 2 * z.numel() * z.element_size()
+    baseline = None
+    for name, row_name in planned:
+        if clock.over():
+            result["not_measured"].append(f"{label} {row_name}")
+            continue
+        try:
+            ms = time_call(case, backends[name], z, zf, y, eps, device, quick, graph=row_name != name)
+        except Exception as err:  # noqa: BLE001 - a failing backend or capture is a line, not a crash
+            print(f"[loss_bench] {label} {row_name}: {err}", file=sys.stderr)
+            continue
+        if row_name == "reference-style":
+            baseline = ms
+        result["rows"].append(_row(case.batch, case.classes, case.dtype, case.mode, row_name, ms, nbytes,
+                                   bandwidth, baseline))
+        result["targets"] = targets(result["rows"], result["host_bar"])
+        print(f"[loss_bench] {label} {row_name}: {ms:.4f} ms (at {clock.elapsed():.1f} s)", flush=True)
+        on_row(result)
+
+
+def time_call(case: Case, fn, z, zf, y, eps, device, quick: bool, graph: bool) -> float:
+    """Median ms of one call: eager, or (``graph``) its CUDA-graph capture replayed (kernel-only)."""
+    if case.mode == "fwd":
+        def call():
+            with torch.no_grad():
+                fn(z, zf, y, eps)
+    else:
+        def call():
+            torch.autograd.grad(fn(z, zf, y, eps), (z, zf))
+    if graph:
+        call = capture_cuda_graph(call).replay
+    return median_ms(call, device, quick)
+
+
+def _arch(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def _row(batch, classes, dtype, mode, backend, ms, nbytes, bandwidth, baseline) -> dict:
@@ -239,31 +327,12 @@ def host_bar(quick: bool, batch: int = 32, classes: int = 7) -> dict | None:
     }
 
 
-def _find(rows, **key):
-    for row in rows:
-        if all(row[k] == v for k, v in key.items()):
-            return row
-    return None
-
-
 def targets(rows, bar=None) -> dict:
-    """SPEC 4: (32,7) fwd+bwd >= 50x reference-style and >= 3x compiled reference, for each fast
-    backend eager and replayed in a CUDA graph; (2^20,7) bf16 >= 70% of copy bandwidth; host bar <= 1."""
-    out = {}
-    comp = _find(rows, batch=32, classes=7, dtype="float32", mode="fwd+bwd", backend="reference+compile")
-    for fast in FAST_BACKENDS:
-        for label in (fast, f"{fast} graph"):
-            small = _find(rows, batch=32, classes=7, dtype="float32", mode="fwd+bwd", backend=label)
-            if small and small["speedup_vs_reference_style"]:
-                out[f"{label}: 32x7 speedup vs reference-style (>= 50)"] = small["speedup_vs_reference_style"]
-            if small and comp:
-                out[f"{label}: 32x7 speedup vs compiled reference (>= 3)"] = comp["median_ms"] / small["median_ms"]
-            big = _find(rows, batch=2**20, classes=7, dtype="bfloat16", mode="fwd+bwd", backend=label)
-            if big:
-                out[f"{label}: 2^20x7 bf16 fraction of copy bandwidth (>= 0.70)"] = big["fraction_of_copy_bw"]
-    if bar is not None:
-        out["extension: host time / two F.cross_entropy, 32x7 CPU 1 thread (<= 1.0)"] = bar["ratio"]
-    return out
+    """SPEC 4's loss and host targets measured in these rows ({label: value}; bench/spec_targets.py
+    defines them): (32, 7) eager speedups, the fraction of copy bandwidth of the graph-replayed
+    call at (2^20, 7) bf16 and fp32 and (4096, 1000) bf16, the host bar."""
+    result = {"rows": rows, "host_bar": bar}
+    return spec_targets.as_dict(spec_targets.loss_targets(result) + spec_targets.host_targets(result))
 
 
 def to_markdown(result) -> str:
@@ -288,35 +357,47 @@ def to_markdown(result) -> str:
         lines += ["", f"Host bar (CPU, 1 thread, {bar['calls_each']} interleaved calls each, medians): "
                       f"two F.cross_entropy {bar['two_cross_entropy_us']:.1f} us, extension "
                       f"{bar['extension_us']:.1f} us, ratio {bar['ratio']:.3f} (target {bar['target']})"]
+    if result.get("not_measured"):
+        lines += ["", f"Not measured (time cap {result['time_cap_s']} s reached): " + ", ".join(result["not_measured"])]
     lines += ["", "Targets (SPEC 4):", ""]
     lines += [f"- {k}: {v:.2f}" for k, v in result["targets"].items()] or ["- (no fast backend ran)"]
     return "\n".join(lines) + "\n"
 
 
 def write(result, out_dir: Path) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Rewrite the JSON and Markdown of ``result`` in ``out_dir`` (atomically: a cut run keeps the last rows)."""
     stem = f"loss_bench-{result['device']}{'-quick' if result['quick'] else ''}"
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
-    paths[0].write_text(json.dumps(result, indent=2))
-    paths[1].write_text(to_markdown(result))
+    atomic.write_text(paths[0], json.dumps(result, indent=2))
+    atomic.write_text(paths[1], to_markdown(result))
     return paths
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sweep (CPU-friendly, < 30 s)")
+    plan = parser.add_mutually_exclusive_group()
+    plan.add_argument("--quick", action="store_true", help="small sweep (CPU-friendly, < 30 s)")
+    plan.add_argument("--targets", action="store_true", help="SPEC 4's rows only, in order of value")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
     parser.add_argument("--compile", dest="compile", action="store_true", default=None,
                         help="include torch.compile of the reference (default: on for CUDA)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON and Markdown go")
+    parser.add_argument("--time-cap", type=float, default=None, metavar="SECONDS",
+                        help="start no new row after this many seconds (the JSON lists the rows left)")
+    result_files.add_arguments(parser)
     args = parser.parse_args(argv)
-    result = run(args)
-    paths = write(result, args.out_dir)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    out_dirs = [result_files.output_dir(args, device_slug(device))]
     if os.environ.get("OUT"):
-        write(result, Path(os.environ["OUT"]))
+        out_dirs.append(Path(os.environ["OUT"]))
+
+    def save(result):
+        for out in out_dirs:
+            write(result, out)
+
+    result = run(args, on_row=save)
     print(to_markdown(result))
-    print("wrote " + ", ".join(str(p) for p in paths))
+    print("wrote " + ", ".join(str(p) for p in write(result, out_dirs[0])))
     return result
 
 

@@ -23,10 +23,11 @@ expressions, its known ambiguous ones). The weight of each sample is computed fr
 it) with the epoch's eps and the run's constants (``naw_weight_from_probs``). ``ce`` runs
 get the weight NLA would have assigned (paper constants); their loss does not use it.
 
-Writes ``bench/results/noise_study-<device>[-quick].json``, ``.md`` (the table: mean and
-sample standard deviation over seeds), ``.png`` (accuracy against noise rate per loss) and
-``-naw.png`` (NAW weight of flipped and kept samples per epoch), and copies under ``$OUT``
-when it is set.
+Writes ``noise_study-<device>[-quick].json``, ``.md`` (the table: mean and sample standard
+deviation over seeds), ``.png`` (accuracy against noise rate per loss) and ``-naw.png`` (NAW
+weight of flipped and kept samples per epoch) under ``bench/out/`` (not tracked; ``--save``:
+the reference copy in ``bench/results/<date>-<device>/``; ``--out-dir`` elsewhere), and copies
+under ``$OUT`` when it is set.
 
 How the GPU defaults are sized (``FULL``): 5,000 training faces (1,250 test) at 64 px,
 15 epochs of batch 32 (156 steps), lr 1e-3 (no pre-trained backbone: the synthetic demo's
@@ -57,6 +58,7 @@ import torch
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
+import result_files  # noqa: E402
 from loss_bench import device_slug, versions  # noqa: E402
 
 from nla_fast import atomic, train  # noqa: E402
@@ -66,7 +68,6 @@ from nla_fast.reference import naw_weight_from_probs  # noqa: E402
 from nla_fast.device import pick_device  # noqa: E402
 from nla_fast.settings import TrainSettings  # noqa: E402
 
-RESULTS = BENCH / "results"
 RATES = (0.0, 0.1, 0.2, 0.3)
 # name -> (the trainer's --loss, --preset)
 LOSSES = {"ce": ("ce", "paper"), "nla-paper": ("nla", "paper"), "nla-official": ("nla", "official")}
@@ -342,7 +343,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, help="override the plan's epochs")
     parser.add_argument("--num-samples", type=int, help="override the plan's training faces")
     parser.add_argument("--image-size", type=int, help="override the plan's image size")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    result_files.add_arguments(parser)
     parser.add_argument("--verbose", action="store_true", help="print every epoch of every run")
     args = parser.parse_args(argv)
     unknown = [loss for loss in args.losses if loss not in LOSSES]
@@ -371,7 +372,8 @@ def main(argv=None) -> dict:
     result.update(quick=args.quick, total_seconds=time.perf_counter() - t0)
     stem = f"noise_study-{result['device']}{'-quick' if args.quick else ''}"
     table = markdown(result)
-    out_dirs = [args.out_dir] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+    out_dir = result_files.output_dir(args, result["device"])
+    out_dirs = [out_dir] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
     for out in out_dirs:
         out.mkdir(parents=True, exist_ok=True)
         atomic.write_text(out / f"{stem}.json", json.dumps(result, indent=2, allow_nan=False) + "\n")
@@ -380,7 +382,7 @@ def main(argv=None) -> dict:
         plot_naw(result, out / f"{stem}-naw.png")
     print(table)
     print(f"[noise_study] {len(result['runs'])} runs in {result['total_seconds']:.0f} s; wrote "
-          f"{args.out_dir / stem}.json, .md, .png, -naw.png")
+          f"{out_dir / stem}.json, .md, .png, -naw.png")
     return result
 
 

@@ -2,6 +2,7 @@
 
     python bench/train_bench.py            # on a GPU: the full ladder, batch 32, 224 px
     python bench/train_bench.py --quick    # CPU smoke run (< 1 min): tiny sizes, no graphs
+    python bench/train_bench.py --rungs 0,6,7,8,5 --epochs 7   # what make gpu-check measures
 
 Rungs (a sample = an image and its flip; samples/s = batch / median step time):
   0  reference-style loop: JPEGs in the RAF-DB layout, DataLoader (4 and 12 workers) + PIL
@@ -20,11 +21,14 @@ Rungs (a sample = an image and its flip; samples/s = batch / median step time):
 Adam is the trainer's (``--adam``, default fused and capturable) in rungs 5-8. Rungs 5, 7
 and 8 need CUDA (skipped on the CPU, where Inductor's C++ compilation takes minutes).
 Also one full epoch on RAF-DB-shaped data (12,271 train + 3,068 test with evaluation) for
-rungs 0, 5 and 7 and the projected 60-epoch time (rung 7: compile time added once, shown apart).
+rungs 0, 5 and 7 (``--epochs``) and the projected 60-epoch time (rung 7: compile time added
+once, shown apart). ``--rungs`` picks the rungs and their order; ratios to a rung not measured
+are left empty.
 
 Step times are medians over blocks of steps (synchronised at each block's end), after warm-up.
-Writes bench/results/train_bench-<device>.json and .png (and copies under $OUT) and prints
-the table last.
+Writes train_bench-<device>[-quick].json under bench/out/ (not tracked; ``--save``: the
+reference copy in bench/results/<date>-<device>/; ``--out-dir`` elsewhere; copies under $OUT
+when set), rewritten after every row, and a .png chart at the end; prints the table last.
 """
 from __future__ import annotations
 
@@ -44,6 +48,8 @@ import torch
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
+import result_files  # noqa: E402
+import spec_targets  # noqa: E402
 from loss_bench import device_slug, versions  # noqa: E402
 from timing import capture_cuda_graph, seconds_per_call, sync  # noqa: E402
 from reference_loop import (make_loader, make_model, reference_step, run_reference_epoch,  # noqa: E402
@@ -54,11 +60,10 @@ from nla_fast.augment import EvalTransform  # noqa: E402
 from nla_fast.data import load_dataset  # noqa: E402
 from nla_fast.data.fixtures import make_rafdb_tree  # noqa: E402
 from nla_fast.engine import (StepOptions, autocast_context, build_train_step, compile_function,  # noqa: E402
-                             evaluate, make_optimizer)
+                             make_optimizer)
 from nla_fast.model import build_resnet18  # noqa: E402
 from nla_fast.placement import DeviceResident  # noqa: E402
 
-RESULTS = BENCH / "results"
 RAFDB_TRAIN, RAFDB_TEST = 12271, 3068
 NUM_CLASSES = 7
 
@@ -217,7 +222,7 @@ def rung_device_step(plan, device, images, labels, options: StepOptions):
 def rung_ceiling(plan, device, compiled: bool = False):
     """Rung 6: bare ResNet-18 + Adam on random device tensors, one CUDA graph (eager on the CPU).
     Rung 8 (``compiled``): the same with ``torch.compile(model)`` inside the graph (the pattern
-    of measurements/2026-11-29-h200/compile_ceiling.py). Returns (seconds per step, info)."""
+    of bench/results/2026-11-29-nvidia-h200/compile_ceiling.py). Returns (seconds per step, info)."""
     torch.manual_seed(0)
     model = build_resnet18(NUM_CLASSES).to(device).to(memory_format=torch.channels_last)
     on_cuda = device.type == "cuda"
@@ -281,93 +286,111 @@ def epoch_captured(plan, device, train, test, compile: bool = False):
 
 
 # -- main ---------------------------------------------------------------------------------------
-def run(plan: Plan, device: torch.device, log) -> dict:
-    rows, epochs = [], {}
+ALL_RUNGS = (0, 1, 2, 3, 4, 5, 6, 7, 8)
+CUDA_ONLY = (5, 7, 8)  # CUDA graphs; Inductor takes minutes on the CPU
+EPOCH_RUNGS = (0, 5, 7)
+LADDER = {  # rung -> (name, the trainer's step options); rungs 0, 1, 6 and 8 are built apart
+    2: ("+ data on device, batched augmentation",
+        lambda p: StepOptions(p.batch, amp="off", channels_last=False, backend="reference", cuda_graphs=False)),
+    3: ("+ bf16 autocast, channels_last",
+        lambda p: StepOptions(p.batch, amp="bf16", channels_last=True, backend="reference", cuda_graphs=False)),
+    4: ("+ fused loss", lambda p: StepOptions(p.batch, amp="bf16", channels_last=True, cuda_graphs=False)),
+    5: ("+ captured step (uncompiled)", lambda p: StepOptions(p.batch, compile=False)),
+    7: ("+ torch.compile (trainer default)", lambda p: StepOptions(p.batch, compile=True, compile_mode=p.compile_mode)),
+}
+
+
+def measure_rung(rung: int, plan: Plan, device, root: Path, on_device) -> list[dict]:
+    """The row(s) of one rung (rung 0: one per DataLoader worker count)."""
+    if rung == 0:
+        out = []
+        for workers in plan.workers:
+            reset_memory(device)
+            out.append(row(f"reference-style loop, DataLoader {workers} workers", 0,
+                           rung_reference(plan, device, root, workers), plan.batch, device, workers=workers))
+        return out
+    reset_memory(device)
+    if rung == 1:
+        return [row("nla_fast fp32 eager, DataLoader", 1, rung_dataloader_nla(plan, device, root), plan.batch, device)]
+    if rung in (6, 8):
+        per_step, info = rung_ceiling(plan, device, compiled=rung == 8)
+        name = ("ceiling: bare ResNet-18 + Adam" if rung == 6
+                else "compiled ceiling: bare ResNet-18 + Adam, compiled and captured")
+        return [row(name, rung, per_step, plan.batch, device, **info)]
+    name, options = LADDER[rung]
+    per_step, info = rung_device_step(plan, device, *on_device, options(plan))
+    return [row(name, rung, per_step, plan.batch, device, **info)]
+
+
+def measure_epoch(rung: int, plan: Plan, device, root: Path, on_device, test) -> dict:
+    reset_memory(device)
+    if rung == 0:
+        return epoch_reference(plan, device, root)
+    return epoch_captured(plan, device, on_device, test, compile=rung == 7)
+
+
+def finish_epochs(rows: list[dict], epochs: dict) -> None:
+    """Each epoch's total and its 60-epoch projection; a compiled rung adds its compile time once."""
+    for item in epochs.values():
+        item["epoch_s"] = item["train_s"] + item["eval_s"]
+        item["compile_s"] = 0.0
+        if item.get("compiled"):
+            # paid once per run: the first compiled step of this process (rung 7, before any
+            # compiled code existed in it) and the evaluation's first, compiling, pass
+            first = next((r["first_step_s"] for r in rows if r["rung"] == 7), item["first_step_s"])
+            item["compile_s"] = first + max(0.0, item["eval_first_s"] - item["eval_s"])
+        item["projected_60_epochs_min"] = (60 * item["epoch_s"] + item["compile_s"]) / 60
+
+
+def run(plan: Plan, device: torch.device, log, rungs=ALL_RUNGS, epoch_rungs=EPOCH_RUNGS,
+        on_row=lambda result: None) -> dict:
+    """The rungs in the order given, then a full epoch of each of ``epoch_rungs``;
+    ``on_row(result)`` after each row and epoch (the caller rewrites the files)."""
+    if device.type != "cuda":
+        for rung in [r for r in (*rungs, *epoch_rungs) if r in CUDA_ONLY]:
+            log(f"rung {rung} needs CUDA (graphs; Inductor takes minutes on the CPU): skipped on the CPU")
+        rungs = [r for r in rungs if r not in CUDA_ONLY]
+        epoch_rungs = [r for r in epoch_rungs if r not in CUDA_ONLY]
+    plan = dataclasses.replace(plan, epoch=plan.epoch and bool(epoch_rungs))
+    result = {"benchmark": "train_bench", "device": device_slug(device),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "versions": versions(), "quick": plan.quick, "plan": plan.__dict__ | {"workers": list(plan.workers)},
+              "rungs": list(rungs), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": [], "epochs": {},
+              "targets": {}}
+
+    def update(logged):
+        log(logged)
+        finish_epochs(result["rows"], result["epochs"])
+        result["targets"] = add_ratios(result["rows"], result["epochs"])
+        on_row(result)
+
     with tempfile.TemporaryDirectory(prefix="nla_train_bench_") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
         train_images, train_labels, test_images, test_labels = rafdb_shaped_data(plan, root)
         log(f"data ready: {len(train_labels)} train / {len(test_labels)} test JPEGs in {time.perf_counter() - t0:.0f} s")
         on_device = (train_images.to(device), train_labels.to(device))
-
-        for workers in plan.workers:
-            reset_memory(device)
-            rows.append(row(f"reference-style loop, DataLoader {workers} workers", 0,
-                            rung_reference(plan, device, root, workers), plan.batch, device, workers=workers))
-            log(rows[-1])
-        reset_memory(device)
-        rows.append(row("nla_fast fp32 eager, DataLoader", 1, rung_dataloader_nla(plan, device, root),
-                        plan.batch, device))
-        log(rows[-1])
-        ladder = [
-            (2, "+ data on device, batched augmentation",
-             StepOptions(plan.batch, amp="off", channels_last=False, backend="reference", cuda_graphs=False)),
-            (3, "+ bf16 autocast, channels_last",
-             StepOptions(plan.batch, amp="bf16", channels_last=True, backend="reference", cuda_graphs=False)),
-            (4, "+ fused loss", StepOptions(plan.batch, amp="bf16", channels_last=True, cuda_graphs=False)),
-            (5, "+ captured step (uncompiled)", StepOptions(plan.batch, compile=False)),
-            (6, None, None),
-            (7, "+ torch.compile (trainer default)",
-             StepOptions(plan.batch, compile=True, compile_mode=plan.compile_mode)),
-            (8, None, None),
-        ]
-        for rung, name, options in ladder:
-            if rung in (5, 7, 8) and device.type != "cuda":
-                log(f"rung {rung} needs CUDA (graphs; Inductor takes minutes on the CPU): skipped on the CPU")
-                continue
-            reset_memory(device)
-            if rung in (6, 8):
-                per_step, info = rung_ceiling(plan, device, compiled=rung == 8)
-                name = ("ceiling: bare ResNet-18 + Adam" if rung == 6
-                        else "compiled ceiling: bare ResNet-18 + Adam, compiled and captured")
-            else:
-                per_step, info = rung_device_step(plan, device, *on_device, options)
-            rows.append(row(name, rung, per_step, plan.batch, device, **info))
-            log(rows[-1])
-
+        for rung in rungs:
+            for measured in measure_rung(rung, plan, device, root, on_device):
+                result["rows"].append(measured)
+                update(measured)
         if plan.epoch:
-            reset_memory(device)
-            epochs["rung0"] = epoch_reference(plan, device, root)
-            log({"epoch rung 0": epochs["rung0"]})
-            if device.type == "cuda":
-                for rung in (5, 7):
-                    reset_memory(device)
-                    epochs[f"rung{rung}"] = epoch_captured(plan, device, on_device, (test_images, test_labels),
-                                                           compile=rung == 7)
-                    log({f"epoch rung {rung}": epochs[f"rung{rung}"]})
-            for name, item in epochs.items():
-                item["epoch_s"] = item["train_s"] + item["eval_s"]
-                item["compile_s"] = 0.0
-                if item.get("compiled"):
-                    # paid once per run: the first compiled step of this process (rung 7, before any
-                    # compiled code existed in it) and the evaluation's first, compiling, pass
-                    first = next((r["first_step_s"] for r in rows if r["rung"] == 7), item["first_step_s"])
-                    item["compile_s"] = first + max(0.0, item["eval_first_s"] - item["eval_s"])
-                item["projected_60_epochs_min"] = (60 * item["epoch_s"] + item["compile_s"]) / 60
-
-    targets = add_ratios(rows, epochs)
-    return {"benchmark": "train_bench", "device": device_slug(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "versions": versions(), "quick": plan.quick, "plan": plan.__dict__ | {"workers": list(plan.workers)},
-            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows, "epochs": epochs, "targets": targets}
+            for rung in epoch_rungs:
+                result["epochs"][f"rung{rung}"] = measure_epoch(rung, plan, device, root, on_device,
+                                                                (test_images, test_labels))
+                update({f"epoch rung {rung}": result["epochs"][f"rung{rung}"]})
+    return result
 
 
 def add_ratios(rows: list[dict], epochs: dict) -> dict:
-    """Each row's ratios to rung 0, the ceiling (rung 6) and the compiled ceiling (rung 8, when
-    measured), all from this run; returns the issue-13 / SPEC section 4 figures of rung 7."""
-    speed = {r["rung"]: r["samples_per_s"] for r in reversed(rows)}  # rung 0: its first (4 workers) row
+    """Each row's ratios to rung 0, the ceiling (rung 6) and the compiled ceiling (rung 8), each
+    None when that rung was not measured in this run; returns SPEC 4's training targets
+    measured so far ({label: value}; bench/spec_targets.py defines them)."""
+    speed = spec_targets.rung_speeds(rows)
     for r in rows:
-        r["x_rung0"] = r["samples_per_s"] / speed[0]
-        r["fraction_of_ceiling"] = r["samples_per_s"] / speed[6]
-        r["fraction_of_compiled_ceiling"] = r["samples_per_s"] / speed[8] if 8 in speed else None
-    if 7 not in speed:
-        return {}
-    targets = {"rung7_x_rung6 (>= 1.15, moonshot 1.3)": speed[7] / speed[6],
-               "rung7_of_compiled_ceiling (>= 0.90)": speed[7] / speed[8] if 8 in speed else None,
-               "rung7_x_rung0 (>= 6)": speed[7] / speed[0]}
-    if "rung7" in epochs:
-        targets["rung7_60_epochs_min_compile_included (< 2.5)"] = epochs["rung7"]["projected_60_epochs_min"]
-    return targets
+        for key, rung in (("x_rung0", 0), ("fraction_of_ceiling", 6), ("fraction_of_compiled_ceiling", 8)):
+            r[key] = r["samples_per_s"] / speed[rung] if rung in speed else None
+    return spec_targets.as_dict(spec_targets.train_targets({"rows": rows, "epochs": epochs}))
 
 
 def table(result) -> str:
@@ -379,8 +402,10 @@ def table(result) -> str:
         compiled = r.get("fraction_of_compiled_ceiling")
         compiled = f"{100 * compiled:>7.1f}%" if compiled is not None else f"{'-':>8}"
         first = f" (first step {r['first_step_s']:.1f} s)" if r.get("compiled") and r.get("first_step_s") else ""
-        lines.append(f"{r['rung']:>4}  {r['samples_per_s']:>10.0f}  {r['x_rung0']:>8.2f}  "
-                     f"{100 * r['fraction_of_ceiling']:>8.1f}%  {compiled}  {mem:>8}  {r['name']}{first}")
+        x_rung0 = f"{r['x_rung0']:>8.2f}" if r["x_rung0"] is not None else f"{'-':>8}"
+        ceiling = f"{100 * r['fraction_of_ceiling']:>8.1f}%" if r["fraction_of_ceiling"] is not None else f"{'-':>9}"
+        lines.append(f"{r['rung']:>4}  {r['samples_per_s']:>10.0f}  {x_rung0}  {ceiling}  {compiled}  {mem:>8}  "
+                     f"{r['name']}{first}")
     for name, e in result["epochs"].items():
         compile_note = f" + compile {e['compile_s']:.1f} s once" if e.get("compile_s") else ""
         lines.append(f"epoch {name}: train {e['train_s']:.1f} s + eval {e['eval_s']:.1f} s{compile_note}; "
@@ -407,25 +432,54 @@ def plot(result, path: Path) -> None:
     plt.close(fig)
 
 
+def rung_list(text: str) -> list[int]:
+    """'0,6,7' -> [0, 6, 7] (the order kept); 'none' -> []."""
+    if text.strip().lower() == "none":
+        return []
+    try:
+        rungs = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected rung numbers separated by commas, got {text!r}") from None
+    bad = [r for r in rungs if r not in ALL_RUNGS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"no rung {bad[0]}: rungs are 0-8")
+    return rungs
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CPU smoke run, < 1 min")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--rungs", type=rung_list, default=list(ALL_RUNGS),
+                        help="rungs to measure, in this order (default: all, 0-8)")
+    parser.add_argument("--epochs", type=rung_list, default=list(EPOCH_RUNGS),
+                        help="rungs (among 0, 5, 7) timed over one full RAF-DB-shaped epoch, or 'none' (default 0,5,7)")
+    parser.add_argument("--no-plot", action="store_true", help="write no chart")
+    result_files.add_arguments(parser)
     parser.add_argument("--adam", choices=("auto", "fused", "foreach"), default="auto",
                         help="Adam of rungs 5-8 on CUDA: fused (auto) or the multi-tensor foreach, both capturable")
     parser.add_argument("--compile-mode", choices=("default", "max-autotune-no-cudagraphs"), default="default",
                         help="torch.compile mode of rungs 7-8 (max-autotune tunes convolutions: minutes more)")
     args = parser.parse_args(argv)
+    if any(r not in EPOCH_RUNGS for r in args.epochs):
+        parser.error(f"--epochs: only rungs {', '.join(map(str, EPOCH_RUNGS))} have an epoch, got {args.epochs}")
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     plan = dataclasses.replace(QUICK if args.quick else FULL, adam=args.adam, compile_mode=args.compile_mode)
-    result = run(plan, device, lambda msg: print(f"[train_bench] {msg}", flush=True))
-    stem = f"train_bench-{result['device']}{'-quick' if result['quick'] else ''}"
-    out_dirs = [args.out_dir] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
-    for out in out_dirs:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(out / f"{stem}.json", json.dumps(result, indent=2))
-        plot(result, out / f"{stem}.png")
+    out_dirs = [result_files.output_dir(args, device_slug(device))]
+    out_dirs += [Path(os.environ["OUT"])] if os.environ.get("OUT") else []
+
+    def stem(result):
+        return f"train_bench-{result['device']}{'-quick' if result['quick'] else ''}"
+
+    def save(result):  # after every row: a run cut short keeps what it measured
+        for out in out_dirs:
+            atomic.write_text(out / f"{stem(result)}.json", json.dumps(result, indent=2))
+
+    result = run(plan, device, lambda msg: print(f"[train_bench] {msg}", flush=True), args.rungs, args.epochs, save)
+    save(result)
+    if not args.no_plot and result["rows"]:
+        for out in out_dirs:
+            plot(result, out / f"{stem(result)}.png")
     print(table(result))
     return result
 

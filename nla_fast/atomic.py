@@ -8,6 +8,10 @@ Temporary files are named ``.<name>.<host>-<pid>-<n>.tmp``: when a writer is kil
 (SIGKILL, power loss) its temporary file stays, and ``remove_stale_temps`` removes it later
 once its writer is provably dead (same host, process id no longer alive). On a folder shared
 between machines, another host's temporary files are never touched.
+
+A write that the file system refuses (disk full, quota, read-only) raises
+``nla_fast.disk.WriteFailed`` (an ``OSError``) naming the file and the free space, whichever
+writer (``torch.save``, matplotlib, ONNX) met the error first.
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ import shutil
 import socket
 from pathlib import Path
 from typing import Callable, IO
+
+from .disk import write_failure
 
 _counter = itertools.count()  # distinct names for concurrent writes of one file by one process
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)-(?P<pid>\d+)-\d+\.tmp$")
@@ -36,23 +42,32 @@ def temp_path(path: Path) -> Path:
 @contextlib.contextmanager
 def target(path):
     """A temporary path beside ``path``, flushed to disk and renamed over ``path`` when the
-    block succeeds, removed when it fails. For writers that want a file name (ONNX,
-    safetensors, TorchScript) and for ``write``."""
+    block succeeds, removed when it fails. For writers that want a file name (ONNX) and for
+    ``write``. A failure of the file system is raised as ``WriteFailed`` naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.chmod(tmp, _umask_mode())  # a writer that made its own file (safetensors: 0600) gets the usual mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
+        except OSError:  # never created, or its folder is gone
             pass
-        raise
+        failure = write_failure(path, err)
+        if failure is None or failure is err:
+            raise
+        raise failure from err
+
+
+def _open_new(tmp: Path) -> IO[bytes]:
+    """The temporary file, opened for writing. O_EXCL: never write into somebody else's file;
+    0o666 & ~umask is the mode users expect. (The tests put a full disk here.)"""
+    return os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
 
 
 def _umask_mode() -> int:
@@ -65,8 +80,7 @@ def _umask_mode() -> int:
 def write(path, fill: Callable[[IO[bytes]], None]) -> None:
     """Write ``path`` atomically: ``fill(handle)`` writes the content into a binary handle."""
     with target(path) as tmp:
-        # O_EXCL: never write into somebody else's file; 0o666 & ~umask is the mode users expect
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as handle:
+        with _open_new(tmp) as handle:
             fill(handle)
 
 

@@ -55,6 +55,11 @@ class Context:
         return self.enabled and self.world_size > 1
 
 
+def processes_on_this_machine() -> int:
+    """How many processes torchrun started on this machine (1 outside torchrun)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 

@@ -19,7 +19,9 @@ from . import checkpoint as ckpt
 from .backbones import ModelError
 from .class_map import ClassMapError, map_classes
 from .cli import HelpFormatter
-from .data import DATASETS
+from .console import say
+from .disk import FolderUnusable, usable_folder
+from .data import DATASETS, default_cache_size
 from .data.errors import DatasetError
 from .data.splits import load_split
 from .device import DEVICE_CHOICES, DeviceError, pick_device
@@ -61,7 +63,9 @@ def main(argv=None) -> int:
     try:
         device = pick_device(args.device)
         state = ckpt.load(args.checkpoint)
-    except (DeviceError, FileNotFoundError, ckpt.CheckpointError) as err:
+        # before the work: a folder it could not write into
+        out = usable_folder(report_folder(args), "--out" if args.out else "the checkpoint's folder (the default --out)")
+    except (DeviceError, FileNotFoundError, ckpt.CheckpointError, FolderUnusable) as err:
         return _error(err)
     classes = list(state["model_info"]["classes"])
     arguments = split_arguments(args, state["config"]["train"])
@@ -77,8 +81,8 @@ def main(argv=None) -> int:
         except ClassMapError as err:
             return _error(f"the checkpoint's classes {classes} differ from {dataset}'s {list(data.classes)}: {err}")
         # printed once, before the figures (on stderr when stdout carries the JSON)
-        print(f"{dataset}'s classes matched to the checkpoint's by meaning:\n{class_map.table()}",
-              file=sys.stderr if args.json else sys.stdout)
+        say(f"{dataset}'s classes matched to the checkpoint's by meaning:\n{class_map.table()}",
+            file=sys.stderr if args.json else None)
     try:
         model = load_model(args.checkpoint, device=device)
     except ModelError as err:  # a timm network without timm installed
@@ -93,7 +97,11 @@ def main(argv=None) -> int:
         metrics, extra = evaluate_mapped(model, data, class_map, args.batch_size, amp, tta)
     record = {"checkpoint": str(args.checkpoint), "dataset": dataset, "split": args.split, "tta": args.tta,
               "epoch": state["epoch"], "classes": classes, **as_record(metrics, classes), **extra}
-    write_report(args, record, metrics, classes, dataset, state["epoch"])
+    try:
+        write_report(args, record, metrics, classes, dataset, state["epoch"], out)
+    except OSError as err:  # a full disk: disk.WriteFailed names the file and the free space
+        print(f"nla_fast.evaluate: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -132,19 +140,28 @@ def split_arguments(args, trained: dict) -> dict:
         typed = getattr(args, name)
         return typed if typed is not None else (trained.get(name) if same else None)
 
+    # the cache size the run used (its files are found again), else the one a run at its input size would use
+    cache_size = (trained.get("cache_size") if same else None) or default_cache_size(dataset, trained.get("image_size"))
     arguments = {"dataset": dataset, "data_root": typed_or_trained("data_root"),
                  "label_mode": typed_or_trained("label_mode"), "num_classes": typed_or_trained("num_classes"),
-                 "num_samples": trained.get("num_samples") if same else None, "limit": args.limit}
+                 "num_samples": trained.get("num_samples") if same else None, "cache_size": cache_size,
+                 "limit": args.limit}
     if same and trained.get("val_fraction") is not None:  # the run's own held-out split (--split valid)
         arguments.update(val_fraction=trained["val_fraction"], val_seed=trained.get("val_seed", 0))
     return arguments
 
 
-def write_report(args, record: dict, metrics: dict, classes: list, dataset: str, epoch: int) -> None:
+def report_folder(args) -> Path:
+    """Where the confusion matrix files go: ``--out``, else the checkpoint's folder."""
+    return Path(args.out) if args.out else Path(args.checkpoint).resolve().parent
+
+
+def write_report(args, record: dict, metrics: dict, classes: list, dataset: str, epoch: int,
+                 out: Path | None = None) -> None:
     """The record (``metrics.as_record``'s shape) and confusion matrix as JSON and PNG, and the
-    metrics on stdout (a table, or the record as JSON)."""
-    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent
-    out.mkdir(parents=True, exist_ok=True)
+    metrics on stdout (a table, or the record as JSON; a reader that closes the pipe early,
+    ``| head``, ends no more than the printing)."""
+    out = out if out is not None else report_folder(args)
     stem = f"eval-{Path(args.checkpoint).stem}-{dataset}-{args.split}" + ("-flip" if args.tta == "flip" else "")
     atomic.write_text(out / f"{stem}-confusion.json", json.dumps(json_safe(record), indent=2) + "\n")
     from .plots import plot_confusion
@@ -152,17 +169,17 @@ def write_report(args, record: dict, metrics: dict, classes: list, dataset: str,
     plot_confusion(metrics["confusion"], classes, out / f"{stem}-confusion.png",
                    title=f"{dataset}/{args.split} (acc {100 * metrics['acc']:.2f}%)")
     if args.json:
-        print(json.dumps(json_safe(record)))
+        say(json.dumps(json_safe(record)))
         return
-    print(f"{args.checkpoint} (epoch {epoch}) on {dataset}/{args.split}"
-          f"{' with flip TTA' if args.tta == 'flip' else ''}:")
-    print(format_table(metrics, classes))
+    say(f"{args.checkpoint} (epoch {epoch}) on {dataset}/{args.split}"
+        f"{' with flip TTA' if args.tta == 'flip' else ''}:")
+    say(format_table(metrics, classes))
     for name, seen in (record.get("unpredictable") or {}).items():
         shown = ", ".join(f"{label} {count}" for label, count in sorted(seen["predicted_as"].items(),
                                                                          key=lambda item: -item[1]) if count)
-        print(f"{name}: {seen['samples']} image(s) of a class the checkpoint cannot predict, left out of the figures "
-              f"above" + (f"; predicted as {shown}" if shown else ""))
-    print(f"confusion matrix: {out / (stem + '-confusion.png')}, {out / (stem + '-confusion.json')}")
+        say(f"{name}: {seen['samples']} image(s) of a class the checkpoint cannot predict, left out of the figures "
+            f"above" + (f"; predicted as {shown}" if shown else ""))
+    say(f"confusion matrix: {out / (stem + '-confusion.png')}, {out / (stem + '-confusion.json')}")
 
 
 def _error(err) -> int:

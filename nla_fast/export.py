@@ -17,6 +17,11 @@ Every format writes, into ``--out`` (default: ``export/`` next to the checkpoint
 
 Each export is checked against the PyTorch model on a batch of synthetic faces of another
 batch size than the one traced, and the largest absolute logit difference is printed.
+
+One export folder describes one checkpoint: a folder holding an export of another
+checkpoint (or export files without a readable ``model.json``) is refused unless
+``--overwrite``, which replaces it (the other formats' files of the earlier export are then
+removed). Another format of the same checkpoint may be added beside the first.
 The ``safetensors`` and ``onnx`` formats need the extras of the same names
 (``pip install 'nla_fast[onnx]'``).
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import io
 import json
 import sys
 from pathlib import Path
@@ -35,6 +41,7 @@ from . import atomic
 from . import checkpoint as ckpt
 from .cli import HelpFormatter
 from .device import pick_device
+from .disk import FolderUnusable, WriteFailed, usable_folder
 from .messages import short_error
 
 FORMAT = "nla_fast.export/1"
@@ -190,14 +197,15 @@ def _compare(name: str, expected: torch.Tensor, got, verbose: bool) -> float:
 
 def export_safetensors(weights: dict, metadata: dict, out: Path) -> Path:
     require_extra("safetensors")
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     target = out / FILES["safetensors"]
     tensors = {name: value.detach().cpu().contiguous() for name, value in weights.items()}
     # the checkpoint's digest is stored in both files so load_exported can tell they belong together
     header = {"format": "pt", "nla_fast": FORMAT, "checkpoint_sha256": metadata["checkpoint"]["sha256"]}
-    with atomic.target(target) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
+    # serialised in memory, then written by atomic (a full disk is then an OSError naming the
+    # file, not the Rust writer's SafetensorError)
+    atomic.write_bytes(target, save(tensors, metadata=header))
     return target
 
 
@@ -233,8 +241,11 @@ def export_torchscript(model: torch.nn.Module, metadata: dict, out: Path) -> Pat
     size = metadata["image_size"]
     with torch.no_grad(), _quiet_jit():
         traced = torch.jit.trace(model, torch.zeros(TRACE_BATCH, 3, size, size))
-    with atomic.target(target) as tmp, _quiet_jit():
-        torch.jit.save(traced, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata, default=str)})
+    # into memory first: torch.jit.save to a file name aborts the process (C++ terminate) on a full disk
+    buffer = io.BytesIO()
+    with _quiet_jit():
+        torch.jit.save(traced, buffer, _extra_files={METADATA_FILE: json.dumps(metadata, default=str)})
+    atomic.write_bytes(target, buffer.getvalue())
     return target
 
 
@@ -248,11 +259,38 @@ def _quiet_jit():
         yield
 
 
-def export(checkpoint, fmt: str, out=None, check_count: int = CHECK_BATCH, verbose: bool = True) -> dict:
+def _export_files(out: Path) -> list[Path]:
+    return [path for path in (out / METADATA_FILE, *(out / name for name in FILES.values())) if path.is_file()]
+
+
+def check_export_folder(out: Path, metadata: dict, overwrite: bool = False) -> list[Path]:
+    """Refuse (ExportError) an ``out`` holding an export of another checkpoint, unless
+    ``overwrite``; returns the files of an earlier export found there."""
+    found = _export_files(out)
+    if not found or overwrite:
+        return found
+    try:
+        earlier = json.loads((out / METADATA_FILE).read_text(encoding="utf-8"))
+        earlier_sha = earlier["checkpoint"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        earlier, earlier_sha = None, None
+    if earlier_sha == metadata["checkpoint"]["sha256"]:
+        return found  # the same checkpoint: another format beside the first, or the same files again
+    what = (f"an export of {earlier['checkpoint'].get('file')} (sha256 {earlier_sha[:12]}...)" if earlier_sha
+            else f"export files ({', '.join(p.name for p in found)}) without a readable {METADATA_FILE}")
+    raise ExportError(f"{out} already holds {what}; one export folder describes one checkpoint: choose another "
+                      "--out, or pass --overwrite to replace that export")
+
+
+def export(checkpoint, fmt: str, out=None, check_count: int = CHECK_BATCH, verbose: bool = True,
+           overwrite: bool = False) -> dict:
     """Export ``checkpoint`` as ``fmt``; returns ``{"files": [...], "max_abs_diff": float}``.
 
-    Raises :class:`ExportError` (unreadable checkpoint), :class:`ExportCheckError` (the check failed) or
-    :class:`MissingExtraError` (the format's packages are not installed).
+    ``overwrite``: replace an export of another checkpoint in ``out`` (refused otherwise).
+    Raises :class:`ExportError` (unreadable checkpoint, ``out`` holds another export),
+    :class:`ExportCheckError` (the check failed), :class:`MissingExtraError` (the format's
+    packages are not installed), ``disk.FolderUnusable`` / ``disk.WriteFailed`` (``out``
+    cannot be written).
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -260,6 +298,8 @@ def export(checkpoint, fmt: str, out=None, check_count: int = CHECK_BATCH, verbo
     checkpoint = Path(checkpoint)
     weights, metadata = read_checkpoint(checkpoint)
     out = Path(out) if out is not None else checkpoint.parent / "export"
+    earlier = check_export_folder(out, metadata, overwrite)
+    usable_folder(out)
     model = _network(weights, metadata, repr(str(checkpoint)))
     images = check_batch(metadata, check_count)
     with torch.no_grad():
@@ -285,6 +325,10 @@ def export(checkpoint, fmt: str, out=None, check_count: int = CHECK_BATCH, verbo
             got = torch.jit.load(str(target), map_location="cpu")(images)
         diff = _compare("TorchScript", expected, got, verbose)
     files = [target, out / METADATA_FILE]
+    if overwrite:  # what is left of the replaced export: the other formats' files
+        for path in earlier:
+            if path not in files:
+                path.unlink(missing_ok=True)
     if verbose:
         print(f"nla_fast.export: wrote {', '.join(str(f) for f in files)}")
     return {"files": files, "max_abs_diff": diff}
@@ -336,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint written by nla_fast.train (e.g. best.pt)")
     p.add_argument("--format", required=True, choices=FORMATS, help="what to write")
     p.add_argument("--out", metavar="DIR", default=None, help="output folder (default: export/ next to the checkpoint)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an export of another checkpoint in --out (refused without it: one export folder "
+                   "describes one checkpoint)")
     p.add_argument("--check-images", type=int, default=CHECK_BATCH, metavar="N",
                    help="how many synthetic faces to compare the export with PyTorch on")
     return p
@@ -347,7 +394,7 @@ def main(argv=None) -> int:
         print("nla_fast.export: error: --check-images must be at least 1", file=sys.stderr)
         return 2
     try:
-        export(args.checkpoint, args.format, args.out, args.check_images)
+        export(args.checkpoint, args.format, args.out, args.check_images, overwrite=args.overwrite)
     except (MissingExtraError, FileNotFoundError) as err:
         print(f"nla_fast.export: error: {err}", file=sys.stderr)
         return 2
@@ -357,9 +404,12 @@ def main(argv=None) -> int:
     except ExportError as err:
         print(f"nla_fast.export: error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:  # an output folder that cannot be written
-        print(f"nla_fast.export: error: {short_error(err)}", file=sys.stderr)
+    except FolderUnusable as err:  # --out a file, read-only, a name too long
+        print(f"nla_fast.export: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk (WriteFailed names the file and the free space)
+        print(f"nla_fast.export: error: {err if isinstance(err, WriteFailed) else short_error(err)}", file=sys.stderr)
+        return 1
     return 0
 
 

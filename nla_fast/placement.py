@@ -6,24 +6,36 @@ Three placements, one interface for ``TrainStep``:
   fits in ``DEVICE_DATA_SHARE`` of free GPU memory; any CPU run). The step gathers its batch
   with one index on the device.
 * ``EpochShard``: a distributed run keeps on each device only the samples its rank trains on
-  this epoch, refilled between epochs; the full set stays in host memory, shared by the
-  ranks of a machine through the loader's memory-mapped cache.
+  this epoch, refilled between epochs from the full set in host memory.
 * ``HostStaged``: not even that fits. The images stay in host memory; before each step its
   batch is gathered on the host into one of two pinned buffers and copied into a static
   device buffer, which the (possibly captured) step reads.
 
 Each is a :class:`Placement`, the interface the step reads.
+
+Host memory: the loaders map their images from the cache file (:mod:`nla_fast.data.cache`).
+A run must not depend on that file once it has started (a file truncated under a map ends
+the process with a bus error; one overwritten in place changes the pixels), so the images
+the run reads on the host are copied into its own memory when the copies of all processes
+of the machine fit in ``HOST_MEMORY_SHARE`` of its available memory. A larger set is read
+from the file during the run (shared by the machine's processes through the page cache),
+and the run says so: that file must then be left alone until the run ends (README).
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
-from .distributed import contiguous_slice
+from .data.cache import mapped_file
+from .distributed import contiguous_slice, processes_on_this_machine
 
 # Stay below this share of free GPU memory with the training images, else keep them in host memory.
 DEVICE_DATA_SHARE = 0.5
+# Copy the training images out of the cache file when the machine's copies stay below this
+# share of its available memory, else read them from the file during the run.
+HOST_MEMORY_SHARE = 0.5
 
 
 @runtime_checkable
@@ -58,6 +70,43 @@ def choose(nbytes: int, device: torch.device, sharded: bool, free_bytes: int | N
     return "shard" if sharded else "device"
 
 
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (Linux: MemAvailable); None when unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    for pages in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):
+        try:
+            return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            continue
+    return None
+
+
+def in_own_memory(images: torch.Tensor, copies: int = 1, say: Callable[[str], None] = print,
+                  free_bytes: int | None = None) -> torch.Tensor:
+    """``images`` as the run should read them on the host: a copy in this process's memory when
+    they are mapped from a cache file and ``copies`` of them (one per process of the machine)
+    fit in ``HOST_MEMORY_SHARE`` of the available memory (``free_bytes``: queried when None);
+    else the mapped tensor itself, with one line naming the file the run then reads."""
+    source = mapped_file(images)
+    if source is None:
+        return images
+    nbytes = images.numel() * images.element_size()
+    free = available_memory() if free_bytes is None else free_bytes
+    if free is None or copies * nbytes <= HOST_MEMORY_SHARE * free:
+        return images.clone()
+    each = " in each of this machine's processes" if copies > 1 else ""
+    say(f"nla_fast: the training images ({nbytes / 2**30:.1f} GiB{each}) are more than {HOST_MEMORY_SHARE:.0%} of "
+        f"the available memory ({free / 2**30:.1f} GiB): the run reads them from the cache file {source}; do "
+        "not rebuild, overwrite, truncate or delete it until the run ends")
+    return images
+
+
 def place_training_set(images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int,
                        shard_length: int | None = None, say: Callable[[str], None] = print,
                        soft_labels: torch.Tensor | None = None) -> Placement:
@@ -75,22 +124,23 @@ def _place(images, labels, device, batch_size, shard_length, say):
     nbytes = shard_length * _row_bytes(images) if sharded else images.numel() * images.element_size()
     where = choose(nbytes, device, sharded)
     if where == "device":
-        return DeviceResident(images, labels, device)
+        # on a GPU the copy to the device is the run's own; on the CPU the images are copied here
+        return DeviceResident(in_own_memory(images, 1, say) if device.type == "cpu" else images, labels, device)
+    host = in_own_memory(images, processes_on_this_machine() if sharded else 1, say)
     if where == "shard":
-        return EpochShard(images, labels, shard_length, device)
+        return EpochShard(host, labels, shard_length, device)
     what = "this rank's shard" if sharded else "the images"
     say(f"nla_fast: {what} ({nbytes / 2**30:.1f} GiB) stay in host memory (more than "
-        f"{DEVICE_DATA_SHARE:.0%} of free GPU memory); batches are copied per step")
-    # one process: pinned, so each batch's host gather reads fast memory; several ranks share
-    # the memory-mapped cache instead (pinning would copy the set once per rank)
-    return HostStaged(images if sharded else images.pin_memory(), labels, device, batch_size)
+        f"{DEVICE_DATA_SHARE:.0%} of free GPU memory); batches are copied per step through two pinned buffers")
+    return HostStaged(host, labels, device, batch_size)
 
 
 def place_test_split(images: torch.Tensor, labels: torch.Tensor, device: torch.device, rank: int = 0,
                      world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's contiguous slice of the test split on the device (evaluation sums the counts)."""
+    """This rank's contiguous slice of the test split on the device (evaluation sums the counts),
+    copied: never a map of the cache file."""
     mine = contiguous_slice(len(labels), rank, world_size)
-    return images[mine].to(device), labels[mine].to(device)
+    return images[mine].to(device, copy=True), labels[mine].to(device, copy=True)
 
 
 class _Placement:
@@ -122,10 +172,10 @@ class EpochShard(_Placement):
     """This rank's training samples of the current epoch, held on its device.
 
     Why a per-epoch shard and not the whole set: each rank trains on 1/world_size of the set
-    per epoch, so its device holds only that (AffectNet at its 112 px cache is 10.7 GB; on
-    8 GPUs each holds 1.3 GB), while the full uint8 set stays in host memory, memory-mapped
-    from the loader's cache file and so shared by all ranks of a machine (nothing is pinned
-    but two small staging buffers). Refilling costs one host gather and one copy of the
+    per epoch, so its device holds only that (AffectNet at a 224 px cache is 42.7 GB; on
+    8 GPUs each holds 5.3 GB), while the full uint8 set stays in host memory: each process's
+    own copy when the machine's copies fit, else the cache file's map, shared by all ranks
+    of a machine (nothing is pinned but two small staging buffers). Refilling costs one host gather and one copy of the
     shard per epoch (RAF-DB on 8 GPUs: 46 MB). The device buffers keep their address, so a
     captured CUDA graph that gathers its batch from them stays valid across epochs; the
     epoch order the step sees is then simply ``arange(len(shard))``.
@@ -188,7 +238,9 @@ class EpochShard(_Placement):
 
 
 class HostStaged(_Placement):
-    """Images in host memory; each step's batch staged into a static device buffer first."""
+    """Images in host memory (the process's copy, or the cache file's map when the set is too
+    large for memory: nothing of the set is pinned); each step's batch is gathered into one of
+    two pinned buffers and copied into a static device buffer, which the step reads."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int):
         self.device, self.batch_size = device, batch_size

@@ -16,28 +16,41 @@ Only the writer (rank 0 of a distributed run) writes; on the other ranks every m
 nothing. Every file is written atomically (``nla_fast.atomic``).
 
 A folder is used by one run at a time: the writer holds ``.nla_fast.lock`` (created with
-O_EXCL, holding ``host pid``) while it runs; a lock whose process is dead on this host is
-stale and taken over. A folder that already holds a run's results is only written into by
-``--resume`` of that run, or by a new run given ``--overwrite`` (which first removes them).
+O_EXCL, holding ``host pid``, ``flock``ed while the run lasts) while it runs; a lock whose
+process is dead on this host is stale and taken over, and so is a lock that cannot be read
+(left empty by a full disk or a kill) once nobody holds it. A folder that already holds a
+run's results is only written into by ``--resume`` of its own ``last.pt``, or by a new run
+given ``--overwrite``, which removes the earlier run's files only once the new run has its
+data and model and has written its ``config.json`` (``remove_earlier_run``).
 """
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
 
 from . import atomic
 from . import checkpoint as ckpt
+from .disk import FolderUnusable, WriteFailed
 from .metrics import json_safe
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: an unreadable lock is then judged by its age alone
+    fcntl = None
 
 
 LOCK_FILE = ".nla_fast.lock"
-# What a run writes into its folder (removed by --overwrite before a new run starts).
+# What a run writes into its folder (what --overwrite replaces; see RunFolder.remove_earlier_run).
 RUN_FILES = ("config.json", "metrics.jsonl", "metrics.csv", "last.pt", "best.pt", "best_mean.pt", "curves.png",
              "confusion.png", "naw_weights.png")
 RESULT_FILES = ("last.pt", "best.pt", "best_mean.pt")
+# A lock is written right after it is created; one still unreadable this long after is not
+# being written any more (its writer was killed, or the disk was full).
+LOCK_WRITE_SECONDS = 2.0
 
 
 class RunFolderError(RuntimeError):
@@ -51,15 +64,38 @@ def holds_a_run(folder) -> bool:
     return any((folder / name).is_file() for name in RESULT_FILES) or (metrics.is_file() and metrics.stat().st_size > 0)
 
 
+def resumes_in_place(folder, resume, overwrite: bool = False) -> bool:
+    """Whether a run resumed from ``resume`` continues the run in ``folder``: True for that
+    folder's own last.pt. Another checkpoint of the folder (best.pt, an older copy) would
+    rewrite the run's metrics from an earlier epoch while last.pt stays ahead: refused with
+    RunFolderError, unless ``overwrite`` (the folder's run is then replaced, not continued)."""
+    if resume is None:
+        return False
+    folder, resume = Path(folder).resolve(), Path(resume).resolve()
+    if resume.parent != folder:
+        return False
+    if resume == folder / "last.pt":
+        return True
+    if overwrite or not holds_a_run(folder):
+        return False
+    raise RunFolderError(
+        f"{resume} is not {folder}'s last.pt: resuming it into {folder} would rewrite the run's metrics from its "
+        f"epoch while last.pt stays ahead. Continue the run with --resume {folder / 'last.pt'}, continue from "
+        f"{resume.name} into a new folder with --out DIR, or fine-tune from its weights with --weights {resume}")
+
+
 class FolderLock:
-    """``.nla_fast.lock`` in a run folder: created with O_EXCL, holding ``host pid``. A lock
-    left by a killed run is stale once its process is dead on this host (``nla_fast.atomic``'s
-    check) and is taken over; a lock of a live process, or of another host, refuses."""
+    """``.nla_fast.lock`` in a run folder: created with O_EXCL, holding ``host pid``, and
+    ``flock``ed by its writer until released. A lock left by a killed run is stale once its
+    process is dead on this host (``nla_fast.atomic``'s check) and is taken over; so is a lock
+    that cannot be read, once it is older than ``LOCK_WRITE_SECONDS`` and nobody holds it. A
+    lock of a live process, or of another host, refuses."""
 
     def __init__(self, folder):
         self.path = Path(folder) / LOCK_FILE
         self.held = False
         self.mine = f"{atomic.this_host()} {os.getpid()}\n"
+        self._fd = None
 
     def acquire(self) -> None:
         for _ in range(3):  # a stale lock removed, then one more try (a racing run may win it)
@@ -67,7 +103,7 @@ class FolderLock:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             except FileExistsError:
                 owner = self._owner()
-                if owner is not None and atomic.owner_is_dead(*owner):
+                if (owner is not None and atomic.owner_is_dead(*owner)) or (owner is None and self._abandoned()):
                     try:
                         self.path.unlink()
                     except FileNotFoundError:
@@ -77,18 +113,53 @@ class FolderLock:
                 raise RunFolderError(
                     f"{self.path.parent} is in use by {who} (lock file {self.path}); wait for it to finish or "
                     f"choose another --out")
-            with os.fdopen(fd, "w") as handle:
-                handle.write(self.mine)
-            self.held = True
+            except OSError as err:  # read-only, full, or not a folder
+                raise FolderUnusable("--out", self.path.parent, err) from err
+            self._write(fd)
             return
         raise RunFolderError(f"{self.path.parent}: could not take the lock {self.path}; another run is starting there")
+
+    def _write(self, fd: int) -> None:
+        """Hold the new lock file ``fd`` and write ``host pid`` into it; on a full disk remove it
+        (an empty lock would refuse the next run) and raise WriteFailed."""
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            data = self.mine.encode()
+            if os.write(fd, data) != len(data):
+                raise OSError(28, "No space left on device")
+        except OSError as err:
+            os.close(fd)
+            self.path.unlink(missing_ok=True)
+            raise WriteFailed(self.path, err) from err
+        self._fd, self.held = fd, True
 
     def _owner(self) -> tuple[str, int] | None:
         try:
             host, pid = self.path.read_text().split()
             return host, int(pid)
-        except (OSError, ValueError):  # just created by another process, not yet written
+        except (OSError, ValueError):  # being written, or left empty or damaged
             return None
+
+    def _abandoned(self) -> bool:
+        """An unreadable lock that nobody writes any more: old enough, and not held."""
+        try:
+            if time.time() - self.path.stat().st_mtime < LOCK_WRITE_SECONDS:
+                return False
+            if fcntl is None:
+                return True
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return True  # removed meanwhile: try again
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the close below
+            return True
+        except OSError:  # held by a live writer
+            return False
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         if self.held:
@@ -98,6 +169,9 @@ class FolderLock:
                     self.path.unlink()
             except OSError:
                 pass
+        if self._fd is not None:
+            os.close(self._fd)  # drops the flock
+            self._fd = None
 
 
 class RunFolder:
@@ -106,6 +180,7 @@ class RunFolder:
         self.last = self.path / "last.pt"
         self.lock = FolderLock(self.path)
         self.tensorboard = None  # a run_log.TensorBoardLog once open_tensorboard is called
+        self.earlier_run = False  # --overwrite: an earlier run's files wait for remove_earlier_run
 
     def open_tensorboard(self) -> None:
         if self.writer:
@@ -120,11 +195,15 @@ class RunFolder:
 
     def start(self, resumes_this_folder: bool = False, overwrite: bool = False) -> None:
         """Create the folder, take its lock, make sure no other run's results get replaced
-        (``resumes_this_folder``: a resumed run continuing in its own folder; ``overwrite``:
-        remove an earlier run's files), and remove temporary files of killed writers."""
+        (``resumes_this_folder``: a resumed run continuing from this folder's last.pt;
+        ``overwrite``: an earlier run's files are to be replaced, see ``remove_earlier_run``),
+        and remove temporary files of killed writers."""
         if not self.writer:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a file, under a file, a name too long, read-only
+            raise FolderUnusable("--out", self.path, err) from err
         self.lock.acquire()
         try:
             if not resumes_this_folder and holds_a_run(self.path):
@@ -132,12 +211,20 @@ class RunFolder:
                     raise RunFolderError(
                         f"{self.path} already holds a run (its checkpoints and metrics.jsonl would be replaced): "
                         f"continue it with --resume {self.last}, or pass --overwrite to start a new run there")
-                for name in RUN_FILES:
-                    (self.path / name).unlink(missing_ok=True)
+                self.earlier_run = True
             atomic.remove_stale_temps(self.path)
         except BaseException:
             self.lock.release()
             raise
+
+    def remove_earlier_run(self) -> None:
+        """With ``--overwrite``: remove the earlier run's files, once the new run has loaded its
+        data, built its model and written its config.json (the files it replaces; nothing else)."""
+        if self.writer and self.earlier_run:
+            for name in RUN_FILES:
+                if name != "config.json":
+                    (self.path / name).unlink(missing_ok=True)
+            self.earlier_run = False
 
     def close(self) -> None:
         """Close the TensorBoard log and release the folder's lock (on success, errors and Ctrl-C alike)."""
@@ -193,9 +280,10 @@ class RunFolder:
 
     def summary(self) -> str:
         p = self.path
+        checkpoints = [str(p / name) for name in RESULT_FILES if (p / name).is_file()]
         return (f"metrics: {p / 'metrics.jsonl'}, {p / 'metrics.csv'}"
                 + (f", {p / 'tensorboard'}" if self.tensorboard is not None else "") + f"; plots: {p / 'curves.png'}, {p / 'confusion.png'}, "
-                f"{p / 'naw_weights.png'}; checkpoints: {p / 'last.pt'}, {p / 'best.pt'}, {p / 'best_mean.pt'}")
+                f"{p / 'naw_weights.png'}; checkpoints: {', '.join(checkpoints) or 'none'}")
 
 
 def epoch_record(epoch, progress, test, naw_means, classes, lr, eps, samples, samples_per_s, train_seconds,

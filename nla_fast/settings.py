@@ -19,7 +19,7 @@ import torch
 from . import arg_types
 from .cli import HelpFormatter
 from .config import NLAConfig
-from .data import DATASETS
+from .data import DATASETS, default_cache_size
 from .device import DEVICE_CHOICES, device_type
 
 # The paper's recipe: the defaults of a run on CUDA or on a real dataset.
@@ -34,7 +34,7 @@ CPU_QUICK_RUN = {"image_size": 64, "epochs": 6, "num_samples": 1600, "lr": 1e-3,
 DEVICE_DEFAULTS = ("amp", "cuda_graphs", "log_every", "backend", "compile")
 # Settings that are also options of a dataset loader (see nla_fast.data.DATASET_OPTIONS); a
 # loader receives those of them that it accepts and that are set.
-LOADER_SETTINGS = ("label_mode", "num_classes", "num_samples")
+LOADER_SETTINGS = ("label_mode", "num_classes", "num_samples", "cache_size")
 # Settings that change the training split's labels or samples (nla_fast.data.protocols).
 PROTOCOL_SETTINGS = ("noise_rate", "noise_seed", "noise_file", "imbalance_factor", "imbalance_seed")
 
@@ -52,6 +52,7 @@ class TrainSettings:
     weight_decay: float = PAPER_RECIPE["weight_decay"]
     gamma: float = PAPER_RECIPE["gamma"]
     image_size: int | None = None
+    cache_size: int | None = None  # None: nla_fast.data.default_cache_size (filled in by resolve)
     weights: str = "none"
     device: str = "auto"
     seed: int = 0
@@ -95,6 +96,8 @@ class TrainSettings:
         for name, value in (PAPER_RECIPE | CPU_QUICK_RUN if quick else PAPER_RECIPE).items():
             if getattr(filled, name) is None:
                 setattr(filled, name, value)
+        if filled.cache_size is None:  # AffectNet: the size the run trains at; the others: their source size
+            filled.cache_size = default_cache_size(filled.dataset, filled.image_size)
         if filled.amp is None:
             filled.amp = "bf16" if on_cuda else "off"
         if filled.cuda_graphs is None:
@@ -216,6 +219,10 @@ def _data_flags(data) -> None:
                       help="folder holding the dataset in its original layout (not needed for synthetic)")
     data.add_argument("--image-size", type=arg_types.image_size, metavar="PX",
                       help=f"side of the square network input ({_recipe_default('image_size')})")
+    data.add_argument("--cache-size", type=arg_types.positive_int, metavar="PX",
+                      help="side of the cached images (default: the --image-size the run trains at for AffectNet, "
+                      "whose face crops are larger; the source size for RAF-DB (100) and FERPlus (48)); the run's "
+                      "first lines say both sizes")
     data.add_argument("--limit-train", type=arg_types.positive_int, metavar="N",
                       help="train on a fixed, seeded subset of N training samples (smoke runs)")
     data.add_argument("--limit-test", type=arg_types.positive_int, metavar="N",
@@ -451,6 +458,24 @@ def _check_setting_type(name: str, value, path) -> None:
         raise ConfigFileError(f"{path}: setting {name!r} = {json.dumps(value)} should be {names}")
 
 
+def _check_setting_value(name: str, value, where, actions: dict) -> None:
+    """Check ``value`` as the command line checks its flag: the flag's ``type=`` function
+    (``arg_types``: ranges, finiteness) and its choices; a ConfigFileError naming the key."""
+    action = actions.get(name)
+    if action is None or value is None or isinstance(value, bool):  # None: the default; bools are typed
+        return
+    flag = max(action.option_strings, key=len)
+    shown = json.dumps(value)
+    if action.type is not None:
+        try:  # a list setting (--mean R,G,B) is typed as its flag takes it
+            value = action.type(",".join(map(str, value)) if isinstance(value, list) else str(value))
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as err:
+            raise ConfigFileError(f"--config {where}: setting {name!r} = {shown}: {err} (as {flag})") from None
+    if action.choices is not None and value not in action.choices:
+        raise ConfigFileError(f"--config {where}: setting {name!r} = {shown}: should be one of "
+                              f"{', '.join(map(str, action.choices))} (as {flag})")
+
+
 def _read_config(path) -> tuple:
     """(the JSON value, how messages name it) of ``--config``: a file, or an inline object ``{...}``."""
     text = str(path).strip()
@@ -490,6 +515,9 @@ def settings_from_config_file(path, settings: TrainSettings, explicit) -> tuple:
     for name, value in values.items():
         _check_setting_type(name, value, where)
     taken = {name: value for name, value in values.items() if name not in NOT_FROM_CONFIG and name not in explicit}
+    actions = {action.dest: action for action in build_parser()._actions if action.option_strings}
+    for name, value in taken.items():  # the flags' own checks (a flag typed here overrides, unchecked)
+        _check_setting_value(name, value, where, actions)
     merged = dataclasses.replace(TrainSettings(), **taken)
     merged = dataclasses.replace(merged, **{name: getattr(settings, name) for name in explicit if name in names})
     notes = []

@@ -35,7 +35,6 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -43,13 +42,15 @@ import torch
 
 from . import backbones
 from . import checkpoint as ckpt
-from . import distributed
+from . import console, distributed
 from .augment import EvalTransform
-from .cli import StopRequest, progress_bar
+from .cli import StopRequest, Terminated, progress_bar, sigterm_raises
 from .config import NLAConfig, eps_schedule
 from .data.errors import DatasetError
+from .data.prepare import cache_note, first_on_each_machine
 from .data.splits import load_split
 from .device import DeviceError, pick_device
+from .disk import FolderUnusable
 from .engine import (WARMUP_STEPS, NonFiniteLoss, StepOptions, TrainStep, build_train_step, inductor_cache_dir,
                      load_optimizer_state, shard)
 from .loss import BackendUnavailable
@@ -57,7 +58,7 @@ from .metrics import MetricCounts, format_table, json_safe
 from .model import WeightsError
 from .placement import Placement, place_test_split, place_training_set
 from .provenance import environment_record
-from .run_folder import RunFolder, RunFolderError, epoch_record
+from .run_folder import RunFolder, RunFolderError, epoch_record, resumes_in_place
 from .run_log import MissingExtra, summary_writer_class
 from .sampling import EpochOrder
 from .settings import (SettingsError, TrainSettings, ResumeError, check_label_mode, check_resume, check_val_fraction,
@@ -136,6 +137,7 @@ def train(settings: TrainSettings, resume: str | None = None, explicit=None, ove
         parts = build(run, data)
         progress = restore(run, parts)
         run.folder.write_config(_run_config(run, parts))
+        run.folder.remove_earlier_run()  # --overwrite: only now, with data, model and a first file written
         run.folder.write_metrics(progress.history)
         _announce(run, data, parts)
         return train_epochs(run, data, parts, progress)
@@ -155,7 +157,7 @@ def set_up(settings: TrainSettings, resume: str | None, explicit, closers: list,
         check_resume(settings, state, resume)
     ctx, dist_device = distributed.setup(settings.device)
     closers.append(lambda: distributed.cleanup(ctx))
-    say = print if ctx.is_main else (lambda *args, **kwargs: None)  # only rank 0 talks
+    say = console.say if ctx.is_main else (lambda *args, **kwargs: None)  # only rank 0 talks; `| head` stops no run
     for note in notes:
         say(note)
     device = dist_device if dist_device is not None else pick_device(settings.device)
@@ -171,8 +173,7 @@ def set_up(settings: TrainSettings, resume: str | None, explicit, closers: list,
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
     closers.append(run.folder.close)
-    run.folder.start(resumes_this_folder=resume is not None and run.folder.path.resolve() == Path(resume).resolve().parent,
-                     overwrite=overwrite)
+    run.folder.start(resumes_this_folder=resumes_in_place(run.folder.path, resume, overwrite), overwrite=overwrite)
     if s.tensorboard:
         run.folder.open_tensorboard()
     torch.manual_seed(s.seed)
@@ -242,14 +243,17 @@ def _check_resume_fits(run: Run, data: Data) -> None:
 
 
 def load_data(run: Run) -> Data:
-    s, ctx = run.s, run.ctx
-    if ctx.distributed and ctx.local_rank != 0:
-        distributed.barrier(ctx)  # the machine's first rank decodes (and caches) the data first
-    train_set, test_set = load_run_split(s, "train"), load_run_split(s, "test")
-    if selection_split(s.dataset, s.val_fraction) != "test":
-        load_run_split(s, selection_split(s.dataset, s.val_fraction))  # cached here too, before the other ranks
-    if ctx.distributed and ctx.local_rank == 0:
-        distributed.barrier(ctx)
+    s = run.s
+
+    def load():
+        split = selection_split(s.dataset, s.val_fraction)
+        if split != "test":
+            load_run_split(s, split)  # cached here too, before the other ranks read it
+        return load_run_split(s, "train"), load_run_split(s, "test")
+
+    # under torchrun the first rank of each machine builds or checks the caches while the others wait
+    train_set, test_set = first_on_each_machine(run.ctx, load)
+    run.say(cache_note(train_set, s.image_size))
     return place_data(run, train_set, test_set)
 
 
@@ -398,12 +402,14 @@ def train_epochs(run: Run, data: Data, parts: Parts, progress: Progress) -> dict
     with StopRequest() as stop:
         for epoch in range(progress.start_epoch, s.epochs):
             trained = train_epoch(run, data, parts, progress, epoch, stop)
-            if trained.stopped_at is not None:  # Ctrl-C mid-epoch: save where the step stands and stop
+            if trained.stopped_at is not None:  # Ctrl-C or SIGTERM mid-epoch: save where the step stands, stop
                 run.folder.save_last(_checkpoint_state(run, data, parts, progress, epoch,
                                                        int(parts.step.step_in_epoch), False))
-                run.say(f"nla_fast: interrupted at epoch {epoch}, step {trained.stopped_at}; wrote "
-                        f"{run.folder.last}; continue with: python -m nla_fast.train --resume {run.folder.last}")
-                return {"out": str(run.folder.path), "interrupted": True, "epoch": epoch, "step": trained.stopped_at}
+                run.say(f"nla_fast: {stop.name}: stopped at epoch {epoch}, step {trained.stopped_at}; wrote "
+                        f"{run.folder.last}; continue with: python -m nla_fast.train --resume {run.folder.last}",
+                        file=sys.stderr)
+                return {"out": str(run.folder.path), "interrupted": True, "epoch": epoch, "step": trained.stopped_at,
+                        "exit_code": stop.exit_code}
             test, valid, eval_seconds = evaluate_epoch(run, data, parts)
             record(run, data, parts, progress, epoch, trained, test, eval_seconds, valid)
             run.folder.save_last(_checkpoint_state(run, data, parts, progress, epoch, data.steps_per_epoch, True))
@@ -413,9 +419,10 @@ def train_epochs(run: Run, data: Data, parts: Parts, progress: Progress) -> dict
                 run.folder.draw_plots(progress.history, test, data.classes, trained.eps, parts.nla_config,
                                       parts.step.totals.points, epoch)
             if stop_after:
-                run.say(f"nla_fast: interrupted after epoch {epoch}; wrote {run.folder.last}")
+                run.say(f"nla_fast: {stop.name}: stopped after epoch {epoch}; wrote {run.folder.last}; continue with: "
+                        f"python -m nla_fast.train --resume {run.folder.last}", file=sys.stderr)
                 return {"out": str(run.folder.path), "interrupted": True, "epoch": epoch,
-                        "step": data.steps_per_epoch}
+                        "step": data.steps_per_epoch, "exit_code": stop.exit_code}
     return finish(run, data, progress, test)
 
 
@@ -602,21 +609,29 @@ def main(argv=None) -> int:
 
 
 def _report(run_training) -> int:
-    """``run_training()``'s exit status: 0 done, 130 interrupted, 1 a non-finite loss, 2 an error
-    (told in one line)."""
+    """``run_training()``'s exit status: 0 done, 130 interrupted (Ctrl-C), 143 SIGTERM, 1 a non-finite
+    loss or a full disk, 2 an error (each told in one line). ``--seeds`` reports each seed's run so."""
     try:
-        result = run_training()
+        with sigterm_raises():
+            result = run_training()
     except KeyboardInterrupt:
         print("nla_fast: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("nla_fast: SIGTERM outside the training steps: stopped; the checkpoints written so far are kept",
+              file=sys.stderr)
+        return 143
     except NonFiniteLoss as err:
         print(f"nla_fast: error: {err}", file=sys.stderr)
         return 1
     except (WeightsError, backbones.ModelError, DatasetError, FileNotFoundError, ckpt.CheckpointError,
-            BackendUnavailable, RunFolderError, SettingsError, MissingExtra, DeviceError) as err:
+            BackendUnavailable, RunFolderError, SettingsError, MissingExtra, DeviceError, FolderUnusable) as err:
         print(f"nla_fast: error: {err}", file=sys.stderr)
         return 2
-    return 130 if result.get("interrupted") else 0
+    except OSError as err:  # a full disk (disk.WriteFailed names the file and the free space), an I/O error
+        print(f"nla_fast: error: {err}", file=sys.stderr)
+        return 1
+    return result.get("exit_code", 130) if result.get("interrupted") else 0
 
 
 if __name__ == "__main__":

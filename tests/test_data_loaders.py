@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
+import subprocess
+import sys
+import textwrap
 import time
 
 import numpy as np
@@ -16,6 +20,7 @@ from nla_fast.data import (
 )
 from nla_fast.data import cache as cache_mod
 from nla_fast.data import ferplus
+from nla_fast.data.decode import ImageFiles
 from nla_fast.data.fixtures import make_affectnet_tree, make_ferplus_csv, make_ferplus_folders, make_rafdb_tree
 
 
@@ -26,13 +31,13 @@ def _cache_env(tmp_path, monkeypatch):
 
 @pytest.fixture
 def raf(tmp_path):
-    return make_rafdb_tree(tmp_path / "raf", n_train=10, n_test=5, size=40, labels=[1, 2, 3, 4, 5, 6, 7, 5, 5, 1, 7, 7, 2, 3, 4])
+    return make_rafdb_tree(tmp_path / "raf", n_train=10, n_test=5, size=100, labels=[1, 2, 3, 4, 5, 6, 7, 5, 5, 1, 7, 7, 2, 3, 4])
 
 
 # ----------------------------------------------------------------------------- RAF-DB
 def test_rafdb_loads_and_maps_labels(raf):
     ds = load_dataset("rafdb", raf["root"], "train", verbose=False)
-    assert ds.images.dtype == torch.uint8 and ds.images.shape == (10, 40, 40, 3)
+    assert ds.images.dtype == torch.uint8 and ds.images.shape == (10, 100, 100, 3)
     assert ds.labels.dtype == torch.int64
     assert ds.labels.tolist() == [lab - 1 for _, lab in raf["train"]]
     assert ds.classes == RAFDB_CLASSES and ds.classes[4] == "Sadness"
@@ -45,13 +50,13 @@ def test_rafdb_loads_and_maps_labels(raf):
 
 def test_rafdb_parent_folder_grey_and_odd_size(raf):
     img_dir = raf["root"] / "Image/aligned"
-    Image.fromarray(np.full((40, 40), 77, np.uint8)).save(img_dir / "train_00002_aligned.jpg", quality=100)
+    Image.fromarray(np.full((100, 100), 77, np.uint8)).save(img_dir / "train_00002_aligned.jpg", quality=100)
     Image.fromarray(np.zeros((30, 50, 3), np.uint8)).save(img_dir / "train_00004_aligned.jpg")
     ds = load_dataset("rafdb", raf["root"].parent / "raf", "train", verbose=False)
     g = ds.images[1]
     assert torch.equal(g[..., 0], g[..., 1]) and torch.equal(g[..., 1], g[..., 2])  # grey replicated
     assert abs(int(g[5, 5, 0]) - 77) <= 1
-    assert ds.images.shape == (10, 40, 40, 3)  # the odd-sized image was resized
+    assert ds.images.shape == (10, 100, 100, 3)  # the odd-sized image was resized
 
 
 def test_rafdb_image_size_option(raf):
@@ -232,7 +237,7 @@ def test_affectnet_manual_release(tmp_path):
     ds8 = load_dataset("affectnet", fx["root"], "train", image_size=32, num_classes=8, verbose=False)
     assert ds8.labels.tolist() == [0, 1, 7, 6, 3]
     test = load_dataset("affectnet", fx["root"], "test", verbose=False)
-    assert test.images.shape[1:] == (112, 112, 3) and test.labels.tolist() == [2, 5]
+    assert test.images.shape[1:] == (224, 224, 3) and test.labels.tolist() == [2, 5]  # the paper's input size
 
 
 def test_affectnet_plain_csv_and_errors(tmp_path):
@@ -241,8 +246,10 @@ def test_affectnet_plain_csv_and_errors(tmp_path):
     for k in range(3):
         Image.fromarray(np.full((20, 20, 3), 40 * k, np.uint8)).save(root / "imgs" / f"{k}.png")
     (root / "train.csv").write_text("path,expression\nimgs/0.png,4\nimgs/1.png,9\nimgs/2.png,6\n")
-    ds = load_dataset("affectnet", root, "train", verbose=False)
+    ds = load_dataset("affectnet", root, "train", cache_size=20, verbose=False)
     assert ds.labels.tolist() == [4, 6] and ds.images.shape == (2, 20, 20, 3) and int(ds.images[1, 0, 0, 0]) == 80
+    trained_at = load_dataset("affectnet", root, "train", image_size=48, verbose=False)
+    assert trained_at.images.shape == (2, 48, 48, 3)  # cached at the size the run trains at
     (root / "train.csv").write_text("path,expression\nimgs/0.png,4\nimgs/1.png,11\n")
     with pytest.raises(LabelRangeError, match=r"train.csv, line 3: expression 11"):
         load_dataset("affectnet", root, "train")
@@ -292,7 +299,7 @@ def test_cache_reuse_and_invalidation(raf, tmp_path, monkeypatch):
 
     # a replaced image -> rebuild with the new pixels
     img = raf["root"] / "Image/aligned/train_00002_aligned.jpg"
-    Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(img, quality=100)
+    Image.fromarray(np.full((100, 100, 3), 200, np.uint8)).save(img, quality=100)
     st = img.stat()
     os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     d = load_dataset("rafdb", raf["root"], "train", verbose=False)
@@ -305,13 +312,18 @@ def test_cache_reuse_and_invalidation(raf, tmp_path, monkeypatch):
 
 
 def test_interrupted_cache_write_is_never_read(raf, tmp_path, monkeypatch):
-    def boom(obj, f, *a, **k):
-        f.write(b"partial")
-        raise KeyboardInterrupt
+    real = ImageFiles.decode
 
-    monkeypatch.setattr(cache_mod.torch, "save", boom)
+    def interrupted(self, i, out):  # Ctrl-C half-way through decoding into the file
+        if i == 5:
+            raise KeyboardInterrupt
+        real(self, i, out)
+
+    monkeypatch.setattr(ImageFiles, "decode", interrupted)
+    monkeypatch.setattr(ImageFiles, "ROWS_PER_TASK", 1)
+    monkeypatch.setattr(cache_mod, "CHUNK_BYTES", 3 * 100 * 100 * 3)  # chunks of 3 images: some are written
     with pytest.raises(KeyboardInterrupt):
-        load_dataset("rafdb", raf["root"], "train", verbose=False)
+        load_dataset("rafdb", raf["root"], "train", workers=1, verbose=False)
     cdir = tmp_path / "cache"
     assert not cdir.exists() or list(cdir.iterdir()) == []
     monkeypatch.undo()
@@ -322,18 +334,20 @@ def test_interrupted_cache_write_is_never_read(raf, tmp_path, monkeypatch):
 
 def test_corrupt_cache_file_is_rebuilt(raf, capsys):
     a = load_dataset("rafdb", raf["root"], "train", verbose=False)
+    expected = a.images.clone()  # a.images maps the file that is damaged next
     with open(a.info["cache_file"], "wb") as f:
-        f.write(b"not a torch file")
+        f.write(b"not a cache file")
     b = load_dataset("rafdb", raf["root"], "train", verbose=True)
-    assert b.info["cache_built"] and torch.equal(a.images, b.images)
+    assert b.info["cache_built"] and torch.equal(expected, b.images)
     assert "rebuilding" in capsys.readouterr().err
 
 
 def test_cache_damaged_in_place_with_the_same_size_is_rebuilt(raf, capsys):
     a = load_dataset("rafdb", raf["root"], "train", verbose=False)
+    expected = a.images.clone()  # a.images maps the file that is damaged next
     path = a.info["cache_file"]
     blob = bytearray(open(path, "rb").read())
-    row = a.images[3].numpy().tobytes()  # 4800 pixel bytes, stored uncompressed in the file
+    row = a.images[3].numpy().tobytes()  # 30,000 pixel bytes, stored uncompressed in the file
     at = blob.find(row)
     assert at > 0
     blob[at:at + 64] = bytes(255 - b for b in blob[at:at + 64])  # a bad sector in the pixels
@@ -342,23 +356,42 @@ def test_cache_damaged_in_place_with_the_same_size_is_rebuilt(raf, capsys):
     assert os.path.getsize(path) == len(blob)
     b = load_dataset("rafdb", raf["root"], "train", verbose=True)
     err = capsys.readouterr().err
-    assert b.info["cache_built"] and torch.equal(a.images, b.images)
+    assert b.info["cache_built"] and torch.equal(expected, b.images)
     assert "checksum" in err and path in err and len([l for l in err.splitlines() if "checksum" in l]) == 1
     c = load_dataset("rafdb", raf["root"], "train", verbose=False)  # the rebuilt file verifies
-    assert not c.info["cache_built"] and torch.equal(a.images, c.images)
+    assert not c.info["cache_built"] and torch.equal(expected, c.images)
 
 
-def test_cache_checksum_covers_every_tensor_and_is_order_sensitive():
-    x = torch.arange(4096, dtype=torch.int64)
-    base = cache_mod.payload_checksum({"images": x, "names": ["a", "b"]})
-    assert base == cache_mod.payload_checksum({"images": x.clone(), "names": ["a", "b"]})
-    assert base != cache_mod.payload_checksum({"images": x.flip(0), "names": ["a", "b"]})
-    assert base != cache_mod.payload_checksum({"images": x, "names": ["a", "c"]})
-    assert base != cache_mod.payload_checksum({"images": x.view(64, 64), "names": ["a", "b"]})
-    big = torch.randint(0, 256, (3 * cache_mod.CHECKSUM_CHUNK + 5,), dtype=torch.uint8)
-    damaged = big.clone()
-    damaged[2 * cache_mod.CHECKSUM_CHUNK + 1] ^= 1
-    assert cache_mod.payload_checksum({"images": big}) != cache_mod.payload_checksum({"images": damaged})
+@pytest.mark.parametrize("where", ["first image", "last image", "labels", "names", "header length"])
+def test_cache_checksum_covers_every_byte_the_payload_reads(tmp_path, monkeypatch, where):
+    monkeypatch.setattr(cache_mod, "BLOCK_BYTES", 4096)  # several blocks in a small file
+    images = torch.randint(0, 256, (9, 20, 20, 3), dtype=torch.uint8)
+    payload = {"images": images, "labels": torch.arange(9), "names": [f"n{i}" for i in range(9)]}
+    path = tmp_path / "x.cache"
+    cache_mod.write_cache(path, "key", payload)
+    opened = cache_mod.open_cache(path, "key")
+    assert torch.equal(opened["images"], images) and torch.equal(opened["labels"], torch.arange(9))
+    assert opened["names"] == payload["names"]
+    blob = bytearray(path.read_bytes())
+    at = {"first image": cache_mod.DATA_OFFSET, "last image": cache_mod.DATA_OFFSET + images.numel() - 1,
+          "labels": blob.find(torch.arange(9).numpy().tobytes()) + 8, "names": blob.find(b'"n4"') + 2,
+          "header length": len(blob) - 16}[where]
+    blob[at] ^= 1  # one bit
+    path.write_bytes(blob)
+    with pytest.raises(cache_mod.CacheFileError):
+        cache_mod.open_cache(path, "key")
+
+
+def test_cache_file_maps_its_images_and_a_view_knows_its_file(tmp_path):
+    path = tmp_path / "x.cache"
+    cache_mod.write_cache(path, "key", {"images": torch.ones(4, 8, 8, 3, dtype=torch.uint8), "labels": torch.zeros(4)})
+    opened = cache_mod.open_cache(path, "key")
+    assert cache_mod.mapped_file(opened["images"]) == str(path)
+    assert cache_mod.mapped_file(opened["images"][1:3]) == str(path)  # a slice reads the same map
+    assert cache_mod.mapped_file(opened["labels"]) is None  # read into memory
+    assert cache_mod.mapped_file(opened["images"].clone()) is None
+    with pytest.raises(cache_mod.CacheFileError, match="key mismatch"):
+        cache_mod.open_cache(path, "another key")
 
 
 def test_label_hash_is_content_based(tmp_path):
@@ -387,6 +420,73 @@ def test_dataset_container_helpers(raf):
     assert torch.equal(sub.images, ds.images[idx]) and sub.names == [ds.names[i] for i in (3, 0, 7)]
     assert torch.equal(sub.indices, idx)
     img, lab = ds[2]
-    assert img.shape == (40, 40, 3) and int(lab) == int(ds.labels[2])
-    assert ds.nbytes == 10 * 40 * 40 * 3 and "rafdb/train: 10 images 40x40" in ds.summary()
+    assert img.shape == (100, 100, 3) and int(lab) == int(ds.labels[2])
+    assert ds.nbytes == 10 * 100 * 100 * 3 and "rafdb/train: 10 images 100x100" in ds.summary()
     assert sum(ds.class_counts) == 10 and ds.noise_rate == 0.0
+
+
+# ----------------------------------------------------------------------------- cache: streamed, sized, never fatal
+def test_a_split_is_cached_at_its_source_size_whatever_its_first_image(tmp_path):
+    tree = make_rafdb_tree(tmp_path / "raf", n_train=6, n_test=2, size=100)
+    Image.fromarray(np.full((1, 1, 3), 90, np.uint8)).save(tree["root"] / "Image/aligned/train_00001_aligned.jpg")
+    ds = load_dataset("rafdb", tree["root"], "train", verbose=False)
+    assert ds.images.shape == (6, 100, 100, 3)  # RAF-DB's aligned size, not the first image's 1x1
+    jpg = np.asarray(Image.open(tree["root"] / "Image/aligned/train_00002_aligned.jpg").convert("RGB"))
+    assert np.array_equal(ds.images[1].numpy(), jpg)  # the others untouched
+    assert load_dataset("rafdb", tree["root"], "train", cache_size=40, verbose=False).images.shape == (6, 40, 40, 3)
+
+
+def test_a_full_disk_costs_the_cache_not_the_load(tmp_path):
+    # a file-size limit makes every write past 64 KiB fail (EFBIG) like a full disk; torch.save raised
+    # RuntimeError ("unexpected pos") there, which the old cache did not catch
+    tree = make_rafdb_tree(tmp_path / "raf", n_train=12, n_test=2, size=100)
+    script = textwrap.dedent(f"""
+        import resource, signal
+        from nla_fast.data import load_dataset
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+        ds = load_dataset("rafdb", {str(tree["root"])!r}, "train", cache_dir={str(tmp_path / "cache")!r})
+        print("loaded", tuple(ds.images.shape), ds.info["cache_file"], int(ds.images.long().sum()))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = load_dataset("rafdb", tree["root"], "train", cache=False, verbose=False).images
+    assert done.stdout.split() == ["loaded", "(12,", "100,", "100,", "3)", "None", str(int(expected.long().sum()))]
+    said = [line for line in done.stderr.splitlines() if "could not write cache" in line]
+    assert len(said) == 1 and "going on without a cache" in said[0] and "Traceback" not in done.stderr
+    assert list((tmp_path / "cache").iterdir()) == []  # no partial file left
+
+
+def test_a_folder_without_room_for_the_file_is_not_written(raf, tmp_path, monkeypatch, capsys):
+    usage = shutil.disk_usage(tmp_path)._replace(free=1000)
+    monkeypatch.setattr(cache_mod.shutil, "disk_usage", lambda path: usage)
+    ds = load_dataset("rafdb", raf["root"], "train")
+    err = capsys.readouterr().err
+    assert ds.info["cache_file"] is None and len(ds) == 10 and "GB are free in" in err
+    assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []
+
+
+class RecordingImages:
+    """An image source that records, at each chunk it decodes, how much of the file is written."""
+
+    def __init__(self, folder, count=10, side=16):
+        self.folder, self.shape, self.count = folder, (side, side), count
+        self.calls = []
+
+    def fill(self, lo, hi, out):
+        written = sum(p.stat().st_size for p in self.folder.iterdir() if p.name.endswith(".tmp"))
+        self.calls.append((lo, hi, written))
+        out[...] = np.arange(lo, hi, dtype=np.uint8)[:, None, None, None]
+
+
+def test_a_build_writes_each_chunk_while_decoding_the_next(tmp_path, monkeypatch):
+    row = 16 * 16 * 3
+    monkeypatch.setattr(cache_mod, "CHUNK_BYTES", 2 * row)  # two images per chunk
+    source = RecordingImages(tmp_path / "cache")
+    payload, path, built = cache_mod.load_or_build("synthetic", "train", {"n": 10}, lambda: {"images": source},
+                                                   directory=tmp_path / "cache", verbose=False)
+    assert [(lo, hi) for lo, hi, _ in source.calls] == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    for k, (lo, _, written) in enumerate(source.calls[2:], 2):  # chunk k-2 is in the file before chunk k decodes
+        assert written >= cache_mod.DATA_OFFSET + (k - 1) * 2 * row, (k, written)
+    assert built and payload["images"][:, 0, 0, 0].tolist() == list(range(10))
+    assert cache_mod.mapped_file(payload["images"]) == str(path)  # training reads the finished file

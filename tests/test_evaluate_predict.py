@@ -219,8 +219,15 @@ def test_evaluation_takes_the_runs_data_options_but_never_its_label_noise():
     args = build_evaluate_parser().parse_args(["--checkpoint", "x.pt", "--limit", "5", "--num-classes", "8"])
     assert split_arguments(args, trained) == {"dataset": "ferplus", "data_root": "/data/FERPlus",
                                               "label_mode": "argmax", "num_classes": 8, "num_samples": None,
-                                              "limit": 5}
+                                              "cache_size": None, "limit": 5}
     other = build_evaluate_parser().parse_args(["--checkpoint", "x.pt", "--dataset", "synthetic"])
     assert split_arguments(other, trained | {"dataset": "rafdb"}) == {
         "dataset": "synthetic", "data_root": None, "label_mode": None, "num_classes": None, "num_samples": None,
-        "limit": None}
+        "cache_size": None, "limit": None}
+    # AffectNet: the run's own cache size (its files are found again), else the size the model takes
+    plain = build_evaluate_parser().parse_args(["--checkpoint", "x.pt"])
+    run_at_112 = {"dataset": "affectnet", "image_size": 112, "cache_size": 96}
+    assert split_arguments(plain, run_at_112)["cache_size"] == 96
+    assert split_arguments(plain, run_at_112 | {"cache_size": None})["cache_size"] == 112  # an older checkpoint
+    on_affectnet = build_evaluate_parser().parse_args(["--checkpoint", "x.pt", "--dataset", "affectnet"])
+    assert split_arguments(on_affectnet, {"dataset": "rafdb", "image_size": 224, "cache_size": None})["cache_size"] == 224

@@ -23,8 +23,9 @@ def fer_root(tmp_path_factory):
     old, threads = os.environ.get("NLA_FAST_CACHE"), torch.get_num_threads()
     os.environ["NLA_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     torch.set_num_threads(1)
-    fx = make_ferplus_csv(tmp_path_factory.mktemp("fer"), TRAIN_VOTES + TEST_VOTES,
-                          usages=["Training"] * 16 + ["PrivateTest"] * 8)
+    # the validation rows (PublicTest) choose best.pt; an empty validation split is refused
+    fx = make_ferplus_csv(tmp_path_factory.mktemp("fer"), TRAIN_VOTES + TEST_VOTES + TEST_VOTES,
+                          usages=["Training"] * 16 + ["PrivateTest"] * 8 + ["PublicTest"] * 8)
     yield fx["root"]
     torch.set_num_threads(threads)
     if old is None:

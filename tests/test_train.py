@@ -1,4 +1,4 @@
-"""CPU smoke runs of ``python -m nla_fast.train``: outputs, exact resume, Ctrl-C, non-finite stop."""
+"""CPU smoke runs of ``python -m nla_fast.train``: outputs, exact resume, Ctrl-C, SIGTERM, non-finite stop."""
 import json
 import os
 import signal
@@ -91,6 +91,36 @@ def test_ctrl_c_writes_last_pt_and_resumes_mid_epoch(two_epochs, tmp_path, monke
     monkeypatch.setattr(engine.TrainStep, "__call__", real_call)
     assert train.main(["--resume", str(tmp_path / "last.pt"), "--no-progress"]) == 0
     assert without_timing(metrics(tmp_path)) == without_timing(metrics(two_epochs))
+
+
+def test_sigterm_saves_at_a_step_boundary_and_resumes_exactly(two_epochs, tmp_path, monkeypatch, capsys):
+    """What a cluster scheduler does before it kills a job: SIGTERM is Ctrl-C's stop, exit 143."""
+    real_call = engine.TrainStep.__call__
+    calls = []
+
+    def step_then_sigterm(self):
+        real_call(self)
+        calls.append(1)
+        if len(calls) == STEPS_PER_EPOCH + 1:  # epoch 1, after its first step
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(engine.TrainStep, "__call__", step_then_sigterm)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    capsys.readouterr()
+    assert run(tmp_path, "--epochs", "2") == 143
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "SIGTERM: stopped at epoch 1, step 1" in err, err
+    assert f"--resume {tmp_path / 'last.pt'}" in err
+    state = ckpt.load(tmp_path / "last.pt")
+    assert (state["epoch"], state["step"], state["epoch_done"]) == (1, 1, False)
+    assert not (tmp_path / ".nla_fast.lock").exists()  # released: the requeued job may start at once
+    assert signal.getsignal(signal.SIGTERM) is handler_before
+    monkeypatch.setattr(engine.TrainStep, "__call__", real_call)
+    assert train.main(["--resume", str(tmp_path / "last.pt"), "--no-progress"]) == 0
+    assert without_timing(metrics(tmp_path)) == without_timing(metrics(two_epochs))  # as if never stopped
+    a, b = ckpt.load(two_epochs / "last.pt"), ckpt.load(tmp_path / "last.pt")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):

@@ -39,11 +39,24 @@ _LOADERS = {"rafdb": rafdb.load, "ferplus": ferplus.load, "affectnet": affectnet
 COMMON_OPTIONS = ("noise_rate", "noise_seed", "noise_file", "noise_label_base", "imbalance_factor",
                   "imbalance_seed", "cache", "cache_dir", "workers", "verbose")
 DATASET_OPTIONS = {
-    "rafdb": (),
-    "ferplus": ("label_mode", "num_classes"),
-    "affectnet": ("num_classes", "csv_file"),
-    "synthetic": ("num_samples", "seed", "resolution", "blend_fraction", "num_identities"),
+    "rafdb": ("cache_size",),
+    "ferplus": ("label_mode", "num_classes", "cache_size"),
+    "affectnet": ("num_classes", "csv_file", "cache_size"),
+    "synthetic": ("num_samples", "seed", "resolution", "blend_fraction", "num_identities", "cache_size"),
 }
+# The size images are cached at when no cache_size is given: the source's own where the
+# source is small (RAF-DB's aligned 100 px faces, FERPlus's 48 px), the size the run trains
+# at where it is larger (AffectNet's face crops; 224 px, the paper's input, when unknown).
+SOURCE_SIZES = {"rafdb": rafdb.SOURCE_SIZE, "ferplus": ferplus.SOURCE_SIZE, "synthetic": None}
+
+
+def default_cache_size(name: str, image_size=None):
+    """The cache size of dataset ``name`` for a run that trains at ``image_size`` (None: the
+    loader's own default, the source size where the dataset has one)."""
+    dname = canonical_name(name)
+    if dname == "affectnet":
+        return image_size or affectnet.DEFAULT_SIZE
+    return None
 
 
 def canonical_name(name: str) -> str:
@@ -78,13 +91,15 @@ def load_dataset(name: str, root=None, split: str = "train", image_size=None, **
         name: ``"rafdb"``, ``"ferplus"``, ``"affectnet"`` or ``"synthetic"``.
         root: dataset folder (ignored by ``synthetic``).
         split: ``"train"`` or ``"test"`` (FERPlus and synthetic also ``"valid"``).
-        image_size: int or (H, W): resize (bilinear, antialiased) after loading; native
-            resolution when ``None`` (AffectNet's face crops: 112, see its module).
+        image_size: int or (H, W): resize (bilinear, antialiased) after loading; the cache
+            size when ``None``. AffectNet's face crops are decoded straight to it.
 
     Options:
         ferplus: ``label_mode`` ("majority" | "argmax" | "soft"), ``num_classes`` (7 | 8).
         affectnet: ``num_classes`` (7 | 8), ``csv_file``.
         synthetic: ``num_samples``, ``seed``, ``resolution``, ``blend_fraction``, ``num_identities``.
+        rafdb, ferplus, affectnet, synthetic: ``cache_size`` (int or (H, W)): the size the
+            images are cached at (see :func:`default_cache_size`; synthetic: drawn at).
         all, training split only: ``noise_rate`` + ``noise_seed``, or ``noise_file`` (RAF-DB
             format ``name label``, labels 1..C; ``noise_label_base`` to change),
             ``imbalance_factor`` + ``imbalance_seed``. Imbalance is applied first, then noise.
@@ -120,7 +135,7 @@ def load_dataset(name: str, root=None, split: str = "train", image_size=None, **
 
 
 __all__ = [
-    "load_dataset", "FERDataset", "resize_images", "canonical_name",
+    "load_dataset", "FERDataset", "resize_images", "canonical_name", "default_cache_size",
     "DatasetError", "DatasetNotFoundError", "CorruptImageError", "LabelFormatError", "LabelRangeError",
     "symmetric_noise", "read_noise_file", "imbalance_counts", "imbalance_indices", "apply_protocols",
     "DATASETS", "SPLITS", "RAFDB_CLASSES", "RAFDB_TRAIN_COUNTS", "RAFDB_TEST_COUNTS", "FERPLUS_CLASSES",

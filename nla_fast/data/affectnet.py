@@ -14,9 +14,11 @@ Layouts under ``root``:
 4 Fear, 5 Disgust, 6 Anger (7 Contempt kept with ``num_classes=8``); 8 None, 9 Uncertain
 and 10 Non-face are always dropped; any other value is an error.
 
-Face crops vary in size, so the official release is decoded straight to
-``image_size`` (default :data:`DEFAULT_SIZE`, part of the cache key); plain CSVs keep the
-first image's size unless ``image_size`` is given.
+Face crops vary in size and are mostly larger than the network's input, so each is decoded
+straight to the size the run trains at: ``cache_size``, else ``image_size``, else
+:data:`DEFAULT_SIZE` (the paper's 224 px input); the size is part of the cache key. A
+smaller cache (``--cache-size 112``) halves the side at the cost of detail the recipe's
+224 px input would see.
 """
 from __future__ import annotations
 
@@ -26,16 +28,18 @@ from pathlib import Path
 import torch
 
 from . import cache as _cache
-from .decode import decode_images
+from .decode import ImageFiles, square
 from .errors import DatasetNotFoundError, LabelFormatError, LabelRangeError
+from .text_files import open_label_text
 
 CLASSES8 = ("Neutral", "Happy", "Sad", "Surprise", "Fear", "Disgust", "Anger", "Contempt")
 CLASSES7 = CLASSES8[:7]
-DEFAULT_SIZE = 112
+DEFAULT_SIZE = 224  # the paper's input size
 MANUAL_FILES = {"train": "training.csv", "test": "validation.csv"}
 PLAIN_FILES = {"train": "train.csv", "test": "test.csv"}
 IMAGE_DIR = "Manually_Annotated_Images"
 MANUAL_COLUMNS = ("subDirectory_filePath", "face_x", "face_y", "face_width", "face_height", "expression")
+MAX_BOX = 1 << 20  # px: no face box lies this far out (10^20 is a damaged field, not a position)
 WHERE = (
     "AffectNet is distributed by its authors on request (academic licence): "
     "http://mohammadmahoor.com/affectnet/ ; nothing is downloaded automatically"
@@ -68,8 +72,7 @@ def _find_csv(root: Path, split: str, csv_file) -> Path:
 def read_csv(path: Path, root: Path, num_classes: int):
     """``(paths, boxes or None, labels, names, manual?)`` of the rows kept for ``num_classes``."""
     paths, boxes, labels, names = [], [], [], []
-    # utf-8-sig: a byte-order mark (Windows editors, Excel) would otherwise glue onto the first field
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with open_label_text(path, newline="") as f:
         reader = csv.reader(f)
         header = [h.strip() for h in (next(reader, None) or [])]
         if "subDirectory_filePath" in header:
@@ -100,7 +103,7 @@ def read_csv(path: Path, root: Path, num_classes: int):
                 value = int(float(raw))
                 if float(raw) != value:
                     raise ValueError
-            except ValueError:
+            except (ValueError, OverflowError):  # OverflowError: inf
                 raise LabelFormatError(f"{path}, line {line}: expression {raw!r} is not an integer") from None
             if not 0 <= value <= 10:
                 raise LabelRangeError(f"{path}, line {line}: expression {value} out of range 0..10")
@@ -112,8 +115,11 @@ def read_csv(path: Path, root: Path, num_classes: int):
             if manual:
                 try:
                     box = tuple(int(float(row[col[c]])) for c in ("face_x", "face_y", "face_width", "face_height"))
-                except ValueError:
+                except (ValueError, OverflowError):  # OverflowError: inf
                     raise LabelFormatError(f"{path}, line {line}: face box fields are not numbers") from None
+                if max(abs(v) for v in box) > MAX_BOX:
+                    raise LabelRangeError(f"{path}, line {line}: face box (x={box[0]}, y={box[1]}, w={box[2]}, "
+                                          f"h={box[3]}) is beyond any image ({MAX_BOX} px)")
                 if box[2] <= 0 or box[3] <= 0:
                     raise LabelRangeError(f"{path}, line {line}: face box size {box[2]}x{box[3]} is not positive")
                 boxes.append(box)
@@ -123,7 +129,7 @@ def read_csv(path: Path, root: Path, num_classes: int):
     return paths, (boxes if manual else None), labels, names, manual
 
 
-def load(root, split: str, image_size=None, num_classes: int = 7, csv_file=None,
+def load(root, split: str, image_size=None, num_classes: int = 7, csv_file=None, cache_size=None,
          use_cache=True, cache_dir=None, workers=None, verbose=True, **_):
     if split not in MANUAL_FILES:
         raise ValueError(f"AffectNet splits are 'train' and 'test', got {split!r}")
@@ -136,18 +142,15 @@ def load(root, split: str, image_size=None, num_classes: int = 7, csv_file=None,
         raise DatasetNotFoundError(f"AffectNet root {root} does not exist; {_expected(root, split)}")
     label_file = _find_csv(root, split, csv_file)
     paths, boxes, labels, names, manual = read_csv(label_file, root, num_classes)
-    if image_size is not None:
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    else:
-        size = (DEFAULT_SIZE, DEFAULT_SIZE) if manual else None
+    size = square(cache_size or image_size or DEFAULT_SIZE)
     key = {
         "root": str(root.resolve()), "label_file": str(label_file), "labels_sha256": _cache.file_digest(label_file),
         "num_classes": num_classes, "size": size, "images": _cache.stat_digest(paths),
     }
 
     def build():
-        images = decode_images(paths, boxes=boxes, size=size, workers=workers, desc=f"affectnet/{split}", verbose=verbose)
-        return {"images": torch.from_numpy(images), "labels": torch.tensor(labels, dtype=torch.int64), "names": names}
+        images = ImageFiles(paths, size, boxes=boxes, workers=workers, desc=f"affectnet/{split}")
+        return {"images": images, "labels": torch.tensor(labels, dtype=torch.int64), "names": names}
 
     payload, path, built = _cache.load_or_build("affectnet", split, key, build, use_cache, cache_dir, verbose)
     return dict(
@@ -156,5 +159,5 @@ def load(root, split: str, image_size=None, num_classes: int = 7, csv_file=None,
         names=list(payload["names"]),
         classes=CLASSES8 if num_classes == 8 else CLASSES7,
         info={"root": str(root), "label_file": str(label_file), "layout": "manual" if manual else "plain",
-              "decoded_size": size, "cache_file": str(path) if path else None, "cache_built": built},
+              "cache_size": size, "cache_file": str(path) if path else None, "cache_built": built},
     )

@@ -22,7 +22,8 @@ class FERDataset:
     """Images, labels and class names of one split of one dataset.
 
     Attributes:
-        images: ``torch.uint8`` tensor ``N x H x W x 3``.
+        images: ``torch.uint8`` tensor ``N x H x W x 3``; loaded through the cache it is mapped
+            from the cache file (read as it is used; ``.clone()`` makes a copy independent of it).
         labels: ``torch.int64`` tensor ``N`` (after any noise protocol).
         classes: class names in the dataset's own index order.
         soft_labels: ``float32`` ``N x C`` label distributions or ``None`` (FERPlus

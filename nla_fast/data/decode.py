@@ -1,4 +1,4 @@
-"""Parallel image decoding into one preallocated uint8 array.
+"""Parallel image decoding into preallocated uint8 arrays, a chunk at a time.
 
 Pillow releases the GIL while it decodes and resamples, so a thread pool scales over
 cores without pickling pixels between processes. Every failure names the file.
@@ -70,8 +70,102 @@ def open_rgb(path, box=None):
             return im
     except CorruptImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        # DecompressionBombError: more pixels than Pillow's safety limit (a crafted or broken file)
         raise CorruptImageError(f"cannot decode image {path}: {err}") from err
+
+
+class ImageFiles:
+    """Image files (optionally face boxes to crop) decoded to one ``size`` = (H, W): the image
+    source a cache is built from (:mod:`nla_fast.data.cache`).
+
+    ``fill(lo, hi, out)`` decodes rows ``lo..hi`` into ``out`` on ``workers`` threads, so a
+    build holds only the chunk it is writing, whatever the number of files. Images of
+    another size are resized (bilinear, Pillow's antialiased filter); :meth:`note` counts them.
+    """
+
+    ROWS_PER_TASK = 16  # images per thread-pool task: small enough to balance, large enough to amortise
+
+    def __init__(self, paths: Sequence, size: tuple[int, int], boxes: Optional[Sequence] = None,
+                 workers: Optional[int] = None, desc: str = ""):
+        self.paths, self.boxes, self.desc = list(paths), boxes, desc
+        self.shape = (int(size[0]), int(size[1]))
+        self.workers = workers or default_workers()
+        self.resized = np.zeros(len(self.paths), bool)
+
+    @property
+    def count(self) -> int:
+        return len(self.paths)
+
+    def decode(self, i: int, out: np.ndarray) -> None:
+        """Image ``i`` into ``out`` (H x W x 3 uint8)."""
+        from PIL import Image
+
+        h, w = self.shape
+        im = open_rgb(Path(self.paths[i]), None if self.boxes is None else self.boxes[i])
+        if (im.height, im.width) != (h, w):
+            im = im.resize((w, h), Image.BILINEAR)
+            self.resized[i] = True
+        out[...] = np.asarray(im)
+
+    def fill(self, lo: int, hi: int, out: np.ndarray) -> None:
+        """Rows ``lo..hi`` into ``out[:hi - lo]``; an undecodable file raises an error naming it."""
+        def work(a: int, b: int) -> None:
+            for i in range(a, b):
+                self.decode(i, out[i - lo])
+
+        if self.workers <= 1 or hi - lo <= self.ROWS_PER_TASK:
+            work(lo, hi)
+            return
+        pool = ThreadPoolExecutor(self.workers)
+        try:
+            step = self.ROWS_PER_TASK
+            futures = [pool.submit(work, a, min(hi, a + step)) for a in range(lo, hi, step)]
+            for future in futures:
+                future.result()  # re-raises a worker's exception (it names the file)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # on an error, stop at once
+
+    def note(self) -> Optional[str]:
+        """How many images were resized to the cache size (None when none was, or when every
+        image is a face box cropped out of a larger photo and so resized by design)."""
+        count = int(self.resized.sum())
+        if not count or self.boxes is not None:
+            return None
+        h, w = self.shape
+        return f"{self.desc}: {count} of {self.count} images were not {h}x{w} and were resized to it"
+
+
+class ArrayImages:
+    """Images already in memory (an ``N x h x w x 3`` uint8 array or tensor) as an image source,
+    resized to ``size`` = (H, W) the way :class:`ImageFiles` resizes (None: as they are)."""
+
+    def __init__(self, array, size: Optional[tuple[int, int]] = None, desc: str = ""):
+        self.array = array.numpy() if hasattr(array, "numpy") else np.asarray(array)
+        self.shape = tuple(self.array.shape[1:3]) if size is None else (int(size[0]), int(size[1]))
+        self.desc = desc
+
+    @property
+    def count(self) -> int:
+        return int(self.array.shape[0])
+
+    def fill(self, lo: int, hi: int, out: np.ndarray) -> None:
+        if tuple(self.array.shape[1:3]) == self.shape:
+            out[...] = self.array[lo:hi]
+            return
+        from PIL import Image
+
+        h, w = self.shape
+        for i in range(lo, hi):
+            out[i - lo] = np.asarray(Image.fromarray(self.array[i]).resize((w, h), Image.BILINEAR))
+
+    def note(self) -> Optional[str]:
+        return None
+
+
+def square(size) -> tuple[int, int]:
+    """``(H, W)`` from an int (a square) or a pair."""
+    return (int(size), int(size)) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
 
 
 def decode_images(
@@ -82,51 +176,22 @@ def decode_images(
     desc: str = "",
     verbose: bool = True,
 ) -> np.ndarray:
-    """Decode ``paths`` (optionally cropping ``boxes`` = (x, y, w, h)) into ``N x H x W x 3`` uint8.
+    """Decode ``paths`` (optionally cropping ``boxes`` = (x, y, w, h)) into one in-memory
+    ``N x H x W x 3`` uint8 array.
 
-    ``size`` = (H, W) resizes every image (bilinear, Pillow's antialiased filter). Without
-    it the first image's size is used and any image of another size is resized to it
-    (the number is reported).
+    ``size`` = (H, W) resizes every image (bilinear, Pillow's antialiased filter); without it
+    the first image's size is used. The dataset loaders never rely on that: they give the
+    size and stream into their cache (:class:`ImageFiles`).
     """
-    from PIL import Image
-
     n = len(paths)
     if size is None:
         if n == 0:
             return np.zeros((0, 1, 1, 3), np.uint8)
         first = open_rgb(Path(paths[0]), None if boxes is None else boxes[0])
         size = (first.height, first.width)
-    h, w = size
-    out = np.empty((n, h, w, 3), np.uint8)
-    resized = np.zeros(n, bool)
-
-    def work(i: int) -> None:
-        im = open_rgb(Path(paths[i]), None if boxes is None else boxes[i])
-        if (im.height, im.width) != (h, w):
-            im = im.resize((w, h), Image.BILINEAR)
-            resized[i] = True
-        out[i] = np.asarray(im)
-
-    def work_range(lo: int, hi: int) -> None:
-        for i in range(lo, hi):
-            work(i)
-
-    workers = workers or default_workers()
-    if workers <= 1 or n < 64:
-        work_range(0, n)
-    else:
-        pool = ThreadPoolExecutor(workers)
-        try:
-            step = 256
-            futures = [pool.submit(work_range, lo, min(n, lo + step)) for lo in range(0, n, step)]
-            for fut in futures:
-                fut.result()  # re-raises a worker's exception (it names the file)
-        finally:
-            # on an error, stop at once instead of decoding the rest
-            pool.shutdown(wait=True, cancel_futures=True)
-    if verbose and resized.any() and boxes is None:
-        print(
-            f"[nla_fast.data] {desc}: {int(resized.sum())} of {n} images were not {h}x{w} and were resized",
-            file=sys.stderr,
-        )
+    files = ImageFiles(paths, size, boxes, workers, desc)
+    out = np.empty((n, *files.shape, 3), np.uint8)
+    files.fill(0, n, out)
+    if verbose and boxes is None and files.note():
+        print(f"[nla_fast.data] {files.note()}", file=sys.stderr)
     return out

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 from . import cache as _cache
-from .decode import decode_images
+from .decode import ArrayImages, ImageFiles, square
 from .errors import CorruptImageError, DatasetNotFoundError, LabelFormatError, LabelRangeError
+from .text_files import open_label_text
 
 CLASSES8 = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt")
 CLASSES7 = CLASSES8[:7]
@@ -39,6 +40,9 @@ VOTE_COLUMNS = CLASSES8 + ("unknown", "NF")
 USAGE = {"Training": "train", "PublicTest": "valid", "PrivateTest": "test"}
 FOLDERS = {"train": "FER2013Train", "valid": "FER2013Valid", "test": "FER2013Test"}
 LABEL_MODES = ("majority", "argmax", "soft")
+SOURCE_SIZE = 48  # FER2013's faces are 48 x 48 (the cache keeps them so unless cache_size says otherwise)
+# FERPlus has ten annotators per image; a larger count is a damaged file, not a vote
+MAX_VOTES = 1000
 WHERE = (
     "fer2013.csv comes from the Kaggle 'Challenges in Representation Learning: Facial Expression "
     "Recognition Challenge' (https://www.kaggle.com/c/challenges-in-representation-learning-facial-"
@@ -73,19 +77,21 @@ def _parse_votes(fields, path: Path, lineno: int) -> list[int]:
     if len(fields) != 10:
         raise LabelFormatError(f"{path}, line {lineno}: expected 10 vote counts, got {len(fields)}")
     try:
-        votes = [int(float(v)) for v in fields]
+        numbers = [float(v) for v in fields]
     except ValueError:
         raise LabelFormatError(f"{path}, line {lineno}: vote counts {fields} are not integers") from None
-    for v in votes:
-        if v < 0:
-            raise LabelRangeError(f"{path}, line {lineno}: vote count {v} out of range (must be >= 0)")
-    return votes
+    for raw, number in zip(fields, numbers):
+        if number < 0:
+            raise LabelRangeError(f"{path}, line {lineno}: vote count {int(number) if number.is_integer() else raw.strip()} "
+                                  "out of range (must be >= 0)")
+        if not number <= MAX_VOTES:  # also inf and nan
+            raise LabelRangeError(f"{path}, line {lineno}: vote count {raw.strip()!r} out of range 0..{MAX_VOTES}")
+    return [int(number) for number in numbers]
 
 
 def _read_csv_pair(root: Path, split: str):
     old_path, new_path = root / "fer2013.csv", root / "fer2013new.csv"
-    # utf-8-sig: a byte-order mark (Windows editors, Excel) would otherwise glue onto the first field
-    with open(new_path, newline="", encoding="utf-8-sig") as f:
+    with open_label_text(new_path, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or len(header) < 12 or header[0].strip() != "Usage":
@@ -104,7 +110,7 @@ def _read_csv_pair(root: Path, split: str):
             new_rows.append((usage, row[1].strip(), _parse_votes(row[2:], new_path, reader.line_num), reader.line_num))
 
     pixels, names, votes, rows = [], [], [], []
-    with open(old_path, newline="", encoding="utf-8-sig") as f:
+    with open_label_text(old_path, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:3]] != ["emotion", "pixels", "Usage"]:
@@ -153,7 +159,7 @@ def _read_folder(root: Path, split: str, workers, verbose):
             f"FERPlus label file {label_file} is missing (split {split!r}); {_expected(root)}"
         )
     names, votes = [], []
-    with open(label_file, newline="", encoding="utf-8-sig") as f:
+    with open_label_text(label_file, newline="") as f:
         reader = csv.reader(f)
         for row in reader:
             if not row:
@@ -192,7 +198,7 @@ def labels_from_votes(votes: np.ndarray, mode: str = "majority", num_classes: in
     return keep, arg.astype(np.int64), soft
 
 
-def load(root, split: str, label_mode: str = "majority", num_classes: int = 7,
+def load(root, split: str, label_mode: str = "majority", num_classes: int = 7, cache_size=None,
          use_cache=True, cache_dir=None, workers=None, verbose=True, **_):
     if split not in FOLDERS:
         raise ValueError(f"FERPlus splits are 'train', 'valid' and 'test', got {split!r}")
@@ -201,22 +207,23 @@ def load(root, split: str, label_mode: str = "majority", num_classes: int = 7,
     if num_classes not in (7, 8):
         raise ValueError(f"FERPlus num_classes must be 7 or 8, got {num_classes}")
     root, layout = _layout(root)
+    size = square(cache_size or SOURCE_SIZE)
     if layout == "csv":
         label_files = [root / "fer2013.csv", root / "fer2013new.csv"]
-        key = {"layout": layout, "root": str(root.resolve()), "labels_sha256": [_cache.file_digest(p) for p in label_files]}
+        key = {"layout": layout, "root": str(root.resolve()), "labels_sha256": [_cache.file_digest(p) for p in label_files],
+               "size": size}
 
         def build():
             images, names, votes, rows, _files = _read_csv_pair(root, split)
-            return {"images": torch.from_numpy(images), "votes": torch.tensor(votes, dtype=torch.int64).reshape(-1, 10),
+            return {"images": ArrayImages(images, size, f"ferplus/{split}"), "votes": torch.tensor(votes, dtype=torch.int64).reshape(-1, 10),
                     "names": names, "rows": torch.tensor(rows, dtype=torch.int64)}
     else:
         paths, names_, votes_, label_files = _read_folder(root, split, workers, verbose)
         key = {"layout": layout, "root": str(root.resolve()), "labels_sha256": [_cache.file_digest(p) for p in label_files],
-               "images": _cache.stat_digest(paths)}
+               "images": _cache.stat_digest(paths), "size": size}
 
         def build():
-            images = decode_images(paths, workers=workers, desc=f"ferplus/{split}", verbose=verbose)
-            return {"images": torch.from_numpy(images), "votes": torch.tensor(votes_, dtype=torch.int64).reshape(-1, 10),
+            return {"images": ImageFiles(paths, size, workers=workers, desc=f"ferplus/{split}"), "votes": torch.tensor(votes_, dtype=torch.int64).reshape(-1, 10),
                     "names": names_, "rows": torch.arange(len(names_))}
 
     payload, path, built = _cache.load_or_build("ferplus", split, key, build, use_cache, cache_dir, verbose)
@@ -233,6 +240,6 @@ def load(root, split: str, label_mode: str = "majority", num_classes: int = 7,
         info={"root": str(root), "layout": layout, "label_files": [str(p) for p in label_files],
               "label_mode": label_mode, "rows_total": len(names), "rows_dropped": len(names) - len(idx),
               "votes": payload["votes"][idx],
-              "cache_file": str(path) if path else None, "cache_built": built},
+              "cache_file": str(path) if path else None, "cache_built": built, "cache_size": size},
     )
     return out

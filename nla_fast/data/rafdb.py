@@ -7,6 +7,8 @@ Layout (``root`` is the ``basic`` folder, or a folder holding ``basic/``)::
 
 Labels 1..7 in the file become 0..6: Surprise, Fear, Disgust, Happiness, Sadness, Anger,
 Neutral. Names starting with ``train`` form the training split, ``test`` the test split.
+Images are cached at :data:`SOURCE_SIZE` (the aligned faces' size; ``cache_size`` to
+change): an image of another size is resized to it and counted, it never sets the size.
 """
 from __future__ import annotations
 
@@ -15,12 +17,14 @@ from pathlib import Path
 import torch
 
 from . import cache as _cache
-from .decode import decode_images
+from .decode import ImageFiles, square
 from .errors import DatasetNotFoundError, LabelFormatError, LabelRangeError
+from .text_files import open_label_text
 
 CLASSES = ("Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral")
 TRAIN_COUNTS = (1290, 281, 717, 4772, 1982, 705, 2524)
 TEST_COUNTS = (329, 74, 160, 1185, 478, 162, 680)
+SOURCE_SIZE = 100  # RAF-DB's aligned faces are 100 x 100
 LABEL_FILE = Path("EmoLabel") / "list_patition_label.txt"
 IMAGE_DIR = Path("Image") / "aligned"
 WHERE = (
@@ -51,8 +55,7 @@ def resolve_root(root) -> Path:
 
 def read_name_label_lines(path, low: int, high: int):
     """Yield (line number, name, label) of RAF-DB-format ``name label`` lines, label in low..high."""
-    # utf-8-sig: a byte-order mark (Windows editors, Excel) would otherwise glue onto the first field
-    with open(path, encoding="utf-8-sig") as f:
+    with open_label_text(path) as f:
         for lineno, line in enumerate(f, 1):
             parts = line.split()
             if not parts:
@@ -70,12 +73,22 @@ def read_name_label_lines(path, low: int, high: int):
 
 
 def read_label_file(path: Path, split: str) -> tuple[list[str], list[int]]:
-    """Names and 0-based labels of ``split`` from list_patition_label.txt."""
-    names, labels = [], []
-    for _, name, value in read_name_label_lines(path, 1, 7):
-        if name.startswith(split):
-            names.append(name)
-            labels.append(value - 1)
+    """Names and 0-based labels of ``split`` from list_patition_label.txt. A name listed twice
+    is refused when its labels differ (which one is right cannot be told) and kept once when
+    they agree."""
+    names, labels, seen = [], [], {}
+    for lineno, name, value in read_name_label_lines(path, 1, 7):
+        if not name.startswith(split):
+            continue
+        if name in seen:
+            first_line, first_value = seen[name]
+            if first_value != value:
+                raise LabelFormatError(f"{path}, line {lineno}: {name} is labelled {value}, but {first_value} on "
+                                       f"line {first_line}: keep one line per image")
+            continue
+        seen[name] = (lineno, value)
+        names.append(name)
+        labels.append(value - 1)
     return names, labels
 
 
@@ -84,7 +97,7 @@ def image_path(root: Path, name: str) -> Path:
     return root / IMAGE_DIR / f"{stem}_aligned.jpg"
 
 
-def load(root, split: str, use_cache=True, cache_dir=None, workers=None, verbose=True, **_):
+def load(root, split: str, cache_size=None, use_cache=True, cache_dir=None, workers=None, verbose=True, **_):
     if split not in ("train", "test"):
         raise ValueError(f"RAF-DB splits are 'train' and 'test', got {split!r}")
     root = resolve_root(root)
@@ -93,16 +106,17 @@ def load(root, split: str, use_cache=True, cache_dir=None, workers=None, verbose
     if not names:
         raise LabelFormatError(f"{label_file} lists no '{split}*' images")
     paths = [image_path(root, n) for n in names]
+    size = square(cache_size or SOURCE_SIZE)
     key = {
         "root": str(root.resolve()),
         "labels_sha256": _cache.file_digest(label_file),
         "images": _cache.stat_digest(paths),
+        "size": size,
     }
 
     def build():
-        images = decode_images(paths, workers=workers, desc=f"rafdb/{split}", verbose=verbose)
         return {
-            "images": torch.from_numpy(images),
+            "images": ImageFiles(paths, size, workers=workers, desc=f"rafdb/{split}"),
             "labels": torch.tensor(labels, dtype=torch.int64),
             "names": names,
         }
@@ -113,6 +127,7 @@ def load(root, split: str, use_cache=True, cache_dir=None, workers=None, verbose
         labels=payload["labels"],
         names=list(payload["names"]),
         classes=CLASSES,
-        info={"root": str(root), "label_file": str(label_file), "cache_file": str(path) if path else None, "cache_built": built},
+        info={"root": str(root), "label_file": str(label_file), "cache_file": str(path) if path else None,
+              "cache_built": built, "cache_size": size},
     )
 

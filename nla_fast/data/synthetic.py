@@ -388,11 +388,14 @@ def generate(split: str = "train", num_samples=None, seed: int = 0, resolution: 
     }
 
 
-def load(root=None, split: str = "train", num_samples=None, seed: int = 0, resolution: int = 100,
-         blend_fraction: float = 0.2, num_identities=None, use_cache=True, cache_dir=None, workers=None,
-         verbose=True, **_):
+def load(root=None, split: str = "train", num_samples=None, seed: int = 0, resolution=None,
+         blend_fraction: float = 0.2, num_identities=None, cache_size=None, use_cache=True, cache_dir=None,
+         workers=None, verbose=True, **_):
     if split not in _SPLIT_SALT:
         raise ValueError(f"synthetic splits are 'train', 'test' and 'valid', got {split!r}")
+    if resolution is not None and cache_size is not None and resolution != cache_size:
+        raise ValueError(f"synthetic: resolution {resolution} and cache_size {cache_size} differ; give one")
+    resolution = resolution or cache_size or 100  # the set is drawn at the size it is cached at
     key = {"version": GENERATOR_VERSION, "n": num_samples, "seed": seed, "resolution": resolution,
            "blend_fraction": blend_fraction, "num_identities": num_identities, "torch": torch.__version__}
 
@@ -405,5 +408,5 @@ def load(root=None, split: str = "train", num_samples=None, seed: int = 0, resol
         images=payload["images"], labels=payload["labels"], names=list(payload["names"]), classes=CLASSES,
         soft_labels=payload["soft_labels"],
         info={"seed": seed, "blend": payload["blend"], "identity": payload["identity"], "params": payload["params"],
-              "cache_file": str(path) if path else None, "cache_built": built},
+              "cache_file": str(path) if path else None, "cache_built": built, "cache_size": resolution},
     )
