@@ -1,10 +1,12 @@
-"""Fused Triton NLA loss (SPEC 1.1): one sweep writes the loss, both gradients and the NAW weights.
+"""Fused Triton NLA loss kernels (SPEC 1.1): one sweep writes the loss, both gradients and the NAW weights.
 
 Liger-Kernel style: the forward already computes d loss/d logits and d loss/d logits_flip
 (the loss is a scalar, so the gradient is known up to the factor grad_output), and the
-backward only multiplies the saved gradients by grad_output, in place and with every load and
-store masked off when grad_output == 1 (no extra pass). The maths is exactly
+backward only multiplies the saved gradients by grad_output (``_scale_grads_kernel``, in
+place with every load and store masked off when grad_output == 1). The maths is exactly
 ``nla_fast.reference.nla_forward_backward_closed_form`` (its docstring has the derivation).
+This file holds the kernels only; ``launch.py`` plans and launches them, ``ops.py`` registers
+them for torch.compile.
 
 Memory layout (what makes it fast at large B; rows of C = 7 bf16 values are 14 bytes):
 - compute: a tile of BLOCK_B rows x BLOCK_C = next_power_of_2(C) columns with whole rows in
@@ -25,16 +27,6 @@ Memory layout (what makes it fast at large B; rows of C = 7 bf16 values are 14 b
   (tile base in 64 bits); non-contiguous logits take a strided 64-bit path (FLAT_ROWS=False);
 - targets: one contiguous vector per tile.
 
-Launches: small batches (B * BLOCK_C <= 4096, e.g. B <= 512 for C <= 8: the trainer's 32) are
-ONE program with a fixed configuration, so the loss bits are the same in every process and the
-launch is graph-capturable. Larger batches run a persistent grid (programs per SM x SM count;
-each program loops over full tiles; the program next in turn takes the partial last tile) that
-writes one partial sum per program, and a one-program launch adds them in program order: the
-order, so the loss bits, is fixed per (device, shape, configuration); no float atomics. On a
-GPU the configuration of the large path is autotuned once per (device, C, dtypes, batch
-bucket) in eager use and remembered; under CUDA-graph capture or torch.compile tracing nothing
-is benchmarked: a remembered configuration or a fixed heuristic one is used.
-
 Numerics: everything is float32 in registers whatever the input dtype (float64 inputs are
 also computed in float32; their gradients are stored as float64). Scalar arguments are cast to
 float32 at kernel entry (Inductor passes Python floats as fp64, which would otherwise leak into
@@ -45,29 +37,9 @@ so ties are exact: first index among tied negatives, g == n counts as the true c
 logit on a non-target class has probability 0 and adds nothing (finite loss and gradients, as
 the reference). Targets outside [0, C) are never used as an address (the gather is a compare
 with the column index); such rows give NaN. Other non-finite logits give a non-finite loss.
-
-torch.compile: the launches live in ``torch.library.triton_op`` operators (torch >= 2.6), so
-dynamo/inductor see the kernels; the autograd.Function around them is traced by dynamo.
-``eps`` may be a 0-d device tensor: the kernel then reads it from memory, so a captured
-CUDA graph picks up new values; no host syncs and no host-to-device copies per call.
 """
-import functools
-import os
-from typing import List, Optional, Tuple
-
-import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
-
-from nla_fast.loss_inputs import split_eps
-
-_SINGLE_PROGRAM_ELEMENTS = 4096  # B * BLOCK_C up to this: one program, one launch, fixed config
-_TILE_ELEMENTS = 4096  # heuristic large-batch tile: BLOCK_B * BLOCK_C (512 rows for C <= 8)
-_ELEMENTS_PER_THREAD = 8  # heuristic warps: a row of 8 in one thread (C <= 8)
-_WARPS_PER_SM = 32  # heuristic persistent grid: SMs * 32 / num_warps programs
-_SCALE_BLOCK = 4096  # elements per program of the backward scaling kernel
-_SUM_BLOCK = 1024  # partial sums added per loop step of the final reduction
 
 
 @triton.jit
@@ -278,7 +250,6 @@ def _nla_fwd_kernel(
     EXACT_C: tl.constexpr,  # C == BLOCK_C (a power of two)
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    PROGRAMS_PER_SM: tl.constexpr,  # unused here: the launch grid reads it from the (tuned) config
 ):
     # Every scalar in float32 from here on: under Inductor a Python float arrives as fp64 and
     # would turn the loop-carried sum into fp64 (a compile error in the persistent loop).
@@ -364,389 +335,26 @@ def _scale_grads_kernel(
 ):
     # grad_output is read from memory: no host check for grad_output == 1, graph-capturable.
     # IN_PLACE (o* == g*): the common loss.backward() has grad_output == 1 and the saved
-    # gradients are already the answer, so every load and store is masked off (no traffic).
+    # gradients are already the answer, so the kernel returns at once (no traffic).
     go = tl.load(go_ptr).to(tl.float32)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
     if IN_PLACE:
-        mask = mask & (tl.zeros([BLOCK], dtype=tl.float32) + go != 1.0)
-    if HAS_Z:
-        x = tl.load(gz_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(oz_ptr + offs, (x * go).to(oz_ptr.dtype.element_ty), mask=mask)
-    if HAS_ZF:
-        x = tl.load(gzf_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(ozf_ptr + offs, (x * go).to(ozf_ptr.dtype.element_ty), mask=mask)
-
-
-def _next_pow2(n):
-    return 1 << (n - 1).bit_length()  # plain Python: triton.next_power_of_2 is slower per call
-
-
-def _cdiv(a, b):
-    return (a + b - 1) // b
-
-
-def _clamp(x, lo, hi):
-    return max(lo, min(hi, x))
-
-
-def _block_c(num_classes):
-    return max(2, _next_pow2(num_classes))
-
-
-def _warps_for(block_b, block_c):
-    return _clamp((block_b * block_c) // (32 * _ELEMENTS_PER_THREAD), 1, 16)
-
-
-def _fixed_config(batch, block_c):
-    """(BLOCK_B, num_warps, num_stages, programs per SM), the same in every process.
-
-    Small batches (a concrete B with B * BLOCK_C <= 4096) get one program holding the whole
-    batch in one tile: one launch, whose bits do not depend on any tuning. Otherwise the
-    large-batch heuristic (used where nothing may be benchmarked and nothing was tuned)."""
-    if isinstance(batch, int) and batch * block_c <= _SINGLE_PROGRAM_ELEMENTS:
-        block_b = _next_pow2(batch)
-        return block_b, _warps_for(block_b, block_c), 1, 1
-    block_b = max(1, _TILE_ELEMENTS // block_c)
-    num_warps = _warps_for(block_b, block_c)
-    return block_b, num_warps, 1, max(1, _WARPS_PER_SM // num_warps)
-
-
-def _tuning_configs(block_c):
-    """Large-batch candidates: tiles of 2k-16k elements and 4-16 warps. num_stages stays 1: the
-    loads are per-element (see the module docstring), which Triton's loop pipeliner leaves alone
-    (sm_90 PTX identical for 1 and 2 stages), so more stages would only lengthen the tuning."""
-    configs = []
-    for tile, num_warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)):
-        block_b = max(1, tile // block_c)
-        configs.append(triton.Config(
-            {"BLOCK_B": block_b, "PROGRAMS_PER_SM": max(1, _WARPS_PER_SM // num_warps)},
-            num_warps=num_warps, num_stages=1))
-    return configs
-
-
-@functools.lru_cache(maxsize=None)
-def _tuner(block_c):
-    """The autotuned forward kernel for one BLOCK_C (its candidates depend on the row length).
-    Keyed on B and C (dtypes are added by Triton); it is only called for a batch bucket that
-    has no remembered configuration yet (``_tuned``)."""
-    return triton.autotune(configs=_tuning_configs(block_c), key=["B", "C"])(_nla_fwd_kernel)
-
-
-_tuned = {}  # (device, C, dtype, dtype flip, B bucket) -> (BLOCK_B, num_warps, num_stages, per SM)
-_plans = {}  # (device, B, C, tuning key) -> launch plan; everything derived per call is cached
-_sm_counts = {}
-
-
-def _program_limit(device, programs_per_sm):
-    """Persistent grid size cap: programs per SM x SMs. 4 on the CPU interpreter (enough to
-    exercise the tile loop)."""
-    if device.type != "cuda":
-        return 4
-    sms = _sm_counts.get(device.index)
-    if sms is None:
-        sms = _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return programs_per_sm * sms
-
-
-def _plan(batch, block_c, device, config):
-    """(BLOCK_B, num_warps, num_stages, programs per SM, number of programs) for a config."""
-    block_b, num_warps, num_stages, per_sm = config
-    num_programs = min(_cdiv(batch, block_b), _program_limit(device, per_sm))
-    return block_b, num_warps, num_stages, per_sm, num_programs
-
-
-def _tuning_key(logits, zf, batch, num_classes):
-    return (logits.device, num_classes, logits.dtype, zf.dtype, batch.bit_length())
-
-
-def _may_tune(device):
-    """Benchmarking launches and synchronises: never while tracing or capturing a CUDA graph."""
-    return (device.type == "cuda" and not _INTERPRET and not torch.compiler.is_compiling()
-            and not torch.cuda.is_current_stream_capturing())
-
-
-def _identity(kernel):
-    return kernel
-
-
-def _forward_body(wrap, logits, logits_flip, target, eps_tensor, eps_value, consts, jsd,
-                  reg_mean, grad_z, grad_zf, weights, loss):
-    """(loss, d/dlogits, d/dlogits_flip, weights), None for what was not asked for.
-    Shared by the eager path (``wrap`` = identity) and the triton_op (``wrap`` = wrap_triton)."""
-    batch, num_classes = logits.shape
-    num_classes = int(num_classes)  # C picks constexpr block sizes: specialise on it under compile
-    device = logits.device
-    zf = logits_flip if logits_flip is not None else logits
-    block_c = _block_c(num_classes)
-    tune_key = None
-    plan = None
-    if isinstance(batch, int):
-        if batch * block_c > _SINGLE_PROGRAM_ELEMENTS:
-            tune_key = _tuning_key(logits, zf, batch, num_classes)
-        plan_key = (device, batch, num_classes, tune_key, tune_key in _tuned)
-        plan = _plans.get(plan_key)
-    tune_now = False
-    if plan is None:
-        config = _tuned.get(tune_key) if tune_key is not None else None
-        tune_now = tune_key is not None and config is None and wrap is _identity and _may_tune(device)
-        plan = _plan(batch, block_c, device, config or _fixed_config(batch, block_c))
-        if isinstance(batch, int) and not tune_now:
-            _plans[plan_key] = plan
-    block_b, num_warps, num_stages, per_sm, num_programs = plan
-    # gradients contiguous, in each input's dtype; outputs not asked for are not allocated
-    # (the kernel gets a dummy pointer it never touches)
-    gz = logits.new_empty((batch, num_classes)) if grad_z else None
-    gzf = zf.new_empty((batch, num_classes)) if grad_zf else None
-    w = logits.new_empty((batch,), dtype=torch.float32) if weights else None
-    loss_out = partial = None
-    if tune_now:  # the tuned grid is known only after the launch: room for the largest one
-        num_programs = max(_plan(batch, block_c, device, (c.kwargs["BLOCK_B"], 0, 0, c.kwargs["PROGRAMS_PER_SM"]))[4]
-                           for c in _tuning_configs(block_c))
-    if loss:
-        loss_out = logits.new_empty((), dtype=torch.float32)
-        # one program writes the final loss directly: small batches are a single launch
-        partial = loss_out if num_programs == 1 else logits.new_empty((num_programs,), dtype=torch.float32)
-    args = (
-        logits, zf, target, logits if eps_tensor is None else eps_tensor,
-        logits if partial is None else partial, logits if gz is None else gz,
-        logits if gzf is None else gzf, logits if w is None else w,
-        batch, num_classes,
-        *logits.stride(), *zf.stride(), target.stride(0),
-        eps_value, *consts,
-    )
-    flags = dict(
-        EPS_FROM_PTR=eps_tensor is not None, HAS_FLIP=logits_flip is not None, JSD=jsd,
-        REG_MEAN=reg_mean, WRITE_LOSS=loss, GRAD_Z=grad_z, GRAD_ZF=grad_zf, WRITE_W=weights,
-        FLAT_ROWS=logits.is_contiguous() and zf.is_contiguous(), EXACT_C=num_classes == block_c,
-        BLOCK_C=block_c,
-    )
-    if tune_now:
-        limit = functools.partial(_program_limit, device)
-        tuner = _tuner(block_c)
-        tuner[lambda meta: (min(_cdiv(batch, meta["BLOCK_B"]), limit(meta["PROGRAMS_PER_SM"])),)](*args, **flags)
-        best = tuner.best_config
-        config = (best.kwargs["BLOCK_B"], best.num_warps, best.num_stages, best.kwargs["PROGRAMS_PER_SM"])
-        _tuned[tune_key] = config
-        num_programs = _plan(batch, block_c, device, config)[4]
+        if go != 1.0:
+            _scale_loop(go, gz_ptr, gzf_ptr, oz_ptr, ozf_ptr, N, HAS_Z, HAS_ZF, BLOCK)
     else:
-        wrap(_nla_fwd_kernel)[(num_programs,)](
-            *args, **flags, BLOCK_B=block_b, PROGRAMS_PER_SM=per_sm,
-            num_warps=num_warps, num_stages=num_stages,
-        )
-    if loss and partial is not loss_out:  # (after tuning, also when the chosen grid is one program)
-        block = min(_SUM_BLOCK, _next_pow2(num_programs))
-        wrap(_sum_partials_kernel)[(1,)](partial, loss_out, num_programs, BLOCK=block,
-                                         num_warps=max(1, min(8, block // 128)))
-    return loss_out, gz, gzf, w
+        _scale_loop(go, gz_ptr, gzf_ptr, oz_ptr, ozf_ptr, N, HAS_Z, HAS_ZF, BLOCK)
 
 
-def _scale_launch_uncached(numel):
-    """(grid, BLOCK, num_warps) of the gradient-scaling kernel for ``numel`` elements."""
-    block = min(_SCALE_BLOCK, _next_pow2(numel))
-    return (_cdiv(numel, block),), block, max(1, min(8, block // 512))
-
-
-_scale_launch_cached = functools.lru_cache(maxsize=256)(_scale_launch_uncached)
-
-
-def _scale_launch(numel):
-    # a SymInt (torch.compile with a dynamic batch) cannot be a cache key
-    return _scale_launch_cached(numel) if isinstance(numel, int) else _scale_launch_uncached(numel)
-
-
-def _scale_body(wrap, grad_output, gz, gzf):
-    """(grad_output * gz, grad_output * gzf), None for a gradient that is None."""
-    oz = None if gz is None else torch.empty_like(gz)
-    ozf = None if gzf is None else torch.empty_like(gzf)
-    ref = gz if gz is not None else gzf
-    if ref is not None and ref.numel() > 0:
-        numel = ref.numel()
-        grid, block, num_warps = _scale_launch(numel)
-        wrap(_scale_grads_kernel)[grid](
-            grad_output, ref if gz is None else gz, ref if gzf is None else gzf,
-            ref if oz is None else oz, ref if ozf is None else ozf, numel,
-            HAS_Z=gz is not None, HAS_ZF=gzf is not None, IN_PLACE=False, BLOCK=block,
-            num_warps=num_warps,
-        )
-    return oz, ozf
-
-
-class _NoLaunch:
-    """Stands in for a kernel in the fake (shape-only) implementations: allocates, launches nothing."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
-def _no_launch(kernel):
-    return _NoLaunch()
-
-
-# Interpreted kernels cannot be traced (and older torch's wrap_triton rejects them)
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_WRAP = _identity if _INTERPRET else wrap_triton
-
-
-def _placeholders(device, outputs):
-    # custom ops return tensors only, none aliasing another: a distinct 0-element one for None
-    return tuple(torch.empty(0, device=device) if t is None else t for t in outputs)
-
-
-def _loss_fwd(
-    logits: torch.Tensor,
-    logits_flip: Optional[torch.Tensor],
-    target: torch.Tensor,
-    eps_tensor: Optional[torch.Tensor],
-    eps_value: float,
-    consts: List[float],
-    jsd: bool,
-    reg_mean: bool,
-    grad_z: bool,
-    grad_zf: bool,
-    weights: bool,
-    loss: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _placeholders(logits.device, _forward_body(
-        _WRAP, logits, logits_flip, target, eps_tensor, eps_value, consts, jsd, reg_mean, grad_z,
-        grad_zf, weights, loss))
-
-
-def _scale_grads(
-    grad_output: torch.Tensor, gz: torch.Tensor, gzf: torch.Tensor, has_z: bool, has_zf: bool
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _placeholders(grad_output.device, _scale_body(
-        _WRAP, grad_output, gz if has_z else None, gzf if has_zf else None))
-
-
-def _loss_fwd_fake(logits, logits_flip, target, *args):
-    return _placeholders(logits.device, _forward_body(_no_launch, logits, logits_flip, target, *args))
-
-
-def _scale_grads_fake(grad_output, gz, gzf, has_z, has_zf):
-    return _placeholders(grad_output.device, _scale_body(
-        _no_launch, grad_output, gz if has_z else None, gzf if has_zf else None))
-
-
-def _register(name, fn, fake):
-    """Custom operator (own namespace: torch.ops.nla_fast is the C++ extension's).
-
-    On a GPU it is a ``triton_op``: inductor sees the kernels, and the body (make_fx-traceable)
-    is also the fake implementation. Under TRITON_INTERPRET=1 kernels cannot be traced, so it
-    is an opaque ``custom_op`` whose fake runs the same body without launching (lets
-    torch.compile run on the CPU).
-    """
-    if not _INTERPRET:
-        return triton_op(name, fn, mutates_args=())
-    op = torch.library.custom_op(name, fn, mutates_args=())
-    op.register_fake(fake)
-    return op
-
-
-_loss_fwd_op = _register("nla_fast_triton::loss_fwd", _loss_fwd, _loss_fwd_fake)
-_scale_grads_op = _register("nla_fast_triton::scale_grads", _scale_grads, _scale_grads_fake)
-
-
-def _forward(*args):
-    if torch.compiler.is_compiling():
-        return _loss_fwd_op(*args)  # 0-element placeholders for what was not asked for
-    return _forward_body(_identity, *args)  # eager: skip the dispatcher, launch directly
-
-
-def _scale(grad_output, gz, gzf, has_z, has_zf):
-    if torch.compiler.is_compiling():
-        return _scale_grads_op(grad_output, gz, gzf, has_z, has_zf)
-    return _scale_body(_identity, grad_output, gz, gzf)
-
-
-def _scale_inplace(grad_output, gz, gzf):
-    """Eager backward's first call: scale the saved gradients in place (nothing when grad_output == 1)."""
-    ref = gz if gz is not None else gzf
-    if ref is None or ref.numel() == 0:
-        return
-    numel = ref.numel()
-    grid, block, num_warps = _scale_launch(numel)
-    gz_or_ref, gzf_or_ref = (ref if gz is None else gz), (ref if gzf is None else gzf)
-    _scale_grads_kernel[grid](
-        grad_output, gz_or_ref, gzf_or_ref, gz_or_ref, gzf_or_ref, numel,
-        HAS_Z=gz is not None, HAS_ZF=gzf is not None, IN_PLACE=True, BLOCK=block,
-        num_warps=num_warps,
-    )
-
-
-class _NLALossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, logits_flip, target, eps_tensor, eps_value, consts, jsd, reg_mean,
-                grad_z, grad_zf, weights):
-        loss, gz, gzf, w = _forward(logits, logits_flip, target, eps_tensor, eps_value, consts,
-                                    jsd, reg_mean, grad_z, grad_zf, weights, True)
-        # the gradients were computed in the forward sweep; backward only scales them
-        ctx.save_for_backward(gz, gzf)
-        ctx.grad_z, ctx.grad_zf = grad_z, grad_zf
-        ctx.applied_scale = None  # grad_output already multiplied into the saved gradients
-        if not weights:
-            return loss
-        ctx.mark_non_differentiable(w)
-        return loss, w
-
-    @staticmethod
-    def backward(ctx, grad_loss, *unused):
-        saved_z, saved_zf = ctx.saved_tensors  # 0-element placeholders where no gradient is wanted
-        gz, gzf = (saved_z if ctx.grad_z else None), (saved_zf if ctx.grad_zf else None)
-        # grad_loss is read by the kernels from memory: no host-side check for grad_loss == 1
-        if torch.compiler.is_compiling():
-            oz, ozf = _scale(grad_loss, saved_z, saved_zf, ctx.grad_z, ctx.grad_zf)
-        elif ctx.applied_scale is None:
-            # first backward: the saved buffers become the gradients (each forward allocates its
-            # own), scaled in place only when grad_output != 1: no extra pass in the usual case
-            _scale_inplace(grad_loss, gz, gzf)
-            ctx.applied_scale = grad_loss
-            oz, ozf = gz, gzf
-        else:
-            # a further backward (retain_graph=True): undo the first call's scale into new tensors
-            # (NaN if that scale was exactly 0, whose information is gone)
-            factor = grad_loss.float() / ctx.applied_scale.float()
-            oz, ozf = _scale(factor, gz, gzf, ctx.grad_z, ctx.grad_zf)
-        oz, ozf = (oz if ctx.grad_z else None), (ozf if ctx.grad_zf else None)
-        return (oz, ozf, None, None, None, None, None, None, None, None, None)
-
-
-def _unpack_constants(constants):
-    """(the 12 float constants as the kernel takes them, jsd, reg_mean)."""
-    return [float(c) for c in constants[:12]], bool(constants.jsd), bool(constants.reg_mean)
-
-
-_cached_constants = functools.lru_cache(maxsize=64)(_unpack_constants)  # once per NLAConstants, eagerly
-
-
-def _kernel_constants(constants):
-    # Dynamo cannot use an lru_cache (it warns and traces through it); the unpacking is traced
-    # once per compiled graph anyway
-    return _unpack_constants(constants) if torch.compiler.is_compiling() else _cached_constants(constants)
-
-
-def nla_loss_triton(logits, logits_flip, target, eps, constants, return_weights):
-    """(loss, weights or None): the NLA loss as a 0-d float32 tensor with autograd."""
-    eps_tensor, eps_value = split_eps(eps, logits.device)
-    consts, jsd, reg_mean = _kernel_constants(constants)
-    grad_z = grad_zf = False
-    if torch.is_grad_enabled():
-        grad_z, grad_zf = logits.requires_grad, logits_flip.requires_grad
-    if grad_z or grad_zf:
-        out = _NLALossFunction.apply(logits, logits_flip, target, eps_tensor, eps_value, consts,
-                                     jsd, reg_mean, grad_z, grad_zf, return_weights)
-        return out if return_weights else (out, None)
-    # no autograd: no gradient writes at all
-    loss, _, _, w = _forward(logits, logits_flip, target, eps_tensor, eps_value, consts, jsd,
-                             reg_mean, False, False, return_weights, True)
-    return loss, (w if return_weights else None)
-
-
-def naw_weight_triton(logits, target, eps, constants):
-    """(B,) float32 NAW weights (no gradient); reads only the logits and the targets."""
-    eps_tensor, eps_value = split_eps(eps, logits.device)
-    consts, jsd, reg_mean = _kernel_constants(constants)
-    with torch.no_grad():
-        _, _, _, w = _forward(logits.detach(), None, target, eps_tensor, eps_value, consts,
-                              jsd, reg_mean, False, False, True, False)
-    return w
+@triton.jit
+def _scale_loop(go, gz_ptr, gzf_ptr, oz_ptr, ozf_ptr, N, HAS_Z: tl.constexpr, HAS_ZF: tl.constexpr,
+                BLOCK: tl.constexpr):
+    # a capped persistent grid: each program strides over blocks of BLOCK elements
+    step = tl.num_programs(0).to(tl.int64) * BLOCK
+    for start in tl.range(tl.program_id(0).to(tl.int64) * BLOCK, N, step):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < N
+        if HAS_Z:
+            x = tl.load(gz_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(oz_ptr + offs, (x * go).to(oz_ptr.dtype.element_ty), mask=mask)
+        if HAS_ZF:
+            x = tl.load(gzf_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(ozf_ptr + offs, (x * go).to(ozf_ptr.dtype.element_ty), mask=mask)

@@ -31,7 +31,7 @@ import torch
 from torch.utils.cpp_extension import get_default_build_root
 
 import nla_fast
-from nla_fast import extension
+from nla_fast import native_build
 from nla_fast.config import NLAConfig
 from nla_fast.reference import gaussian_pdf_2d, naw_weight_reference, nla_loss_reference
 
@@ -55,7 +55,7 @@ EPS_VALUES = (0.0, 0.37, 1.0)
 
 
 def _cpu_reason():
-    return extension.unavailable_reason(torch.device("cpu"))
+    return native_build.unavailable_reason(torch.device("cpu"))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -506,13 +506,13 @@ def test_torch_compile_matches_eager(eps_kind):
 
 # ----------------------------------------------------------------------------- build plumbing
 def test_unavailable_reasons():
-    assert extension.unavailable_reason("cpu") is None
-    assert "CPU and CUDA" in extension.unavailable_reason(torch.device("meta"))
+    assert native_build.unavailable_reason("cpu") is None
+    assert "CPU and CUDA" in native_build.unavailable_reason(torch.device("meta"))
     if not torch.cuda.is_available():
-        assert extension.unavailable_reason("cuda") is not None
+        assert native_build.unavailable_reason("cuda") is not None
         with pytest.raises(nla_fast.BackendUnavailable):
             nla_fast.nla_loss(*make_inputs(2, 3, device="meta"), backend="extension", validate=False)
-    assert (extension.source_dir() / "nla_loss_cuda.cu").is_file()
+    assert (native_build.source_dir() / "nla_loss_cuda.cu").is_file()
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
@@ -522,11 +522,11 @@ def test_cuda_sources_compile(tmp_path):
     A success is remembered (a marker named after the hash of the sources and both commands, in
     the torch extensions dir), so unchanged sources are not recompiled on the next run.
     """
-    nvcc = extension.nvcc_compile_command(tmp_path / "nla_loss_cuda.o", arch="90") + ["-Xcicc", "-O0", "-Xptxas", "-O0"]
-    cxx = extension.cxx_compile_command(tmp_path / "nla_loss.o", with_cuda=True, syntax_only=True)
+    nvcc = native_build.nvcc_compile_command(tmp_path / "nla_loss_cuda.o", arch="90") + ["-Xcicc", "-O0", "-Xptxas", "-O0"]
+    cxx = native_build.cxx_compile_command(tmp_path / "nla_loss.o", with_cuda=True, syntax_only=True)
     digest = hashlib.sha256()
     for name in ("nla_loss.h", "nla_loss.cpp", "nla_loss_cuda.cu"):
-        digest.update((extension.source_dir() / name).read_bytes())
+        digest.update((native_build.source_dir() / name).read_bytes())
     for cmd in (nvcc, cxx):
         digest.update(" ".join(cmd).replace(str(tmp_path), "TMP").encode())
     marker = Path(get_default_build_root()) / f"nla_fast_compile_check_{digest.hexdigest()[:16]}.ok"
@@ -550,8 +550,8 @@ def test_find_cuda_home_resolves_a_toolkit(monkeypatch):
         pytest.skip("nvcc is not installed")
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.delenv("CUDA_PATH", raising=False)
-    root = extension.find_cuda_home()
-    assert root is not None and extension._is_toolkit_root(Path(root)), root
+    root = native_build.find_cuda_home()
+    assert root is not None and native_build._is_toolkit_root(Path(root)), root
 
 
 # ----------------------------------------------------------------------------- CUDA (run on the GPU machine)
@@ -563,7 +563,7 @@ CUDA_SHAPES = [(1, 2), (2, 7), (7, 8), (33, 13), (257, 1000), (64, 1024), (1000,
 
 @pytest.mark.gpu
 def test_cuda_available():
-    assert extension.unavailable_reason("cuda") is None, extension.unavailable_reason("cuda")
+    assert native_build.unavailable_reason("cuda") is None, native_build.unavailable_reason("cuda")
 
 
 @pytest.mark.gpu
@@ -729,7 +729,7 @@ def test_cuda_input_errors_raise_and_do_not_crash():
         import torch
         from nla_fast import extension
         from nla_fast.config import NLAConfig
-        assert extension.unavailable_reason("cuda") is None
+        assert native_build.unavailable_reason("cuda") is None
         c = NLAConfig().constants
         z = torch.randn(4, 7, device="cuda")
         y = torch.zeros(4, dtype=torch.long, device="cuda")

@@ -21,9 +21,9 @@ import textwrap
 import pytest
 import torch
 
+import nla_fast
 from nla_fast.config import NLAConfig
 from nla_fast.loss import NLALoss, nla_loss
-from nla_fast.kernels.nla_loss import naw_weight_triton, nla_loss_triton
 from nla_fast.reference import naw_weight_reference, nla_forward_backward_closed_form, nla_loss_reference
 
 TOL = {
@@ -75,7 +75,7 @@ def run_triton(z, zf, y, eps, config, grad_scale=1.0):
     """Kernel loss, grads (on leaf copies of z, zf in their own dtype/layout) and weights."""
     z = z.detach().clone().requires_grad_()
     zf = zf.detach().clone().requires_grad_()
-    loss, w = nla_loss_triton(z, zf, y, eps, config.constants, True)
+    loss, w = nla_loss_triton(z, zf, y, eps, config, True)
     (loss * grad_scale).backward() if grad_scale != 1.0 else loss.backward()
     return loss.detach(), z.grad, zf.grad, w
 
@@ -215,7 +215,7 @@ def test_grad_output_from_a_tensor_and_retain_graph():
     z, zf, y = rand_inputs(9, 7, seed=4)
     z.requires_grad_()
     zf.requires_grad_()
-    loss, _ = nla_loss_triton(z, zf, y, 0.37, NLAConfig().constants, False)
+    loss, _ = nla_loss_triton(z, zf, y, 0.37, NLAConfig(), False)
     _, ref_gz, ref_gzf, _ = oracle(z, zf, y, 0.37, NLAConfig())
     three = torch.tensor(3.0, device=DEV)
     gz1, gzf1 = torch.autograd.grad(loss, (z, zf), grad_outputs=three, retain_graph=True)
@@ -232,7 +232,7 @@ def test_backward_with_unit_grad_output_then_again_with_retain_graph():
     z, zf, y = rand_inputs(40, 7, seed=6)
     z.requires_grad_()
     zf.requires_grad_()
-    loss, _ = nla_loss_triton(z, zf, y, 0.5, NLAConfig().constants, False)
+    loss, _ = nla_loss_triton(z, zf, y, 0.5, NLAConfig(), False)
     _, ref_gz, ref_gzf, _ = oracle(z, zf, y, 0.5, NLAConfig())
     gz1, gzf1 = torch.autograd.grad(loss, (z, zf), retain_graph=True)
     gz2, gzf2 = torch.autograd.grad(loss, (z, zf), grad_outputs=torch.tensor(-2.0, device=DEV))
@@ -259,7 +259,12 @@ def test_return_weights_and_naw_weight():
 
 
 def naw_weight(z, y, eps, cfg):
-    return naw_weight_triton(z, y, eps, cfg.constants)
+    return nla_fast.naw_weight(z, y, eps, cfg, backend="triton", validate=False)
+
+
+def nla_loss_triton(z, zf, y, eps, cfg, return_weights):
+    out = nla_loss(z, zf, y, eps, cfg, backend="triton", validate=False, return_weights=return_weights)
+    return out if return_weights else (out, None)
 
 
 @pytest.mark.parametrize("batch,classes", [(1, 2), (7, 13), (257, 8), (5, 1000)])
@@ -275,17 +280,17 @@ def test_naw_weight_matches_reference(batch, classes):
 def test_no_grad_inputs():
     z, zf, y = rand_inputs(33, 7, seed=9)
     ref_loss, ref_gz, _, _ = oracle(z, zf, y, 0.37, NLAConfig())
-    loss, w = nla_loss_triton(z, zf, y, 0.37, NLAConfig().constants, False)
+    loss, w = nla_loss_triton(z, zf, y, 0.37, NLAConfig(), False)
     assert w is None and not loss.requires_grad and loss.grad_fn is None
     assert_close(loss, ref_loss, 2e-5)
     # only the first view needs a gradient (e.g. a detached flip)
     z1 = z.clone().requires_grad_()
-    loss, _ = nla_loss_triton(z1, zf, y, 0.37, NLAConfig().constants, False)
+    loss, _ = nla_loss_triton(z1, zf, y, 0.37, NLAConfig(), False)
     loss.backward()
     assert_close(z1.grad, ref_gz, 2e-5)
     # under no_grad nothing is differentiable
     with torch.no_grad():
-        loss, _ = nla_loss_triton(z1, zf, y, 0.37, NLAConfig().constants, False)
+        loss, _ = nla_loss_triton(z1, zf, y, 0.37, NLAConfig(), False)
     assert not loss.requires_grad
     assert_close(loss, ref_loss, 2e-5)
 
@@ -311,7 +316,7 @@ def test_non_finite_logits_give_non_finite_loss(bad):
         if bad == float("-inf"):  # a whole row at -inf
             (a if target == "z" else b)[4] = bad
         a.requires_grad_()
-        loss, _ = nla_loss_triton(a, b, y, 0.37, CONFIGS["paper"].constants, True)
+        loss, _ = nla_loss_triton(a, b, y, 0.37, CONFIGS["paper"], True)
         loss.backward()
         assert not torch.isfinite(loss).item()
 
@@ -489,47 +494,75 @@ def test_public_api_target_dtypes(dtype):
 def test_small_batches_are_one_launch_with_a_fixed_config_and_nothing_is_tuned_here():
     """B * BLOCK_C <= 4096 is one program whose config depends on B and C only (same loss bits in
     every process); the interpreter and the CPU never autotune."""
-    from nla_fast.kernels import nla_loss as module
+    from nla_fast.kernels import launch
 
-    assert module._fixed_config(32, 8) == (32, 1, 1, 1)  # the trainer's batch: one warp, one tile
-    assert module._fixed_config(512, 8)[0] == 512 and module._fixed_config(513, 8)[0] == 512
-    assert not module._may_tune(torch.device("cpu"))
+    assert launch.fixed_config(32, 8) == launch.Config(32, 1, 1)  # the trainer's batch: one warp, one tile
+    assert launch.fixed_config(512, 8).block_b == 512 and launch.fixed_config(513, 8).block_b == 512
+    assert not launch.may_tune(torch.device("cpu")) and not launch.tunable_device(torch.device("cpu"))
     z, zf, y = rand_inputs(2600, 7, seed=25)
     run_triton(z, zf, y, 0.37, CONFIGS["paper"])
-    assert module._tuned == {}
+    assert launch._tuned == {}
 
 
-@pytest.mark.parametrize("which", [0, -1])  # 4 programs of 256 rows / one program of 2048 rows
-def test_tuning_path_bookkeeping_with_a_stand_in_tuner(monkeypatch, which):
-    """The GPU-only autotune path, its Python side: a stand-in tuner launches the interpreted
-    kernel with its last candidate and reports it as best; the partial sums are sized for the
-    largest candidate grid, the reduction covers the chosen grid (also a one-program grid), and the choice is remembered
-    (the next call of the bucket launches the plain kernel with it, tuning nothing)."""
-    from nla_fast.kernels import nla_loss as module
+def _stand_in_tuning(monkeypatch, times):
+    """Tuning as on a GPU, with the interpreted kernel: candidate i 'takes' times[i] ms (None: it
+    spills); every timed candidate is launched for real, so its outputs are checked too."""
+    from nla_fast.kernels import launch
 
-    calls = []
+    timed = []
 
-    class StandIn:
-        def __init__(self, block_c):
-            self.best_config = module._tuning_configs(block_c)[which]
+    def time_candidate(config, flags, args_for, batch, device):
+        index = launch.tuning_candidates(flags["BLOCK_C"]).index(config)
+        timed.append((config, flags["GRAD_Z"]))
+        kwargs = launch._config_kwargs(flags, config)
+        grid = launch.grid_size(batch, device, config, 1)
+        launch._nla_fwd_kernel[(grid,)](*args_for(grid), **kwargs)
+        return times[index]
 
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                calls.append(kwargs)
-                meta = {**kwargs, **self.best_config.kwargs}
-                module._nla_fwd_kernel[grid(meta)](*args, **meta, num_warps=self.best_config.num_warps)
-            return launch
+    allowed = {"now": True}
+    monkeypatch.setattr(launch, "tunable_device", lambda device: True)
+    monkeypatch.setattr(launch, "may_tune", lambda device: allowed["now"])
+    monkeypatch.setattr(launch, "time_candidate", time_candidate)
+    monkeypatch.setattr(launch, "_tuned", {})
+    monkeypatch.setattr(launch, "_plans", {})
+    return launch, timed, allowed
 
-    monkeypatch.setattr(module, "_may_tune", lambda device: True)
-    monkeypatch.setattr(module, "_tuner", StandIn)
-    monkeypatch.setattr(module, "_tuned", {})
-    monkeypatch.setattr(module, "_plans", {})
+
+@pytest.mark.parametrize("which", [1, -1])
+def test_tuning_picks_the_fastest_non_spilling_candidate_once_per_kind_of_call(monkeypatch, which):
+    """The GPU-only tuning path, its Python side: the fastest candidate that does not spill wins
+    (the spilling one is faster and still loses), the choice is remembered per kind of call, and
+    a forward-only call is tuned apart from a forward + backward one (their kernels differ)."""
+    from nla_fast.kernels import launch as module
+
+    candidates = module.tuning_candidates(8)
+    times = [5.0] * len(candidates)
+    times[which] = 1.0
+    times[0] = None  # "spills": never chosen, although it would be timed as fastest
+    launch, timed, _ = _stand_in_tuning(monkeypatch, times)
     z, zf, y = rand_inputs(1000, 7, seed=26)
     for _ in range(2):
         check(z, zf, y, 0.37, CONFIGS["paper"])
-    assert len(calls) == 1  # tuned once, then remembered
-    best = module._tuning_configs(8)[which]
-    assert list(module._tuned.values()) == [(best.kwargs["BLOCK_B"], best.num_warps, 1, best.kwargs["PROGRAMS_PER_SM"])]
+    assert len(timed) == len(candidates)  # tuned once, then remembered
+    assert list(launch._tuned.values()) == [candidates[which]]
+    with torch.no_grad():  # another kind of call: tuned for itself
+        loss = nla_loss(z, zf, y, 0.37, CONFIGS["paper"], backend="triton", validate=False)
+    assert len(timed) == 2 * len(candidates) and [g for _, g in timed[len(candidates):]] == [False] * len(candidates)
+    ref_loss = oracle(z, zf, y, 0.37, CONFIGS["paper"])[0]
+    assert_close(loss, ref_loss, 2e-5)
+
+
+def test_a_plan_made_where_tuning_is_impossible_is_not_remembered(monkeypatch):
+    """Under capture or tracing nothing is timed: the heuristic config runs, and the next eager
+    call (where timing is allowed) still tunes."""
+    launch, timed, allowed = _stand_in_tuning(monkeypatch, [1.0] * 8)
+    z, zf, y = rand_inputs(1000, 7, seed=27)
+    allowed["now"] = False
+    check(z, zf, y, 0.37, CONFIGS["paper"])
+    assert timed == [] and launch._plans == {}
+    allowed["now"] = True
+    check(z, zf, y, 0.37, CONFIGS["paper"])
+    assert len(timed) == len(launch.tuning_candidates(8)) and len(launch._plans) == 1
 
 
 _COMPILE_SCRIPT = textwrap.dedent(
@@ -699,7 +732,7 @@ def test_batch_2_pow_24_int64_offsets():
     z, zf = base[:, :classes], base_f[:, :classes]
     y = torch.randint(0, classes, (batch,), generator=gen, device="cuda")
     zl, zfl = z.detach().requires_grad_(), zf.detach().requires_grad_()
-    loss, w = nla_loss_triton(zl, zfl, y, 0.37, cfg.constants, True)
+    loss, w = nla_loss_triton(zl, zfl, y, 0.37, cfg, True)
     loss.backward()
     chunk = 2**20
     total = torch.zeros((), dtype=torch.float64, device="cuda")
