@@ -156,10 +156,21 @@ class LeanLaunch:
         self.run(self.grid, 1, 1, stream, self.function, self.packed, None, None, None, *args, *self.tail)
 
 
+def _unhooked(hook) -> bool:
+    # Triton >= 3.4: an empty HookChain; earlier: None
+    return hook is None or not getattr(hook, "calls", True)
+
+
 def lean_allowed() -> bool:
-    """No profiler hooks to feed (they need JITFunction.run's launch metadata)."""
-    return (_knobs is not None and _knobs.runtime.launch_enter_hook is None
-            and _knobs.runtime.launch_exit_hook is None)
+    """No launch hooks to feed (a profiler's need JITFunction.run's launch metadata)."""
+    return (_knobs is not None and _unhooked(_knobs.runtime.launch_enter_hook)
+            and _unhooked(_knobs.runtime.launch_exit_hook))
+
+
+def stream_of(device: torch.device) -> int:
+    """The raw current stream a launcher takes (0 off CUDA: only a host-cost benchmark with a
+    stubbed launcher gets here with CPU tensors)."""
+    return torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
 
 
 def aligned(*tensors) -> bool:
@@ -312,7 +323,7 @@ def forward(logits, logits_flip, target, eps_tensor, eps_value, consts, jsd, reg
         plan = _choose_plan(key, batch, device, flags, args_for, eager)
     args = args_for(plan.num_programs)
     if plan.forward is not None and aligned(logits, zf, target, eps_tensor) and lean_allowed():
-        stream = torch._C._cuda_getCurrentRawStream(device.index)
+        stream = stream_of(device)
         plan.forward(stream, *args)
         if partial is not loss_out:
             plan.total(stream, partial, loss_out, plan.num_programs)
@@ -380,7 +391,7 @@ def scale(grad_output, gz, gzf, in_place: bool, wrap=None):
             ref if oz is None else oz, ref if ozf is None else ozf, numel)
     lean = plan[2]
     if lean is not None and wrap is None and aligned(*args[:5]) and lean_allowed():
-        lean(torch._C._cuda_getCurrentRawStream(ref.device.index), *args)
+        lean(stream_of(ref.device), *args)
         return oz, ozf
     compiled = launch(_scale_grads_kernel, plan[0], args, plan[1], wrap)
     if (compiled is not None and isinstance(numel, int) and aligned(*args[:5])

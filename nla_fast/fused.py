@@ -72,12 +72,14 @@ _TWICE = (
 
 
 def _refuse_double_backward(*grads):
-    """Gradients that raise the message above when differentiated (``once_differentiable``'s
-    mechanism, with words that say what to do)."""
+    """Under ``create_graph=True``: gradients whose own backward raises the message above
+    (``once_differentiable``'s mechanism, applied even when grad_output needs no gradient, as in a
+    gradient penalty, and with words that say what to do)."""
     live = [g for g in grads if g is not None]
     if not torch.is_grad_enabled() or not live:
         return grads
-    wrapped = iter(torch._C._functions.DelayedError(_TWICE, len(live))(*live))
+    wrapped = iter(torch._C._functions.DelayedError(_TWICE, len(live))(
+        *[g.detach().requires_grad_() for g in live]))
     return tuple(None if g is None else next(wrapped) for g in grads)
 
 
@@ -105,17 +107,24 @@ class FusedNLALoss(torch.autograd.Function):
         scale = launchers(ctx.backend).scale
         if torch.compiler.is_compiling():
             gz, gzf = scale(grad_loss, gz, gzf, False)
-        elif ctx.applied_scale is None:
+        elif torch.is_grad_enabled():  # create_graph=True: compute as below, refuse a second backward
             with torch.no_grad():
-                scale(grad_loss, gz, gzf, True)
-            ctx.applied_scale = grad_loss
+                gz, gzf = _scale_saved(ctx, scale, grad_loss, gz, gzf)
             gz, gzf = _refuse_double_backward(gz, gzf)
         else:
-            with torch.no_grad():
-                gz, gzf = scale(grad_loss / ctx.applied_scale, gz, gzf, False)
-            gz, gzf = _refuse_double_backward(gz, gzf)
+            gz, gzf = _scale_saved(ctx, scale, grad_loss, gz, gzf)
         needs = ctx.needs_input_grad
         return (None, gz if needs[1] else None, gzf if needs[2] else None) + (None,) * 9
+
+
+def _scale_saved(ctx, scale, grad_loss, gz, gzf):
+    """First backward: the saved buffers become the gradients, scaled in place; a further one
+    (retain_graph=True) undoes the first scale into new tensors."""
+    if ctx.applied_scale is None:
+        scale(grad_loss, gz, gzf, True)
+        ctx.applied_scale = grad_loss
+        return gz, gzf
+    return scale(grad_loss / ctx.applied_scale, gz, gzf, False)
 
 
 def fused_loss(name: str, logits, logits_flip, target, eps_tensor: Optional[torch.Tensor], eps_value: float,

@@ -49,30 +49,35 @@ def _unavailable_reason(name: str, device_type: str) -> str | None:
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend for tensors on ``device``; raises BackendUnavailable if named and
     impossible. Resolved once per (backend, device type)."""
-    key = (backend, device.type)
+    return _resolve(backend, device.type)
+
+
+@torch.compiler.assume_constant_result  # traced code runs it once and keeps the name: no lock or build traced
+def _resolve(backend: str, device_type: str) -> str:
+    key = (backend, device_type)
     chosen = _resolved.get(key)
     if chosen is not None:
         return chosen
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend in ("triton", "extension"):
-        reason = _unavailable_reason(backend, device.type)
+        reason = _unavailable_reason(backend, device_type)
         if reason:
             raise BackendUnavailable(f"backend {backend!r} is unavailable: {reason}")
         chosen = backend
     elif backend == "reference":
         chosen = backend
     else:
-        order = ("triton", "extension") if device.type == "cuda" else ("extension",)
+        order = ("triton", "extension") if device_type == "cuda" else ("extension",)
         reasons = []
         for candidate in order:
-            reason = _unavailable_reason(candidate, device.type)
+            reason = _unavailable_reason(candidate, device_type)
             if reason is None:
                 chosen = candidate
                 break
             reasons.append(f"{candidate}: {reason}")
         else:
-            warnings.warn(f"nla_fast: using the eager reference loss on {device.type} ({'; '.join(reasons)})")
+            warnings.warn(f"nla_fast: using the eager reference loss on {device_type} ({'; '.join(reasons)})")
             chosen = "reference"
     _resolved[key] = chosen
     return chosen

@@ -16,12 +16,7 @@ from nla_fast.reference import (
     nla_loss_reference,
 )
 
-CONFIGS = {
-    "paper-official": NLAConfig(),
-    "paper-jsd": NLAConfig(consistency="jsd"),
-    "refcode-official": NLAConfig.official(),
-    "refcode-jsd": NLAConfig.official(consistency="jsd"),
-}
+from loss_cases import CONFIGS  # noqa: E402 - the loss cases every loss test shares
 
 
 def _inputs(batch, classes, seed=0, scale=2.0, dtype=torch.float64):
