@@ -63,7 +63,8 @@ from nla_fast import atomic, train  # noqa: E402
 from nla_fast.data.protocols import symmetric_noise  # noqa: E402
 from nla_fast.placement import EpochShard  # noqa: E402
 from nla_fast.reference import naw_weight_from_probs  # noqa: E402
-from nla_fast.settings import TrainSettings, load_split, pick_device  # noqa: E402
+from nla_fast.device import pick_device  # noqa: E402
+from nla_fast.settings import TrainSettings  # noqa: E402
 
 RESULTS = BENCH / "results"
 RATES = (0.0, 0.1, 0.2, 0.3)
@@ -74,7 +75,7 @@ LOSSES = {"ce": ("ce", "paper"), "nla-paper": ("nla", "paper"), "nla-official": 
 @dataclass(frozen=True)
 class Plan:
     image_size: int
-    num_samples: int  # training faces; the test split gets a quarter (settings.load_split)
+    num_samples: int  # training faces; the test split gets a quarter (data.splits.load_split)
     epochs: int
     batch_size: int
     lr: float
@@ -173,7 +174,7 @@ def run_study(plan: Plan, device: str, rates, losses, seeds, log, verbose: bool 
     runs = []
     base = run_settings(plan, device, losses[0], seeds[0], out="unused")
     t_data = time.perf_counter()
-    train_set, test_set = load_split(base, "train"), load_split(base, "test")  # loaded once, clean labels
+    train_set, test_set = train.load_run_split(base, "train"), train.load_run_split(base, "test")  # loaded once, clean labels
     torch_device = pick_device(device)
     if torch_device.type == "cuda":  # on the device once; every run's placement then reuses them
         train_set.images, test_set.images = train_set.images.to(torch_device), test_set.images.to(torch_device)

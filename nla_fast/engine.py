@@ -35,7 +35,6 @@ sum over the ranks themselves, as ``evaluate`` does.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -50,15 +49,17 @@ import torch.nn.functional as F
 from .augment import TrainAugment
 from .config import NLAConfig
 from .distributed import all_reduce_
+from .evaluation import AMP_DTYPES, Transform, autocast_context, evaluate
 from .loss import naw_weight, nla_loss, resolve_backend
+from .messages import short_error
 from .metrics import MetricCounts
+from .placement import Placement
+from .reference import ground_truth_and_nearest_negative
 
 WARMUP_STEPS = 3  # eager steps (real training steps) on a side stream before the capture
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # torch.compile modes without Inductor's own graphs
 
 Augment = Callable[[torch.Tensor, torch.Generator], "tuple[torch.Tensor, torch.Tensor]"]
-Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,14 +175,6 @@ class StepOptions:
                              f"Inductor's own graph modes would nest in it), got {self.compile_mode!r}")
 
 
-def autocast_context(device: torch.device, amp: str):
-    dtype = AMP_DTYPES[amp]
-    if dtype is None:
-        return contextlib.nullcontext()
-    # the autocast weight cache must be off for CUDA-graph capture (and is useless in training)
-    return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
-
-
 ADAM_IMPLEMENTATIONS = ("auto", "fused", "foreach")
 
 
@@ -233,13 +226,6 @@ def compile_function(fn, mode: str = "default"):
     return torch.compile(fn, dynamic=False, mode=None if mode == "default" else mode)
 
 
-def one_line(err: BaseException, limit: int = 300) -> str:
-    """``Type: first line of the message``, cut to ``limit`` characters (Inductor errors span pages)."""
-    text = str(err).strip().splitlines()
-    line = f"{type(err).__name__}: {text[0] if text else ''}"
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
 def augmentation_generator(device: torch.device, seed: int) -> torch.Generator:
     """The generator the augmentation draws from, seeded. On CUDA this is the device's default
     generator, which every CUDA-graph capture tracks by itself (no registration needed)."""
@@ -277,7 +263,7 @@ class NonFiniteLoss(RuntimeError):
 class TrainStep:
     """One training step over device-resident data; call it once per step (see module docstring)."""
 
-    def __init__(self, model, optimizer, data, augment: Augment, generator: torch.Generator,
+    def __init__(self, model, optimizer, data: Placement, augment: Augment, generator: torch.Generator,
                  options: StepOptions, nla_config: NLAConfig, num_classes: int, steps_per_epoch: int,
                  agree: Callable[[bool], bool] | None = None, verbose: bool = True,
                  eval_model: torch.nn.Module | None = None):
@@ -374,9 +360,7 @@ class TrainStep:
         with torch.no_grad():
             scores = logits.detach()
             correct = (scores.argmax(dim=1) == labels).sum()
-            probs = scores.softmax(dim=1)
-            p_gt = probs.gather(1, labels[:, None]).squeeze(1)
-            p_nn = probs.scatter(1, labels[:, None], -1.0).amax(dim=1)
+            p_gt, p_nn, _ = ground_truth_and_nearest_negative(scores.softmax(dim=1), labels)
             points = torch.stack([p_gt, p_nn], dim=1)
         return loss, weights, correct, points
 
@@ -433,7 +417,7 @@ class TrainStep:
                 if self.loss_backend != "reference":
                     self.loss_backend = "reference"
                     self.note = (f"torch.compile failed with the {self.options.backend!r} loss kernel inside "
-                                 f"({one_line(err)}); compiling the plain PyTorch loss instead")
+                                 f"({short_error(err, first_line=True)}); compiling the plain PyTorch loss instead")
                     if self.verbose:
                         print(f"nla_fast: {self.note}", flush=True)
                     self.forward_loss = compile_function(self._forward_loss, self.options.compile_mode)
@@ -445,7 +429,7 @@ class TrainStep:
         self.forward_loss, self.eval_forward = self._forward_loss, None
         self.loss_backend = self.options.backend  # the fused kernels run fine uncompiled
         self.compiled = self.compile_unverified = False
-        self.note = f"torch.compile failed ({one_line(err)}); running the uncompiled step"
+        self.note = f"torch.compile failed ({short_error(err, first_line=True)}); running the uncompiled step"
         if self.verbose:
             print(f"nla_fast: {self.note}", flush=True)
 
@@ -505,7 +489,8 @@ class TrainStep:
                                 amp, reduce=reduce, pad_last_batch=True)
             except Exception as err:
                 self.eval_forward = None
-                self.note = f"torch.compile failed for evaluation ({one_line(err)}); evaluating uncompiled"
+                self.note = (f"torch.compile failed for evaluation ({short_error(err, first_line=True)}); "
+                             "evaluating uncompiled")
                 if self.verbose:
                     print(f"nla_fast: {self.note}", flush=True)
         return evaluate(self.eval_model, images, labels, transform, num_classes, class_names, batch_size, amp,
@@ -543,7 +528,7 @@ class TrainStep:
         self.mode = "cuda-graph"
 
 
-def build_train_step(model: torch.nn.Module, data, options: StepOptions, *, image_size: int, lr: float,
+def build_train_step(model: torch.nn.Module, data: Placement, options: StepOptions, *, image_size: int, lr: float,
                      weight_decay: float, seed: int, nla_config: NLAConfig, num_classes: int, steps_per_epoch: int,
                      network: torch.nn.Module | None = None, agree: Callable[[bool], bool] | None = None,
                      verbose: bool = True, adam: str = "auto") -> TrainStep:
@@ -559,67 +544,3 @@ def build_train_step(model: torch.nn.Module, data, options: StepOptions, *, imag
     return TrainStep(model if network is None else network, optimizer, data, TrainAugment(image_size), generator,
                      options, nla_config, num_classes, steps_per_epoch, agree=agree, verbose=verbose,
                      eval_model=model)
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------------
-@torch.no_grad()
-def predict_logits(model, images: torch.Tensor, transform: Transform, batch_size: int = 256,
-                   amp: str = "off", tta: str | None = None, channels_last: bool = True,
-                   pad_last_batch: bool = False) -> torch.Tensor:
-    """float32 class scores for uint8 NHWC ``images``: logits, or with ``tta="flip"`` the mean
-    log-probability of each image and its horizontal flip.
-
-    ``pad_last_batch``: every batch the network sees has ``min(batch_size, len(images))``
-    images, the last one padded with copies of its last image (scores of the padding are
-    dropped; in eval mode each image's scores depend on it alone). A compiled network then
-    sees one shape."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    memory = torch.channels_last if channels_last else torch.contiguous_format
-    outputs = []
-    size = min(batch_size, len(images)) if pad_last_batch else batch_size
-    try:
-        for start in range(0, len(images), size):
-            batch = images[start:start + size].to(device, non_blocking=True)
-            real = len(batch)
-            if pad_last_batch and real < size:
-                batch = torch.cat([batch, batch[-1:].expand(size - real, *batch.shape[1:])])
-            inputs = transform(batch).contiguous(memory_format=memory)
-            with autocast_context(device, amp):
-                if tta == "flip":
-                    both = torch.cat([inputs, inputs.flip(3)]).contiguous(memory_format=memory)
-                    scores = model(both).float().log_softmax(dim=1)
-                    scores = (scores[: len(inputs)] + scores[len(inputs):]) / 2
-                elif tta in (None, "none"):
-                    scores = model(inputs).float()
-                else:
-                    raise ValueError(f"tta must be None or 'flip', got {tta!r}")
-            outputs.append(scores[:real])
-    finally:
-        model.train(was_training)
-    if not outputs:
-        return torch.zeros(0, 0, device=device)
-    return torch.cat(outputs)
-
-
-def evaluate(model, images, labels, transform: Transform, num_classes: int, class_names=None,
-             batch_size: int = 256, amp: str = "off", tta: str | None = None,
-             channels_last: bool = True, reduce: Callable[[MetricCounts], None] | None = None,
-             pad_last_batch: bool = False) -> dict:
-    """Overall, mean-class, per-class and top-2 accuracy and the confusion matrix on a split.
-
-    ``reduce``: sums the counts over the ranks of a distributed run (each rank passing its own
-    slice of the split), so the metrics are exact for the whole split. ``pad_last_batch``: see
-    ``predict_logits``.
-    """
-    scores = predict_logits(model, images, transform, batch_size, amp, tta, channels_last, pad_last_batch)
-    device = next(model.parameters()).device
-    counts = MetricCounts(num_classes, device)
-    if len(images):
-        counts.update(scores, labels.to(device))
-    if reduce is not None:
-        reduce(counts)
-    return counts.summarise(class_names)

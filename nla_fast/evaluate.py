@@ -8,21 +8,19 @@ matrix as PNG and JSON (next to the checkpoint unless ``--out`` says otherwise).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
-
 from . import arg_types, atomic
 from . import checkpoint as ckpt
 from .cli import HelpFormatter
-from .data.errors import DatasetError
-from .engine import evaluate
-from .metrics import format_table, json_safe
-from .inference import load_model
 from .data import DATASETS
-from .settings import TrainSettings, load_split, pick_device
+from .data.errors import DatasetError
+from .data.splits import load_split
+from .device import DEVICE_CHOICES, DeviceError, pick_device
+from .evaluation import evaluate, load_model
+from .metrics import format_table, json_safe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=("none", "flip"), default="none",
                    help="flip: average the log-probabilities of each image and its horizontal flip")
     p.add_argument("--batch-size", type=arg_types.positive_int, default=256, metavar="N", help="evaluation batch size")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where to run")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="where to run")
     p.add_argument("--amp", choices=("bf16", "fp16", "off"), default=None,
                    help="autocast precision (default: bf16 on CUDA, off on CPU)")
     p.add_argument("--limit", type=arg_types.positive_int, default=None, metavar="N", help="evaluate a fixed, seeded subset of N samples")
@@ -55,45 +53,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    device = pick_device(args.device)
     try:
+        device = pick_device(args.device)
         state = ckpt.load(args.checkpoint)
-    except (FileNotFoundError, ckpt.CheckpointError) as err:
-        print(f"nla_fast.evaluate: error: {err}", file=sys.stderr)
-        return 2
-    trained = TrainSettings.from_dict(state["config"]["train"])
-    info = state["model_info"]
-    dataset = args.dataset or trained.dataset
-    same = dataset == trained.dataset
-    settings = dataclasses.replace(
-        trained if same else TrainSettings(dataset=dataset),
-        dataset=dataset,
-        data_root=args.data_root if args.data_root is not None else (trained.data_root if same else None),
-        image_size=info["image_size"],
-        limit_test=args.limit,
-        limit_train=args.limit,
-        noise_rate=0.0, noise_file=None, imbalance_factor=None,  # evaluate against the clean labels
-        label_mode=args.label_mode if args.label_mode is not None else (trained.label_mode if same else None),
-        num_classes=args.num_classes if args.num_classes is not None else (trained.num_classes if same else None),
-    )
+    except (DeviceError, FileNotFoundError, ckpt.CheckpointError) as err:
+        return _error(err)
+    classes = list(state["model_info"]["classes"])
+    arguments = split_arguments(args, state["config"]["train"])
+    dataset = arguments["dataset"]
     try:
-        data = load_split(settings, args.split)
+        data = load_split(split=args.split, **arguments)
     except (FileNotFoundError, DatasetError, ValueError) as err:
-        print(f"nla_fast.evaluate: error: {err}", file=sys.stderr)
-        return 2
-    classes = list(info["classes"])
+        return _error(err)
     if list(data.classes) != classes:
-        print(f"nla_fast.evaluate: error: the checkpoint's classes {classes} differ from {dataset}'s "
-              f"{list(data.classes)}", file=sys.stderr)
-        return 2
-
+        return _error(f"the checkpoint's classes {classes} differ from {dataset}'s {list(data.classes)}")
     model = load_model(args.checkpoint, device=device)
     amp = args.amp or ("bf16" if device.type == "cuda" else "off")
     metrics = evaluate(model, data.images, data.labels, model.eval_transform, len(classes), classes,
                        batch_size=args.batch_size, amp=amp, tta=None if args.tta == "none" else args.tta)
     metrics.update(checkpoint=str(args.checkpoint), dataset=dataset, split=args.split, tta=args.tta,
                    epoch=state["epoch"])
+    write_report(args, metrics, classes, dataset, state["epoch"])
+    return 0
 
+
+def split_arguments(args, trained: dict) -> dict:
+    """The data to evaluate on: the dataset and its options as typed, else the training run's
+    (``trained``: its saved settings) when it is the run's dataset. Never the run's label noise
+    or imbalance: evaluation is against the clean labels."""
+    dataset = args.dataset or trained["dataset"]
+    same = dataset == trained["dataset"]
+
+    def typed_or_trained(name):
+        typed = getattr(args, name)
+        return typed if typed is not None else (trained.get(name) if same else None)
+
+    return {"dataset": dataset, "data_root": typed_or_trained("data_root"),
+            "label_mode": typed_or_trained("label_mode"), "num_classes": typed_or_trained("num_classes"),
+            "num_samples": trained.get("num_samples") if same else None, "limit": args.limit}
+
+
+def write_report(args, metrics: dict, classes: list, dataset: str, epoch: int) -> None:
+    """The confusion matrix as JSON and PNG, and the metrics on stdout (a table, or JSON)."""
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent
     out.mkdir(parents=True, exist_ok=True)
     stem = f"eval-{Path(args.checkpoint).stem}-{dataset}-{args.split}" + ("-flip" if args.tta == "flip" else "")
@@ -104,12 +105,16 @@ def main(argv=None) -> int:
                    title=f"{dataset}/{args.split} (acc {100 * metrics['acc']:.2f}%)")
     if args.json:
         print(json.dumps(json_safe(metrics)))
-    else:
-        print(f"{args.checkpoint} (epoch {state['epoch']}) on {dataset}/{args.split}"
-              f"{' with flip TTA' if args.tta == 'flip' else ''}:")
-        print(format_table(metrics, classes))
-        print(f"confusion matrix: {out / (stem + '-confusion.png')}, {out / (stem + '-confusion.json')}")
-    return 0
+        return
+    print(f"{args.checkpoint} (epoch {epoch}) on {dataset}/{args.split}"
+          f"{' with flip TTA' if args.tta == 'flip' else ''}:")
+    print(format_table(metrics, classes))
+    print(f"confusion matrix: {out / (stem + '-confusion.png')}, {out / (stem + '-confusion.json')}")
+
+
+def _error(err) -> int:
+    print(f"nla_fast.evaluate: error: {err}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

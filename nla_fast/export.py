@@ -34,6 +34,8 @@ import torch
 from . import atomic
 from . import checkpoint as ckpt
 from .cli import HelpFormatter
+from .device import pick_device
+from .messages import short_error
 from .model import build_resnet18
 
 FORMAT = "nla_fast.export/1"
@@ -77,11 +79,6 @@ def require_extra(fmt: str) -> None:
             f"the {fmt} format needs the package{'s' if len(missing) > 1 else ''} {' and '.join(missing)}: "
             f"pip install 'nla_fast[{fmt}]'"
         )
-
-
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(err).split())  # torch's unpickling errors span many lines
-    return f"{type(err).__name__}: {text[:limit]}" if text else type(err).__name__
 
 
 def _sha256(path: Path) -> str:
@@ -136,7 +133,7 @@ def _network(weights: dict, metadata: dict, source: str) -> torch.nn.Module:
         model.load_state_dict(weights)
     except RuntimeError as err:
         raise ExportError(f"the weights in {source} do not fit a {metadata['num_classes']}-class ResNet-18: "
-                          f"{_one_line(err)}") from err
+                          f"{short_error(err)}") from err
     return model.eval()
 
 
@@ -148,7 +145,7 @@ def _eval_transform(metadata: dict, channels_last: bool = True):
 
 
 def _attach(model: torch.nn.Module, metadata: dict) -> torch.nn.Module:
-    """Attach what :func:`nla_fast.inference.load_model` attaches to a checkpoint's model."""
+    """Attach what :func:`nla_fast.evaluation.load_model` attaches to a checkpoint's model."""
     model.classes = list(metadata["classes"])
     model.image_size = int(metadata["image_size"])
     model.eval_transform = _eval_transform(metadata)
@@ -287,7 +284,7 @@ def export(checkpoint, fmt: str, out=None, check_count: int = CHECK_BATCH, verbo
 def load_exported(folder, device: str | torch.device = "auto") -> torch.nn.Module:
     """The network of an export folder (``model.safetensors`` + ``model.json``) in eval mode, with
     ``classes``, ``image_size``, ``eval_transform`` and ``checkpoint_epoch`` attached as
-    :func:`nla_fast.inference.load_model` attaches them. ``folder`` may also name a file in it."""
+    :func:`nla_fast.evaluation.load_model` attaches them. ``folder`` may also name a file in it."""
     folder = Path(folder)
     if folder.is_file():
         folder = folder.parent
@@ -299,7 +296,7 @@ def load_exported(folder, device: str | torch.device = "auto") -> torch.nn.Modul
     try:
         metadata = json.loads(meta_path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
-        raise ExportError(f"{str(meta_path)!r} is not valid JSON: {_one_line(err)}") from err
+        raise ExportError(f"{str(meta_path)!r} is not valid JSON: {short_error(err)}") from err
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise ExportError(f"{str(meta_path)!r} is not an nla_fast export description (no format {FORMAT!r})")
     require_extra("safetensors")
@@ -310,15 +307,13 @@ def load_exported(folder, device: str | torch.device = "auto") -> torch.nn.Modul
             header = handle.metadata() or {}
             weights = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception as err:  # safetensors raises its own error types for damaged headers
-        raise ExportError(f"cannot read {str(weights_path)!r}: {_one_line(err)}") from err
+        raise ExportError(f"cannot read {str(weights_path)!r}: {short_error(err)}") from err
     expected_sha = metadata.get("checkpoint", {}).get("sha256")
     if header.get("checkpoint_sha256") != expected_sha:
         raise ExportError(f"{str(weights_path)!r} and {str(meta_path)!r} come from different checkpoints "
                           "(their checkpoint_sha256 differ): export again into an empty folder")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     model = _network(weights, metadata, repr(str(weights_path)))
-    model = model.to(torch.device(device), memory_format=torch.channels_last).eval()
+    model = model.to(pick_device(device), memory_format=torch.channels_last).eval()
     return _attach(model, metadata)
 
 
@@ -354,7 +349,7 @@ def main(argv=None) -> int:
         print(f"nla_fast.export: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # an output folder that cannot be written
-        print(f"nla_fast.export: error: {_one_line(err)}", file=sys.stderr)
+        print(f"nla_fast.export: error: {short_error(err)}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,11 +1,12 @@
-"""Use a trained model from Python: ``nla_fast.load_model`` and ``nla_fast.predict``.
+"""Classify face images from Python: ``nla_fast.predict`` (with a model from ``nla_fast.load_model``,
+:mod:`nla_fast.evaluation`).
 
     model = nla_fast.load_model("runs/x/best.pt")
     nla_fast.predict(model, ["face1.jpg", "face2.png"])   # [{'label': 'Happiness', 'probability': 0.93, ...}, ...]
 
 Images are aligned face crops of any size (paths, uint8 HxWx3 tensors / arrays, or PIL
 images); each is resized to the checkpoint's input size and normalised like the test data.
-Class names come from the checkpoint. The command line is ``python -m nla_fast.predict``.
+Class names come from the checkpoint. The command line is ``python -m nla_fast.classify``.
 """
 from __future__ import annotations
 
@@ -14,35 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
-from .augment import EvalTransform, resize_uint8
-from .engine import predict_logits
-from .model import build_resnet18
-
-
-def load_model(path, device: str | torch.device = "auto") -> torch.nn.Module:
-    """The network of an nla_fast checkpoint in eval mode, with ``classes``, ``image_size`` and
-    ``eval_transform`` (uint8 NHWC batch -> normalised float NCHW) attached.
-
-    ``path`` may also be a folder written by ``python -m nla_fast.export --format safetensors``
-    (or its ``model.safetensors`` / ``model.json``)."""
-    if Path(path).is_dir() or Path(path).name in ("model.safetensors", "model.json"):
-        from .export import load_exported
-
-        return load_exported(path, device)
-    state = ckpt.load(path)
-    info = state["model_info"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    model = build_resnet18(info["num_classes"])
-    model.load_state_dict(state["model"])
-    model = model.to(device, memory_format=torch.channels_last).eval()
-    model.classes = list(info["classes"])
-    model.image_size = int(info["image_size"])
-    model.eval_transform = EvalTransform(model.image_size)
-    model.checkpoint_epoch = state["epoch"]
-    return model
+from .augment import resize_uint8
+from .evaluation import predict_logits
 
 
 def read_image(path) -> torch.Tensor:

@@ -1,13 +1,26 @@
-"""One-line error messages for users (a library error can span pages)."""
+"""How an exception is told to the user in one message (a note, an error line, a reason)."""
 from __future__ import annotations
 
 
-def short_error(err: BaseException, limit: int = 300) -> str:
-    """``Type: message`` on one line, whitespace collapsed; past ``limit`` characters the middle
-    is cut, since a compiler's error tends to sit at the end of its output."""
-    text = " ".join(str(err).split())
-    line = f"{type(err).__name__}: {text}" if text else type(err).__name__
-    if len(line) <= limit:
-        return line
-    head = limit * 2 // 5
-    return line[:head] + " ... " + line[-(limit - head - 5):]
+def short_error(err: BaseException, limit: int = 300, *, first_line: bool = False, tail: int = 0,
+                keep_lines: bool = False) -> str:
+    """``Type: message`` in at most ``limit`` characters.
+
+    By default the message becomes one line, every run of whitespace one space (unpickling,
+    ``load_state_dict`` and JSON errors span lines that all matter). ``first_line``: only its
+    first line (a compiler's pages of traceback under it). ``keep_lines``: its lines as they
+    are (a build log). A longer text keeps its first characters and, where ``tail`` > 0, its
+    last ``tail`` (where a build log says what failed), joined by ``...``.
+    """
+    message = str(err).strip()
+    if first_line:
+        message = message.splitlines()[0] if message else ""
+    elif not keep_lines:
+        message = " ".join(message.split())
+    text = f"{type(err).__name__}: {message}" if message else type(err).__name__
+    if len(text) <= limit:
+        return text
+    if tail <= 0:
+        return text[: limit - 3] + "..."
+    gap = "\n...\n" if keep_lines else " ... "
+    return text[: max(0, limit - tail - len(gap))] + gap + text[-tail:]

@@ -264,7 +264,7 @@ def load() -> dict:
                     library = _build_and_load(with_cuda)
                     break
                 except Exception as err:  # noqa: BLE001 - any build/load failure becomes a reason
-                    errors["cuda" if with_cuda else "cpu"] = short_error(err, limit=2000)
+                    errors["cuda" if with_cuda else "cpu"] = short_error(err, limit=2000, tail=1400, keep_lines=True)
                     if op_exists():  # partially loaded: do not load a second library
                         break
         _load_state.update(done=True, errors=errors, library=library)

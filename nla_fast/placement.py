@@ -12,15 +12,11 @@ Three placements, one interface for ``TrainStep``:
   batch is gathered on the host into one of two pinned buffers and copied into a static
   device buffer, which the (possibly captured) step reads.
 
-Each placement has ``labels`` (on the device), ``soft_labels`` (N x C target distributions
-on the device, indexed like ``labels``; None unless given), ``start_epoch(order) -> device order`` (the
-positions the step reads, in epoch order), ``before_step(step)`` (host work before step
-``step`` of the epoch) and ``batch_images(indices)`` (called inside the step: device work only,
-so a CUDA graph can capture it).
+Each is a :class:`Placement`, the interface the step reads.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -28,6 +24,23 @@ from .distributed import contiguous_slice
 
 # Stay below this share of free GPU memory with the training images, else keep them in host memory.
 DEVICE_DATA_SHARE = 0.5
+
+
+@runtime_checkable
+class Placement(Protocol):
+    """What ``TrainStep`` reads of the training set, wherever its images live."""
+
+    labels: torch.Tensor  # on the device
+    soft_labels: torch.Tensor | None  # N x C target distributions on the device, indexed like labels; or None
+
+    def start_epoch(self, order: torch.Tensor) -> torch.Tensor:
+        """The epoch's sample order (indices into the set) -> the positions the step reads, on the device."""
+
+    def before_step(self, step: int) -> None:
+        """Host work before step ``step`` of the epoch (outside any captured graph)."""
+
+    def batch_images(self, indices: torch.Tensor) -> torch.Tensor:
+        """The batch's uint8 images; called inside the step: device work only, so a CUDA graph can capture it."""
 
 
 def _row_bytes(images: torch.Tensor) -> int:
@@ -47,7 +60,7 @@ def choose(nbytes: int, device: torch.device, sharded: bool, free_bytes: int | N
 
 def place_training_set(images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int,
                        shard_length: int | None = None, say: Callable[[str], None] = print,
-                       soft_labels: torch.Tensor | None = None):
+                       soft_labels: torch.Tensor | None = None) -> Placement:
     """The placement of a training set. ``shard_length``: a distributed run's samples per rank
     and epoch (None: one process trains on the whole set). ``soft_labels``: per-sample target
     distributions (soft-label training), kept beside the labels."""

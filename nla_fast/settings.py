@@ -1,7 +1,6 @@
-"""The settings of a training run: what they are, how the command line fills them, how a
-resumed run merges its saved settings with the flags typed this time, and how they pick a
-device and load a dataset split. ``train``, ``evaluate`` and ``predict`` import this module;
-it imports none of them.
+"""The settings of a training run: what they are, how the command line fills them, and how a
+resumed run merges its saved settings with the flags typed this time. ``train`` imports this
+module; it imports none of the programs.
 """
 from __future__ import annotations
 
@@ -11,6 +10,7 @@ import json
 import os
 import sys
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,16 +19,15 @@ import torch
 from . import arg_types
 from .cli import HelpFormatter
 from .config import NLAConfig
-from .data import DATASET_OPTIONS, DATASETS
+from .data import DATASETS
+from .device import DEVICE_CHOICES, device_type
 
+# The paper's recipe: the defaults of a run on CUDA or on a real dataset.
+PAPER_RECIPE = {"image_size": 224, "epochs": 60, "batch_size": 32, "lr": 1e-4, "weight_decay": 1e-4, "gamma": 0.9}
 # A synthetic-data run that finishes in about three minutes on 2 CPU cores (used when CUDA is
-# absent and the dataset is synthetic; every value can still be set on the command line).
-# It averages the consistency term over the batch: summed (the official variant's own), it
-# weighs each sample B times more than the mean NAW term, and a network trained from scratch
-# spends the few minutes making its two views agree. Measured on 2 cores at 64 px (mean class
-# accuracy on the test split): summed 46% after 6 epochs (Fear, Disgust never predicted), 60%
-# after 8 at batch 8 (over 5 minutes); averaged 69% after 6 with every class learned. 48 px
-# learns the rare classes' small cues (teeth, wrinkles) too late; 5 epochs leave Fear unlearned.
+# absent and the dataset is synthetic; every value can still be set on the command line). It
+# averages the consistency term over the batch, which a network trained from scratch needs to
+# learn every class in a few epochs (the measurements: bench/NOTES.md).
 CPU_QUICK_RUN = {"image_size": 64, "epochs": 6, "num_samples": 1600, "lr": 1e-3, "batch_size": 16,
                  "consistency_reduction": "mean"}
 # Settings whose default depends on the device (filled in by TrainSettings.resolve).
@@ -36,6 +35,8 @@ DEVICE_DEFAULTS = ("amp", "cuda_graphs", "log_every", "backend", "compile")
 # Settings that are also options of a dataset loader (see nla_fast.data.DATASET_OPTIONS); a
 # loader receives those of them that it accepts and that are set.
 LOADER_SETTINGS = ("label_mode", "num_classes", "num_samples")
+# Settings that change the training split's labels or samples (nla_fast.data.protocols).
+PROTOCOL_SETTINGS = ("noise_rate", "noise_seed", "noise_file", "imbalance_factor", "imbalance_seed")
 
 
 @dataclass
@@ -48,8 +49,8 @@ class TrainSettings:
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
-    weight_decay: float = 1e-4
-    gamma: float = 0.9
+    weight_decay: float = PAPER_RECIPE["weight_decay"]
+    gamma: float = PAPER_RECIPE["gamma"]
     image_size: int | None = None
     weights: str = "none"
     device: str = "auto"
@@ -82,16 +83,12 @@ class TrainSettings:
 
     def resolve(self, device: torch.device) -> "TrainSettings":
         """A copy with every device-dependent default filled in."""
-        quick = device.type != "cuda" and self.dataset == "synthetic"
         on_cuda = device.type == "cuda"
-        recipe = {"epochs": 60, "image_size": 224, "lr": 1e-4, "batch_size": 32}
+        quick = not on_cuda and self.dataset == "synthetic"
         filled = dataclasses.replace(self)
-        for name, paper_value in recipe.items():
+        for name, value in (PAPER_RECIPE | CPU_QUICK_RUN if quick else PAPER_RECIPE).items():
             if getattr(filled, name) is None:
-                setattr(filled, name, CPU_QUICK_RUN[name] if quick else paper_value)
-        for name in ("num_samples", "consistency_reduction"):
-            if getattr(filled, name) is None and quick:
-                setattr(filled, name, CPU_QUICK_RUN[name])
+                setattr(filled, name, value)
         if filled.amp is None:
             filled.amp = "bf16" if on_cuda else "off"
         if filled.cuda_graphs is None:
@@ -116,10 +113,24 @@ class TrainSettings:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
 
+    def split_arguments(self, split: str) -> dict:
+        """The keyword arguments of ``nla_fast.data.splits.load_split`` for ``split`` of this
+        run's dataset: the loader's options, ``--limit-train`` / ``--limit-test``, and on the
+        training split only the noise and imbalance protocols."""
+        arguments = {name: getattr(self, name) for name in LOADER_SETTINGS}
+        arguments["limit"] = self.limit_train if split == "train" else self.limit_test
+        if split == "train":
+            arguments.update({name: getattr(self, name) for name in PROTOCOL_SETTINGS})
+        return arguments
+
     def nla_config(self) -> NLAConfig:
         if self.preset == "official":
             return NLAConfig.official(consistency=self.consistency, consistency_reduction=self.consistency_reduction)
         return NLAConfig(consistency=self.consistency, consistency_reduction=self.consistency_reduction)
+
+
+# each setting's types, from its annotation: int | None -> (int, NoneType)
+_SETTING_TYPES = {name: typing.get_args(hint) or (hint,) for name, hint in typing.get_type_hints(TrainSettings).items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,7 +172,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
         prog="python -m nla_fast.train",
         description="Train ResNet-18 with the NLA loss (Navigating Label Ambiguity, AAAI 2025). "
         "With no arguments and no GPU: a few-minute demonstration on synthetic data; "
-        "on a GPU: the paper's recipe (224 px, 60 epochs, batch 32, Adam 1e-4, ExponentialLR 0.9).",
+        f"on a GPU: the paper's recipe ({_recipe_in_words()}).",
         formatter_class=HelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
@@ -174,13 +185,22 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+def _recipe_in_words() -> str:
+    r = PAPER_RECIPE
+    return (f"{r['image_size']} px, {r['epochs']} epochs, batch {r['batch_size']}, Adam {r['lr']:g} with L2 "
+            f"{r['weight_decay']:g}, ExponentialLR {r['gamma']:g}")
+
+
+def _recipe_default(name: str) -> str:
+    return f"default: {PAPER_RECIPE[name]:g}; {CPU_QUICK_RUN[name]:g} for the CPU synthetic demo"
+
+
 def _data_flags(data) -> None:
     data.add_argument("--dataset", choices=DATASETS, help="dataset to train and test on")
     data.add_argument("--data-root", metavar="DIR",
                       help="folder holding the dataset in its original layout (not needed for synthetic)")
     data.add_argument("--image-size", type=arg_types.image_size, metavar="PX",
-                      help=f"side of the square network input (default: 224; {CPU_QUICK_RUN['image_size']} for "
-                      "the CPU synthetic demo)")
+                      help=f"side of the square network input ({_recipe_default('image_size')})")
     data.add_argument("--limit-train", type=arg_types.positive_int, metavar="N",
                       help="train on a fixed, seeded subset of N training samples (smoke runs)")
     data.add_argument("--limit-test", type=arg_types.positive_int, metavar="N",
@@ -206,7 +226,7 @@ def _data_flags(data) -> None:
 
 def _run_flags(run) -> None:
     run.add_argument("--out", metavar="DIR", help="output folder (default: runs/<dataset>-<time>)")
-    run.add_argument("--device", choices=("auto", "cuda", "cpu"), help="where to train; auto picks CUDA when present")
+    run.add_argument("--device", choices=DEVICE_CHOICES, help="where to train; auto picks CUDA when present")
     run.add_argument("--seed", type=int, help="seed of initialisation, order and augmentation")
     run.add_argument("--resume", metavar="PATH",
                      help="continue a run exactly from its checkpoint (e.g. runs/x/last.pt); its settings "
@@ -233,14 +253,12 @@ def _run_flags(run) -> None:
 
 def _recipe_flags(recipe) -> None:
     recipe.add_argument("--epochs", type=arg_types.positive_int, metavar="N",
-                        help=f"epochs (default: 60; {CPU_QUICK_RUN['epochs']} for the CPU synthetic demo)")
+                        help=f"epochs ({_recipe_default('epochs')})")
     recipe.add_argument("--batch-size", type=arg_types.positive_int, metavar="N",
                         help="training batch size, images per view; batches are always full, the remainder of "
-                        f"each epoch's order is dropped (default: 32; {CPU_QUICK_RUN['batch_size']} for the CPU "
-                        "synthetic demo)")
+                        f"each epoch's order is dropped ({_recipe_default('batch_size')})")
     recipe.add_argument("--lr", type=arg_types.positive_float,
-                        help=f"Adam learning rate of epoch 0 (default: 1e-4; {CPU_QUICK_RUN['lr']:g} for the CPU "
-                        "synthetic demo)")
+                        help=f"Adam learning rate of epoch 0 ({_recipe_default('lr')})")
     recipe.add_argument("--weight-decay", type=arg_types.non_negative_float, metavar="WD", help="Adam's L2 weight decay")
     recipe.add_argument("--gamma", type=arg_types.decay_factor, help="ExponentialLR factor, applied once per epoch")
     recipe.add_argument("--weights", metavar="{none,imagenet,PATH}",
@@ -298,7 +316,7 @@ def settings_for_resume(settings: TrainSettings, saved_config: dict, resume: str
         if getattr(saved, name) != value and name not in ("out", "progress"):
             notes.append(f"nla_fast: resume: {name} = {value!r} (the checkpoint had {getattr(saved, name)!r})")
     settings = dataclasses.replace(saved, **overrides)
-    if pick_device(settings.device).type != saved_config.get("device_type"):
+    if device_type(settings.device) != saved_config.get("device_type"):
         # continuing on another kind of device: its own precision / graph defaults
         fresh = {name: None for name in DEVICE_DEFAULTS if name not in overrides}
         settings = dataclasses.replace(settings, **fresh)
@@ -374,24 +392,19 @@ class ConfigFileError(ValueError):
     """A --config file that cannot be used (unreadable, not JSON, unknown key, wrong type)."""
 
 
-# top-level keys of a run's config.json (see train.run_config); only "train" holds settings
+# top-level keys of a run's config.json (see train._run_config); only "train" holds settings
 RUN_CONFIG_KEYS = ("train", "nla", "device_type", "world_size", "environment", "command_line", "model_selection")
 # settings a --config file does not carry over to a new run: it writes into its own folder
 NOT_FROM_CONFIG = ("out",)
-_JSON_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
-
-
 def _check_setting_type(name: str, value, path) -> None:
-    field_type = {f.name: f.type for f in dataclasses.fields(TrainSettings)}[name]
-    allowed = [part.strip() for part in str(field_type).split("|")]
-    if value is None:
-        if "None" not in allowed:
-            raise ConfigFileError(f"{path}: setting {name!r} cannot be null")
-        return
-    types = tuple(t for part in allowed for t in _JSON_TYPES.get(part, ()))
-    # bool is an int in Python: a true/false is only accepted where the setting is a bool
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-        raise ConfigFileError(f"{path}: setting {name!r} = {value!r} should be {field_type}")
+    """Refuse a value of the wrong JSON type for setting ``name`` (its annotation: ``int | None``...)."""
+    allowed = _SETTING_TYPES[name]
+    if float in allowed:
+        allowed += (int,)  # JSON writes 1.0 as 1
+    # a true/false is a Python int: only a bool setting takes it
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        names = " or ".join("null" if kind is type(None) else kind.__name__ for kind in _SETTING_TYPES[name])
+        raise ConfigFileError(f"{path}: setting {name!r} = {json.dumps(value)} should be {names}")
 
 
 def settings_from_config_file(path, settings: TrainSettings, explicit) -> tuple:
@@ -426,20 +439,13 @@ def settings_from_config_file(path, settings: TrainSettings, explicit) -> tuple:
     merged = dataclasses.replace(merged, **{name: getattr(settings, name) for name in explicit if name in names})
     notes = []
     saved_device = loaded.get("device_type")
-    if saved_device is not None and saved_device != _device_type(merged.device):
+    if saved_device is not None and saved_device != device_type(merged.device):
         # made on another kind of device: this device's own precision / graph defaults
         reset = [name for name in DEVICE_DEFAULTS if name not in explicit]
         merged = dataclasses.replace(merged, **{name: None for name in reset})
         notes.append(f"nla_fast: --config {path} was written on {saved_device}; this run uses "
-                     f"{_device_type(merged.device)}'s defaults for {', '.join(reset)}")
+                     f"{device_type(merged.device)}'s defaults for {', '.join(reset)}")
     return merged, notes
-
-
-def _device_type(device_name: str) -> str:
-    """The device type ``--device`` will pick, without initialising CUDA."""
-    if device_name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device_name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,54 +469,3 @@ def model_selection_note(dataset: str) -> str:
     if split == "test":
         return "test split (no validation split; as the reference code)"
     return f"{split} split; the test split is reported at the chosen epoch"
-
-
-# ----------------------------------------------------------------------------------------------
-# Device and data
-# ----------------------------------------------------------------------------------------------
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda but torch sees no CUDA device")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def load_split(s: TrainSettings, split: str):
-    """One split of the run's dataset at native resolution (the augmentation adds its noise to
-    the raw image, then resizes: SPEC 1.2). The loader gets the settings that are among its own
-    options (``nla_fast.data.DATASET_OPTIONS``); the noise and imbalance protocols apply to the
-    training split only, ``--limit-train`` / ``--limit-test`` to their split."""
-    from .data import canonical_name, load_dataset
-
-    accepted = DATASET_OPTIONS[canonical_name(s.dataset)]
-    options = {name: getattr(s, name) for name in LOADER_SETTINGS
-               if name in accepted and getattr(s, name) is not None}
-    if "num_samples" in options and split != "train":
-        options["num_samples"] = max(64, options["num_samples"] // 4)
-    if split == "train":
-        if s.noise_rate:
-            options.update(noise_rate=s.noise_rate, noise_seed=s.noise_seed)
-        if s.noise_file:
-            options["noise_file"] = s.noise_file
-        if s.imbalance_factor is not None:
-            options.update(imbalance_factor=s.imbalance_factor, imbalance_seed=s.imbalance_seed)
-    dataset = load_dataset(s.dataset, s.data_root, split, image_size=None, **options)
-    index = subset_indices(len(dataset.labels), s.limit_train if split == "train" else s.limit_test)
-    if index is not None:
-        dataset.images, dataset.labels = dataset.images[index], dataset.labels[index]
-        if getattr(dataset, "soft_labels", None) is not None:
-            dataset.soft_labels = dataset.soft_labels[index]
-    return dataset
-
-
-def subset_indices(num_samples: int, limit: int | None, seed: int = 0) -> torch.Tensor | None:
-    """A deterministic subset of ``limit`` samples (sorted), or None for all; for smoke runs."""
-    if limit is None or limit >= num_samples:
-        return None
-    if limit <= 0:
-        raise ValueError(f"a sample limit must be positive, got {limit}")
-    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
-    return order[:limit].sort().values

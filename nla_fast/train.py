@@ -4,13 +4,20 @@ Reads top to bottom, in the order a run goes:
 
     set_up       settings (a resumed run: its own, overridden by the flags typed), process
                  group, device, seeds, output folder
-    load_data    both splits; the training images placed by ``nla_fast.placement``
+    load_data    both splits (load_run_split); the training images placed by
+                 ``nla_fast.placement`` (place_data)
     build        model, optimiser and the training step (captured as a CUDA graph on CUDA)
     restore      a resumed run's weights, optimiser, random states, history
     each epoch   train_epoch (new order, lr and eps written into device tensors; steps),
-                 evaluation on the test split (and the validation split where the dataset
+                 evaluate_epoch on the test split (and the validation split where the dataset
                  has one: best.pt is then chosen on it), record (``metrics.jsonl`` /
                  ``.csv``, TensorBoard, plots, checkpoints)
+
+These phases and what they pass along (``Run``, ``Data``, ``Parts``, ``Progress``,
+``EpochTraining``) are this module's API beside ``train`` and ``main``: a study that trains
+many runs on data loaded once calls them itself (``bench/noise_study.py``: ``set_up``,
+``load_run_split``, ``place_data``, ``build``, ``restore``, then per epoch ``train_epoch``,
+``evaluate_epoch``, ``record``). Names starting with ``_`` are the module's own.
 
 The files written in ``--out`` are listed in ``nla_fast.run_folder``. Training batches are
 always full: each epoch drops the remainder of its random order (fewer than ``--batch-size``
@@ -18,7 +25,8 @@ samples), as the reference's ``drop_last=True`` does.
 
 With no arguments on a machine without CUDA, the run is a quick demonstration on the
 synthetic set (small images, few samples and epochs, see ``settings.CPU_QUICK_RUN``); on CUDA
-the same command follows the paper's recipe (224 px, 60 epochs, batch 32).
+the same command follows the paper's recipe (``settings.PAPER_RECIPE``: 224 px, 60 epochs,
+batch 32).
 """
 from __future__ import annotations
 
@@ -39,18 +47,20 @@ from .augment import MEAN, STD, EvalTransform
 from .cli import StopRequest, progress_bar
 from .config import NLAConfig, eps_schedule
 from .data.errors import DatasetError
+from .data.splits import load_split
+from .device import DeviceError, pick_device
 from .engine import (WARMUP_STEPS, NonFiniteLoss, StepOptions, TrainStep, build_train_step, epoch_permutation,
                      inductor_cache_dir, load_optimizer_state, shard)
 from .loss import BackendUnavailable
 from .metrics import MetricCounts, format_table, json_safe
 from .model import WeightsError, build_resnet18, initialise_weights
-from .placement import place_test_split, place_training_set
+from .placement import Placement, place_test_split, place_training_set
 from .provenance import environment_record
 from .run_folder import RunFolder, RunFolderError, epoch_record
 from .run_log import MissingExtra, summary_writer_class
 from .settings import (SettingsError, TrainSettings, ResumeError, check_label_mode, check_resume,
-                       check_resume_classes, load_split, model_selection_note, parse_command_line,
-                       pick_device, selection_split, settings_for_resume)
+                       check_resume_classes, model_selection_note, parse_command_line,
+                       selection_split, settings_for_resume)
 
 
 @dataclass
@@ -70,7 +80,7 @@ class Run:
 
 @dataclass
 class Data:
-    train: object  # a placement (nla_fast.placement): the training images and labels
+    train: Placement  # the training images and labels, wherever they live
     test_images: torch.Tensor  # this rank's slice of the test split, on the device
     test_labels: torch.Tensor
     eval_transform: EvalTransform
@@ -116,12 +126,12 @@ def train(settings: TrainSettings, resume: str | None = None, explicit=None, ove
         run.command_line = list(command_line) if command_line is not None else None
         data = load_data(run)
         if run.state is not None:
-            check_resume_fits(run, data)
+            _check_resume_fits(run, data)
         parts = build(run, data)
         progress = restore(run, parts)
-        run.folder.write_config(run_config(run, parts))
+        run.folder.write_config(_run_config(run, parts))
         run.folder.write_metrics(progress.history)
-        announce(run, data, parts)
+        _announce(run, data, parts)
         return train_epochs(run, data, parts, progress)
     finally:
         for close in reversed(closers):
@@ -149,7 +159,7 @@ def set_up(settings: TrainSettings, resume: str | None, explicit, closers: list,
         summary_writer_class()  # a missing package fails here, before any data is loaded
     run = Run(s, ctx, device, RunFolder(s.out, writer=ctx.is_main), say, resume, state)
     if state is not None:
-        run.own_state = own_resume_state(run)
+        run.own_state = _own_resume_state(run)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
     closers.append(run.folder.close)
@@ -163,7 +173,7 @@ def set_up(settings: TrainSettings, resume: str | None, explicit, closers: list,
     return run
 
 
-def own_resume_state(run: Run) -> dict | None:
+def _own_resume_state(run: Run) -> dict | None:
     """This rank's random states and totals in the checkpoint; None when it was written by a
     run of another world size (allowed between epochs only: the run continues, not exactly)."""
     state, world_size = run.state, run.ctx.world_size
@@ -182,7 +192,7 @@ def own_resume_state(run: Run) -> dict | None:
     return state if run.ctx.rank == 0 else None
 
 
-def check_resume_fits(run: Run, data: Data) -> None:
+def _check_resume_fits(run: Run, data: Data) -> None:
     """The resumed checkpoint's classes and, mid-epoch, its epoch size are this run's."""
     check_resume_classes(data.classes, run.state, run.resume, run.s.dataset)
     state = run.state
@@ -199,12 +209,17 @@ def load_data(run: Run) -> Data:
     s, ctx = run.s, run.ctx
     if ctx.distributed and ctx.local_rank != 0:
         distributed.barrier(ctx)  # the machine's first rank decodes (and caches) the data first
-    train_set, test_set = load_split(s, "train"), load_split(s, "test")
+    train_set, test_set = load_run_split(s, "train"), load_run_split(s, "test")
     if selection_split(s.dataset) != "test":
-        load_split(s, selection_split(s.dataset))  # cached here too, before the other ranks read it
+        load_run_split(s, selection_split(s.dataset))  # cached here too, before the other ranks read it
     if ctx.distributed and ctx.local_rank == 0:
         distributed.barrier(ctx)
     return place_data(run, train_set, test_set)
+
+
+def load_run_split(s: TrainSettings, split: str):
+    """One split of the run's dataset: its loader options, limits and (training split) protocols."""
+    return load_split(s.dataset, s.data_root, split, **s.split_arguments(split))
 
 
 def place_data(run: Run, train_set, test_set) -> Data:
@@ -226,7 +241,7 @@ def place_data(run: Run, train_set, test_set) -> Data:
                 len(test_set.labels), steps_per_epoch)
     split = selection_split(s.dataset)
     if split != "test":
-        valid_set = load_split(s, split)
+        valid_set = load_run_split(s, split)
         data.valid_images, data.valid_labels = place_test_split(valid_set.images, valid_set.labels, run.device,
                                                                 ctx.rank, ctx.world_size)
         data.num_valid = len(valid_set.labels)
@@ -286,12 +301,12 @@ def restore(run: Run, parts: Parts) -> Progress:
     return progress
 
 
-def announce(run: Run, data: Data, parts: Parts) -> None:
+def _announce(run: Run, data: Data, parts: Parts) -> None:
     s, ctx = run.s, run.ctx
     valid = f" / {data.num_valid} valid" if data.valid_images is not None else ""
     run.say(f"nla_fast: {s.dataset}: {data.num_train} train{valid} / {data.num_test} test images, "
             f"{len(data.classes)} classes, {s.image_size}px; {data.steps_per_epoch} steps of {s.batch_size} per "
-            f"epoch; device {run.device}, amp {s.amp}, views {s.views}, loss {loss_description(parts)}; "
+            f"epoch; device {run.device}, amp {s.amp}, views {s.views}, loss {_loss_description(parts)}; "
             f"writing to {run.folder.path}")
     run.say(f"nla_fast: best.pt is chosen on the {model_selection_note(s.dataset)}")
     if ctx.enabled:
@@ -306,7 +321,7 @@ def announce(run: Run, data: Data, parts: Parts) -> None:
         run.say(f"nla_fast: {parts.step.note}")
 
 
-def loss_description(parts: Parts) -> str:
+def _loss_description(parts: Parts) -> str:
     """``nla (consistency official, summed)``: the loss and how its consistency term is reduced."""
     options, config = parts.step.options, parts.step.nla_config
     if options.loss != "nla":
@@ -337,14 +352,14 @@ def train_epochs(run: Run, data: Data, parts: Parts, progress: Progress) -> dict
         for epoch in range(progress.start_epoch, s.epochs):
             trained = train_epoch(run, data, parts, progress, epoch, stop)
             if trained.stopped_at is not None:  # Ctrl-C mid-epoch: save where the step stands and stop
-                run.folder.save_last(checkpoint_state(run, data, parts, progress, epoch,
-                                                      int(parts.step.step_in_epoch), False))
+                run.folder.save_last(_checkpoint_state(run, data, parts, progress, epoch,
+                                                       int(parts.step.step_in_epoch), False))
                 run.say(f"nla_fast: interrupted at epoch {epoch}, step {trained.stopped_at}; wrote "
                         f"{run.folder.last}; continue with: python -m nla_fast.train --resume {run.folder.last}")
                 return {"out": str(run.folder.path), "interrupted": True, "epoch": epoch, "step": trained.stopped_at}
             test, valid, eval_seconds = evaluate_epoch(run, data, parts)
             record(run, data, parts, progress, epoch, trained, test, eval_seconds, valid)
-            run.folder.save_last(checkpoint_state(run, data, parts, progress, epoch, data.steps_per_epoch, True))
+            run.folder.save_last(_checkpoint_state(run, data, parts, progress, epoch, data.steps_per_epoch, True))
             run.folder.keep_best(progress.best.get("acc_epoch") == epoch, progress.best.get("mean_acc_epoch") == epoch)
             stop_after = distributed.any_rank(stop.requested, run.ctx, run.device)
             if epoch == s.epochs - 1 or stop_after or (s.plot_every and (epoch + 1) % s.plot_every == 0):
@@ -441,10 +456,10 @@ def record(run: Run, data: Data, parts: Parts, progress: Progress, epoch: int, t
             f"top-2 {100 * test['top2_acc']:.2f}% | lr {trained.lr:.3g} eps {trained.eps:.3f} | "
             f"{row['samples_per_s']:.0f} samples/s ({parts.step.mode}{', compiled' if parts.step.compiled else ''})",
             flush=True)
-    update_best(progress.best, epoch, test, valid)
+    _update_best(progress.best, epoch, test, valid)
 
 
-def update_best(best: dict, epoch: int, test: dict, valid: dict | None) -> None:
+def _update_best(best: dict, epoch: int, test: dict, valid: dict | None) -> None:
     """``best["acc"]`` / ``["mean_acc"]``: the best so far on the selection split (``best["split"]``);
     ``["test_acc_at_acc_epoch"]`` etc.: the test split's numbers at those epochs."""
     chosen = valid if valid is not None else test
@@ -474,7 +489,7 @@ def finish(run: Run, data: Data, progress: Progress, test: dict | None) -> dict:
     return {"out": str(run.folder.path), "interrupted": False, "history": progress.history, "best": best}
 
 
-def run_config(run: Run, parts: Parts) -> dict:
+def _run_config(run: Run, parts: Parts) -> dict:
     """config.json, also saved in every checkpoint."""
     config = {"train": dataclasses.asdict(run.s), "nla": dataclasses.asdict(parts.nla_config),
               "device_type": run.device.type, "model_selection": model_selection_note(run.s.dataset),
@@ -486,7 +501,7 @@ def run_config(run: Run, parts: Parts) -> dict:
     return config
 
 
-def checkpoint_state(run: Run, data: Data, parts: Parts, progress: Progress, epoch: int, steps_done: int,
+def _checkpoint_state(run: Run, data: Data, parts: Parts, progress: Progress, epoch: int, steps_done: int,
                      epoch_done: bool) -> dict:
     """Called on every rank (a distributed run gathers each rank's random states and sums)."""
     s, step = run.s, parts.step
@@ -504,7 +519,7 @@ def checkpoint_state(run: Run, data: Data, parts: Parts, progress: Progress, epo
         "step": steps_done,
         "epoch_done": epoch_done,
         "rng": own["rng"],
-        "config": run_config(run, parts),
+        "config": _run_config(run, parts),
         "totals": own["totals"],
         "best": progress.best,
         "history": [json_safe(row) for row in progress.history],
@@ -527,7 +542,7 @@ def main(argv=None) -> int:
         print(f"nla_fast: error: {err}", file=sys.stderr)
         return 1
     except (WeightsError, DatasetError, FileNotFoundError, ckpt.CheckpointError, BackendUnavailable,
-            RunFolderError, SettingsError, MissingExtra) as err:
+            RunFolderError, SettingsError, MissingExtra, DeviceError) as err:
         print(f"nla_fast: error: {err}", file=sys.stderr)
         return 2
     return 130 if result.get("interrupted") else 0

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from nla_fast import NLAConfig, engine, train
+from nla_fast import NLAConfig, engine, evaluation, train
 from nla_fast.augment import TrainAugment
 from nla_fast.engine import StepOptions, TrainStep, augmentation_generator, epoch_permutation, make_optimizer, shard
 from nla_fast.placement import DeviceResident
@@ -130,7 +130,7 @@ def test_compiled_evaluation_pads_the_last_batch_and_compiles_once():
     step = make_step(compile=True)
     run_epoch(step)
     images, labels = eval_split(10)  # batches of 4: 4, 4 and a remainder of 2
-    plain = engine.evaluate(step.eval_model, images, labels, eval_transform, CLASSES, batch_size=4)
+    plain = evaluation.evaluate(step.eval_model, images, labels, eval_transform, CLASSES, batch_size=4)
     first = step.evaluate(images, labels, eval_transform, CLASSES, batch_size=4)
     graphs = unique_graphs()
     again = step.evaluate(images, labels, eval_transform, CLASSES, batch_size=4)
@@ -140,18 +140,32 @@ def test_compiled_evaluation_pads_the_last_batch_and_compiles_once():
     assert step.model.training  # evaluation put the model back in training mode
 
 
+def test_the_steps_per_sample_points_are_p_gt_and_the_largest_other_probability():
+    step = make_step(compile=False, loss="ce")  # "ce": the logits are those of view 1 alone
+    images, labels = eval_split(BATCH)
+    view1, view2 = step.augment(images, step.generator)
+    with torch.no_grad():  # classes 3 and 4 score alike: a tie among the negatives
+        step.model.fc.weight[3].copy_(step.model.fc.weight[4])
+        step.model.fc.bias[3].copy_(step.model.fc.bias[4])
+        _, _, _, points = step._forward_loss(view1, view2, labels, step.eps)
+        probs = step.model(view1.contiguous(memory_format=torch.channels_last)).float().softmax(dim=1)
+    for row, label, (p_gt, p_nn) in zip(probs, labels.tolist(), points.tolist()):
+        others = [p for k, p in enumerate(row.tolist()) if k != label]
+        assert p_gt == pytest.approx(row[label].item(), abs=1e-7) and p_nn == pytest.approx(max(others), abs=1e-7)
+
+
 def test_padding_the_last_batch_changes_no_score():
     model = SmallNet().eval()
     shapes = []
     model.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
     images, _ = eval_split(10)
-    plain = engine.predict_logits(model, images, eval_transform, batch_size=4)
+    plain = evaluation.predict_logits(model, images, eval_transform, batch_size=4)
     shapes_plain, shapes[:] = list(shapes), []
-    padded = engine.predict_logits(model, images, eval_transform, batch_size=4, pad_last_batch=True)
+    padded = evaluation.predict_logits(model, images, eval_transform, batch_size=4, pad_last_batch=True)
     assert shapes_plain == [(4, 3, SIZE, SIZE)] * 2 + [(2, 3, SIZE, SIZE)]
     assert shapes == [(4, 3, SIZE, SIZE)] * 3 and padded.shape == (10, CLASSES)
     torch.testing.assert_close(padded, plain)
-    small = engine.predict_logits(model, images[:3], eval_transform, batch_size=4, pad_last_batch=True)
+    small = evaluation.predict_logits(model, images[:3], eval_transform, batch_size=4, pad_last_batch=True)
     torch.testing.assert_close(small, plain[:3])  # a split smaller than a batch is not padded up to it
 
 
@@ -225,7 +239,7 @@ def test_failing_evaluation_compile_falls_back(monkeypatch, capsys):
     step = make_step(compile=True)
     images, labels = eval_split(6)
     result = step.evaluate(images, labels, eval_transform, CLASSES, batch_size=4)
-    plain = engine.evaluate(step.eval_model, images, labels, eval_transform, CLASSES, batch_size=4)
+    plain = evaluation.evaluate(step.eval_model, images, labels, eval_transform, CLASSES, batch_size=4)
     assert result["confusion"] == plain["confusion"]
     assert "torch.compile failed for evaluation (RuntimeError: no C++ compiler)" in capsys.readouterr().out
     assert step.eval_forward is None

@@ -1,15 +1,19 @@
 """The evaluate and predict CLIs and the Python side (load_model / predict) on a tiny trained run."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from nla_fast import train
-from nla_fast.engine import predict_logits
+from nla_fast.evaluate import build_parser as build_evaluate_parser
 from nla_fast.evaluate import main as evaluate_main
-from nla_fast.inference import load_model, predict
-from nla_fast.predict import main as predict_main
+from nla_fast.evaluate import split_arguments
+from nla_fast.evaluation import load_model, predict_logits
+from nla_fast.inference import predict
+from nla_fast.classify import main as classify_main
 
 TINY = ["--dataset", "synthetic", "--num-samples", "16", "--image-size", "32", "--batch-size", "8",
         "--limit-test", "24", "--backend", "reference", "--device", "cpu", "--no-progress", "--plot-every", "0",
@@ -65,10 +69,10 @@ def _write_images(folder):
 
 def test_predict_cli_text_and_json(run_dir, tmp_path, capsys):
     paths = _write_images(tmp_path)
-    assert predict_main(["--checkpoint", str(run_dir / "last.pt"), *map(str, paths), "--top", "2"]) == 0
+    assert classify_main(["--checkpoint", str(run_dir / "last.pt"), *map(str, paths), "--top", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith(str(paths[0])) and "%" in lines[0]
-    assert predict_main(["--checkpoint", str(run_dir / "last.pt"), *map(str, paths), "--json"]) == 0
+    assert classify_main(["--checkpoint", str(run_dir / "last.pt"), *map(str, paths), "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
     classes = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]
     for entry, path in zip(results, paths):
@@ -77,7 +81,7 @@ def test_predict_cli_text_and_json(run_dir, tmp_path, capsys):
         assert sum(entry["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
         assert entry["label"] == entry["top"][0]["label"] == max(entry["probabilities"], key=entry["probabilities"].get)
         assert len(entry["top"]) == 3
-    assert predict_main(["--checkpoint", str(run_dir / "last.pt"), str(tmp_path / "missing.png")]) == 1
+    assert classify_main(["--checkpoint", str(run_dir / "last.pt"), str(tmp_path / "missing.png")]) == 1
     assert "missing.png" in capsys.readouterr().err
 
 
@@ -112,7 +116,7 @@ def test_predict_folders_globs_and_a_corrupt_file(run_dir, tmp_path, capsys):
 
     faces, other, expected = _image_tree(tmp_path)
     inputs = [str(faces), str(other / "*.png")]
-    assert predict_main(["--checkpoint", str(run_dir / "last.pt"), *inputs, "--csv", "--batch-size", "2"]) == 1
+    assert classify_main(["--checkpoint", str(run_dir / "last.pt"), *inputs, "--csv", "--batch-size", "2"]) == 1
     captured = capsys.readouterr()
     problems = captured.err.strip().splitlines()
     assert [line for line in problems if "broken.jpg" in line] == [problems[0]] and "skipped" in problems[0]
@@ -126,7 +130,7 @@ def test_predict_folders_globs_and_a_corrupt_file(run_dir, tmp_path, capsys):
         assert row["label"] == max(probabilities, key=probabilities.get)
         assert float(row["probability"]) == probabilities[row["label"]]
 
-    assert predict_main(["--checkpoint", str(run_dir / "last.pt"), *inputs, "--json", "--batch-size", "3"]) == 1
+    assert classify_main(["--checkpoint", str(run_dir / "last.pt"), *inputs, "--json", "--batch-size", "3"]) == 1
     entries = json.loads(capsys.readouterr().out)
     assert sorted(entry["image"] for entry in entries) == sorted(map(str, expected))
     by_csv = {row["image"]: float(row["Happiness"]) for row in rows}
@@ -136,8 +140,8 @@ def test_predict_folders_globs_and_a_corrupt_file(run_dir, tmp_path, capsys):
         assert entry["probabilities"]["Happiness"] == pytest.approx(by_csv[entry["image"]], abs=1e-5)
 
     # only readable images: exit 0; a pattern matching nothing: reported, exit 1
-    assert predict_main(["--checkpoint", str(run_dir / "last.pt"), str(other / "*.png"), "--csv"]) == 0
-    assert predict_main(["--checkpoint", str(run_dir / "last.pt"), str(tmp_path / "none*.png")]) == 1
+    assert classify_main(["--checkpoint", str(run_dir / "last.pt"), str(other / "*.png"), "--csv"]) == 0
+    assert classify_main(["--checkpoint", str(run_dir / "last.pt"), str(tmp_path / "none*.png")]) == 1
     assert "none*.png" in capsys.readouterr().err
 
 
@@ -145,13 +149,13 @@ def test_predict_refuses_a_damaged_checkpoint_and_bad_usage(run_dir, tmp_path, c
     damaged = tmp_path / "damaged.pt"
     damaged.write_bytes((run_dir / "last.pt").read_bytes()[:5000])
     image = _write_images(tmp_path)[0]
-    assert predict_main(["--checkpoint", str(damaged), str(image)]) == 2
+    assert classify_main(["--checkpoint", str(damaged), str(image)]) == 2
     assert "damaged.pt" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        predict_main(["--checkpoint", str(run_dir / "last.pt"), str(image), "--json", "--csv"])
+        classify_main(["--checkpoint", str(run_dir / "last.pt"), str(image), "--json", "--csv"])
     assert exit_info.value.code == 2
     with pytest.raises(SystemExit) as exit_info:
-        predict_main(["--checkpoint", str(run_dir / "last.pt"), str(image), "--batch-size", "0"])
+        classify_main(["--checkpoint", str(run_dir / "last.pt"), str(image), "--batch-size", "0"])
     assert exit_info.value.code == 2
 
 
@@ -169,24 +173,54 @@ def test_python_api_matches_evaluation(run_dir):
     assert single[0]["probability"] == pytest.approx(results[0]["probability"], abs=1e-5)
 
 
-def test_nla_fast_predict_is_the_command_module_and_still_predicts(run_dir):
-    """``python -m nla_fast.predict`` runs without runpy's 'found in sys.modules' warning;
-    ``import nla_fast.predict`` gives the module, which still predicts when called."""
-    import subprocess
-    import sys
-    import types
-
-    code = ("import types, nla_fast, nla_fast.predict; m = nla_fast.predict; "
-            "assert isinstance(m, types.ModuleType) and callable(m.main), m; print('module ok')")
+def test_the_classify_command_leaves_nla_fast_predict_the_function(run_dir):
+    """``python -m nla_fast.classify`` runs without runpy's 'found in sys.modules' warning;
+    importing any program leaves ``nla_fast.predict`` the function: no module shadows it."""
+    code = ("import importlib.util, nla_fast, nla_fast.classify, nla_fast.evaluate, nla_fast.export, nla_fast.train; "
+            "assert nla_fast.predict is nla_fast.inference.predict, nla_fast.predict; "
+            "assert importlib.util.find_spec('nla_fast.predict') is None; "
+            "assert callable(nla_fast.classify.main); print('function ok')")
     checked = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True)
-    assert checked.returncode == 0 and "module ok" in checked.stdout, checked.stderr
-    helped = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "nla_fast.predict", "--help"],
+    assert checked.returncode == 0 and "function ok" in checked.stdout, checked.stderr
+    helped = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "nla_fast.classify", "--help"],
                             capture_output=True, text=True)
     assert helped.returncode == 0 and "--checkpoint" in helped.stdout and not helped.stderr, helped.stderr
     import nla_fast
-    import nla_fast.predict
+    import nla_fast.classify  # noqa: F401
 
-    assert isinstance(nla_fast.predict, types.ModuleType)
     model = nla_fast.load_model(run_dir / "last.pt", device="cpu")
     image = torch.zeros(40, 40, 3, dtype=torch.uint8)
     assert nla_fast.predict(model, image) == predict(model, image)
+
+
+TRAINER = {"nla_fast.engine", "nla_fast.train", "nla_fast.settings", "nla_fast.placement"}
+
+
+def test_the_package_and_the_model_using_commands_do_not_load_the_trainer():
+    """``import nla_fast`` loads the loss but not the training step; evaluate, classify and
+    export load neither (nor the training settings)."""
+    code = ("import sys, json; import {}; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('nla_fast'))))")
+    loaded = {}
+    for modules in ("nla_fast", "nla_fast.evaluate, nla_fast.classify, nla_fast.export"):
+        done = subprocess.run([sys.executable, "-c", code.format(modules)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        loaded[modules] = set(json.loads(done.stdout.splitlines()[-1]))
+    assert "nla_fast.loss" in loaded["nla_fast"] and "nla_fast.evaluation" in loaded["nla_fast"]
+    assert not loaded["nla_fast"] & TRAINER, loaded["nla_fast"]
+    commands = loaded["nla_fast.evaluate, nla_fast.classify, nla_fast.export"]
+    assert "nla_fast.evaluation" in commands and not commands & TRAINER, commands
+
+
+def test_evaluation_takes_the_runs_data_options_but_never_its_label_noise():
+    trained = {"dataset": "ferplus", "data_root": "/data/FERPlus", "label_mode": "argmax", "num_classes": 7,
+               "num_samples": None, "noise_rate": 0.3, "noise_file": "noisy.txt", "imbalance_factor": 10.0,
+               "limit_test": 100, "a_training_setting_of_a_newer_version": 1}
+    args = build_evaluate_parser().parse_args(["--checkpoint", "x.pt", "--limit", "5", "--num-classes", "8"])
+    assert split_arguments(args, trained) == {"dataset": "ferplus", "data_root": "/data/FERPlus",
+                                              "label_mode": "argmax", "num_classes": 8, "num_samples": None,
+                                              "limit": 5}
+    other = build_evaluate_parser().parse_args(["--checkpoint", "x.pt", "--dataset", "synthetic"])
+    assert split_arguments(other, trained | {"dataset": "rafdb"}) == {
+        "dataset": "synthetic", "data_root": None, "label_mode": None, "num_classes": None, "num_samples": None,
+        "limit": None}

@@ -10,7 +10,8 @@ import torch
 
 from nla_fast import export as ex
 from nla_fast import train
-from nla_fast.inference import load_model, predict
+from nla_fast.evaluation import load_model
+from nla_fast.inference import predict
 
 TINY = ["--dataset", "synthetic", "--num-samples", "16", "--image-size", "32", "--batch-size", "8",
         "--limit-test", "16", "--backend", "reference", "--device", "cpu", "--no-progress", "--plot-every", "0",

@@ -12,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import noise_study  # noqa: E402
 
 from nla_fast.config import eps_schedule  # noqa: E402
-from nla_fast.settings import TrainSettings, load_split  # noqa: E402
+from nla_fast.settings import TrainSettings  # noqa: E402
+from nla_fast.train import load_run_split  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("private_data_cache_one_thread")
@@ -20,10 +21,10 @@ pytestmark = pytest.mark.usefixtures("private_data_cache_one_thread")
 
 def test_noisy_labels_are_those_the_trainer_gets_from_noise_rate_and_seed():
     settings = TrainSettings(dataset="synthetic", num_samples=96)
-    clean = load_split(settings, "train")
+    clean = load_run_split(settings, "train")
     for rate, seed in ((0.2, 0), (0.3, 1)):
-        trainer = load_split(TrainSettings(dataset="synthetic", num_samples=96, noise_rate=rate, noise_seed=seed),
-                             "train")
+        trainer = load_run_split(TrainSettings(dataset="synthetic", num_samples=96, noise_rate=rate, noise_seed=seed),
+                                 "train")
         study = noise_study.noisy_labels(clean.clean_labels, len(clean.classes), rate, seed)
         assert torch.equal(study, trainer.labels)
         assert torch.equal(trainer.clean_labels, clean.labels)

@@ -40,6 +40,7 @@ def test_every_placement_gives_the_batches_of_the_epoch_order(kind):
     placed = {"device": lambda: DeviceResident(images, labels, CPU),
               "shard": lambda: EpochShard(images, labels, len(order), CPU),
               "host": lambda: HostStaged(images, labels, CPU, batch)}[kind]()
+    assert isinstance(placed, placement.Placement) and placed.soft_labels is None  # the interface TrainStep reads
     device_order = placed.start_epoch(order)
     for step in range(steps):
         placed.before_step(step)

@@ -13,7 +13,7 @@ from nla_fast import atomic
 from nla_fast import checkpoint as ckpt
 from nla_fast import run_folder, settings, train
 from nla_fast.evaluate import main as evaluate_main
-from nla_fast.predict import main as predict_main
+from nla_fast.classify import main as classify_main
 
 # 16 synthetic faces at 32 px, batches of 8: 2 steps per epoch; 8 test faces.
 TINY = ["--dataset", "synthetic", "--num-samples", "16", "--image-size", "32", "--batch-size", "8",
@@ -73,7 +73,7 @@ def test_train_accepts_the_edges_of_each_range():
 @pytest.mark.parametrize("main,args", [
     (evaluate_main, ["--checkpoint", "x.pt", "--batch-size", "0"]),
     (evaluate_main, ["--checkpoint", "x.pt", "--limit", "0"]),
-    (predict_main, ["--checkpoint", "x.pt", "a.png", "--top", "0"]),
+    (classify_main, ["--checkpoint", "x.pt", "a.png", "--top", "0"]),
 ])
 def test_evaluate_and_predict_refuse_bad_numbers(main, args, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -108,12 +108,27 @@ def test_a_damaged_checkpoint_is_one_line_and_exit_2_everywhere(done_run, tmp_pa
     commands = {
         "train": lambda: train.main(["--resume", str(path), "--no-progress"]),
         "evaluate": lambda: evaluate_main(["--checkpoint", str(path), "--device", "cpu"]),
-        "predict": lambda: predict_main(["--checkpoint", str(path), str(image), "--device", "cpu"]),
+        "predict": lambda: classify_main(["--checkpoint", str(path), str(image), "--device", "cpu"]),
     }
     for name, command in commands.items():
         assert command() == 2, name
         one_error_line(capsys, str(path), EXPECTED_DAMAGE[kind])
     assert not (tmp_path / "metrics.jsonl").exists()  # the resume wrote nothing
+
+
+def test_a_missing_cuda_device_is_one_line_and_exit_2_everywhere(done_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    image = tmp_path / "face.png"
+    Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(image)
+    commands = {
+        "train": lambda: train.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "run"), "--device", "cuda"]),
+        "evaluate": lambda: evaluate_main(["--checkpoint", str(done_run / "last.pt"), "--device", "cuda"]),
+        "predict": lambda: classify_main(["--checkpoint", str(done_run / "last.pt"), str(image), "--device", "cuda"]),
+    }
+    for name, command in commands.items():
+        assert command() == 2, name
+        one_error_line(capsys, "'cuda'", "no CUDA device")
+    assert not (tmp_path / "run").exists()
 
 
 # ----------------------------------------------------------------------------------------------

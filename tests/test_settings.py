@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from nla_fast import settings
+from nla_fast.data.splits import load_split
+from nla_fast.train import load_run_split
 from nla_fast.settings import CPU_QUICK_RUN, TrainSettings, parse_command_line, settings_for_resume
 
 
@@ -23,6 +24,19 @@ def test_cpu_defaults_are_the_quick_synthetic_run():
     assert (g.image_size, g.epochs, g.batch_size, g.lr, g.weight_decay, g.gamma) == (224, 60, 32, 1e-4, 1e-4, 0.9)
     assert g.amp == "bf16" and g.cuda_graphs is True and g.num_samples is None and g.backend == "auto"
     assert g.consistency_reduction is None and g.nla_config().consistency_reduction == "sum"
+
+
+def test_the_paper_recipe_is_one_constant_read_by_the_defaults_and_the_help(monkeypatch):
+    from nla_fast import settings
+
+    for name, value in (("epochs", 77), ("image_size", 288), ("batch_size", 48), ("lr", 3e-4)):
+        monkeypatch.setitem(settings.PAPER_RECIPE, name, value)
+    g = TrainSettings().resolve(torch.device("cuda"))
+    assert (g.epochs, g.image_size, g.batch_size, g.lr) == (77, 288, 48, 3e-4)
+    text = " ".join(settings.build_parser().format_help().split())
+    assert "(288 px, 77 epochs, batch 48, Adam 0.0003" in text
+    for words in ("(default: 288;", "epochs (default: 77;", "(default: 48;", "(default: 0.0003;"):
+        assert words in text, words
 
 
 def test_command_line_defaults_are_the_settings_defaults():
@@ -57,16 +71,24 @@ def test_load_split_passes_only_the_options_the_loader_takes(monkeypatch):
     class Loaded:
         images, labels = torch.zeros(10, 2, 2, 3, dtype=torch.uint8), torch.arange(10)
 
-    monkeypatch.setattr("nla_fast.data.load_dataset", lambda *args, **kw: calls.append((args, kw)) or Loaded())
+    monkeypatch.setattr("nla_fast.data.splits.load_dataset", lambda *args, **kw: calls.append((args, kw)) or Loaded())
     s = TrainSettings(dataset="ferplus", label_mode="soft", num_classes=8, num_samples=99, noise_rate=0.2,
                       limit_test=4)
-    settings.load_split(s, "train")
-    settings.load_split(s, "test")
+    load_run_split(s, "train")
+    load_run_split(s, "test")
     assert calls[0][1] == {"image_size": None, "label_mode": "soft", "num_classes": 8, "noise_rate": 0.2,
                            "noise_seed": 0}
     assert calls[1][1] == {"image_size": None, "label_mode": "soft", "num_classes": 8}
-    synthetic = settings.load_split(TrainSettings(num_samples=400, num_classes=8, limit_test=4), "test")
+    synthetic = load_run_split(TrainSettings(num_samples=400, num_classes=8, limit_test=4), "test")
     assert calls[2][1] == {"image_size": None, "num_samples": 100} and len(synthetic.labels) == 4
+
+
+def test_label_noise_and_imbalance_are_refused_on_a_split_other_than_train(monkeypatch):
+    monkeypatch.setattr("nla_fast.data.splits.load_dataset", lambda *args, **kw: pytest.fail("loaded"))
+    for protocol in ({"noise_rate": 0.2}, {"noise_file": "noisy.txt"}, {"imbalance_factor": 10.0}):
+        with pytest.raises(ValueError, match="training split only.*'test'"):
+            load_split("rafdb", "/data", "test", **protocol)
+    assert "noise_rate" not in TrainSettings(noise_rate=0.2).split_arguments("test")
 
 
 def test_resuming_a_run_saved_before_the_demo_default_keeps_its_consistency_reduction(tmp_path):

@@ -3,7 +3,7 @@
 Pillow releases the GIL while it decodes and resamples, so a thread pool scales over
 cores without pickling pixels between processes. Every failure names the file.
 Every image becomes 8-bit RGB the same way (:func:`to_rgb8`), here and in
-:mod:`nla_fast.predict`: 16-bit PNGs keep their high byte, as Pillow already does for
+:mod:`nla_fast.inference`: 16-bit PNGs keep their high byte, as Pillow already does for
 16-bit colour, so they give the same pixels as their 8-bit twin.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Classify facial expressions with a trained checkpoint: ``python -m nla_fast.predict`` (also ``nla-predict``).
+"""Classify facial expressions with a trained checkpoint: ``python -m nla_fast.classify`` (also ``nla-classify``).
 
-    python -m nla_fast.predict --checkpoint runs/x/best.pt face1.jpg faces/ 'more/**/*.png' [--json | --csv]
+    python -m nla_fast.classify --checkpoint runs/x/best.pt face1.jpg faces/ 'more/**/*.png' [--json | --csv]
 
 Inputs are files, folders (searched recursively for images by extension) and glob patterns.
 Images that cannot be read are reported on stderr, one line each, and skipped. Exit status:
@@ -10,7 +10,8 @@ unreadable checkpoint.
 The model expects aligned face crops like its training set's: a whole photo is resized whole,
 the face becomes a small part of the input and the prediction is unreliable.
 
-From Python: ``nla_fast.load_model`` / ``nla_fast.predict`` (``nla_fast.inference``).
+From Python: ``nla_fast.load_model`` / ``nla_fast.predict`` (``nla_fast.inference``); this command is
+named apart from that function, so importing it leaves ``nla_fast.predict`` the function.
 """
 from __future__ import annotations
 
@@ -20,12 +21,13 @@ import glob
 import json
 import pickle
 import sys
-import types
 from pathlib import Path
 
 from . import arg_types
 from .cli import HelpFormatter
-from .inference import load_model, predict, read_image
+from .device import DEVICE_CHOICES, DeviceError, pick_device
+from .evaluation import load_model
+from .inference import predict, read_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
@@ -33,7 +35,7 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m nla_fast.predict",
+        prog="python -m nla_fast.classify",
         description="Classify the facial expression of aligned face crops with an nla_fast checkpoint. "
         "Exit status: 0 all images classified, 1 some could not be read (named on stderr), 2 usage error "
         "or unreadable checkpoint.",
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=arg_types.positive_int, default=3, metavar="K", help="how many classes to show per image (text output)")
     p.add_argument("--batch-size", type=arg_types.positive_int, default=64, metavar="N", help="images read and classified at a time")
     p.add_argument("--tta", choices=("none", "flip"), default="none", help="flip: average with the mirrored image")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where to run")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="where to run")
     output = p.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true",
                         help="print one JSON list: per image its label, probability and every class's probability")
@@ -98,14 +100,19 @@ def main(argv=None) -> int:
     if args.top < 1:
         parser.error(f"--top must be at least 1, got {args.top}")
     try:
-        model = load_model(args.checkpoint, device=args.device)
+        device = pick_device(args.device)
+    except DeviceError as err:
+        print(f"nla_fast.classify: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        model = load_model(args.checkpoint, device=device)
     except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as err:
         # missing, truncated or foreign checkpoint
-        print(f"nla_fast.predict: error: cannot load checkpoint {args.checkpoint}: {err}", file=sys.stderr)
+        print(f"nla_fast.classify: error: cannot load checkpoint {args.checkpoint}: {err}", file=sys.stderr)
         return EXIT_USAGE
     files, problems = expand_inputs(args.images)
     for problem in problems:
-        print(f"nla_fast.predict: {problem}", file=sys.stderr)
+        print(f"nla_fast.classify: {problem}", file=sys.stderr)
     failed = len(problems)
     out = Output(args, model.classes)
     tta = None if args.tta == "none" else args.tta
@@ -116,13 +123,13 @@ def main(argv=None) -> int:
                 images.append(read_image(path))
                 readable.append(path)
             except (OSError, ValueError) as err:  # missing, not an image, truncated
-                print(f"nla_fast.predict: skipped {path}: {err}", file=sys.stderr)
+                print(f"nla_fast.classify: skipped {path}: {err}", file=sys.stderr)
                 failed += 1
         if images:
             out.write(readable, predict(model, images, top_k=args.top, tta=tta))
     out.close()
     if failed:
-        print(f"nla_fast.predict: {failed} input(s) could not be classified; {out.count} image(s) were",
+        print(f"nla_fast.classify: {failed} input(s) could not be classified; {out.count} image(s) were",
               file=sys.stderr)
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
@@ -154,16 +161,6 @@ class Output:
         if self.mode == "json":
             print(json.dumps(self.entries, indent=2))
 
-
-class _CallableModule(types.ModuleType):
-    """``nla_fast.predict`` names both this module and the function the package exports; once
-    this module is imported, ``nla_fast.predict`` is the module, so calling it still predicts."""
-
-    def __call__(self, *args, **kwargs):
-        return predict(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())
