@@ -213,12 +213,29 @@ _tuned: dict = {}  # tuning key -> Config
 _plans: dict = {}  # plan key -> Plan (eager calls only)
 
 
+_kernel_constants: dict = {}  # NLAConfig.kernel_args constants -> the forward kernel's
+
+
+def kernel_constants(consts) -> tuple:
+    """The forward kernel's constants from the 12 of ``NLAConfig.kernel_args`` (computed once per
+    config): the false-case Gaussian, which does not depend on eps, as norm * exp(alpha (d1^2 +
+    d2^2) + beta d1 d2) with alpha = -a / (2 det), beta = b / det, so no register holds it."""
+    consts = tuple(consts)  # (the traced operator receives a list)
+    derived = _kernel_constants.get(consts)
+    if derived is None:
+        lam, mu_t1, mu_t2, diag_t, off_t, true_scale, mu_f1, mu_f2, diag_f, off_f, inv_det_f, norm_f = consts
+        derived = (lam, mu_t1, mu_t2, diag_t, off_t, true_scale, mu_f1, mu_f2,
+                   -0.5 * diag_f * inv_det_f, off_f * inv_det_f, norm_f)
+        _kernel_constants[consts] = derived
+    return derived
+
+
 def _flags(logits, zf, eps_tensor, has_flip, jsd, reg_mean, grad_z, grad_zf, weights, loss, num_classes):
-    cols = block_c(num_classes)
     return dict(
-        EPS_FROM_PTR=eps_tensor is not None, HAS_FLIP=has_flip, JSD=jsd, REG_MEAN=reg_mean,
+        C=num_classes, EPS_FROM_PTR=eps_tensor is not None, HAS_FLIP=has_flip, JSD=jsd, REG_MEAN=reg_mean,
         WRITE_LOSS=loss, GRAD_Z=grad_z, GRAD_ZF=grad_zf, WRITE_W=weights,
-        FLAT_ROWS=logits.is_contiguous() and zf.is_contiguous(), EXACT_C=num_classes == cols, BLOCK_C=cols,
+        FLAT_ROWS=logits.is_contiguous() and zf.is_contiguous(), BLOCK_C=block_c(num_classes),
+        FAST_MATH=not INTERPRET,
     )
 
 
@@ -315,7 +332,7 @@ def forward(logits, logits_flip, target, eps_tensor, eps_value, consts, jsd, reg
         return (logits, zf, target, logits if eps_tensor is None else eps_tensor,
                 logits if partial is None else partial, logits if gz is None else gz,
                 logits if gzf is None else gzf, logits if w is None else w,
-                batch, num_classes, *logits.stride(), *zf.stride(), target.stride(0), eps_value, *consts)
+                batch, *logits.stride(), *zf.stride(), target.stride(0), eps_value, *kernel_constants(consts))
 
     if plan is None:
         flags = _flags(logits, zf, eps_tensor, logits_flip is not None, jsd, reg_mean, grad_z, grad_zf,

@@ -42,96 +42,179 @@ import triton
 import triton.language as tl
 
 
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _ex2(x, FAST_MATH: tl.constexpr):
+    """2^x. On a GPU the bare MUFU.EX2 (``ex2.approx.ftz``: no denormal fix-up; results below
+    2^-126 are 0, far below what a probability here can matter)."""
+    if FAST_MATH:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _lg2(x, FAST_MATH: tl.constexpr):
+    """log2(x) for x >= 1 (a softmax denominator): MUFU.LG2 on a GPU."""
+    if FAST_MATH:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _rcp(x, FAST_MATH: tl.constexpr):
+    """1/x for x >= 1 (a softmax denominator): MUFU.RCP on a GPU (within 1 ulp)."""
+    if FAST_MATH:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _opaque_zero(x, FAST_MATH: tl.constexpr):
+    """0, which the compiler cannot see through (so what is built on it stays in the loop)."""
+    if FAST_MATH:
+        return tl.inline_asm_elementwise("mov.u32 $0, 0;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        return 0
+
+
+@triton.jit
+def _softmax_parts(x, scale, col_ok, FAST_MATH: tl.constexpr):
+    """Softmax of ``scale * x`` by rows of a [rows, cols] tile: (m = scale * max x, m_l = its
+    log2 e multiple as rounded, e = exp(scale x - m) computed as 2^(x scale log2e - m_l), 1/sum e,
+    ln sum e). One FFMA and one MUFU.EX2 per element. The one rounding of m_l scales every e of
+    a row alike (p = e / sum e is unchanged) and is taken out of ln sum e exactly (``err``)."""
+    m = tl.max(x, axis=1) * scale
+    m_l = m * _LOG2E
+    err = tl.fma(m, _LOG2E, -m_l)  # m log2e - m_l, exactly
+    # padding columns are 0 by construction: said so (as -0.0, which adds exactly nothing), the
+    # compiler drops their (opaque) exp and their share of the sum
+    e = tl.where(col_ok[None, :], _ex2(x * (scale * _LOG2E) - m_l[:, None], FAST_MATH), -0.0)
+    s = tl.sum(e, axis=1)
+    return m, m_l, e, _rcp(s, FAST_MATH), (_lg2(s, FAST_MATH) + err) * _LN2
+
+
+@triton.jit
+def _load_rows(ptr, start, r, cols, rows_left, stride_b, stride_c, C: tl.constexpr, FULL: tl.constexpr,
+               FLAT_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """[BLOCK_B, BLOCK_C] float32 logits of the tile's rows: -inf in the padding columns (a
+    probability of 0), 0 in rows past the batch (finite; dropped from every sum)."""
+    col_ok = cols < C  # C is a compile-time constant: this mask folds away per register
+    if FLAT_ROWS:
+        offs = r[:, None] * C + cols[None, :]  # 32-bit offsets inside the tile
+        base = ptr + start * C
+    else:
+        offs = r.to(tl.int64)[:, None] * stride_b + cols.to(tl.int64)[None, :] * stride_c
+        base = ptr + start * stride_b
+    if FULL:
+        x = tl.load(base + offs, mask=col_ok[None, :], other=float("-inf")).to(tl.float32)
+    else:
+        ok = (r < rows_left)[:, None] & col_ok[None, :]
+        x = tl.load(base + offs, mask=ok, other=0.0).to(tl.float32)
+        x = tl.where(col_ok[None, :], x, float("-inf"))
+    return x
+
+
 @triton.jit
 def _nla_tile(
-    z_ptr, zf_ptr, y_ptr, gz_ptr, gzf_ptr, w_ptr, tile, B, C,
+    z_ptr, zf_ptr, y_ptr, gz_ptr, gzf_ptr, w_ptr, tile, B,
     stride_zb, stride_zc, stride_zfb, stride_zfc, stride_y,
-    lam, mu_t1, mu_t2, diag_t, b_t, inv_det_t, norm_t,
-    mu_f1, mu_f2, diag_f, off_f, inv_det_f, norm_f, inv_b, reg_scale, flat_src,
+    coef_naw, coef_reg, mu_t1, mu_t2, alpha_t, beta_t, norm_t, mu_f1, mu_f2, alpha_f, beta_f, norm_f,
+    flat_first, flat_start_col,
+    C: tl.constexpr,
     FULL: tl.constexpr,  # all BLOCK_B rows exist (no row masks: vector stores)
-    EXACT_C: tl.constexpr,  # C == BLOCK_C: no padding columns, no permutation, aligned rows
     FLAT_ROWS: tl.constexpr,  # both logits have strides (C, 1)
     HAS_FLIP: tl.constexpr, JSD: tl.constexpr, WRITE_LOSS: tl.constexpr,
     GRAD_Z: tl.constexpr, GRAD_ZF: tl.constexpr, WRITE_W: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
-    """One tile of rows: stores its weights/gradients, returns its rows' loss terms [BLOCK_B]."""
-    if EXACT_C:
-        C = BLOCK_C  # a compile-time row length: aligned rows, 16-byte vector loads
+    """One tile of rows: stores its weights/gradients, returns its rows' loss terms [BLOCK_B].
+
+    ``coef_naw`` = lam / B and ``coef_reg`` = (1 - lam) * (1/B or 1): the two terms' factors."""
     r = tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_C)
     start = tl.cast(tile, tl.int64) * BLOCK_B  # 64-bit tile base; offsets inside a tile are 32-bit
     rows = start + r
-    col_ok = cols < C
-    row_ok = rows < B
-
-    # All loads first (memory-level parallelism). Padding columns become -inf (exp -> 0);
-    # padding rows load 0 so they stay finite, and row_ok drops them from the sums.
-    # Full tiles carry no row mask, and no mask at all when C == BLOCK_C (vectorisable).
-    if FLAT_ROWS:
-        z_tile = z_ptr + start * C
-        zf_tile = zf_ptr + start * C
-        offs = r[:, None] * C + cols[None, :]
-    else:
-        z_tile = z_ptr + start * stride_zb
-        zf_tile = zf_ptr + start * stride_zfb
-        offs = r.to(tl.int64)[:, None] * stride_zb + cols.to(tl.int64)[None, :] * stride_zc
+    rows_left = B - start
+    row_ok = r < rows_left
     if FULL:
         y = tl.load(y_ptr + rows * stride_y)
-        if EXACT_C:
-            z = tl.load(z_tile + offs)
-        else:
-            z = tl.load(z_tile + offs, mask=col_ok[None, :], other=0.0)
     else:
         y = tl.load(y_ptr + rows * stride_y, mask=row_ok, other=0)
-        z = tl.load(z_tile + offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    z = _load_rows(z_ptr, start, r, cols, rows_left, stride_zb, stride_zc, C, FULL, FLAT_ROWS, BLOCK_C)
     if HAS_FLIP:
-        if not FLAT_ROWS:
-            offs = r.to(tl.int64)[:, None] * stride_zfb + cols.to(tl.int64)[None, :] * stride_zfc
-        if FULL:
-            if EXACT_C:
-                zf = tl.load(zf_tile + offs)
-            else:
-                zf = tl.load(zf_tile + offs, mask=col_ok[None, :], other=0.0)
-        else:
-            zf = tl.load(zf_tile + offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        zf = tl.where(col_ok[None, :], zf.to(tl.float32), float("-inf"))
-    z = tl.where(col_ok[None, :], z.to(tl.float32), float("-inf"))
+        zf = _load_rows(zf_ptr, start, r, cols, rows_left, stride_zfb, stride_zfc, C, FULL, FLAT_ROWS, BLOCK_C)
+
+    col_ok = cols < C  # a compile-time constant per register
+    # gradients: one flat block per tile, written with 16-byte stores (see _flat_rows)
+    f = r[:, None] * BLOCK_C + cols[None, :]
+    if C != BLOCK_C:
+        # the permutation's source of each flat slot (see _flat_rows), built per tile from two
+        # loop-invariant values per thread (hoisted whole, it would hold BLOCK_C registers)
+        start_col = _opaque_zero(tile, FAST_MATH) + flat_start_col
+        # slot j holds column start_col + j of row0, or past the row's end (once or, when
+        # BLOCK_C >= C + 2, twice) the next rows' columns: skip BLOCK_C - C padding slots each time
+        t = start_col[:, None] + cols[None, :]
+        src = flat_first[:, None] + cols[None, :] + (t >= C).to(tl.int32) * (BLOCK_C - C)
+        if BLOCK_C >= C + 2:
+            src += (t >= 2 * C).to(tl.int32) * (BLOCK_C - C)
+        if BLOCK_B * C % BLOCK_C != 0:  # a flat row partly past the tile (tiny tiles): keep in bounds
+            src = tl.minimum(src, BLOCK_B * BLOCK_C - 1)
+        flat_src = tl.reshape(src, [BLOCK_B * BLOCK_C])
+    else:
+        flat_src = f  # unused: C == BLOCK_C stores the compute tile as it is
+    g_tile = start * C
+    half_reg = 0.5 * coef_reg
+    if HAS_FLIP:
+        # the flip's side first: its gradient needs nothing of the NAW term, so it is stored (and
+        # its registers freed) before the NAW side is computed
+        mf, _, ef, inv_sf, ln_sf = _softmax_parts(zf, 1.0, cols < C, FAST_MATH)
+        if not JSD:
+            # official: 0.5 (lse z + lse z') - lse((z + z')/2); gradients 0.5 (p - q), 0.5 (p' - q)
+            um, _, ev, inv_sv, ln_sv = _softmax_parts(z + zf, 0.5, cols < C, FAST_MATH)
+            q_coef = half_reg * inv_sv
+            if GRAD_ZF:
+                gzf = (half_reg * inv_sf)[:, None] * ef - q_coef[:, None] * ev
+                gzf = tl.where(col_ok[None, :], gzf, 0.0)  # padding: never stored, not computed
+                gzf = _flat_rows(gzf.to(gzf_ptr.dtype.element_ty), flat_src, C == BLOCK_C, BLOCK_B, BLOCK_C)
+                _store_flat(gzf_ptr + g_tile + f, gzf, f, rows_left, C, FULL, C == BLOCK_C, BLOCK_B)
+
     # the gather of the target is a compare: an out-of-range label is never an address
     y = y.to(tl.int64)  # any integer dtype read as it is; 64-bit so 2^40 cannot wrap into range
-    y_ok = (y >= 0) & (y < C)
-    is_y = cols[None, :] == tl.where(y_ok, y, -1).to(tl.int32)[:, None]
+    y_ok = y.to(tl.uint64) < C  # one unsigned compare: negative labels wrap past C
+    # (& col_ok: a padding column is never y, and the compiler then drops its selects)
+    is_y = (cols[None, :] == tl.where(y_ok, y, -1).to(tl.int32)[:, None]) & col_ok[None, :]
 
-    # softmax from shifted logits a = z - max z
-    m = tl.max(z, axis=1)
-    a = z - m[:, None]
-    e = tl.exp(a)
-    s = tl.sum(e, axis=1)
-    log_s = tl.log(s)
-    inv_s = 1.0 / s
-    p = e * inv_s[:, None]
-    a_y = tl.sum(tl.where(is_y, a, 0.0), axis=1)
-    ce = tl.where(y_ok, log_s - a_y, float("nan"))
-
-    # nearest negative on the raw logits: first index among the tied maxima (a valid column
-    # other than y, also when every other logit is -inf)
+    m, m_l, e, inv_s, ln_s = _softmax_parts(z, 1.0, cols < C, FAST_MATH)
+    z_y = tl.sum(tl.where(is_y, z, 0.0), axis=1)
+    ce = tl.where(y_ok, ln_s - (z_y - m), float("nan"))
+    # nearest negative on the raw logits (softmax is monotone): first index among tied maxima.
+    # When every negative is -inf, k may land on y or a padding column: then n = 0 and its
+    # gradient term vanishes, so any k is right.
     z_neg = tl.where(is_y, float("-inf"), z)
     z_k = tl.max(z_neg, axis=1)
-    k = tl.min(tl.where((z_neg == z_k[:, None]) & col_ok[None, :] & ~is_y, cols[None, :], BLOCK_C), axis=1)
-    is_k = cols[None, :] == k[:, None]
-    z_y = tl.sum(tl.where(is_y, z, 0.0), axis=1)
-    a_k = tl.sum(tl.where(is_k, a, 0.0), axis=1)
+    k = tl.min(tl.where(z_neg == z_k[:, None], cols[None, :], BLOCK_C), axis=1)
+    is_k = (cols[None, :] == k[:, None]) & col_ok[None, :]
     true_case = z_y >= z_k  # ties count as the true case
-    g = tl.exp(a_y) * inv_s
-    n = tl.exp(a_k) * inv_s
+    g = _ex2(z_y * _LOG2E - m_l, FAST_MATH) * inv_s  # e_y / sum e, as the e of the gradient
+    n = _ex2(z_k * _LOG2E - m_l, FAST_MATH) * inv_s
 
-    sa = tl.where(true_case, diag_t, diag_f)
-    sb = tl.where(true_case, b_t, off_f)
-    inv_det = tl.where(true_case, inv_det_t, inv_det_f)
+    # NAW weight: the 2-D Gaussian N(s; mu, [[a, b], [b, a]]) written as norm * exp(t) with
+    # t = alpha (d1^2 + d2^2) + beta d1 d2, alpha = -a / (2 det), beta = b / det (per case)
+    alpha = tl.where(true_case, alpha_t, alpha_f)
+    beta = tl.where(true_case, beta_t, beta_f)
     d1 = g - tl.where(true_case, mu_t1, mu_f1)
     d2 = n - tl.where(true_case, mu_t2, mu_f2)
-    quad = (sa * (d1 * d1 + d2 * d2) - 2.0 * sb * d1 * d2) * inv_det
-    w = tl.where(true_case, norm_t, norm_f) * tl.exp(-0.5 * quad)
+    w = tl.where(true_case, norm_t, norm_f) * _ex2((alpha * (d1 * d1 + d2 * d2) + beta * d1 * d2) * _LOG2E,
+                                                   FAST_MATH)
     w = tl.where(y_ok, w, float("nan"))
     if WRITE_W:
         if FULL:
@@ -141,67 +224,58 @@ def _nla_tile(
 
     row_loss = tl.zeros([BLOCK_B], dtype=tl.float32)
     if HAS_FLIP:
-        mf = tl.max(zf, axis=1)
-        af = zf - mf[:, None]
-        ef = tl.exp(af)
-        sf = tl.sum(ef, axis=1)
-        log_sf = tl.log(sf)
-        pf = ef * (1.0 / sf)[:, None]
-
         if JSD:
-            # t = log p - log m, log m = logaddexp(log p, log p') - log 2 (finite when p underflows);
-            # 0 * log(0/0) = 0: a class of probability 0 (padding, a -inf logit) gives t = 0
-            lp = a - log_s[:, None]
-            lpf = af - log_sf[:, None]
-            # (a class at -inf in both views, padding included, gets log m = 0: unused, t = 0 there)
-            both_zero = tl.maximum(lp, lpf) == float("-inf")
-            hi = tl.where(both_zero, 0.0, tl.maximum(lp, lpf))
-            lo = tl.where(both_zero, 0.0, tl.minimum(lp, lpf))
-            log_m = hi + tl.log(1.0 + tl.exp(lo - hi)) - 0.6931471805599453
-            t = tl.where(p > 0.0, lp - log_m, 0.0)
-            tf = tl.where(pf > 0.0, lpf - log_m, 0.0)
-            pt_sum = tl.sum(p * t, axis=1)
-            ptf_sum = tl.sum(pf * tf, axis=1)
-            reg_row = 0.5 * (pt_sum + ptf_sum)
-            reg_gz = 0.5 * p * (t - pt_sum[:, None])
-            reg_gzf = 0.5 * pf * (tf - ptf_sum[:, None])
+            reg_row, reg_gz, reg_gzf = _jsd_rows(z - m[:, None], zf - mf[:, None], e * inv_s[:, None],
+                                                 ef * inv_sf[:, None], ln_s, ln_sf)
+            if GRAD_ZF:
+                gzf = _flat_rows((coef_reg * reg_gzf).to(gzf_ptr.dtype.element_ty), flat_src, C == BLOCK_C,
+                                 BLOCK_B, BLOCK_C)
+                _store_flat(gzf_ptr + g_tile + f, gzf, f, rows_left, C, FULL, C == BLOCK_C, BLOCK_B)
         else:
-            # official: (lse z + lse z')/2 - lse((z + z')/2), written with the shifted logits
-            # so the large max terms cancel exactly: v = (a + a')/2 = u - (m + m')/2
-            v = 0.5 * (a + af)
-            vmax = tl.max(v, axis=1)
-            ev = tl.exp(v - vmax[:, None])
-            sv = tl.sum(ev, axis=1)
-            q = ev * (1.0 / sv)[:, None]
-            reg_row = 0.5 * (log_s + log_sf) - vmax - tl.log(sv)
-            reg_gz = 0.5 * (p - q)
-            reg_gzf = 0.5 * (pf - q)
-
+            reg_row = 0.5 * (ln_s + ln_sf + m + mf) - um - ln_sv
         if WRITE_LOSS:
-            row_loss = (lam * inv_b) * (1.0 + w) * ce + ((1.0 - lam) * reg_scale) * reg_row
+            row_loss = coef_naw * (1.0 + w) * ce + coef_reg * reg_row
             if not FULL:
                 row_loss = tl.where(row_ok, row_loss, 0.0)
-
-        # gradients: one flat block per tile (see the module docstring)
-        f = r[:, None] * BLOCK_C + cols[None, :]
-        g_tile = start * C
         if GRAD_Z:
-            # d[(1+w) CE]/dz = (1+w)(p - e_y) + CE (dw/dg g (e_y - p) + dw/dn n (e_k - p))
-            dw_dg = -w * (sa * d1 - sb * d2) * inv_det
-            dw_dn = -w * (sa * d2 - sb * d1) * inv_det
+            # d[(1+w) CE]/dz = (1+w)(p - e_y) + CE (dw/dg g (e_y - p) + dw/dn n (e_k - p)), so per
+            # row gz = A e + [j == y] Ey + [j == k] Ek (+ the consistency term), A folding 1/sum e
+            dw_dg = w * (2.0 * alpha * d1 + beta * d2)
+            dw_dn = w * (2.0 * alpha * d2 + beta * d1)
             one_w = 1.0 + w
             c_y = ce * dw_dg * g
             c_k = ce * dw_dn * n
-            naw = p * (one_w - c_y - c_k)[:, None] + tl.where(is_y, (c_y - one_w)[:, None], 0.0)
-            naw += tl.where(is_k, c_k[:, None], 0.0)
-            gz = (lam * inv_b) * naw + ((1.0 - lam) * reg_scale) * reg_gz
-            gz = _flat_rows(gz.to(gz_ptr.dtype.element_ty), flat_src, EXACT_C, BLOCK_B, BLOCK_C)
-            _store_flat(gz_ptr + g_tile + f, gz, f, B - start, C, FULL, EXACT_C, BLOCK_B)
-        if GRAD_ZF:
-            gzf = ((1.0 - lam) * reg_scale) * reg_gzf
-            gzf = _flat_rows(gzf.to(gzf_ptr.dtype.element_ty), flat_src, EXACT_C, BLOCK_B, BLOCK_C)
-            _store_flat(gzf_ptr + g_tile + f, gzf, f, B - start, C, FULL, EXACT_C, BLOCK_B)
+            e_y = coef_naw * (c_y - one_w)
+            e_k = coef_naw * c_k
+            pick = tl.where(is_y, e_y[:, None], tl.where(is_k, e_k[:, None], 0.0))
+            if JSD:
+                gz = (coef_naw * (one_w - c_y - c_k) * inv_s)[:, None] * e + pick + coef_reg * reg_gz
+            else:
+                a_p = (coef_naw * (one_w - c_y - c_k) + half_reg) * inv_s
+                gz = a_p[:, None] * e + (pick - q_coef[:, None] * ev)  # two FFMAs per element
+                gz = tl.where(col_ok[None, :], gz, 0.0)  # padding: never stored, not computed
+            gz = _flat_rows(gz.to(gz_ptr.dtype.element_ty), flat_src, C == BLOCK_C, BLOCK_B, BLOCK_C)
+            _store_flat(gz_ptr + g_tile + f, gz, f, rows_left, C, FULL, C == BLOCK_C, BLOCK_B)
     return row_loss
+
+
+@triton.jit
+def _jsd_rows(a, af, p, pf, log_s, log_sf):
+    """Jensen-Shannon consistency per row from shifted logits a = z - max z: (0.5 sum p t +
+    0.5 sum p' t', its gradients for z and z'), t = log p - log m, m = (p + p')/2; log m via
+    logaddexp (finite when p underflows); 0 log(0/0) = 0: a class of probability 0 in a view
+    (padding, a -inf logit) gives t = 0 there."""
+    lp = a - log_s[:, None]
+    lpf = af - log_sf[:, None]
+    both_zero = tl.maximum(lp, lpf) == float("-inf")
+    hi = tl.where(both_zero, 0.0, tl.maximum(lp, lpf))
+    lo = tl.where(both_zero, 0.0, tl.minimum(lp, lpf))
+    log_m = hi + tl.log(1.0 + tl.exp(lo - hi)) - 0.6931471805599453
+    t = tl.where(p > 0.0, lp - log_m, 0.0)
+    tf = tl.where(pf > 0.0, lpf - log_m, 0.0)
+    pt_sum = tl.sum(p * t, axis=1)
+    ptf_sum = tl.sum(pf * tf, axis=1)
+    return 0.5 * (pt_sum + ptf_sum), 0.5 * p * (t - pt_sum[:, None]), 0.5 * pf * (tf - ptf_sum[:, None])
 
 
 @triton.jit
@@ -233,13 +307,14 @@ def _store_flat(ptrs, x, f, rows_left, C, FULL: tl.constexpr, EXACT_C: tl.conste
 def _nla_fwd_kernel(
     z_ptr, zf_ptr, y_ptr, eps_ptr,
     loss_ptr, gz_ptr, gzf_ptr, w_ptr,
-    B, C,
+    B,
     stride_zb, stride_zc, stride_zfb, stride_zfc, stride_y,
     eps_value, lam,
     mu_t1, mu_t2, diag_t, off_t, true_scale,
-    mu_f1, mu_f2, diag_f, off_f, inv_det_f, norm_f,
+    mu_f1, mu_f2, alpha_f, beta_f, norm_f,  # false case: eps-free, derived on the host
+    C: tl.constexpr,  # the number of classes (each compiled kernel serves one)
     EPS_FROM_PTR: tl.constexpr,  # read eps from memory (CUDA graphs) instead of the scalar arg
-    HAS_FLIP: tl.constexpr,  # False: NAW weights only (naw_weight_triton)
+    HAS_FLIP: tl.constexpr,  # False: NAW weights only
     JSD: tl.constexpr,
     REG_MEAN: tl.constexpr,  # consistency term averaged over the batch (else summed)
     WRITE_LOSS: tl.constexpr,
@@ -247,9 +322,9 @@ def _nla_fwd_kernel(
     GRAD_ZF: tl.constexpr,
     WRITE_W: tl.constexpr,
     FLAT_ROWS: tl.constexpr,  # both logits contiguous (row stride C, column stride 1)
-    EXACT_C: tl.constexpr,  # C == BLOCK_C (a power of two)
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    FAST_MATH: tl.constexpr,  # MUFU approximations (on a GPU; the interpreter has no inline asm)
 ):
     # Every scalar in float32 from here on: under Inductor a Python float arrives as fp64 and
     # would turn the loop-carried sum into fp64 (a compile error in the persistent loop).
@@ -261,9 +336,8 @@ def _nla_fwd_kernel(
     true_scale = tl.cast(true_scale, tl.float32)
     mu_f1 = tl.cast(mu_f1, tl.float32)
     mu_f2 = tl.cast(mu_f2, tl.float32)
-    diag_f = tl.cast(diag_f, tl.float32)
-    off_f = tl.cast(off_f, tl.float32)
-    inv_det_f = tl.cast(inv_det_f, tl.float32)
+    alpha_f = tl.cast(alpha_f, tl.float32)
+    beta_f = tl.cast(beta_f, tl.float32)
     norm_f = tl.cast(norm_f, tl.float32)
     if EPS_FROM_PTR:
         eps = tl.load(eps_ptr).to(tl.float32)
@@ -273,25 +347,25 @@ def _nla_fwd_kernel(
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     inv_b = 1.0 / (B * 1.0)  # in the kernel: no SymFloat argument under torch.compile
+    coef_naw = lam * inv_b
     if REG_MEAN:
-        reg_scale = inv_b
+        coef_reg = (1.0 - lam) * inv_b
     else:
-        reg_scale = 1.0
-    # NAW weight: 2-D Gaussian with Sigma = [[a, b], [b, a]], closed-form inverse.
-    # Only the true-case off-diagonal depends on eps: its det/normaliser are per-program scalars.
+        coef_reg = 1.0 - lam
+    # NAW weight: only the true case depends on eps: its Gaussian's constants are per-program scalars
     b_t = -eps * off_t
     det_t = diag_t * diag_t - b_t * b_t
-    inv_det_t = 1.0 / det_t
+    alpha_t = -0.5 * diag_t / det_t
+    beta_t = b_t / det_t
     norm_t = true_scale / (6.283185307179586 * tl.sqrt(det_t))
 
-    # where each flat-rows slot of a gradient tile comes from (tile-independent, so computed once):
-    # flat element f of the tile is row f // C, column f % C of the compute tile
-    f = tl.arange(0, BLOCK_B * BLOCK_C)
-    if EXACT_C:
-        flat_src = f  # unused
-    else:
-        f_row = f // C
-        flat_src = tl.where(f < BLOCK_B * C, f_row * BLOCK_C + (f - f_row * C), 0)  # the rest is masked off
+    # the gradient tile's flat rows (see _flat_rows): flat row i starts at flat element i * BLOCK_C,
+    # which is column start_col of compute row row0 (at compute-tile position flat_first)
+    r = tl.arange(0, BLOCK_B)
+    row0 = (r * BLOCK_C) // C
+    in_tile = r * BLOCK_C < BLOCK_B * C  # flat rows past the tile's last element: masked at the store
+    flat_start_col = tl.where(in_tile, r * BLOCK_C - row0 * C, 0)
+    flat_first = tl.where(in_tile, row0 * BLOCK_C + flat_start_col, 0)
 
     # Persistent programs: program pid takes full tiles pid, pid + grid, ...; the program next in
     # turn takes the partial last tile. Fixed order: deterministic per (device, shape, config).
@@ -299,19 +373,19 @@ def _nla_fwd_kernel(
     acc = tl.zeros([BLOCK_B], dtype=tl.float32)
     for tile in tl.range(pid, num_full, num_programs):
         acc += _nla_tile(
-            z_ptr, zf_ptr, y_ptr, gz_ptr, gzf_ptr, w_ptr, tile, B, C,
+            z_ptr, zf_ptr, y_ptr, gz_ptr, gzf_ptr, w_ptr, tile, B,
             stride_zb, stride_zc, stride_zfb, stride_zfc, stride_y,
-            lam, mu_t1, mu_t2, diag_t, b_t, inv_det_t, norm_t,
-            mu_f1, mu_f2, diag_f, off_f, inv_det_f, norm_f, inv_b, reg_scale, flat_src,
-            True, EXACT_C, FLAT_ROWS, HAS_FLIP, JSD, WRITE_LOSS, GRAD_Z, GRAD_ZF, WRITE_W, BLOCK_B, BLOCK_C,
+            coef_naw, coef_reg, mu_t1, mu_t2, alpha_t, beta_t, norm_t, mu_f1, mu_f2, alpha_f, beta_f, norm_f,
+            flat_first, flat_start_col,
+            C, True, FLAT_ROWS, HAS_FLIP, JSD, WRITE_LOSS, GRAD_Z, GRAD_ZF, WRITE_W, BLOCK_B, BLOCK_C, FAST_MATH,
         )
     if (num_full * BLOCK_B < B) & (pid == num_full % num_programs):
         acc += _nla_tile(
-            z_ptr, zf_ptr, y_ptr, gz_ptr, gzf_ptr, w_ptr, num_full, B, C,
+            z_ptr, zf_ptr, y_ptr, gz_ptr, gzf_ptr, w_ptr, num_full, B,
             stride_zb, stride_zc, stride_zfb, stride_zfc, stride_y,
-            lam, mu_t1, mu_t2, diag_t, b_t, inv_det_t, norm_t,
-            mu_f1, mu_f2, diag_f, off_f, inv_det_f, norm_f, inv_b, reg_scale, flat_src,
-            False, EXACT_C, FLAT_ROWS, HAS_FLIP, JSD, WRITE_LOSS, GRAD_Z, GRAD_ZF, WRITE_W, BLOCK_B, BLOCK_C,
+            coef_naw, coef_reg, mu_t1, mu_t2, alpha_t, beta_t, norm_t, mu_f1, mu_f2, alpha_f, beta_f, norm_f,
+            flat_first, flat_start_col,
+            C, False, FLAT_ROWS, HAS_FLIP, JSD, WRITE_LOSS, GRAD_Z, GRAD_ZF, WRITE_W, BLOCK_B, BLOCK_C, FAST_MATH,
         )
     if WRITE_LOSS:
         # this program's partial sum (the final loss when the grid is one program)

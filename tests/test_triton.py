@@ -123,9 +123,8 @@ _COMPILE_SCRIPT = textwrap.dedent(
     """
 )
 
-_FLAGS = dict(EPS_FROM_PTR=False, HAS_FLIP=True, JSD=False, REG_MEAN=False, WRITE_LOSS=True, GRAD_Z=True,
-              GRAD_ZF=True, WRITE_W=True, FLAT_ROWS=True, EXACT_C=False, BLOCK_B=512, BLOCK_C=8,
-              NUM_STAGES=1)
+_FLAGS = dict(C=7, EPS_FROM_PTR=False, HAS_FLIP=True, JSD=False, REG_MEAN=False, WRITE_LOSS=True, GRAD_Z=True,
+              GRAD_ZF=True, WRITE_W=True, FLAT_ROWS=True, BLOCK_B=512, BLOCK_C=8, FAST_MATH=True)
 
 
 def _compile_for_sm90(dtype, num_warps=8, **flags):
@@ -146,8 +145,9 @@ def _compile_for_sm90(dtype, num_warps=8, **flags):
 @pytest.mark.parametrize(
     "dtype,flags",
     [
-        ("fp32", dict(JSD=True, REG_MEAN=True, EPS_FROM_PTR=True, FLAT_ROWS=False, BLOCK_B=4, BLOCK_C=1024)),
-        ("fp16", dict(HAS_FLIP=False, WRITE_LOSS=False, GRAD_Z=False, GRAD_ZF=False, EXACT_C=True)),
+        ("fp32", dict(JSD=True, REG_MEAN=True, EPS_FROM_PTR=True, FLAT_ROWS=False, BLOCK_B=4, BLOCK_C=1024,
+                      C=1000)),
+        ("fp16", dict(HAS_FLIP=False, WRITE_LOSS=False, GRAD_Z=False, GRAD_ZF=False, C=8)),
     ],
 )
 def test_kernel_compiles_for_sm90_with_fp64_scalars(dtype, flags):
