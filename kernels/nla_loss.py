@@ -449,10 +449,12 @@ def _program_limit(device, programs_per_sm):
     return programs_per_sm * sms
 
 
-def _plan(batch, block_c, device, config):
-    """(BLOCK_B, num_warps, num_stages, programs per SM, number of programs) for a config."""
+def _plan(batch, block_c, device, config, sm_count=None):
+    """(BLOCK_B, num_warps, num_stages, programs per SM, number of programs) for a config;
+    ``sm_count`` stands in for the device's (``describe_launches`` of a GPU not at hand)."""
     block_b, num_warps, num_stages, per_sm = config
-    num_programs = min(_cdiv(batch, block_b), _program_limit(device, per_sm))
+    limit = _program_limit(device, per_sm) if sm_count is None else per_sm * sm_count
+    num_programs = min(_cdiv(batch, block_b), limit)
     return block_b, num_warps, num_stages, per_sm, num_programs
 
 
@@ -750,3 +752,121 @@ def naw_weight_triton(logits, target, eps, constants):
         _, _, _, w = _forward(logits.detach(), None, target, eps_tensor, eps_value, consts,
                               jsd, reg_mean, False, False, True, False)
     return w
+
+
+# ---------------------------------------------------------------------------------------------
+# What a call launches, described without launching (bench/kernel_model.py compiles exactly it)
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
+                 torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8"}
+
+
+def _described(name, kernel, args, constexprs, num_warps, num_stages, grid, config, role):
+    """One launch as ``triton.compiler.ASTSource`` takes it. ``args``: the positional arguments
+    in order, a tensor given by its dtype (allocations are 16-byte aligned). Typed the way
+    Triton's launcher specialises them: an int equal to 1 becomes a constexpr, other ints are
+    i32 (i64 past 2^31) and, like pointers, marked divisible by 16 when they are; floats fp32."""
+    signature, consts, attrs = {}, dict(constexprs), {}
+    values = iter(args)
+    for index, arg in enumerate(kernel.arg_names):
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+            continue
+        value = next(values)
+        if isinstance(value, torch.dtype):
+            signature[arg] = "*" + _TRITON_TYPES[value]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, int) and value == 1:
+            signature[arg] = "constexpr"
+            consts[arg] = 1
+        elif isinstance(value, int):
+            signature[arg] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            signature[arg] = "fp32"
+    return dict(name=name, kernel=kernel, args=tuple(args), signature=signature, constexprs=consts, attrs=attrs,
+                num_warps=num_warps, num_stages=num_stages, grid=grid, config=config, role=role, candidates=[])
+
+
+def _described_forward(batch, num_classes, dtypes, outputs, flags, plan, role):
+    """The forward launch of ``_forward_body`` for one plan (same argument order)."""
+    dtype, flip_dtype = dtypes
+    grad_z, grad_zf, weights, eps_dtype = outputs
+    block_b, num_warps, num_stages, per_sm, num_programs = plan
+    strides = (num_classes, 1) if flags["FLAT_ROWS"] else (1, batch)  # else: a transposed (C, B) tensor
+    args = (dtype, flip_dtype, torch.int64, eps_dtype or dtype, torch.float32,
+            dtype, flip_dtype if grad_zf else dtype, torch.float32 if weights else dtype,
+            batch, num_classes, *strides, *strides, 1, 0.5, *[0.5] * 12)
+    return _described("forward", _nla_fwd_kernel, args, dict(flags, BLOCK_B=block_b, PROGRAMS_PER_SM=per_sm),
+                      num_warps, num_stages, (num_programs,), f"bb{block_b}_w{num_warps}", role)
+
+
+def _described_sum(num_programs, config, role):
+    block = min(_SUM_BLOCK, _next_pow2(num_programs))
+    return _described("sum_partials", _sum_partials_kernel, (torch.float32, torch.float32, num_programs),
+                      dict(BLOCK=block), max(1, min(8, block // 128)), None, (1,), config, role)
+
+
+def _described_scale(numel, dtypes, grad_z, grad_zf):
+    """The eager backward's in-place scaling launch (``_scale_inplace``)."""
+    grid, block, num_warps = _scale_launch(numel)
+    z_or_ref = dtypes[0] if grad_z else dtypes[1]
+    zf_or_ref = dtypes[1] if grad_zf else z_or_ref
+    flags = dict(HAS_Z=grad_z, HAS_ZF=grad_zf, IN_PLACE=True, BLOCK=block)
+    launch = _described("scale_grads", _scale_grads_kernel, (torch.float32, z_or_ref, zf_or_ref, z_or_ref, zf_or_ref,
+                        numel), flags, num_warps, None, grid, f"block{block}_w{num_warps}", "backward")
+    launch["moves_data"] = "only when grad_output != 1 (in place, every load and store masked off at 1)"
+    return launch
+
+
+def describe_launches(batch, num_classes, dtype, flip_dtype=None, grad_z=True, grad_zf=True, weights=False,
+                      contiguous=True, *, sm_count=None, device=None, jsd=False, reg_mean=False, eps_dtype=None):
+    """The kernel launches of one eager ``nla_loss(..., backend="triton")`` forward + backward
+    on contiguous (or, ``contiguous=False``, transposed) (batch, num_classes) logits of ``dtype``
+    (the flipped view's ``flip_dtype``, default the same) and int64 targets, in launch order,
+    built from the planning functions the launches use; nothing is launched.
+
+    One dict per launch: name, kernel (the JITFunction), args (positional, a tensor by its
+    dtype), signature / constexprs / attrs (as ``ASTSource`` takes them), num_warps, num_stages
+    (None: Triton's default), grid (programs), config (a label), role ("single program",
+    "heuristic", "autotune" or "backward"), phase ("forward" / "backward") and
+    candidates. On the autotuned large-batch path the launches are those of the heuristic
+    config (what runs where nothing was tuned) and each config-dependent launch lists, as
+    candidates, itself for every config the autotuner may pick plus the heuristic one: a
+    config's launches are, for each launch with candidates, its candidate of that config label
+    (no such candidate: not launched for that config) and every launch without candidates.
+    The backward's scale launch is marked ``phase = "backward"``; it moves data only when
+    grad_output != 1. The grid is the one of a GPU with ``sm_count`` SMs when given, else of
+    ``device`` (default: this process's: the CPU interpreter's grid cap without CUDA).
+    ``eps_dtype``: the dtype of a tensor eps (read from memory), None for a Python float."""
+    flip_dtype = flip_dtype or dtype
+    block_c = _block_c(num_classes)
+    if device is None:
+        device = "cuda" if sm_count is None and torch.cuda.is_available() and not _INTERPRET else "cpu"
+    device = torch.device(device)
+    flags = dict(EPS_FROM_PTR=eps_dtype is not None, HAS_FLIP=True, JSD=jsd, REG_MEAN=reg_mean, WRITE_LOSS=True,
+                 GRAD_Z=grad_z, GRAD_ZF=grad_zf, WRITE_W=weights, FLAT_ROWS=contiguous,
+                 EXACT_C=num_classes == block_c, BLOCK_C=block_c)
+    large = batch * block_c > _SINGLE_PROGRAM_ELEMENTS
+    plans = [("heuristic" if large else "single program", _fixed_config(batch, block_c))]
+    if large:
+        plans += [("autotune", (c.kwargs["BLOCK_B"], c.num_warps, c.num_stages, c.kwargs["PROGRAMS_PER_SM"]))
+                  for c in _tuning_configs(block_c)]
+    dtypes, outputs = (dtype, flip_dtype), (grad_z, grad_zf, weights, eps_dtype)
+    forwards, sums = [], {}  # sums: config label -> the partial-sum launch (grids over one program)
+    for role, config in plans:
+        plan = _plan(batch, block_c, device, config, sm_count)
+        forwards.append(_described_forward(batch, num_classes, dtypes, outputs, flags, plan, role))
+        if plan[4] > 1:
+            sums[forwards[-1]["config"]] = _described_sum(plan[4], forwards[-1]["config"], role)
+    candidates = forwards[1:] + forwards[:1] if large else []
+    launches = [dict(forwards[0], candidates=candidates)]
+    if forwards[0]["config"] in sums:
+        launches.append(dict(sums[forwards[0]["config"]],
+                             candidates=[sums[f["config"]] for f in candidates if f["config"] in sums]))
+    for launch in launches:
+        launch["phase"] = "forward"
+    if grad_z or grad_zf:
+        launches.append(dict(_described_scale(batch * num_classes, dtypes, grad_z, grad_zf), phase="backward"))
+    return launches
