@@ -161,10 +161,10 @@ class Instruction:
     predicate: str  # "" or e.g. "@!P0"
     opcode: str  # with its modifiers, e.g. "LDG.E.128.CONSTANT"
     operands: str
+    base: str = field(init=False, compare=False)  # the opcode without modifiers, e.g. "LDG"
 
-    @property
-    def base(self) -> str:
-        return self.opcode.split(".")[0]
+    def __post_init__(self):
+        object.__setattr__(self, "base", self.opcode.split(".", 1)[0])
 
     @property
     def width(self) -> int:
@@ -379,6 +379,13 @@ class ControlFlow:
         inner = {ins for c in loop.children for ins in c.instructions}
         own = sum(weight(ins) for ins in loop.instructions if ins not in inner)
         return own + sum(trips(c) * self.loop_instructions(c, trips, weight) for c in loop.children)
+
+    def loop_instructions_min(self, loop: Loop, trips=lambda inner: 1.0) -> float:
+        """Like ``loop_instructions`` with only the cheapest path through each body counted (a
+        lower bound where the body branches; equal to it for a branch-free body)."""
+        inner = {ins for c in loop.children for ins in c.instructions}
+        own = self.shortest_path(weight=lambda ins: 0 if ins in inner else 1, within=loop)
+        return own + sum(trips(c) * self.loop_instructions_min(c, trips) for c in loop.children)
 
     def shortest_path(self, weight=None, within: Loop | None = None) -> float:
         """Fewest (weighted) instructions on a path through the code with the back edges dropped

@@ -10,9 +10,15 @@ memory, resident warps per SM, SASS instructions of the main loop per row, load 
 widths, MUFU and fp64 counts. Then a prediction per launch:
 
     time = max(issue, memory, launch floor)
-    issue  = warp-instructions on the busiest SM / (4 per clock x clock), stretched by
-             WARPS_TO_HIDE_LATENCY / resident warps when fewer warps are resident
+    issue  = warp-instructions on the busiest SM / (4 per clock x clock) (or its MUFU ones at 16
+             lanes a clock, if slower), stretched by WARPS_TO_HIDE_LATENCY / resident warps when
+             fewer warps are resident
     memory = bytes moved / copy bandwidth (SPEC 4 bytes plus what else the kernel moves)
+
+The instructions of a loop body are all counted, both arms of a branch (exact for the Triton
+kernels' branch-free bodies, an upper bound for branching CUDA code; ``instructions_per_row_min``
+counts the cheapest path through each body, a lower bound). Not modelled: overlap of memory and issue across launches,
+bank conflicts, the memory side of latency (bytes in flight per SM).
 
 and per call the sum over its launches, with the share of copy bandwidth (SPEC 4 bytes / time).
 Every GPU figure it prints is a prediction (not measured on a GPU); the constants are below.
@@ -63,7 +69,17 @@ DEVICES = (
            "measured: device-to-device copy in loss_bench, shared/measurements/2026-11-29-h200"),
     Device("NVIDIA A100-SXM4-80GB", 80, 108, 1.41, 2039.0, "vendor figure (HBM2e peak), not measured"),
 )
+# The issue rule: a launch's warp-instructions on its busiest SM (blocks there x instructions per
+# block), at ISSUE_PER_CLOCK a clock, or its MUFU instructions at MUFU_LANES_PER_SM results a
+# clock if that is slower, stretched by WARPS_TO_HIDE_LATENCY / resident warps when fewer warps
+# than that are resident.
 ISSUE_PER_CLOCK = 4  # warp-instructions an SM issues per clock (4 schedulers, one each)
+# (The only kernels measured so far, main at 41e7a4b on the 2026-11-29 H200 with Triton 3.6, ran
+# 1.4-1.5x slower than this rule predicts from their Triton 3.8 code at 40 resident warps
+# (forward at (2^20, 7) bf16: 129 us measured, 86 predicted with gradients; 97 and 68 without):
+# a sustained ~2.7 a clock; the one-warp-group B = 32 forward ran in 2.6 us, 3.2 predicted. Kept
+# at the hardware's 4 until the current kernels are measured: issue 18, item 5.)
+MUFU_LANES_PER_SM = 16  # special-function (MUFU) results per clock and SM, sm_80 and sm_90
 # Resident warps per SM at which a scheduler always has a ready warp (8 per scheduler): with w
 # fewer, issue time is stretched by WARPS_TO_HIDE_LATENCY / w. A first guess, to be corrected
 # from a GPU run (issue 18 item 5).
@@ -114,9 +130,10 @@ def analyse(code: cubin_stats.KernelCode, threads: int, grid: int, shared_dynami
     facts = dict(code.summary(), threads=threads, grid=grid, shared_dynamic_bytes=shared_dynamic,
                  warps_per_sm=occ["warps_per_sm"], blocks_per_sm=occ["blocks_per_sm"],
                  occupancy_limiter=occ["limiter"], loop_instructions=body,
-                 loop_instructions_min=flow.shortest_path(within=main) if main else 0.0,
+                 loop_instructions_min=flow.loop_instructions_min(main, trips) if main else 0.0,
                  instructions_outside_loop=outside,
-                 warp_instructions=math.ceil(grid) * math.ceil(threads / 32) * outside + warp_iterations * body,
+                 warp_instructions=grid * math.ceil(threads / 32) * outside + warp_iterations * body,
+                 warp_mufu=warp_iterations * flow.loop_instructions(main, trips, _is_mufu) if main else 0.0,
                  instructions_per_row=None, instructions_per_row_min=None, per_row={})
     loop_mix = cubin_stats.instruction_mix(main.instructions if main else [])
     facts["loop_load_opcodes"] = loop_mix["load_opcodes"]
@@ -132,6 +149,10 @@ def analyse(code: cubin_stats.KernelCode, threads: int, grid: int, shared_dynami
     return facts
 
 
+def _is_mufu(ins) -> int:
+    return int(ins.base == "MUFU")
+
+
 def predict(facts: dict, bytes_moved: float, device: Device) -> dict:
     """max(issue, memory, launch) in microseconds for one launch on ``device``."""
     warps = math.ceil(facts["threads"] / 32)
@@ -142,8 +163,9 @@ def predict(facts: dict, bytes_moved: float, device: Device) -> dict:
     blocks_on_busiest = math.ceil(grid / device.sms)
     active_warps = min(blocks_on_busiest, resident) * warps
     efficiency = min(1.0, active_warps / WARPS_TO_HIDE_LATENCY)
-    per_block = facts["warp_instructions"] / grid
-    issue = per_block * blocks_on_busiest / (ISSUE_PER_CLOCK * efficiency * device.clock_ghz * 1e3)
+    clocks_per_block = max(facts["warp_instructions"] / ISSUE_PER_CLOCK,
+                           facts.get("warp_mufu", 0.0) * 32 / MUFU_LANES_PER_SM) / grid
+    issue = clocks_per_block * blocks_on_busiest / (efficiency * device.clock_ghz * 1e3)
     memory = bytes_moved / (device.copy_gb_per_s * 1e3)
     times = {"issue": issue, "memory": memory, "launch": LAUNCH_FLOOR_US}
     bound = max(times, key=times.get)
@@ -411,8 +433,8 @@ def run(backends, arches, shapes) -> dict:
         benchmark="kernel_model", note="static predictions from machine code, not measured on a GPU",
         date=datetime.datetime.now().isoformat(timespec="seconds"), versions=dict(versions(), nvcc=_nvcc_version()),
         devices=[vars(d) for d in DEVICES if d.arch in arches],
-        constants=dict(ISSUE_PER_CLOCK=ISSUE_PER_CLOCK, WARPS_TO_HIDE_LATENCY=WARPS_TO_HIDE_LATENCY,
-                       LAUNCH_FLOOR_US=LAUNCH_FLOOR_US),
+        constants=dict(ISSUE_PER_CLOCK=ISSUE_PER_CLOCK, MUFU_LANES_PER_SM=MUFU_LANES_PER_SM,
+                       WARPS_TO_HIDE_LATENCY=WARPS_TO_HIDE_LATENCY, LAUNCH_FLOOR_US=LAUNCH_FLOOR_US),
         cache_dir=str(cache_dir()), rows=rows, extension_instantiations=instantiations)
     result["check"] = check(result)
     return result

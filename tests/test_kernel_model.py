@@ -89,11 +89,38 @@ def test_sass_listing_parsed_into_loops_paths_and_classes():
     assert addresses == [a for a in range(0x40, 0x130, 0x10)] + [0x150, 0x160]
     assert flow.loop_instructions(loop) == 17  # both arms of the if / else
     assert flow.shortest_path(within=loop) == 17 - 4  # the MUFU arm, not the DADD/DMUL/CALL/STL one
+    assert flow.loop_instructions_min(loop) == 17 - 4
     assert flow.shortest_path() == 4  # entry to the predicated EXIT
     mix = cubin_stats.instruction_mix(loop.instructions)
     assert mix["mufu"] == 1 and mix["fp64"] == 2 and mix["calls"] == 2 and mix["bar"] == 0
     assert mix["load_opcodes"] == {"LDG.E.U16": 1, "LDG.E.128.CONSTANT": 1}
     assert mix["max_global_load_bytes"] == 16 and mix["max_global_store_bytes"] == 16
+
+
+_NESTED = """
+		Function : nested
+        /*0000*/                   MOV R0, RZ ;
+        /*0010*/                   IADD3 R0, R0, 0x1, RZ ;
+        /*0020*/                   MOV R2, RZ ;
+        /*0030*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0040*/                   MUFU.EX2 R3, R2 ;
+        /*0050*/                   ISETP.GE.AND P1, PT, R2, 0x4, PT ;
+        /*0060*/              @!P1 BRA 0x30 ;
+        /*0070*/                   ISETP.GE.AND P0, PT, R0, 0x8, PT ;
+        /*0080*/              @!P0 BRA 0x10 ;
+        /*0090*/                   EXIT ;
+        /*00a0*/                   BRA 0xa0;
+"""
+
+
+def test_nested_loops_count_the_inner_body_per_trip():
+    flow = cubin_stats.ControlFlow(cubin_stats.parse_sass(_NESTED)["nested"])
+    [outer] = flow.loops
+    [inner] = outer.children
+    assert (len(outer), len(inner), flow.main_loop() is outer) == (8, 4, True)
+    assert flow.loop_instructions(outer, trips=lambda loop: 4) == 4 + 4 * 4
+    assert flow.loop_instructions_min(outer, trips=lambda loop: 4) == 4 + 4 * 4  # branch-free bodies
+    assert flow.loop_instructions(outer, lambda loop: 4, lambda ins: int(ins.base == "MUFU")) == 4
 
 
 def test_mangled_template_names_read_like_cxxfilt():
@@ -134,6 +161,10 @@ def test_prediction_is_the_largest_of_issue_memory_and_launch():
     # enough warps and few instructions: memory-bound
     p = kernel_model.predict(_facts(threads=1024, blocks_per_sm=2, warp_instructions=1e6), 67e6, h200)
     assert p["bound"] == "memory" and p["predicted_us"] == pytest.approx(67e6 / 4251e3)
+    # MUFU-heavy: a warp's MUFU takes 2 clocks of the SM's 16 lanes, more than 4 instructions' issue
+    p = kernel_model.predict(_facts(threads=1024, blocks_per_sm=2, warp_instructions=27.0e6, warp_mufu=20.0e6),
+                             67e6, h200)
+    assert p["issue_us"] == pytest.approx(20.0e6 / 264 * 2 * 2 / 1.98e3)
     p = kernel_model.predict(_facts(grid=1, warp_instructions=100), 64, h200)
     assert p["bound"] == "launch" and p["predicted_us"] == kernel_model.LAUNCH_FLOOR_US
     assert kernel_model.predict(_facts(blocks_per_sm=0), 64, h200)["bound"] == "cannot launch"
@@ -236,12 +267,13 @@ def _triton_types(kernel, args, kwargs):
     return signature, constexprs, divisible
 
 
-@pytest.mark.parametrize("batch,classes,dtype_flip,grad_zf,contiguous", [
-    (32, 7, torch.float32, True, True),  # the trainer's batch: one program, then the scale launch
-    (3000, 7, torch.float32, True, True),  # the persistent grid (4 programs here), the partial sums
-    (600, 5, torch.float64, False, False),  # transposed logits, float64 flip without a gradient
+@pytest.mark.parametrize("batch,classes,dtype_flip,grad_zf,contiguous,weights,eps_tensor", [
+    (32, 7, torch.float32, True, True, False, False),  # the trainer's batch: one program, then the scale launch
+    (3000, 7, torch.float32, True, True, True, True),  # the persistent grid (4 programs here), partial sums
+    (600, 5, torch.float64, False, False, False, False),  # transposed logits, float64 flip without a gradient
 ])
-def test_describe_launches_is_what_a_call_launches(monkeypatch, batch, classes, dtype_flip, grad_zf, contiguous):
+def test_describe_launches_is_what_a_call_launches(monkeypatch, batch, classes, dtype_flip, grad_zf, contiguous,
+                                                   weights, eps_tensor):
     from nla_fast.kernels import nla_loss as module
 
     log = []
@@ -255,11 +287,13 @@ def test_describe_launches_is_what_a_call_launches(monkeypatch, batch, classes, 
     y = torch.randint(0, classes, (batch,), generator=g)
     z.requires_grad_(True)
     zf.requires_grad_(grad_zf)
-    loss = nla_loss(z, zf, y, 0.4, NLAConfig(), backend="triton")
-    loss.backward()
+    eps = torch.tensor(0.4) if eps_tensor else 0.4
+    loss = nla_loss(z, zf, y, eps, NLAConfig(), backend="triton", return_weights=weights)
+    (loss[0] if weights else loss).backward()
 
     described = module.describe_launches(batch, classes, torch.float32, dtype_flip, grad_z=True, grad_zf=grad_zf,
-                                         contiguous=contiguous)
+                                         weights=weights, contiguous=contiguous,
+                                         eps_dtype=torch.float32 if eps_tensor else None)
     assert len(described) == len(log), ([d["name"] for d in described], [k.fn.__name__ for k, *_ in log])
     for want, (kernel, grid, args, kwargs) in zip(described, log):
         assert want["kernel"].fn is kernel.fn
