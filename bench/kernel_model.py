@@ -518,7 +518,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of kernel_model.json")
     parser.add_argument("--check", action="store_true", help="exit 1 when a SPEC 4 static target is missed")
     args = parser.parse_args(argv)
-    result = run(args.backend, args.arch, args.shape)
+    try:
+        result = run(args.backend, args.arch, args.shape)
+    except FileNotFoundError as err:  # no nvcc / cuobjdump here: say which, and how to go on without
+        raise SystemExit(f"kernel_model: {err} (the Triton kernels alone: --backend triton)") from err
     print(table(result))
     paths = [write(result, args.out)]
     if os.environ.get("OUT"):
