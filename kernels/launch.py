@@ -21,7 +21,7 @@
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -45,11 +45,16 @@ _SUM_BLOCK = 1024  # partial sums added per loop step of the final reduction
 
 
 class Config(NamedTuple):
-    """A launch configuration of the forward kernel."""
+    """A launch configuration of the forward kernel (``maxnreg``: a register cap, None for none)."""
 
     block_b: int
     num_warps: int
     num_stages: int = 1
+    maxnreg: Optional[int] = None
+
+    @property
+    def label(self) -> str:
+        return f"bb{self.block_b}_w{self.num_warps}" + (f"_r{self.maxnreg}" if self.maxnreg else "")
 
 
 def next_pow2(n: int) -> int:
@@ -72,25 +77,35 @@ def is_single_program(batch, block_cols: int) -> bool:
     return isinstance(batch, int) and batch * block_cols <= SINGLE_PROGRAM_ELEMENTS
 
 
-def fixed_config(batch, block_cols: int) -> Config:
+# Large batches of short rows (C <= 8): one row per thread. With 2-byte logits a 1024-thread
+# program under a 64-register cap compiles without spills and keeps 32 warps resident per SM
+# (sm_90 machine code, bench/kernel_model.py); float32 rows need ~100 registers (16-20 warps).
+_ROWS_CONFIGS = {2: Config(1024, 32, 1, 64), 4: Config(512, 16, 1, None)}
+
+
+def fixed_config(batch, block_cols: int, element_size: int = 2) -> Config:
     """The configuration used without tuning, the same in every process: one program holding
     the whole batch for small batches, else the large-batch heuristic."""
     if is_single_program(batch, block_cols):
         block_b = next_pow2(batch)
         return Config(block_b, _warps_for(block_b, block_cols))
+    if block_cols <= 8:
+        return _ROWS_CONFIGS[2 if element_size <= 2 else 4]
     block_b = max(1, _TILE_ELEMENTS // block_cols)
     return Config(block_b, _warps_for(block_b, block_cols))
 
 
-def tuning_candidates(block_cols: int) -> list[Config]:
-    """Large-batch candidates: tiles of 2k-16k elements and 4-16 warps, and the heuristic one.
-    Candidates that spill registers are dropped when compiled (``_tune``)."""
-    configs = [fixed_config(None, block_cols)]
-    for tile, num_warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)):
-        config = Config(max(1, tile // block_cols), num_warps)
-        if config not in configs:
-            configs.append(config)
-    return configs
+def tuning_candidates(block_cols: int, element_size: int = 2) -> list[Config]:
+    """Large-batch candidates, the heuristic one first. Candidates that spill registers are
+    dropped when compiled (``time_candidate``)."""
+    configs = [fixed_config(None, block_cols, element_size)]
+    if block_cols <= 8:
+        extra = [Config(1024, 32, 1, 64), Config(512, 16, 1, 64), Config(256, 8, 1, 64),
+                 Config(512, 16), Config(256, 8), Config(128, 4)]
+    else:
+        extra = [Config(max(1, tile // block_cols), warps)
+                 for tile, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16))]
+    return configs + [c for c in extra if c not in configs]
 
 
 # ----------------------------------------------------------------------------- device facts
@@ -240,7 +255,10 @@ def _flags(logits, zf, eps_tensor, has_flip, jsd, reg_mean, grad_z, grad_zf, wei
 
 
 def _config_kwargs(flags: dict, config: Config) -> dict:
-    return {**flags, "BLOCK_B": config.block_b, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    kwargs = {**flags, "BLOCK_B": config.block_b, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    if config.maxnreg is not None and not INTERPRET:
+        kwargs["maxnreg"] = config.maxnreg
+    return kwargs
 
 
 def time_candidate(config: Config, flags: dict, args_for, batch, device):
@@ -257,10 +275,10 @@ def time_candidate(config: Config, flags: dict, args_for, batch, device):
     return do_bench(lambda: _nla_fwd_kernel[(grid,)](*args, **kwargs), warmup=5, rep=25)
 
 
-def _tune(args_for, flags, batch, device, tuning_key) -> Config:
+def _tune(args_for, flags, batch, device, tuning_key, element_size) -> Config:
     """Time the candidates once (eager, on a GPU) and remember the fastest non-spilling one."""
-    best, best_ms = fixed_config(None, flags["BLOCK_C"]), float("inf")
-    for config in tuning_candidates(flags["BLOCK_C"]):
+    best, best_ms = fixed_config(None, flags["BLOCK_C"], element_size), float("inf")
+    for config in tuning_candidates(flags["BLOCK_C"], element_size):
         ms = time_candidate(config, flags, args_for, batch, device)
         if ms is not None and ms < best_ms:
             best, best_ms = config, ms
@@ -276,7 +294,8 @@ def tunable_device(device: torch.device) -> bool:
 def _choose_plan(key, batch, device, flags, args_for, eager: bool) -> Plan:
     """The plan of a call not seen before: fixed, remembered-tuned, freshly tuned or heuristic."""
     cols = flags["BLOCK_C"]
-    config = fixed_config(batch, cols)
+    element_size = max(key[3].itemsize, key[4].itemsize)  # the logits' dtypes
+    config = fixed_config(batch, cols, element_size)
     tunable = not is_single_program(batch, cols) and tunable_device(device)
     # every field of the plan key but the exact batch, which is bucketed by its bit length
     tuning_key = key[:1] + key[2:] + (int(batch).bit_length() if isinstance(batch, int) else None,)
@@ -285,7 +304,7 @@ def _choose_plan(key, batch, device, flags, args_for, eager: bool) -> Plan:
         if remembered is not None:
             config = remembered
         elif eager and may_tune(device) and isinstance(batch, int):
-            config = _tune(args_for, flags, batch, device, tuning_key)
+            config = _tune(args_for, flags, batch, device, tuning_key, element_size)
     per_sm = _occupancy.get((device, config, key[3:])) or programs_per_sm(device, config.num_warps)
     plan = Plan(_config_kwargs(flags, config), grid_size(batch, device, config, per_sm))
     # a heuristic plan made where nothing could be tuned (capture, tracing) is not remembered
@@ -298,7 +317,8 @@ def _remember_occupancy(plan: Plan, key, batch, device, compiled) -> None:
     """After the first eager launch: the grid the compiled kernel's occupancy allows."""
     if device.type != "cuda" or compiled is None or getattr(compiled, "n_regs", None) is None:
         return
-    config = Config(plan.kwargs["BLOCK_B"], plan.kwargs["num_warps"], plan.kwargs["num_stages"])
+    config = Config(plan.kwargs["BLOCK_B"], plan.kwargs["num_warps"], plan.kwargs["num_stages"],
+                    plan.kwargs.get("maxnreg"))
     per_sm = programs_per_sm(device, config.num_warps, compiled)
     _occupancy[(device, config, key[3:])] = per_sm
     plan.num_programs = grid_size(batch, device, config, per_sm)
@@ -366,7 +386,7 @@ def _launch_forward(plan, key, args, partial, loss_out, wrap, device, batch, *in
     _remember_occupancy(plan, key, batch, device, compiled)
     if plan.num_programs != grid:  # the real occupancy changed the grid: lean launches next time
         return
-    meta = {k: v for k, v in plan.kwargs.items() if k not in ("num_warps", "num_stages")}
+    meta = {k: v for k, v in plan.kwargs.items() if k not in ("num_warps", "num_stages", "maxnreg")}
     plan.forward = LeanLaunch(compiled, grid, constexpr_tail(_nla_fwd_kernel, meta))
     if total is not None:
         plan.total = LeanLaunch(total, 1, constexpr_tail(_sum_partials_kernel, {"BLOCK": sum_kwargs["BLOCK"]}))
@@ -416,3 +436,115 @@ def scale(grad_output, gz, gzf, in_place: bool, wrap=None):
         meta = {k: v for k, v in plan[1].items() if k != "num_warps"}
         plan[2] = LeanLaunch(compiled, plan[0], constexpr_tail(_scale_grads_kernel, meta))
     return oz, ozf
+
+
+# ----------------------------------------------------------------------------- described, not launched
+_TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
+                 torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8"}
+
+
+def _described(name, kernel, args, constexprs, options, grid, config, role):
+    """One launch as ``triton.compiler.ASTSource`` takes it. ``args``: the positional arguments
+    in order, a tensor given by its dtype (allocations are 16-byte aligned). Typed the way
+    Triton's launcher specialises them: an int equal to 1 becomes a constexpr, other ints are
+    i32 (i64 past 2^31) and, like pointers, marked divisible by 16 when they are; floats fp32."""
+    signature, consts, attrs = {}, dict(constexprs), {}
+    values = iter(args)
+    for index, arg in enumerate(kernel.arg_names):
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+            continue
+        value = next(values)
+        if isinstance(value, torch.dtype):
+            signature[arg] = "*" + _TRITON_TYPES[value]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, int) and value == 1:
+            signature[arg] = "constexpr"
+            consts[arg] = 1
+        elif isinstance(value, int):
+            signature[arg] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            signature[arg] = "fp32"
+    return dict(name=name, kernel=kernel, args=tuple(args), signature=signature, constexprs=consts, attrs=attrs,
+                num_warps=options["num_warps"], num_stages=options.get("num_stages"),
+                maxnreg=options.get("maxnreg"), grid=grid, config=config, role=role, candidates=[])
+
+
+def describe_launches(batch, num_classes, dtype, flip_dtype=None, grad_z=True, grad_zf=True, weights=False,
+                      contiguous=True, *, sm_count=None, device=None, jsd=False, reg_mean=False, eps_dtype=None,
+                      warps_per_sm=None, fast_math=None):
+    """The kernel launches of one eager ``nla_loss(..., backend="triton")`` forward + backward
+    on contiguous (or, ``contiguous=False``, transposed) (batch, num_classes) logits of ``dtype``
+    (the flipped view's ``flip_dtype``, default the same) and int64 targets, in launch order,
+    built from the planning functions the launches use; nothing is launched.
+
+    One dict per launch: name, kernel (the JITFunction), args (positional, a tensor by its
+    dtype), signature / constexprs / attrs (as ``ASTSource`` takes them), num_warps, num_stages,
+    maxnreg (compile options; None: Triton's default), grid (programs), config (a label), role
+    ("single program", "heuristic", "autotune" or "backward"), phase ("forward" / "backward")
+    and candidates. On the tuned large-batch path the launches are those of the heuristic config
+    (what runs where nothing was tuned) and each config-dependent launch lists, as candidates,
+    itself for every config the tuner may pick (the heuristic one included): a config's launches
+    are, for each launch with candidates, its candidate of that config label and every launch
+    without candidates. The backward's scale launch (phase "backward") moves data only when
+    grad_output != 1. The grid is the one of a GPU with ``sm_count`` SMs and ``warps_per_sm``
+    resident warps (default: the assumption made before a kernel is compiled), else of
+    ``device`` (default: this process's). ``eps_dtype``: a tensor eps's dtype, None for a float.
+    ``fast_math``: the kernels' MUFU path (default: as this process launches, i.e. not under the
+    interpreter)."""
+    flip_dtype = flip_dtype or dtype
+    cols = block_c(num_classes)
+    element_size = max(dtype.itemsize, flip_dtype.itemsize)
+    flags = dict(C=num_classes, EPS_FROM_PTR=eps_dtype is not None, HAS_FLIP=True, JSD=jsd, REG_MEAN=reg_mean,
+                 WRITE_LOSS=True, GRAD_Z=grad_z, GRAD_ZF=grad_zf, WRITE_W=weights, FLAT_ROWS=contiguous,
+                 BLOCK_C=cols, FAST_MATH=not INTERPRET if fast_math is None else fast_math)
+    large = not is_single_program(batch, cols)
+    configs = [("heuristic" if large else "single program", fixed_config(batch, cols, element_size))]
+    if large:
+        configs += [("autotune", c) for c in tuning_candidates(cols, element_size)[1:]]
+    strides = (num_classes, 1) if contiguous else (1, batch)  # else: a transposed (C, B) tensor
+    args = (dtype, flip_dtype, torch.int64, eps_dtype or dtype, torch.float32,
+            dtype, flip_dtype if grad_zf else dtype, torch.float32 if weights else dtype,
+            batch, *strides, *strides, 1, 0.5, *[0.5] * 11)
+    forwards, sums = [], {}
+    for role, config in configs:
+        per_sm = max(1, (warps_per_sm or _ASSUMED_WARPS_PER_SM) // config.num_warps)
+        grid = (min(cdiv(batch, config.block_b), per_sm * sm_count) if sm_count
+                else grid_size(batch, torch.device(device or "cpu"), config, per_sm))
+        options = {"num_warps": config.num_warps, "num_stages": config.num_stages,
+                   "maxnreg": None if flags["FAST_MATH"] is False else config.maxnreg}
+        forwards.append(_described("forward", _nla_fwd_kernel, args, dict(flags, BLOCK_B=config.block_b), options,
+                                   (grid,), config.label, role))
+        forwards[-1]["classes"] = num_classes
+        if grid > 1:
+            block = min(_SUM_BLOCK, next_pow2(grid))
+            sums[config.label] = _described("sum_partials", _sum_partials_kernel, (torch.float32, torch.float32, grid),
+                                            dict(BLOCK=block), {"num_warps": max(1, min(8, block // 128))}, (1,),
+                                            config.label, role)
+    candidates = forwards[1:] + forwards[:1] if large else []
+    launches = [dict(forwards[0], candidates=candidates)]
+    if forwards[0]["config"] in sums:
+        launches.append(dict(sums[forwards[0]["config"]],
+                             candidates=[sums[f["config"]] for f in candidates if f["config"] in sums]))
+    for launch in launches:
+        launch["phase"] = "forward"
+    if grad_z or grad_zf:
+        launches.append(dict(_described_scale(batch * num_classes, (dtype, flip_dtype), grad_z, grad_zf, sm_count),
+                             phase="backward"))
+    return launches
+
+
+def _described_scale(numel, dtypes, grad_z, grad_zf, sm_count):
+    """The eager backward's in-place scaling launch (``scale`` with ``in_place``)."""
+    block = min(_SCALE_BLOCK, next_pow2(numel))
+    grid = min(cdiv(numel, block), _SCALE_PROGRAMS_PER_SM * (sm_count or 1) if sm_count else _INTERPRETER_PROGRAMS)
+    z_or_ref = dtypes[0] if grad_z else dtypes[1]
+    zf_or_ref = dtypes[1] if grad_zf else z_or_ref
+    flags = dict(HAS_Z=grad_z, HAS_ZF=grad_zf, IN_PLACE=True, BLOCK=block)
+    num_warps = max(1, min(8, block // 512))
+    launch = _described("scale_grads", _scale_grads_kernel, (torch.float32, z_or_ref, zf_or_ref, z_or_ref, zf_or_ref,
+                        numel), flags, {"num_warps": num_warps}, (grid,), f"block{block}_w{num_warps}", "backward")
+    launch["moves_data"] = "only when grad_output != 1 (in place; the kernel returns at once at 1)"
+    return launch

@@ -41,7 +41,7 @@ def _stand_in_tuning(monkeypatch, times):
     timed = []
 
     def time_candidate(config, flags, args_for, batch, device):
-        index = launch.tuning_candidates(flags["BLOCK_C"]).index(config)
+        index = launch.tuning_candidates(flags["BLOCK_C"], 4).index(config)  # float32 logits
         timed.append((config, flags["GRAD_Z"]))
         kwargs = launch._config_kwargs(flags, config)
         grid = launch.grid_size(batch, device, config, 1)
@@ -64,7 +64,7 @@ def test_tuning_picks_the_fastest_non_spilling_candidate_once_per_kind_of_call(m
     a forward-only call is tuned apart from a forward + backward one (their kernels differ)."""
     from nla_fast.kernels import launch as module
 
-    candidates = module.tuning_candidates(8)
+    candidates = module.tuning_candidates(8, 4)
     times = [5.0] * len(candidates)
     times[which] = 1.0
     times[0] = None  # "spills": never chosen, although it would be timed as fastest
@@ -84,14 +84,14 @@ def test_tuning_picks_the_fastest_non_spilling_candidate_once_per_kind_of_call(m
 def test_a_plan_made_where_tuning_is_impossible_is_not_remembered(monkeypatch):
     """Under capture or tracing nothing is timed: the heuristic config runs, and the next eager
     call (where timing is allowed) still tunes."""
-    launch, timed, allowed = _stand_in_tuning(monkeypatch, [1.0] * 8)
+    launch, timed, allowed = _stand_in_tuning(monkeypatch, [1.0] * 16)
     z, zf, y = make_inputs(1000, 7, seed=27)
     allowed["now"] = False
     check("triton", z, zf, y, 0.37, CONFIGS["paper"])
     assert timed == [] and launch._plans == {}
     allowed["now"] = True
     check("triton", z, zf, y, 0.37, CONFIGS["paper"])
-    assert len(timed) == len(launch.tuning_candidates(8)) and len(launch._plans) == 1
+    assert len(timed) == len(launch.tuning_candidates(8, 4)) and len(launch._plans) == 1
 
 
 _COMPILE_SCRIPT = textwrap.dedent(
