@@ -26,3 +26,10 @@ def unavailable_reason(device: torch.device | str) -> str | None:
         f"the Triton kernels need CUDA tensors (got {device_type}); on the CPU they run only "
         "under TRITON_INTERPRET=1 set before nla_fast.kernels is imported"
     )
+
+
+def fused_backend():
+    """The Triton backend table (``nla_fast.fused.FusedBackend``); imports Triton."""
+    from .ops import BACKEND
+
+    return BACKEND

@@ -1,10 +1,12 @@
-"""Fused Triton NLA loss (SPEC 1.1): one sweep writes the loss, both gradients and the NAW weights.
+"""Fused Triton NLA loss kernels (SPEC 1.1): one sweep writes the loss, both gradients and the NAW weights.
 
 Liger-Kernel style: the forward already computes d loss/d logits and d loss/d logits_flip
 (the loss is a scalar, so the gradient is known up to the factor grad_output), and the
-backward only multiplies the saved gradients by grad_output, in place and with every load and
-store masked off when grad_output == 1 (no extra pass). The maths is exactly
+backward only multiplies the saved gradients by grad_output (``_scale_grads_kernel``, in
+place with every load and store masked off when grad_output == 1). The maths is exactly
 ``nla_fast.reference.nla_forward_backward_closed_form`` (its docstring has the derivation).
+This file holds the kernels only; ``launch.py`` plans and launches them, ``ops.py`` registers
+them for torch.compile.
 
 Memory layout (what makes it fast at large B; rows of C = 7 bf16 values are 14 bytes):
 - compute: a tile of BLOCK_B rows x BLOCK_C = next_power_of_2(C) columns with whole rows in
@@ -25,16 +27,6 @@ Memory layout (what makes it fast at large B; rows of C = 7 bf16 values are 14 b
   (tile base in 64 bits); non-contiguous logits take a strided 64-bit path (FLAT_ROWS=False);
 - targets: one contiguous vector per tile.
 
-Launches: small batches (B * BLOCK_C <= 4096, e.g. B <= 512 for C <= 8: the trainer's 32) are
-ONE program with a fixed configuration, so the loss bits are the same in every process and the
-launch is graph-capturable. Larger batches run a persistent grid (programs per SM x SM count;
-each program loops over full tiles; the program next in turn takes the partial last tile) that
-writes one partial sum per program, and a one-program launch adds them in program order: the
-order, so the loss bits, is fixed per (device, shape, configuration); no float atomics. On a
-GPU the configuration of the large path is autotuned once per (device, C, dtypes, batch
-bucket) in eager use and remembered; under CUDA-graph capture or torch.compile tracing nothing
-is benchmarked: a remembered configuration or a fixed heuristic one is used.
-
 Numerics: everything is float32 in registers whatever the input dtype (float64 inputs are
 also computed in float32; their gradients are stored as float64). Scalar arguments are cast to
 float32 at kernel entry (Inductor passes Python floats as fp64, which would otherwise leak into
@@ -45,121 +37,184 @@ so ties are exact: first index among tied negatives, g == n counts as the true c
 logit on a non-target class has probability 0 and adds nothing (finite loss and gradients, as
 the reference). Targets outside [0, C) are never used as an address (the gather is a compare
 with the column index); such rows give NaN. Other non-finite logits give a non-finite loss.
-
-torch.compile: the launches live in ``torch.library.triton_op`` operators (torch >= 2.6), so
-dynamo/inductor see the kernels; the autograd.Function around them is traced by dynamo.
-``eps`` may be a 0-d device tensor: the kernel then reads it from memory, so a captured
-CUDA graph picks up new values; no host syncs and no host-to-device copies per call.
 """
-import functools
-import os
-from typing import List, Optional, Tuple
-
-import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
-from nla_fast.loss_inputs import split_eps
 
-_SINGLE_PROGRAM_ELEMENTS = 4096  # B * BLOCK_C up to this: one program, one launch, fixed config
-_TILE_ELEMENTS = 4096  # heuristic large-batch tile: BLOCK_B * BLOCK_C (512 rows for C <= 8)
-_ELEMENTS_PER_THREAD = 8  # heuristic warps: a row of 8 in one thread (C <= 8)
-_WARPS_PER_SM = 32  # heuristic persistent grid: SMs * 32 / num_warps programs
-_SCALE_BLOCK = 4096  # elements per program of the backward scaling kernel
-_SUM_BLOCK = 1024  # partial sums added per loop step of the final reduction
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _ex2(x, FAST_MATH: tl.constexpr):
+    """2^x. On a GPU the bare MUFU.EX2 (``ex2.approx.ftz``: no denormal fix-up; results below
+    2^-126 are 0, far below what a probability here can matter)."""
+    if FAST_MATH:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _lg2(x, FAST_MATH: tl.constexpr):
+    """log2(x) for x >= 1 (a softmax denominator): MUFU.LG2 on a GPU."""
+    if FAST_MATH:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _rcp(x, FAST_MATH: tl.constexpr):
+    """1/x for x >= 1 (a softmax denominator): MUFU.RCP on a GPU (within 1 ulp)."""
+    if FAST_MATH:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _opaque_zero(x, FAST_MATH: tl.constexpr):
+    """0, which the compiler cannot see through (so what is built on it stays in the loop)."""
+    if FAST_MATH:
+        return tl.inline_asm_elementwise("mov.u32 $0, 0;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        return 0
+
+
+@triton.jit
+def _softmax_parts(x, scale, col_ok, FAST_MATH: tl.constexpr):
+    """Softmax of ``scale * x`` by rows of a [rows, cols] tile: (m = scale * max x, m_l = its
+    log2 e multiple as rounded, e = exp(scale x - m) computed as 2^(x scale log2e - m_l), 1/sum e,
+    ln sum e). One FFMA and one MUFU.EX2 per element. The one rounding of m_l scales every e of
+    a row alike (p = e / sum e is unchanged) and is taken out of ln sum e exactly (``err``)."""
+    m = tl.max(x, axis=1) * scale
+    m_l = m * _LOG2E
+    err = tl.fma(m, _LOG2E, -m_l)  # m log2e - m_l, exactly
+    # padding columns are 0 by construction: said so (as -0.0, which adds exactly nothing), the
+    # compiler drops their (opaque) exp and their share of the sum
+    e = tl.where(col_ok[None, :], _ex2(x * (scale * _LOG2E) - m_l[:, None], FAST_MATH), -0.0)
+    s = tl.sum(e, axis=1)
+    return m, m_l, e, _rcp(s, FAST_MATH), (_lg2(s, FAST_MATH) + err) * _LN2
+
+
+@triton.jit
+def _load_rows(ptr, start, r, cols, rows_left, stride_b, stride_c, C: tl.constexpr, FULL: tl.constexpr,
+               FLAT_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """[BLOCK_B, BLOCK_C] float32 logits of the tile's rows: -inf in the padding columns (a
+    probability of 0), 0 in rows past the batch (finite; dropped from every sum)."""
+    col_ok = cols < C  # C is a compile-time constant: this mask folds away per register
+    if FLAT_ROWS:
+        offs = r[:, None] * C + cols[None, :]  # 32-bit offsets inside the tile
+        base = ptr + start * C
+    else:
+        offs = r.to(tl.int64)[:, None] * stride_b + cols.to(tl.int64)[None, :] * stride_c
+        base = ptr + start * stride_b
+    if FULL:
+        x = tl.load(base + offs, mask=col_ok[None, :], other=float("-inf")).to(tl.float32)
+    else:
+        ok = (r < rows_left)[:, None] & col_ok[None, :]
+        x = tl.load(base + offs, mask=ok, other=0.0).to(tl.float32)
+        x = tl.where(col_ok[None, :], x, float("-inf"))
+    return x
 
 
 @triton.jit
 def _nla_tile(
-    z_ptr, zf_ptr, y_ptr, gz_ptr, gzf_ptr, w_ptr, tile, B, C,
+    z_ptr, zf_ptr, y_ptr, gz_ptr, gzf_ptr, w_ptr, tile, B,
     stride_zb, stride_zc, stride_zfb, stride_zfc, stride_y,
-    lam, mu_t1, mu_t2, diag_t, b_t, inv_det_t, norm_t,
-    mu_f1, mu_f2, diag_f, off_f, inv_det_f, norm_f, inv_b, reg_scale, flat_src,
+    coef_naw, coef_reg, mu_t1, mu_t2, alpha_t, beta_t, norm_t, mu_f1, mu_f2, alpha_f, beta_f, norm_f,
+    flat_first, flat_start_col,
+    C: tl.constexpr,
     FULL: tl.constexpr,  # all BLOCK_B rows exist (no row masks: vector stores)
-    EXACT_C: tl.constexpr,  # C == BLOCK_C: no padding columns, no permutation, aligned rows
     FLAT_ROWS: tl.constexpr,  # both logits have strides (C, 1)
     HAS_FLIP: tl.constexpr, JSD: tl.constexpr, WRITE_LOSS: tl.constexpr,
     GRAD_Z: tl.constexpr, GRAD_ZF: tl.constexpr, WRITE_W: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
-    """One tile of rows: stores its weights/gradients, returns its rows' loss terms [BLOCK_B]."""
-    if EXACT_C:
-        C = BLOCK_C  # a compile-time row length: aligned rows, 16-byte vector loads
+    """One tile of rows: stores its weights/gradients, returns its rows' loss terms [BLOCK_B].
+
+    ``coef_naw`` = lam / B and ``coef_reg`` = (1 - lam) * (1/B or 1): the two terms' factors."""
     r = tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_C)
     start = tl.cast(tile, tl.int64) * BLOCK_B  # 64-bit tile base; offsets inside a tile are 32-bit
     rows = start + r
-    col_ok = cols < C
-    row_ok = rows < B
-
-    # All loads first (memory-level parallelism). Padding columns become -inf (exp -> 0);
-    # padding rows load 0 so they stay finite, and row_ok drops them from the sums.
-    # Full tiles carry no row mask, and no mask at all when C == BLOCK_C (vectorisable).
-    if FLAT_ROWS:
-        z_tile = z_ptr + start * C
-        zf_tile = zf_ptr + start * C
-        offs = r[:, None] * C + cols[None, :]
-    else:
-        z_tile = z_ptr + start * stride_zb
-        zf_tile = zf_ptr + start * stride_zfb
-        offs = r.to(tl.int64)[:, None] * stride_zb + cols.to(tl.int64)[None, :] * stride_zc
+    rows_left = B - start
+    row_ok = r < rows_left
     if FULL:
         y = tl.load(y_ptr + rows * stride_y)
-        if EXACT_C:
-            z = tl.load(z_tile + offs)
-        else:
-            z = tl.load(z_tile + offs, mask=col_ok[None, :], other=0.0)
     else:
         y = tl.load(y_ptr + rows * stride_y, mask=row_ok, other=0)
-        z = tl.load(z_tile + offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    z = _load_rows(z_ptr, start, r, cols, rows_left, stride_zb, stride_zc, C, FULL, FLAT_ROWS, BLOCK_C)
     if HAS_FLIP:
-        if not FLAT_ROWS:
-            offs = r.to(tl.int64)[:, None] * stride_zfb + cols.to(tl.int64)[None, :] * stride_zfc
-        if FULL:
-            if EXACT_C:
-                zf = tl.load(zf_tile + offs)
-            else:
-                zf = tl.load(zf_tile + offs, mask=col_ok[None, :], other=0.0)
-        else:
-            zf = tl.load(zf_tile + offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        zf = tl.where(col_ok[None, :], zf.to(tl.float32), float("-inf"))
-    z = tl.where(col_ok[None, :], z.to(tl.float32), float("-inf"))
+        zf = _load_rows(zf_ptr, start, r, cols, rows_left, stride_zfb, stride_zfc, C, FULL, FLAT_ROWS, BLOCK_C)
+
+    col_ok = cols < C  # a compile-time constant per register
+    # gradients: one flat block per tile, written with 16-byte stores (see _flat_rows)
+    f = r[:, None] * BLOCK_C + cols[None, :]
+    if C != BLOCK_C:
+        # the permutation's source of each flat slot (see _flat_rows), built per tile from two
+        # loop-invariant values per thread (hoisted whole, it would hold BLOCK_C registers)
+        start_col = _opaque_zero(tile, FAST_MATH) + flat_start_col
+        # slot j holds column start_col + j of row0, or past the row's end (once or, when
+        # BLOCK_C >= C + 2, twice) the next rows' columns: skip BLOCK_C - C padding slots each time
+        t = start_col[:, None] + cols[None, :]
+        src = flat_first[:, None] + cols[None, :] + (t >= C).to(tl.int32) * (BLOCK_C - C)
+        if BLOCK_C >= C + 2:
+            src += (t >= 2 * C).to(tl.int32) * (BLOCK_C - C)
+        if BLOCK_B * C % BLOCK_C != 0:  # a flat row partly past the tile (tiny tiles): keep in bounds
+            src = tl.minimum(src, BLOCK_B * BLOCK_C - 1)
+        flat_src = tl.reshape(src, [BLOCK_B * BLOCK_C])
+    else:
+        flat_src = f  # unused: C == BLOCK_C stores the compute tile as it is
+    g_tile = start * C
+    half_reg = 0.5 * coef_reg
+    if HAS_FLIP:
+        # the flip's side first: its gradient needs nothing of the NAW term, so it is stored (and
+        # its registers freed) before the NAW side is computed
+        mf, _, ef, inv_sf, ln_sf = _softmax_parts(zf, 1.0, cols < C, FAST_MATH)
+        if not JSD:
+            # official: 0.5 (lse z + lse z') - lse((z + z')/2); gradients 0.5 (p - q), 0.5 (p' - q)
+            um, _, ev, inv_sv, ln_sv = _softmax_parts(z + zf, 0.5, cols < C, FAST_MATH)
+            q_coef = half_reg * inv_sv
+            if GRAD_ZF:
+                gzf = (half_reg * inv_sf)[:, None] * ef - q_coef[:, None] * ev
+                gzf = tl.where(col_ok[None, :], gzf, 0.0)  # padding: never stored, not computed
+                gzf = _flat_rows(gzf.to(gzf_ptr.dtype.element_ty), flat_src, C == BLOCK_C, BLOCK_B, BLOCK_C)
+                _store_flat(gzf_ptr + g_tile + f, gzf, f, rows_left, C, FULL, C == BLOCK_C, BLOCK_B)
+
     # the gather of the target is a compare: an out-of-range label is never an address
     y = y.to(tl.int64)  # any integer dtype read as it is; 64-bit so 2^40 cannot wrap into range
-    y_ok = (y >= 0) & (y < C)
-    is_y = cols[None, :] == tl.where(y_ok, y, -1).to(tl.int32)[:, None]
+    y_ok = y.to(tl.uint64) < C  # one unsigned compare: negative labels wrap past C
+    # (& col_ok: a padding column is never y, and the compiler then drops its selects)
+    is_y = (cols[None, :] == tl.where(y_ok, y, -1).to(tl.int32)[:, None]) & col_ok[None, :]
 
-    # softmax from shifted logits a = z - max z
-    m = tl.max(z, axis=1)
-    a = z - m[:, None]
-    e = tl.exp(a)
-    s = tl.sum(e, axis=1)
-    log_s = tl.log(s)
-    inv_s = 1.0 / s
-    p = e * inv_s[:, None]
-    a_y = tl.sum(tl.where(is_y, a, 0.0), axis=1)
-    ce = tl.where(y_ok, log_s - a_y, float("nan"))
-
-    # nearest negative on the raw logits: first index among the tied maxima (a valid column
-    # other than y, also when every other logit is -inf)
+    m, m_l, e, inv_s, ln_s = _softmax_parts(z, 1.0, cols < C, FAST_MATH)
+    z_y = tl.sum(tl.where(is_y, z, 0.0), axis=1)
+    ce = tl.where(y_ok, ln_s - (z_y - m), float("nan"))
+    # nearest negative on the raw logits (softmax is monotone): first index among tied maxima.
+    # When every negative is -inf, k may land on y or a padding column: then n = 0 and its
+    # gradient term vanishes, so any k is right.
     z_neg = tl.where(is_y, float("-inf"), z)
     z_k = tl.max(z_neg, axis=1)
-    k = tl.min(tl.where((z_neg == z_k[:, None]) & col_ok[None, :] & ~is_y, cols[None, :], BLOCK_C), axis=1)
-    is_k = cols[None, :] == k[:, None]
-    z_y = tl.sum(tl.where(is_y, z, 0.0), axis=1)
-    a_k = tl.sum(tl.where(is_k, a, 0.0), axis=1)
+    k = tl.min(tl.where(z_neg == z_k[:, None], cols[None, :], BLOCK_C), axis=1)
+    is_k = (cols[None, :] == k[:, None]) & col_ok[None, :]
     true_case = z_y >= z_k  # ties count as the true case
-    g = tl.exp(a_y) * inv_s
-    n = tl.exp(a_k) * inv_s
+    g = _ex2(z_y * _LOG2E - m_l, FAST_MATH) * inv_s  # e_y / sum e, as the e of the gradient
+    n = _ex2(z_k * _LOG2E - m_l, FAST_MATH) * inv_s
 
-    sa = tl.where(true_case, diag_t, diag_f)
-    sb = tl.where(true_case, b_t, off_f)
-    inv_det = tl.where(true_case, inv_det_t, inv_det_f)
+    # NAW weight: the 2-D Gaussian N(s; mu, [[a, b], [b, a]]) written as norm * exp(t) with
+    # t = alpha (d1^2 + d2^2) + beta d1 d2, alpha = -a / (2 det), beta = b / det (per case)
+    alpha = tl.where(true_case, alpha_t, alpha_f)
+    beta = tl.where(true_case, beta_t, beta_f)
     d1 = g - tl.where(true_case, mu_t1, mu_f1)
     d2 = n - tl.where(true_case, mu_t2, mu_f2)
-    quad = (sa * (d1 * d1 + d2 * d2) - 2.0 * sb * d1 * d2) * inv_det
-    w = tl.where(true_case, norm_t, norm_f) * tl.exp(-0.5 * quad)
+    w = tl.where(true_case, norm_t, norm_f) * _ex2((alpha * (d1 * d1 + d2 * d2) + beta * d1 * d2) * _LOG2E,
+                                                   FAST_MATH)
     w = tl.where(y_ok, w, float("nan"))
     if WRITE_W:
         if FULL:
@@ -169,67 +224,58 @@ def _nla_tile(
 
     row_loss = tl.zeros([BLOCK_B], dtype=tl.float32)
     if HAS_FLIP:
-        mf = tl.max(zf, axis=1)
-        af = zf - mf[:, None]
-        ef = tl.exp(af)
-        sf = tl.sum(ef, axis=1)
-        log_sf = tl.log(sf)
-        pf = ef * (1.0 / sf)[:, None]
-
         if JSD:
-            # t = log p - log m, log m = logaddexp(log p, log p') - log 2 (finite when p underflows);
-            # 0 * log(0/0) = 0: a class of probability 0 (padding, a -inf logit) gives t = 0
-            lp = a - log_s[:, None]
-            lpf = af - log_sf[:, None]
-            # (a class at -inf in both views, padding included, gets log m = 0: unused, t = 0 there)
-            both_zero = tl.maximum(lp, lpf) == float("-inf")
-            hi = tl.where(both_zero, 0.0, tl.maximum(lp, lpf))
-            lo = tl.where(both_zero, 0.0, tl.minimum(lp, lpf))
-            log_m = hi + tl.log(1.0 + tl.exp(lo - hi)) - 0.6931471805599453
-            t = tl.where(p > 0.0, lp - log_m, 0.0)
-            tf = tl.where(pf > 0.0, lpf - log_m, 0.0)
-            pt_sum = tl.sum(p * t, axis=1)
-            ptf_sum = tl.sum(pf * tf, axis=1)
-            reg_row = 0.5 * (pt_sum + ptf_sum)
-            reg_gz = 0.5 * p * (t - pt_sum[:, None])
-            reg_gzf = 0.5 * pf * (tf - ptf_sum[:, None])
+            reg_row, reg_gz, reg_gzf = _jsd_rows(z - m[:, None], zf - mf[:, None], e * inv_s[:, None],
+                                                 ef * inv_sf[:, None], ln_s, ln_sf)
+            if GRAD_ZF:
+                gzf = _flat_rows((coef_reg * reg_gzf).to(gzf_ptr.dtype.element_ty), flat_src, C == BLOCK_C,
+                                 BLOCK_B, BLOCK_C)
+                _store_flat(gzf_ptr + g_tile + f, gzf, f, rows_left, C, FULL, C == BLOCK_C, BLOCK_B)
         else:
-            # official: (lse z + lse z')/2 - lse((z + z')/2), written with the shifted logits
-            # so the large max terms cancel exactly: v = (a + a')/2 = u - (m + m')/2
-            v = 0.5 * (a + af)
-            vmax = tl.max(v, axis=1)
-            ev = tl.exp(v - vmax[:, None])
-            sv = tl.sum(ev, axis=1)
-            q = ev * (1.0 / sv)[:, None]
-            reg_row = 0.5 * (log_s + log_sf) - vmax - tl.log(sv)
-            reg_gz = 0.5 * (p - q)
-            reg_gzf = 0.5 * (pf - q)
-
+            reg_row = 0.5 * (ln_s + ln_sf + m + mf) - um - ln_sv
         if WRITE_LOSS:
-            row_loss = (lam * inv_b) * (1.0 + w) * ce + ((1.0 - lam) * reg_scale) * reg_row
+            row_loss = coef_naw * (1.0 + w) * ce + coef_reg * reg_row
             if not FULL:
                 row_loss = tl.where(row_ok, row_loss, 0.0)
-
-        # gradients: one flat block per tile (see the module docstring)
-        f = r[:, None] * BLOCK_C + cols[None, :]
-        g_tile = start * C
         if GRAD_Z:
-            # d[(1+w) CE]/dz = (1+w)(p - e_y) + CE (dw/dg g (e_y - p) + dw/dn n (e_k - p))
-            dw_dg = -w * (sa * d1 - sb * d2) * inv_det
-            dw_dn = -w * (sa * d2 - sb * d1) * inv_det
+            # d[(1+w) CE]/dz = (1+w)(p - e_y) + CE (dw/dg g (e_y - p) + dw/dn n (e_k - p)), so per
+            # row gz = A e + [j == y] Ey + [j == k] Ek (+ the consistency term), A folding 1/sum e
+            dw_dg = w * (2.0 * alpha * d1 + beta * d2)
+            dw_dn = w * (2.0 * alpha * d2 + beta * d1)
             one_w = 1.0 + w
             c_y = ce * dw_dg * g
             c_k = ce * dw_dn * n
-            naw = p * (one_w - c_y - c_k)[:, None] + tl.where(is_y, (c_y - one_w)[:, None], 0.0)
-            naw += tl.where(is_k, c_k[:, None], 0.0)
-            gz = (lam * inv_b) * naw + ((1.0 - lam) * reg_scale) * reg_gz
-            gz = _flat_rows(gz.to(gz_ptr.dtype.element_ty), flat_src, EXACT_C, BLOCK_B, BLOCK_C)
-            _store_flat(gz_ptr + g_tile + f, gz, f, B - start, C, FULL, EXACT_C, BLOCK_B)
-        if GRAD_ZF:
-            gzf = ((1.0 - lam) * reg_scale) * reg_gzf
-            gzf = _flat_rows(gzf.to(gzf_ptr.dtype.element_ty), flat_src, EXACT_C, BLOCK_B, BLOCK_C)
-            _store_flat(gzf_ptr + g_tile + f, gzf, f, B - start, C, FULL, EXACT_C, BLOCK_B)
+            e_y = coef_naw * (c_y - one_w)
+            e_k = coef_naw * c_k
+            pick = tl.where(is_y, e_y[:, None], tl.where(is_k, e_k[:, None], 0.0))
+            if JSD:
+                gz = (coef_naw * (one_w - c_y - c_k) * inv_s)[:, None] * e + pick + coef_reg * reg_gz
+            else:
+                a_p = (coef_naw * (one_w - c_y - c_k) + half_reg) * inv_s
+                gz = a_p[:, None] * e + (pick - q_coef[:, None] * ev)  # two FFMAs per element
+                gz = tl.where(col_ok[None, :], gz, 0.0)  # padding: never stored, not computed
+            gz = _flat_rows(gz.to(gz_ptr.dtype.element_ty), flat_src, C == BLOCK_C, BLOCK_B, BLOCK_C)
+            _store_flat(gz_ptr + g_tile + f, gz, f, rows_left, C, FULL, C == BLOCK_C, BLOCK_B)
     return row_loss
+
+
+@triton.jit
+def _jsd_rows(a, af, p, pf, log_s, log_sf):
+    """Jensen-Shannon consistency per row from shifted logits a = z - max z: (0.5 sum p t +
+    0.5 sum p' t', its gradients for z and z'), t = log p - log m, m = (p + p')/2; log m via
+    logaddexp (finite when p underflows); 0 log(0/0) = 0: a class of probability 0 in a view
+    (padding, a -inf logit) gives t = 0 there."""
+    lp = a - log_s[:, None]
+    lpf = af - log_sf[:, None]
+    both_zero = tl.maximum(lp, lpf) == float("-inf")
+    hi = tl.where(both_zero, 0.0, tl.maximum(lp, lpf))
+    lo = tl.where(both_zero, 0.0, tl.minimum(lp, lpf))
+    log_m = hi + tl.log(1.0 + tl.exp(lo - hi)) - 0.6931471805599453
+    t = tl.where(p > 0.0, lp - log_m, 0.0)
+    tf = tl.where(pf > 0.0, lpf - log_m, 0.0)
+    pt_sum = tl.sum(p * t, axis=1)
+    ptf_sum = tl.sum(pf * tf, axis=1)
+    return 0.5 * (pt_sum + ptf_sum), 0.5 * p * (t - pt_sum[:, None]), 0.5 * pf * (tf - ptf_sum[:, None])
 
 
 @triton.jit
@@ -261,13 +307,14 @@ def _store_flat(ptrs, x, f, rows_left, C, FULL: tl.constexpr, EXACT_C: tl.conste
 def _nla_fwd_kernel(
     z_ptr, zf_ptr, y_ptr, eps_ptr,
     loss_ptr, gz_ptr, gzf_ptr, w_ptr,
-    B, C,
+    B,
     stride_zb, stride_zc, stride_zfb, stride_zfc, stride_y,
     eps_value, lam,
     mu_t1, mu_t2, diag_t, off_t, true_scale,
-    mu_f1, mu_f2, diag_f, off_f, inv_det_f, norm_f,
+    mu_f1, mu_f2, alpha_f, beta_f, norm_f,  # false case: eps-free, derived on the host
+    C: tl.constexpr,  # the number of classes (each compiled kernel serves one)
     EPS_FROM_PTR: tl.constexpr,  # read eps from memory (CUDA graphs) instead of the scalar arg
-    HAS_FLIP: tl.constexpr,  # False: NAW weights only (naw_weight_triton)
+    HAS_FLIP: tl.constexpr,  # False: NAW weights only
     JSD: tl.constexpr,
     REG_MEAN: tl.constexpr,  # consistency term averaged over the batch (else summed)
     WRITE_LOSS: tl.constexpr,
@@ -275,10 +322,9 @@ def _nla_fwd_kernel(
     GRAD_ZF: tl.constexpr,
     WRITE_W: tl.constexpr,
     FLAT_ROWS: tl.constexpr,  # both logits contiguous (row stride C, column stride 1)
-    EXACT_C: tl.constexpr,  # C == BLOCK_C (a power of two)
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    PROGRAMS_PER_SM: tl.constexpr,  # unused here: the launch grid reads it from the (tuned) config
+    FAST_MATH: tl.constexpr,  # MUFU approximations (on a GPU; the interpreter has no inline asm)
 ):
     # Every scalar in float32 from here on: under Inductor a Python float arrives as fp64 and
     # would turn the loop-carried sum into fp64 (a compile error in the persistent loop).
@@ -290,9 +336,8 @@ def _nla_fwd_kernel(
     true_scale = tl.cast(true_scale, tl.float32)
     mu_f1 = tl.cast(mu_f1, tl.float32)
     mu_f2 = tl.cast(mu_f2, tl.float32)
-    diag_f = tl.cast(diag_f, tl.float32)
-    off_f = tl.cast(off_f, tl.float32)
-    inv_det_f = tl.cast(inv_det_f, tl.float32)
+    alpha_f = tl.cast(alpha_f, tl.float32)
+    beta_f = tl.cast(beta_f, tl.float32)
     norm_f = tl.cast(norm_f, tl.float32)
     if EPS_FROM_PTR:
         eps = tl.load(eps_ptr).to(tl.float32)
@@ -302,25 +347,25 @@ def _nla_fwd_kernel(
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     inv_b = 1.0 / (B * 1.0)  # in the kernel: no SymFloat argument under torch.compile
+    coef_naw = lam * inv_b
     if REG_MEAN:
-        reg_scale = inv_b
+        coef_reg = (1.0 - lam) * inv_b
     else:
-        reg_scale = 1.0
-    # NAW weight: 2-D Gaussian with Sigma = [[a, b], [b, a]], closed-form inverse.
-    # Only the true-case off-diagonal depends on eps: its det/normaliser are per-program scalars.
+        coef_reg = 1.0 - lam
+    # NAW weight: only the true case depends on eps: its Gaussian's constants are per-program scalars
     b_t = -eps * off_t
     det_t = diag_t * diag_t - b_t * b_t
-    inv_det_t = 1.0 / det_t
+    alpha_t = -0.5 * diag_t / det_t
+    beta_t = b_t / det_t
     norm_t = true_scale / (6.283185307179586 * tl.sqrt(det_t))
 
-    # where each flat-rows slot of a gradient tile comes from (tile-independent, so computed once):
-    # flat element f of the tile is row f // C, column f % C of the compute tile
-    f = tl.arange(0, BLOCK_B * BLOCK_C)
-    if EXACT_C:
-        flat_src = f  # unused
-    else:
-        f_row = f // C
-        flat_src = tl.where(f < BLOCK_B * C, f_row * BLOCK_C + (f - f_row * C), 0)  # the rest is masked off
+    # the gradient tile's flat rows (see _flat_rows): flat row i starts at flat element i * BLOCK_C,
+    # which is column start_col of compute row row0 (at compute-tile position flat_first)
+    r = tl.arange(0, BLOCK_B)
+    row0 = (r * BLOCK_C) // C
+    in_tile = r * BLOCK_C < BLOCK_B * C  # flat rows past the tile's last element: masked at the store
+    flat_start_col = tl.where(in_tile, r * BLOCK_C - row0 * C, 0)
+    flat_first = tl.where(in_tile, row0 * BLOCK_C + flat_start_col, 0)
 
     # Persistent programs: program pid takes full tiles pid, pid + grid, ...; the program next in
     # turn takes the partial last tile. Fixed order: deterministic per (device, shape, config).
@@ -328,19 +373,19 @@ def _nla_fwd_kernel(
     acc = tl.zeros([BLOCK_B], dtype=tl.float32)
     for tile in tl.range(pid, num_full, num_programs):
         acc += _nla_tile(
-            z_ptr, zf_ptr, y_ptr, gz_ptr, gzf_ptr, w_ptr, tile, B, C,
+            z_ptr, zf_ptr, y_ptr, gz_ptr, gzf_ptr, w_ptr, tile, B,
             stride_zb, stride_zc, stride_zfb, stride_zfc, stride_y,
-            lam, mu_t1, mu_t2, diag_t, b_t, inv_det_t, norm_t,
-            mu_f1, mu_f2, diag_f, off_f, inv_det_f, norm_f, inv_b, reg_scale, flat_src,
-            True, EXACT_C, FLAT_ROWS, HAS_FLIP, JSD, WRITE_LOSS, GRAD_Z, GRAD_ZF, WRITE_W, BLOCK_B, BLOCK_C,
+            coef_naw, coef_reg, mu_t1, mu_t2, alpha_t, beta_t, norm_t, mu_f1, mu_f2, alpha_f, beta_f, norm_f,
+            flat_first, flat_start_col,
+            C, True, FLAT_ROWS, HAS_FLIP, JSD, WRITE_LOSS, GRAD_Z, GRAD_ZF, WRITE_W, BLOCK_B, BLOCK_C, FAST_MATH,
         )
     if (num_full * BLOCK_B < B) & (pid == num_full % num_programs):
         acc += _nla_tile(
-            z_ptr, zf_ptr, y_ptr, gz_ptr, gzf_ptr, w_ptr, num_full, B, C,
+            z_ptr, zf_ptr, y_ptr, gz_ptr, gzf_ptr, w_ptr, num_full, B,
             stride_zb, stride_zc, stride_zfb, stride_zfc, stride_y,
-            lam, mu_t1, mu_t2, diag_t, b_t, inv_det_t, norm_t,
-            mu_f1, mu_f2, diag_f, off_f, inv_det_f, norm_f, inv_b, reg_scale, flat_src,
-            False, EXACT_C, FLAT_ROWS, HAS_FLIP, JSD, WRITE_LOSS, GRAD_Z, GRAD_ZF, WRITE_W, BLOCK_B, BLOCK_C,
+            coef_naw, coef_reg, mu_t1, mu_t2, alpha_t, beta_t, norm_t, mu_f1, mu_f2, alpha_f, beta_f, norm_f,
+            flat_first, flat_start_col,
+            C, False, FLAT_ROWS, HAS_FLIP, JSD, WRITE_LOSS, GRAD_Z, GRAD_ZF, WRITE_W, BLOCK_B, BLOCK_C, FAST_MATH,
         )
     if WRITE_LOSS:
         # this program's partial sum (the final loss when the grid is one program)
@@ -364,389 +409,26 @@ def _scale_grads_kernel(
 ):
     # grad_output is read from memory: no host check for grad_output == 1, graph-capturable.
     # IN_PLACE (o* == g*): the common loss.backward() has grad_output == 1 and the saved
-    # gradients are already the answer, so every load and store is masked off (no traffic).
+    # gradients are already the answer, so the kernel returns at once (no traffic).
     go = tl.load(go_ptr).to(tl.float32)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
     if IN_PLACE:
-        mask = mask & (tl.zeros([BLOCK], dtype=tl.float32) + go != 1.0)
-    if HAS_Z:
-        x = tl.load(gz_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(oz_ptr + offs, (x * go).to(oz_ptr.dtype.element_ty), mask=mask)
-    if HAS_ZF:
-        x = tl.load(gzf_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(ozf_ptr + offs, (x * go).to(ozf_ptr.dtype.element_ty), mask=mask)
-
-
-def _next_pow2(n):
-    return 1 << (n - 1).bit_length()  # plain Python: triton.next_power_of_2 is slower per call
-
-
-def _cdiv(a, b):
-    return (a + b - 1) // b
-
-
-def _clamp(x, lo, hi):
-    return max(lo, min(hi, x))
-
-
-def _block_c(num_classes):
-    return max(2, _next_pow2(num_classes))
-
-
-def _warps_for(block_b, block_c):
-    return _clamp((block_b * block_c) // (32 * _ELEMENTS_PER_THREAD), 1, 16)
-
-
-def _fixed_config(batch, block_c):
-    """(BLOCK_B, num_warps, num_stages, programs per SM), the same in every process.
-
-    Small batches (a concrete B with B * BLOCK_C <= 4096) get one program holding the whole
-    batch in one tile: one launch, whose bits do not depend on any tuning. Otherwise the
-    large-batch heuristic (used where nothing may be benchmarked and nothing was tuned)."""
-    if isinstance(batch, int) and batch * block_c <= _SINGLE_PROGRAM_ELEMENTS:
-        block_b = _next_pow2(batch)
-        return block_b, _warps_for(block_b, block_c), 1, 1
-    block_b = max(1, _TILE_ELEMENTS // block_c)
-    num_warps = _warps_for(block_b, block_c)
-    return block_b, num_warps, 1, max(1, _WARPS_PER_SM // num_warps)
-
-
-def _tuning_configs(block_c):
-    """Large-batch candidates: tiles of 2k-16k elements and 4-16 warps. num_stages stays 1: the
-    loads are per-element (see the module docstring), which Triton's loop pipeliner leaves alone
-    (sm_90 PTX identical for 1 and 2 stages), so more stages would only lengthen the tuning."""
-    configs = []
-    for tile, num_warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)):
-        block_b = max(1, tile // block_c)
-        configs.append(triton.Config(
-            {"BLOCK_B": block_b, "PROGRAMS_PER_SM": max(1, _WARPS_PER_SM // num_warps)},
-            num_warps=num_warps, num_stages=1))
-    return configs
-
-
-@functools.lru_cache(maxsize=None)
-def _tuner(block_c):
-    """The autotuned forward kernel for one BLOCK_C (its candidates depend on the row length).
-    Keyed on B and C (dtypes are added by Triton); it is only called for a batch bucket that
-    has no remembered configuration yet (``_tuned``)."""
-    return triton.autotune(configs=_tuning_configs(block_c), key=["B", "C"])(_nla_fwd_kernel)
-
-
-_tuned = {}  # (device, C, dtype, dtype flip, B bucket) -> (BLOCK_B, num_warps, num_stages, per SM)
-_plans = {}  # (device, B, C, tuning key) -> launch plan; everything derived per call is cached
-_sm_counts = {}
-
-
-def _program_limit(device, programs_per_sm):
-    """Persistent grid size cap: programs per SM x SMs. 4 on the CPU interpreter (enough to
-    exercise the tile loop)."""
-    if device.type != "cuda":
-        return 4
-    sms = _sm_counts.get(device.index)
-    if sms is None:
-        sms = _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return programs_per_sm * sms
-
-
-def _plan(batch, block_c, device, config):
-    """(BLOCK_B, num_warps, num_stages, programs per SM, number of programs) for a config."""
-    block_b, num_warps, num_stages, per_sm = config
-    num_programs = min(_cdiv(batch, block_b), _program_limit(device, per_sm))
-    return block_b, num_warps, num_stages, per_sm, num_programs
-
-
-def _tuning_key(logits, zf, batch, num_classes):
-    return (logits.device, num_classes, logits.dtype, zf.dtype, batch.bit_length())
-
-
-def _may_tune(device):
-    """Benchmarking launches and synchronises: never while tracing or capturing a CUDA graph."""
-    return (device.type == "cuda" and not _INTERPRET and not torch.compiler.is_compiling()
-            and not torch.cuda.is_current_stream_capturing())
-
-
-def _identity(kernel):
-    return kernel
-
-
-def _forward_body(wrap, logits, logits_flip, target, eps_tensor, eps_value, consts, jsd,
-                  reg_mean, grad_z, grad_zf, weights, loss):
-    """(loss, d/dlogits, d/dlogits_flip, weights), None for what was not asked for.
-    Shared by the eager path (``wrap`` = identity) and the triton_op (``wrap`` = wrap_triton)."""
-    batch, num_classes = logits.shape
-    num_classes = int(num_classes)  # C picks constexpr block sizes: specialise on it under compile
-    device = logits.device
-    zf = logits_flip if logits_flip is not None else logits
-    block_c = _block_c(num_classes)
-    tune_key = None
-    plan = None
-    if isinstance(batch, int):
-        if batch * block_c > _SINGLE_PROGRAM_ELEMENTS:
-            tune_key = _tuning_key(logits, zf, batch, num_classes)
-        plan_key = (device, batch, num_classes, tune_key, tune_key in _tuned)
-        plan = _plans.get(plan_key)
-    tune_now = False
-    if plan is None:
-        config = _tuned.get(tune_key) if tune_key is not None else None
-        tune_now = tune_key is not None and config is None and wrap is _identity and _may_tune(device)
-        plan = _plan(batch, block_c, device, config or _fixed_config(batch, block_c))
-        if isinstance(batch, int) and not tune_now:
-            _plans[plan_key] = plan
-    block_b, num_warps, num_stages, per_sm, num_programs = plan
-    # gradients contiguous, in each input's dtype; outputs not asked for are not allocated
-    # (the kernel gets a dummy pointer it never touches)
-    gz = logits.new_empty((batch, num_classes)) if grad_z else None
-    gzf = zf.new_empty((batch, num_classes)) if grad_zf else None
-    w = logits.new_empty((batch,), dtype=torch.float32) if weights else None
-    loss_out = partial = None
-    if tune_now:  # the tuned grid is known only after the launch: room for the largest one
-        num_programs = max(_plan(batch, block_c, device, (c.kwargs["BLOCK_B"], 0, 0, c.kwargs["PROGRAMS_PER_SM"]))[4]
-                           for c in _tuning_configs(block_c))
-    if loss:
-        loss_out = logits.new_empty((), dtype=torch.float32)
-        # one program writes the final loss directly: small batches are a single launch
-        partial = loss_out if num_programs == 1 else logits.new_empty((num_programs,), dtype=torch.float32)
-    args = (
-        logits, zf, target, logits if eps_tensor is None else eps_tensor,
-        logits if partial is None else partial, logits if gz is None else gz,
-        logits if gzf is None else gzf, logits if w is None else w,
-        batch, num_classes,
-        *logits.stride(), *zf.stride(), target.stride(0),
-        eps_value, *consts,
-    )
-    flags = dict(
-        EPS_FROM_PTR=eps_tensor is not None, HAS_FLIP=logits_flip is not None, JSD=jsd,
-        REG_MEAN=reg_mean, WRITE_LOSS=loss, GRAD_Z=grad_z, GRAD_ZF=grad_zf, WRITE_W=weights,
-        FLAT_ROWS=logits.is_contiguous() and zf.is_contiguous(), EXACT_C=num_classes == block_c,
-        BLOCK_C=block_c,
-    )
-    if tune_now:
-        limit = functools.partial(_program_limit, device)
-        tuner = _tuner(block_c)
-        tuner[lambda meta: (min(_cdiv(batch, meta["BLOCK_B"]), limit(meta["PROGRAMS_PER_SM"])),)](*args, **flags)
-        best = tuner.best_config
-        config = (best.kwargs["BLOCK_B"], best.num_warps, best.num_stages, best.kwargs["PROGRAMS_PER_SM"])
-        _tuned[tune_key] = config
-        num_programs = _plan(batch, block_c, device, config)[4]
+        if go != 1.0:
+            _scale_loop(go, gz_ptr, gzf_ptr, oz_ptr, ozf_ptr, N, HAS_Z, HAS_ZF, BLOCK)
     else:
-        wrap(_nla_fwd_kernel)[(num_programs,)](
-            *args, **flags, BLOCK_B=block_b, PROGRAMS_PER_SM=per_sm,
-            num_warps=num_warps, num_stages=num_stages,
-        )
-    if loss and partial is not loss_out:  # (after tuning, also when the chosen grid is one program)
-        block = min(_SUM_BLOCK, _next_pow2(num_programs))
-        wrap(_sum_partials_kernel)[(1,)](partial, loss_out, num_programs, BLOCK=block,
-                                         num_warps=max(1, min(8, block // 128)))
-    return loss_out, gz, gzf, w
+        _scale_loop(go, gz_ptr, gzf_ptr, oz_ptr, ozf_ptr, N, HAS_Z, HAS_ZF, BLOCK)
 
 
-def _scale_launch_uncached(numel):
-    """(grid, BLOCK, num_warps) of the gradient-scaling kernel for ``numel`` elements."""
-    block = min(_SCALE_BLOCK, _next_pow2(numel))
-    return (_cdiv(numel, block),), block, max(1, min(8, block // 512))
-
-
-_scale_launch_cached = functools.lru_cache(maxsize=256)(_scale_launch_uncached)
-
-
-def _scale_launch(numel):
-    # a SymInt (torch.compile with a dynamic batch) cannot be a cache key
-    return _scale_launch_cached(numel) if isinstance(numel, int) else _scale_launch_uncached(numel)
-
-
-def _scale_body(wrap, grad_output, gz, gzf):
-    """(grad_output * gz, grad_output * gzf), None for a gradient that is None."""
-    oz = None if gz is None else torch.empty_like(gz)
-    ozf = None if gzf is None else torch.empty_like(gzf)
-    ref = gz if gz is not None else gzf
-    if ref is not None and ref.numel() > 0:
-        numel = ref.numel()
-        grid, block, num_warps = _scale_launch(numel)
-        wrap(_scale_grads_kernel)[grid](
-            grad_output, ref if gz is None else gz, ref if gzf is None else gzf,
-            ref if oz is None else oz, ref if ozf is None else ozf, numel,
-            HAS_Z=gz is not None, HAS_ZF=gzf is not None, IN_PLACE=False, BLOCK=block,
-            num_warps=num_warps,
-        )
-    return oz, ozf
-
-
-class _NoLaunch:
-    """Stands in for a kernel in the fake (shape-only) implementations: allocates, launches nothing."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
-def _no_launch(kernel):
-    return _NoLaunch()
-
-
-# Interpreted kernels cannot be traced (and older torch's wrap_triton rejects them)
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_WRAP = _identity if _INTERPRET else wrap_triton
-
-
-def _placeholders(device, outputs):
-    # custom ops return tensors only, none aliasing another: a distinct 0-element one for None
-    return tuple(torch.empty(0, device=device) if t is None else t for t in outputs)
-
-
-def _loss_fwd(
-    logits: torch.Tensor,
-    logits_flip: Optional[torch.Tensor],
-    target: torch.Tensor,
-    eps_tensor: Optional[torch.Tensor],
-    eps_value: float,
-    consts: List[float],
-    jsd: bool,
-    reg_mean: bool,
-    grad_z: bool,
-    grad_zf: bool,
-    weights: bool,
-    loss: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _placeholders(logits.device, _forward_body(
-        _WRAP, logits, logits_flip, target, eps_tensor, eps_value, consts, jsd, reg_mean, grad_z,
-        grad_zf, weights, loss))
-
-
-def _scale_grads(
-    grad_output: torch.Tensor, gz: torch.Tensor, gzf: torch.Tensor, has_z: bool, has_zf: bool
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _placeholders(grad_output.device, _scale_body(
-        _WRAP, grad_output, gz if has_z else None, gzf if has_zf else None))
-
-
-def _loss_fwd_fake(logits, logits_flip, target, *args):
-    return _placeholders(logits.device, _forward_body(_no_launch, logits, logits_flip, target, *args))
-
-
-def _scale_grads_fake(grad_output, gz, gzf, has_z, has_zf):
-    return _placeholders(grad_output.device, _scale_body(
-        _no_launch, grad_output, gz if has_z else None, gzf if has_zf else None))
-
-
-def _register(name, fn, fake):
-    """Custom operator (own namespace: torch.ops.nla_fast is the C++ extension's).
-
-    On a GPU it is a ``triton_op``: inductor sees the kernels, and the body (make_fx-traceable)
-    is also the fake implementation. Under TRITON_INTERPRET=1 kernels cannot be traced, so it
-    is an opaque ``custom_op`` whose fake runs the same body without launching (lets
-    torch.compile run on the CPU).
-    """
-    if not _INTERPRET:
-        return triton_op(name, fn, mutates_args=())
-    op = torch.library.custom_op(name, fn, mutates_args=())
-    op.register_fake(fake)
-    return op
-
-
-_loss_fwd_op = _register("nla_fast_triton::loss_fwd", _loss_fwd, _loss_fwd_fake)
-_scale_grads_op = _register("nla_fast_triton::scale_grads", _scale_grads, _scale_grads_fake)
-
-
-def _forward(*args):
-    if torch.compiler.is_compiling():
-        return _loss_fwd_op(*args)  # 0-element placeholders for what was not asked for
-    return _forward_body(_identity, *args)  # eager: skip the dispatcher, launch directly
-
-
-def _scale(grad_output, gz, gzf, has_z, has_zf):
-    if torch.compiler.is_compiling():
-        return _scale_grads_op(grad_output, gz, gzf, has_z, has_zf)
-    return _scale_body(_identity, grad_output, gz, gzf)
-
-
-def _scale_inplace(grad_output, gz, gzf):
-    """Eager backward's first call: scale the saved gradients in place (nothing when grad_output == 1)."""
-    ref = gz if gz is not None else gzf
-    if ref is None or ref.numel() == 0:
-        return
-    numel = ref.numel()
-    grid, block, num_warps = _scale_launch(numel)
-    gz_or_ref, gzf_or_ref = (ref if gz is None else gz), (ref if gzf is None else gzf)
-    _scale_grads_kernel[grid](
-        grad_output, gz_or_ref, gzf_or_ref, gz_or_ref, gzf_or_ref, numel,
-        HAS_Z=gz is not None, HAS_ZF=gzf is not None, IN_PLACE=True, BLOCK=block,
-        num_warps=num_warps,
-    )
-
-
-class _NLALossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, logits_flip, target, eps_tensor, eps_value, consts, jsd, reg_mean,
-                grad_z, grad_zf, weights):
-        loss, gz, gzf, w = _forward(logits, logits_flip, target, eps_tensor, eps_value, consts,
-                                    jsd, reg_mean, grad_z, grad_zf, weights, True)
-        # the gradients were computed in the forward sweep; backward only scales them
-        ctx.save_for_backward(gz, gzf)
-        ctx.grad_z, ctx.grad_zf = grad_z, grad_zf
-        ctx.applied_scale = None  # grad_output already multiplied into the saved gradients
-        if not weights:
-            return loss
-        ctx.mark_non_differentiable(w)
-        return loss, w
-
-    @staticmethod
-    def backward(ctx, grad_loss, *unused):
-        saved_z, saved_zf = ctx.saved_tensors  # 0-element placeholders where no gradient is wanted
-        gz, gzf = (saved_z if ctx.grad_z else None), (saved_zf if ctx.grad_zf else None)
-        # grad_loss is read by the kernels from memory: no host-side check for grad_loss == 1
-        if torch.compiler.is_compiling():
-            oz, ozf = _scale(grad_loss, saved_z, saved_zf, ctx.grad_z, ctx.grad_zf)
-        elif ctx.applied_scale is None:
-            # first backward: the saved buffers become the gradients (each forward allocates its
-            # own), scaled in place only when grad_output != 1: no extra pass in the usual case
-            _scale_inplace(grad_loss, gz, gzf)
-            ctx.applied_scale = grad_loss
-            oz, ozf = gz, gzf
-        else:
-            # a further backward (retain_graph=True): undo the first call's scale into new tensors
-            # (NaN if that scale was exactly 0, whose information is gone)
-            factor = grad_loss.float() / ctx.applied_scale.float()
-            oz, ozf = _scale(factor, gz, gzf, ctx.grad_z, ctx.grad_zf)
-        oz, ozf = (oz if ctx.grad_z else None), (ozf if ctx.grad_zf else None)
-        return (oz, ozf, None, None, None, None, None, None, None, None, None)
-
-
-def _unpack_constants(constants):
-    """(the 12 float constants as the kernel takes them, jsd, reg_mean)."""
-    return [float(c) for c in constants[:12]], bool(constants.jsd), bool(constants.reg_mean)
-
-
-_cached_constants = functools.lru_cache(maxsize=64)(_unpack_constants)  # once per NLAConstants, eagerly
-
-
-def _kernel_constants(constants):
-    # Dynamo cannot use an lru_cache (it warns and traces through it); the unpacking is traced
-    # once per compiled graph anyway
-    return _unpack_constants(constants) if torch.compiler.is_compiling() else _cached_constants(constants)
-
-
-def nla_loss_triton(logits, logits_flip, target, eps, constants, return_weights):
-    """(loss, weights or None): the NLA loss as a 0-d float32 tensor with autograd."""
-    eps_tensor, eps_value = split_eps(eps, logits.device)
-    consts, jsd, reg_mean = _kernel_constants(constants)
-    grad_z = grad_zf = False
-    if torch.is_grad_enabled():
-        grad_z, grad_zf = logits.requires_grad, logits_flip.requires_grad
-    if grad_z or grad_zf:
-        out = _NLALossFunction.apply(logits, logits_flip, target, eps_tensor, eps_value, consts,
-                                     jsd, reg_mean, grad_z, grad_zf, return_weights)
-        return out if return_weights else (out, None)
-    # no autograd: no gradient writes at all
-    loss, _, _, w = _forward(logits, logits_flip, target, eps_tensor, eps_value, consts, jsd,
-                             reg_mean, False, False, return_weights, True)
-    return loss, (w if return_weights else None)
-
-
-def naw_weight_triton(logits, target, eps, constants):
-    """(B,) float32 NAW weights (no gradient); reads only the logits and the targets."""
-    eps_tensor, eps_value = split_eps(eps, logits.device)
-    consts, jsd, reg_mean = _kernel_constants(constants)
-    with torch.no_grad():
-        _, _, _, w = _forward(logits.detach(), None, target, eps_tensor, eps_value, consts,
-                              jsd, reg_mean, False, False, True, False)
-    return w
+@triton.jit
+def _scale_loop(go, gz_ptr, gzf_ptr, oz_ptr, ozf_ptr, N, HAS_Z: tl.constexpr, HAS_ZF: tl.constexpr,
+                BLOCK: tl.constexpr):
+    # a capped persistent grid: each program strides over blocks of BLOCK elements
+    step = tl.num_programs(0).to(tl.int64) * BLOCK
+    for start in tl.range(tl.program_id(0).to(tl.int64) * BLOCK, N, step):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < N
+        if HAS_Z:
+            x = tl.load(gz_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(oz_ptr + offs, (x * go).to(oz_ptr.dtype.element_ty), mask=mask)
+        if HAS_ZF:
+            x = tl.load(gzf_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(ozf_ptr + offs, (x * go).to(ozf_ptr.dtype.element_ty), mask=mask)

@@ -90,8 +90,10 @@ class NLAConfig:
             if len(value) != 2:
                 raise ValueError(f"NLAConfig.{name} must be a pair (p_gt, p_nn), got {value!r}")
             object.__setattr__(self, name, (float(value[0]), float(value[1])))
-        # Derived once here (not a dataclass field): plain attribute reads trace cleanly under torch.compile.
-        object.__setattr__(self, "_constants", _derive_constants(self))
+        # Derived once here (not dataclass fields): plain attribute reads trace cleanly under torch.compile.
+        constants = _derive_constants(self)
+        object.__setattr__(self, "_constants", constants)
+        object.__setattr__(self, "_kernel_args", (tuple(constants.as_list()), constants.jsd, constants.reg_mean))
 
     @classmethod
     def official(cls, **overrides) -> "NLAConfig":
@@ -103,6 +105,11 @@ class NLAConfig:
     @property
     def constants(self) -> NLAConstants:
         return self._constants
+
+    @property
+    def kernel_args(self) -> tuple[tuple[float, ...], bool, bool]:
+        """(the 12 numeric constants, jsd, reg_mean) as every fused kernel takes them."""
+        return self._kernel_args
 
 
 def _derive_constants(config: NLAConfig) -> NLAConstants:

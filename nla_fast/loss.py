@@ -2,9 +2,13 @@
 
 - ``reference``: eager PyTorch autograd (``nla_fast.reference``), the oracle.
 - ``triton``: one fused Triton sweep writing the loss and both gradients (``nla_fast.kernels``).
-- ``extension``: the C++/CUDA op ``torch.ops.nla_fast.nla_loss_fwd`` (``csrc/``).
+- ``extension``: the C++/CUDA operators ``torch.ops.nla_fast.*`` (``csrc/``, ``nla_fast.extension``).
 - ``auto``: CUDA tensors use triton, else the extension; CPU tensors use the extension, else
   the reference.
+
+A call reads: check the inputs (``loss_inputs``) -> resolve the backend (once per backend name
+and device type) -> apply it (the reference, or ``nla_fast.fused``'s one autograd Function over
+the chosen backend's launchers).
 """
 from __future__ import annotations
 
@@ -12,72 +16,68 @@ import warnings
 
 import torch
 
+from . import fused
 from .config import NLAConfig
-from .loss_inputs import BackendUnavailable, check_eps, check_inputs, index_target
+from .loss_inputs import BackendUnavailable, check_eps, check_inputs, index_target, split_eps
+from .messages import short_error
 from .reference import naw_weight_reference, nla_loss_reference
 
 BACKENDS = ("auto", "reference", "triton", "extension")
 _DEFAULT_CONFIG = NLAConfig()
-_reasons: dict[tuple[str, str], str | None] = {}
-_resolved: dict[tuple[str, str], str] = {}  # (backend asked for, device type) -> backend
-_impls: dict[str, tuple] = {}  # fast backend -> (loss function, weight function), imported once
+_resolved: dict[tuple[str, str], str] = {}  # (backend asked for, device type) -> concrete backend
 
 
-def _impl(chosen: str) -> tuple:
-    """(nla_loss_<backend>, naw_weight_<backend>) of a fast backend (no import statement per call)."""
-    impl = _impls.get(chosen)
-    if impl is None:
-        if chosen == "triton":
-            from .kernels.nla_loss import naw_weight_triton, nla_loss_triton
-
-            impl = (nla_loss_triton, naw_weight_triton)
+def _unavailable_reason(name: str, device_type: str) -> str | None:
+    """Why the fused backend ``name`` cannot run on ``device_type`` tensors (None: it can); when
+    it can, its launchers are registered with ``nla_fast.fused`` on the way."""
+    try:
+        if name == "triton":
+            from .kernels import fused_backend, unavailable_reason
         else:
-            from .extension import naw_weight_extension, nla_loss_extension
-
-            impl = (nla_loss_extension, naw_weight_extension)
-        _impls[chosen] = impl
-    return impl
-
-
-def _unavailable_reason(backend: str, device_type: str) -> str | None:
-    """Why ``backend`` cannot run on ``device_type`` tensors (None: it can). Each backend answers
-    for itself; the answer is cached per (backend, device type), so a call costs a dict lookup."""
-    key = (backend, device_type)
-    if key not in _reasons:
-        if backend == "triton":
-            from .kernels import unavailable_reason
-        else:
-            from .extension import unavailable_reason
-        _reasons[key] = unavailable_reason(device_type)
-    return _reasons[key]
+            from .native_build import unavailable_reason
+        reason = unavailable_reason(device_type)
+        if reason is None:
+            if name == "triton":
+                fused_backend()
+            else:
+                from . import extension  # noqa: F401 - registers the operators' fakes and launchers
+    except Exception as err:  # noqa: BLE001 - a backend that fails to import is unavailable, and says why
+        reason = f"importing it failed: {short_error(err, limit=1000)}"
+    return reason
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend for tensors on ``device``; raises BackendUnavailable if named and impossible."""
-    key = (backend, device.type)
+    """The concrete backend for tensors on ``device``; raises BackendUnavailable if named and
+    impossible. Resolved once per (backend, device type)."""
+    return _resolve(backend, device.type)
+
+
+@torch.compiler.assume_constant_result  # traced code runs it once and keeps the name: no lock or build traced
+def _resolve(backend: str, device_type: str) -> str:
+    key = (backend, device_type)
     chosen = _resolved.get(key)
     if chosen is not None:
         return chosen
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend in ("triton", "extension"):
-        reason = _unavailable_reason(backend, device.type)
+        reason = _unavailable_reason(backend, device_type)
         if reason:
             raise BackendUnavailable(f"backend {backend!r} is unavailable: {reason}")
         chosen = backend
     elif backend == "reference":
         chosen = backend
     else:
-        order = ("triton", "extension") if device.type == "cuda" else ("extension",)
+        order = ("triton", "extension") if device_type == "cuda" else ("extension",)
         reasons = []
         for candidate in order:
-            reason = _unavailable_reason(candidate, device.type)
+            reason = _unavailable_reason(candidate, device_type)
             if reason is None:
                 chosen = candidate
                 break
             reasons.append(f"{candidate}: {reason}")
         else:
-            warnings.warn(f"nla_fast: using the eager reference loss on {device.type} ({'; '.join(reasons)})")
+            warnings.warn(f"nla_fast: using the eager reference loss on {device_type} ({'; '.join(reasons)})")
             chosen = "reference"
     _resolved[key] = chosen
     return chosen
@@ -100,6 +100,8 @@ def nla_loss(
     ``target``: (B,) integer labels. ``eps``: the schedule value, a float or a 0-d tensor on
     the logits' device (read from memory, so a captured CUDA graph sees updates).
     ``return_weights``: also return the (B,) NAW weights (detached) from the same pass.
+    The fused backends give first derivatives; differentiating their gradient again
+    (``create_graph=True``) raises an error that says to use ``backend="reference"``.
     """
     config = config or _DEFAULT_CONFIG
     check_inputs(logits, logits_flip, target, validate)
@@ -111,8 +113,14 @@ def nla_loss(
         if return_weights:
             return loss, naw_weight_reference(logits.detach(), target, eps, config).float()
         return loss
-    loss, weights = _impl(chosen)[0](logits, logits_flip, target, eps, config.constants, return_weights)
-    return (loss, weights) if return_weights else loss
+    if logits_flip.dtype != logits.dtype and fused.backend(chosen).same_dtypes:
+        common = torch.promote_types(logits.dtype, logits_flip.dtype)
+        logits, logits_flip = logits.to(common), logits_flip.to(common)
+    eps_tensor, eps_value = split_eps(eps, logits.device)
+    consts, jsd, reg_mean = config.kernel_args
+    loss, weights = fused.fused_loss(chosen, logits, logits_flip, target, eps_tensor, eps_value, consts, jsd,
+                                     reg_mean, return_weights)
+    return (loss, weights.float()) if return_weights else loss
 
 
 def naw_weight(
@@ -132,7 +140,11 @@ def naw_weight(
     with torch.no_grad():
         if chosen == "reference":
             return naw_weight_reference(logits, target, eps, config).float()
-        return _impl(chosen)[1](logits, target, eps, config.constants)
+        eps_tensor, eps_value = split_eps(eps, logits.device)
+        consts, jsd, reg_mean = config.kernel_args
+        return fused.launchers(chosen).forward(
+            logits.detach(), None, target, eps_tensor, eps_value, consts, jsd, reg_mean, False, False, True,
+            False)[3].float()
 
 
 class NLALoss(torch.nn.Module):

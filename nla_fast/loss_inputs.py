@@ -45,7 +45,12 @@ def check_inputs(logits, logits_flip, target, validate: bool) -> None:
                                      and logits_flip.device == device))
     ):
         _explain_bad_inputs(logits, logits_flip, target)
-    if validate and not _in_trace_or_capture():
+    if validate and torch.compiler.is_compiling():
+        # no host read inside a graph: the check runs in it (an error on the CPU, a device-side
+        # assert on a GPU) rather than letting a bad label become a NaN loss
+        torch._assert_async(((target >= 0) & (target < shape[1])).all(),
+                            f"nla_fast: a target outside [0, {shape[1]}) (C = {shape[1]} classes)")
+    elif validate and not _in_trace_or_capture():
         bad = (target < 0) | (target >= shape[1])
         if bool(bad.any()):
             index = int(bad.nonzero()[0, 0])

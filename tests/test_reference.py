@@ -16,12 +16,7 @@ from nla_fast.reference import (
     nla_loss_reference,
 )
 
-CONFIGS = {
-    "paper-official": NLAConfig(),
-    "paper-jsd": NLAConfig(consistency="jsd"),
-    "refcode-official": NLAConfig.official(),
-    "refcode-jsd": NLAConfig.official(consistency="jsd"),
-}
+from loss_cases import CONFIGS  # noqa: E402 - the loss cases every loss test shares
 
 
 def _inputs(batch, classes, seed=0, scale=2.0, dtype=torch.float64):
@@ -211,8 +206,7 @@ def test_triton_on_cpu_without_interpreter_says_why(monkeypatch):
     from nla_fast.loss import resolve_backend
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(loss, "_reasons", {})  # answers are cached per process: start afresh
-    monkeypatch.setattr(loss, "_resolved", {})
+    monkeypatch.setattr(loss, "_resolved", {})  # resolved once per process: start afresh
     with pytest.raises(nla_fast.BackendUnavailable, match="TRITON_INTERPRET"):
         resolve_backend("triton", torch.device("cpu"))
 

@@ -1,0 +1,474 @@
+"""The static kernel model (bench/kernel_model.py, bench/cubin_stats.py): SASS control flow,
+occupancy, the reading of real cubins, spills, the launch descriptions and its JSON.
+
+Machine code for sm_90 is compiled on the CPU in subprocesses without TRITON_INTERPRET (this
+process runs the kernels in Triton's interpreter, tests/conftest.py)."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from nla_fast.config import NLAConfig
+from nla_fast.loss import nla_loss
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+sys.path.insert(0, str(BENCH))
+
+import cubin_stats  # noqa: E402
+from cubin_stats import readable_name  # noqa: E402
+import kernel_model  # noqa: E402
+
+# ----------------------------------------------------------------------------- SASS, by hand
+# A kernel as cuobjdump -sass prints it: a prologue, a loop whose body has an if / else (the
+# else arm longer), whose latch nvcc placed out of line and which it leaves sm_80 style with a
+# predicated CALL.REL.NOINC, an EXIT, then a slow-path subroutine (CALL / RET) and the trap.
+_LISTING = """
+	code for sm_80
+		Function : _Z6kernelPf
+	.headerflags	@"EF_CUDA_TEXMODE_UNIFIED EF_CUDA_64BIT_ADDRESS EF_CUDA_SM80 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM80)"
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                     /* 0x00000a0000017a02 */
+                                                                                 /* 0x000fe40000000f00 */
+        /*0010*/                   S2R R0, SR_TID.X ;                         /* 0x0000000000007919 */
+        /*0020*/                   ISETP.GE.AND P0, PT, R0, c[0x0][0x168], PT ;
+        /*0030*/               @P0 EXIT ;
+        /*0040*/                   LDG.E.U16 R2, [R4.64] ;
+        /*0050*/                   LDG.E.128.CONSTANT R8, [R6.64] ;
+        /*0060*/                   ISETP.NE.AND P1, PT, R2, RZ, PT ;
+        /*0070*/               @P1 BRA 0xa0 ;
+        /*0080*/                   MUFU.EX2 R3, R2 ;
+        /*0090*/                   BRA 0xe0 ;
+        /*00a0*/                   DADD R10, R8, R8 ;
+        /*00b0*/                   DMUL R10, R10, R8 ;
+        /*00c0*/                   CALL.REL.NOINC 0x1a0 ;
+        /*00d0*/                   STL [R1], R10 ;
+        /*00e0*/                   STG.E.128 [R4.64], R8 ;
+        /*00f0*/                   IADD3 R0, R0, 0x20, RZ ;
+        /*0100*/                   ISETP.GE.AND P0, PT, R0, c[0x0][0x168], PT ;
+        /*0110*/               @P0 CALL.REL.NOINC 0x170 ;
+        /*0120*/                   BRA 0x150 ;
+        /*0130*/                   NOP ;
+        /*0140*/                   NOP ;
+        /*0150*/                   LDL.64 R12, [R1] ;
+        /*0160*/                   BRA 0x40 ;
+        /*0170*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0180*/                   STG.E [R4.64], R3 ;
+        /*0190*/                   EXIT ;
+        /*01a0*/                   MUFU.RCP R14, R10 ;
+        /*01b0*/                   RET.REL.NODEC R20 0x0 ;
+        /*01c0*/                   BRA 0x1c0;
+		..........
+"""
+_USAGE = """
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function _Z6kernelPf:
+  REG:40 STACK:8 SHARED:128 LOCAL:0 CONSTANT[0]:368 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+
+
+def test_sass_listing_parsed_into_loops_paths_and_classes():
+    functions = cubin_stats.parse_sass(_LISTING)
+    assert list(functions) == ["_Z6kernelPf"]
+    code = cubin_stats.KernelCode("_Z6kernelPf", 80, cubin_stats.parse_resource_usage(_USAGE)["_Z6kernelPf"],
+                                  functions["_Z6kernelPf"])
+    assert (code.registers, code.usage["STACK"], code.usage["SHARED"]) == (40, 8, 128)
+    assert (code.spill_store_bytes, code.spill_load_bytes) == (4, 8)  # STL (4 bytes), LDL.64 (8)
+    flow = code.flow
+    [loop] = flow.loops  # the out-of-line latch (0x150-0x160) belongs to it, the subroutine does not
+    addresses = [ins.address for ins in loop.instructions]
+    assert addresses == [a for a in range(0x40, 0x130, 0x10)] + [0x150, 0x160]
+    assert flow.loop_instructions(loop) == 17  # both arms of the if / else
+    assert flow.shortest_path(within=loop) == 17 - 4  # the MUFU arm, not the DADD/DMUL/CALL/STL one
+    assert flow.loop_instructions_min(loop) == 17 - 4
+    assert flow.shortest_path() == 4  # entry to the predicated EXIT
+    mix = cubin_stats.instruction_mix(loop.instructions)
+    assert mix["mufu"] == 1 and mix["fp64"] == 2 and mix["calls"] == 2 and mix["bar"] == 0
+    assert mix["load_opcodes"] == {"LDG.E.U16": 1, "LDG.E.128.CONSTANT": 1}
+    assert mix["max_global_load_bytes"] == 16 and mix["max_global_store_bytes"] == 16
+
+
+_NESTED = """
+		Function : nested
+        /*0000*/                   MOV R0, RZ ;
+        /*0010*/                   IADD3 R0, R0, 0x1, RZ ;
+        /*0020*/                   MOV R2, RZ ;
+        /*0030*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0040*/                   MUFU.EX2 R3, R2 ;
+        /*0050*/                   ISETP.GE.AND P1, PT, R2, 0x4, PT ;
+        /*0060*/              @!P1 BRA 0x30 ;
+        /*0070*/                   ISETP.GE.AND P0, PT, R0, 0x8, PT ;
+        /*0080*/              @!P0 BRA 0x10 ;
+        /*0090*/                   EXIT ;
+        /*00a0*/                   BRA 0xa0;
+"""
+
+
+def test_nested_loops_count_the_inner_body_per_trip():
+    flow = cubin_stats.ControlFlow(cubin_stats.parse_sass(_NESTED)["nested"])
+    [outer] = flow.loops
+    [inner] = outer.children
+    assert (len(outer), len(inner), flow.main_loop() is outer) == (8, 4, True)
+    assert flow.loop_instructions(outer, trips=lambda loop: 4) == 4 + 4 * 4
+    assert flow.loop_instructions_min(outer, trips=lambda loop: 4) == 4 + 4 * 4  # branch-free bodies
+    assert flow.loop_instructions(outer, lambda loop: 4, lambda ins: int(ins.base == "MUFU")) == 4
+
+
+def test_mangled_template_names_read_like_cxxfilt():
+    mangled = ("_ZN8nla_fast49_GLOBAL__N__265abbe9_16_nla_loss_cuda_cu_a34c50da15nla_warp_kernelI13__nv_"
+               "bfloat16fLi8ELb1EEEvNS0_6ParamsIT_T0_EE")
+    assert cubin_stats.readable_name(mangled) == "nla_warp_kernel<__nv_bfloat16, float, 8, true>"
+    assert cubin_stats.readable_name("_ZN8nla_fast49_GLOBAL__N__x_20nla_final_sum_kernelIdEEvPKT_iPS1_") == \
+        "nla_final_sum_kernel<double>"
+    assert cubin_stats.readable_name("_nla_fwd_kernel") == "_nla_fwd_kernel"
+
+
+@pytest.mark.parametrize("arch,regs,threads,smem,dynamic,warps,limiter", [
+    (90, 107, 512, 1024, 8192, 16, "registers"),  # the Triton forward: 128 registers a thread allocated
+    (90, 98, 256, 1152, 29184, 16, "registers"),  # 104 x 32 per warp: 4 warps per scheduler
+    (90, 24, 128, 1024, 0, 64, "warps"),
+    (90, 32, 256, 1024, 100 * 1024, 16, "shared memory"),  # 2 blocks of 101 KB in 228 KB
+    (80, 32, 256, 0, 100 * 1024, 8, "shared memory"),  # 1 block of 101 KB in 164 KB
+    (90, 16, 32, 1024, 0, 32, "blocks"),
+])
+def test_occupancy_follows_the_cuda_occupancy_rules(arch, regs, threads, smem, dynamic, warps, limiter):
+    occ = cubin_stats.occupancy(arch, regs, threads, smem, dynamic)
+    assert (occ["warps_per_sm"], occ["limiter"]) == (warps, limiter)
+
+
+def _facts(**kw):
+    base = dict(threads=512, grid=264, blocks_per_sm=1, warp_instructions=27.0e6)
+    return {**base, **kw}
+
+
+def test_prediction_is_the_largest_of_issue_memory_and_launch():
+    h200 = kernel_model.device_for(90)
+    # 16 resident warps: issue stretched 2x; 2 blocks per SM run one after the other
+    p = kernel_model.predict(_facts(), 67e6, h200)
+    per_sm = 27.0e6 / 264 * 2
+    assert p["issue_us"] == pytest.approx(per_sm / (4 * 0.5 * 1.98e3))
+    assert p["memory_us"] == pytest.approx(67e6 / 4251e3)
+    assert p["bound"] == "issue" and p["predicted_us"] == p["issue_us"]
+    # enough warps and few instructions: memory-bound
+    p = kernel_model.predict(_facts(threads=1024, blocks_per_sm=2, warp_instructions=1e6), 67e6, h200)
+    assert p["bound"] == "memory" and p["predicted_us"] == pytest.approx(67e6 / 4251e3)
+    # MUFU-heavy: a warp's MUFU takes 2 clocks of the SM's 16 lanes, more than 4 instructions' issue
+    p = kernel_model.predict(_facts(threads=1024, blocks_per_sm=2, warp_instructions=27.0e6, warp_mufu=20.0e6),
+                             67e6, h200)
+    assert p["issue_us"] == pytest.approx(20.0e6 / 264 * 2 * 2 / 1.98e3)
+    p = kernel_model.predict(_facts(grid=1, warp_instructions=100), 64, h200)
+    assert p["bound"] == "launch" and p["predicted_us"] == kernel_model.LAUNCH_FLOOR_US
+    assert kernel_model.predict(_facts(blocks_per_sm=0), 64, h200)["bound"] == "cannot launch"
+
+
+def _row(**kw):
+    row = dict(backend="triton", kernel="forward", config="c", role="heuristic", shape=[2**20, 7],
+               dtype="bfloat16", arch=90, registers=64, spill_bytes=0, warps_per_sm=32, instructions_per_row=12.0,
+               predicted_us=20.0, predicted_pct_copy_bw=75.0)
+    return {**row, **kw}
+
+
+def test_check_lists_each_missed_target_and_nothing_else():
+    good = [_row(), _row(kernel="total"), _row(arch=80, spill_bytes=40, warps_per_sm=8)]
+    inst = [dict(name="nla_warp_kernel<double, double, 32, true>", arch=90, spill_bytes=6000, fp64_instantiation=True)]
+    assert kernel_model.check(dict(rows=good, extension_instantiations=inst)) == []
+    bad = [_row(instructions_per_row=25.4, warps_per_sm=16, spill_bytes=32),
+           _row(kernel="total", predicted_pct_copy_bw=27.5)]
+    inst.append(dict(name="nla_warp_kernel<float, float, 8, true>", arch=90, spill_bytes=32, fp64_instantiation=False))
+    failures = kernel_model.check(dict(rows=bad, extension_instantiations=inst))
+    assert len(failures) == 5, failures
+    for words in ("27.5% of H200 copy bandwidth", "25.4 warp-instructions per row", "16 resident warps",
+                  "32 spill bytes", "nla_warp_kernel<float, float, 8, true> (sm_90): 32 spill bytes"):
+        assert any(words in f for f in failures), (words, failures)
+
+
+# ----------------------------------------------------------------------------- the extension's launch plan
+def _cpp_constant(text, name):
+    match = re.search(rf"constexpr\s+(?:int|int64_t)\s+{name}\s*=\s*([^;]+);", text)
+    assert match, f"{name} not found in the C++ sources: update kernel_model's mirror"
+    return eval(match.group(1), {})  # e.g. "48 * 1024"
+
+
+def test_extension_mirror_constants_are_the_cpp_ones():
+    header, cuda = (CSRC / "nla_loss.h").read_text(), (CSRC / "nla_loss_cuda.cu").read_text()
+    both = header + cuda
+    assert kernel_model.CUDA_SMALL_MAX_C == _cpp_constant(both, "kCudaSmallMaxC")
+    assert kernel_model.CUDA_TILE_SMEM_BYTES == _cpp_constant(both, "kCudaTileSmemBytes")
+    assert kernel_model.CUDA_SCRATCH_BYTES == _cpp_constant(both, "kScratch")
+    assert kernel_model.CUDA_WARP_THREADS == _cpp_constant(both, "kCudaWarpThreads")
+    assert kernel_model.CUDA_MAX_BLOCKS == _cpp_constant(both, "kCudaMaxBlocks")
+    assert kernel_model.CUDA_FINAL_THREADS == _cpp_constant(both, "kFinalThreads")
+    cases = dict(re.findall(r"case (\d+): launch_warp<scalar_t, acc_t, (\d+), true>", cuda))
+    assert {int(k): int(v) for k, v in cases.items()} == kernel_model.CUDA_WARP_ELEMS
+    scale = cuda[cuda.index("const char* scale_typed"):]
+    assert re.search(rf"const int threads = {kernel_model.CUDA_SCALE_THREADS};", scale)
+    assert re.search(rf"in_place \? {kernel_model.CUDA_SCALE_IN_PLACE_BLOCKS} :", scale)
+
+
+def test_extension_launches_for_the_spec_shapes():
+    big = kernel_model.extension_launches(2**20, 7, "bfloat16")
+    assert [l["name"] for l in big] == ["rows", "final_sum", "scale"]
+    rows = big[0]
+    assert rows["function"] == "nla_tile_kernel<__nv_bfloat16, float, 8>"
+    assert (rows["threads"], rows["rows_per_block"], rows["grid"]) == (256, 1024, 1024)
+    assert rows["shared_dynamic"] == 2 * 1024 * 7 * 2
+    fp32 = kernel_model.extension_launches(2**20, 7, "float32")[0]
+    assert (fp32["function"], fp32["rows_per_block"], fp32["grid"]) == ("nla_tile_kernel<float, float, 8>", 512, 2048)
+    wide = kernel_model.extension_launches(4096, 1000, "bfloat16")[0]
+    assert (wide["function"], wide["threads"], wide["grid"]) == ("nla_warp_kernel<__nv_bfloat16, float, 32, true>",
+                                                                256, 512)
+    assert kernel_model.extension_launches(8, 2000, "float32")[0]["function"] == "nla_warp_kernel<float, float, 16, false>"
+    small = kernel_model.extension_launches(32, 7, "float32")
+    assert [l["name"] for l in small] == ["rows", "scale"] and small[0]["grid"] == 1
+    assert small[1]["function"] == "nla_scale_kernel<float, float, float>" and small[1]["grid"] == 2
+
+
+# ----------------------------------------------------------------------------- describe_launches
+class _Recorder:
+    """Stands in for a kernel: records each launch, then runs the real one."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append((self.kernel, grid, args, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _triton_types(kernel, args, kwargs):
+    """(signature, constexprs, divisible-by-16 argument indices) as Triton's own launcher
+    specialises these arguments for an sm_90 target."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    jit = triton.runtime.jit.JITFunction(kernel.fn)
+    binder = create_function_from_signature(jit.signature, jit.params, make_backend(GPUTarget("cuda", 90, 32)))
+    options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages", "maxnreg")}
+    _, specialization, _ = binder(*args, **{k: v for k, v in kwargs.items() if k not in options})
+    signature = {p.name: s[0] for p, s in zip(jit.params, specialization)}
+    constexprs = {p.name: s[1] for p, s in zip(jit.params, specialization) if s[0] == "constexpr"}
+    divisible = {(i,) for i, s in enumerate(specialization) if s[0] != "constexpr" and s[1] and "D" in s[1]}
+    return signature, constexprs, divisible
+
+
+@pytest.mark.parametrize("batch,classes,dtype_flip,grad_zf,contiguous,weights,eps_tensor", [
+    (32, 7, torch.float32, True, True, False, False),  # the trainer's batch: one program, then the scale launch
+    (3000, 7, torch.float32, True, True, True, True),  # the persistent grid (4 programs here), partial sums
+    (600, 5, torch.float64, False, False, False, False),  # transposed logits, float64 flip without a gradient
+])
+def test_describe_launches_is_what_a_call_launches(monkeypatch, batch, classes, dtype_flip, grad_zf, contiguous,
+                                                   weights, eps_tensor):
+    from nla_fast.kernels import launch as module
+
+    log = []
+    for name in ("_nla_fwd_kernel", "_sum_partials_kernel", "_scale_grads_kernel"):
+        monkeypatch.setattr(module, name, _Recorder(getattr(module, name), log))
+    monkeypatch.setattr(module, "_plans", {})
+    monkeypatch.setattr(module, "_scale_plans", {})
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(batch, classes, generator=g) if contiguous else torch.randn(classes, batch, generator=g).t()
+    zf = (torch.randn(batch, classes, generator=g) if contiguous else torch.randn(classes, batch, generator=g).t())
+    zf = zf.to(dtype_flip)
+    y = torch.randint(0, classes, (batch,), generator=g)
+    z.requires_grad_(True)
+    zf.requires_grad_(grad_zf)
+    eps = torch.tensor(0.4) if eps_tensor else 0.4
+    loss = nla_loss(z, zf, y, eps, NLAConfig(), backend="triton", return_weights=weights)
+    (loss[0] if weights else loss).backward()
+
+    described = module.describe_launches(batch, classes, torch.float32, dtype_flip, grad_z=True, grad_zf=grad_zf,
+                                         weights=weights, contiguous=contiguous,
+                                         eps_dtype=torch.float32 if eps_tensor else None)
+    assert len(described) == len(log), ([d["name"] for d in described], [k.fn.__name__ for k, *_ in log])
+    for want, (kernel, grid, args, kwargs) in zip(described, log):
+        assert want["kernel"].fn is kernel.fn
+        assert tuple(want["grid"]) == tuple(grid)
+        assert want["num_warps"] == kwargs.get("num_warps") and want["num_stages"] == kwargs.get("num_stages")
+        assert want["maxnreg"] == kwargs.get("maxnreg")
+        signature, constexprs, divisible = _triton_types(kernel, args, kwargs)
+        assert want["signature"] == signature
+        assert want["constexprs"] == constexprs
+        assert set(want["attrs"]) == divisible
+        assert all(v == [["tt.divisibility", 16]] for v in want["attrs"].values())
+    assert described[-1]["phase"] == "backward" and described[-1]["name"] == "scale_grads"
+
+
+def test_describe_launches_lists_every_autotune_candidate_and_the_heuristic():
+    from nla_fast.kernels import launch as module
+
+    launches = module.describe_launches(2**20, 7, torch.bfloat16, sm_count=132, warps_per_sm=32, fast_math=True)
+    forward, partials = launches[0], launches[1]
+    heuristic = module.fixed_config(2**20, 8, 2)
+    assert forward["role"] == "heuristic" and forward["config"] == heuristic.label
+    assert forward["maxnreg"] == heuristic.maxnreg and forward["grid"] == (132 * 32 // heuristic.num_warps,)
+    expected = [(c.block_b, c.num_warps, c.maxnreg) for c in module.tuning_candidates(8, 2)[1:]]
+    expected.append((heuristic.block_b, heuristic.num_warps, heuristic.maxnreg))
+    assert [(c["constexprs"]["BLOCK_B"], c["num_warps"], c["maxnreg"]) for c in forward["candidates"]] == expected
+    assert [c["config"] for c in partials["candidates"]] == [c["config"] for c in forward["candidates"]]
+    for cand, part in zip(forward["candidates"], partials["candidates"]):
+        assert part["args"][2] == cand["grid"][0]  # the partial sums of that candidate's grid
+    assert module.describe_launches(32, 7, torch.float32, sm_count=132)[0]["candidates"] == []
+
+
+# ----------------------------------------------------------------------------- real machine code
+_KNOWN_KERNELS = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    import triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    import cubin_stats, kernel_model
+
+    @triton.jit
+    def exp2_copy(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        # grid-stride loop; 512 fp32 per iteration over 4 warps: 4 per thread, one 16-byte load and store
+        for start in tl.range(tl.program_id(0) * BLOCK, n, tl.num_programs(0) * BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            tl.store(y_ptr + offs, tl.exp2(tl.load(x_ptr + offs)))
+
+    @triton.jit
+    def fp64_axpy(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        for start in tl.range(tl.program_id(0) * BLOCK, n, tl.num_programs(0) * BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + offs).to(tl.float64)
+            tl.store(y_ptr + offs, (x * 3.0 + 1.0).to(tl.float32))
+
+    def read(fn, block, warps, **options):
+        sig = {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}
+        attrs = {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]], (2,): [["tt.divisibility", 16]]}
+        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs={"BLOCK": block}, attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, **options))
+        path = kernel_model.cache_dir() / "test" / f"{k.metadata.name}-{k.metadata.hash[:12]}.cubin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(k.asm["cubin"])
+        code = cubin_stats.read_cubin(path)[k.metadata.name]
+        n = 2 ** 20
+        facts = kernel_model.analyse(code, 32 * warps, 132, k.metadata.shared, n // block * warps, block / warps)
+        return dict(facts, cubin=str(path))
+
+    print(json.dumps({
+        "exp2": read(exp2_copy, 512, 4),
+        "fp64": read(fp64_axpy, 512, 4),
+        "squeezed": read(exp2_copy, 8192, 1, maxnreg=32),  # 256 values a thread in 32 registers
+    }))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def known_kernels(tmp_path_factory):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    folder = tmp_path_factory.mktemp("known_kernels")
+    env["TRITON_CACHE_DIR"] = str(folder / "cache")
+    script = folder / "known_kernels.py"  # @triton.jit needs its source in a file
+    script.write_text(_KNOWN_KERNELS)
+    done = subprocess.run([sys.executable, str(script), str(BENCH)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_model_reads_a_small_known_kernel(known_kernels):
+    k = known_kernels["exp2"]
+    assert k["function"] == "exp2_copy" and Path(k["cubin"]).is_file()
+    assert k["loop_load_opcodes"] == {"LDG.E.128": 1} or k["loop_load_opcodes"] == {"LDG.E.128.CONSTANT": 1}
+    assert k["loop_store_opcodes"] == {"STG.E.128": 1} and k["loop_max_load_bytes"] == 16
+    assert k["loop_mufu_by_function"] == {"MUFU.EX2": 4}  # 4 values a thread
+    assert k["per_row"]["mufu"] == pytest.approx(4 / 128)  # 128 elements a warp and iteration
+    assert k["per_row"]["fp64"] == 0 and k["per_row"]["bar"] == 0 and k["kernel_fp64"] == 0
+    assert k["spill_bytes"] == 0 and k["stack_bytes"] == 0
+    assert k["registers"] <= 32 and k["warps_per_sm"] == 64  # 16 blocks of 4 warps
+    assert 10 <= k["loop_instructions"] <= 40 and k["loop_instructions_min"] == k["loop_instructions"]
+    assert k["warp_instructions"] == pytest.approx(132 * 4 * k["instructions_outside_loop"]
+                                                   + 2**20 // 512 * 4 * k["loop_instructions"])
+    f = known_kernels["fp64"]
+    assert f["per_row"]["fp64"] * 128 >= 4  # DMUL + DADD (or a DFMA) on each of 4 values, conversions
+    assert f["per_row"]["mufu"] == 0
+
+
+@pytest.mark.slow
+def test_model_reports_the_spill_of_a_squeezed_config(known_kernels):
+    k = known_kernels["squeezed"]
+    assert k["registers"] <= 32
+    assert k["spill_store_bytes"] > 0 and k["spill_load_bytes"] > 0 and k["spill_bytes"] > 0
+    assert known_kernels["exp2"]["spill_bytes"] == 0
+
+
+@pytest.fixture(scope="module")
+def stable_model_cache():
+    """One cubin cache for these tests that survives between runs of the suite (nvcc takes a
+    minute for the extension on 2 cores; the cache is keyed by the sources and the command)."""
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"nla_fast_test_kernel_model_{uid}"))
+        yield
+
+
+@pytest.mark.slow
+def test_extension_cubin_spills_agree_with_ptxas(stable_model_cache):
+    """Every instantiation of csrc/nla_loss_cuda.cu in the sm_90 cubin: the spill bytes read from
+    the SASS (STL / LDL) are the ones ptxas reports, and every kernel the launch plan picks exists."""
+    from nla_fast import native_build
+
+    if native_build.find_cuda_home() is None and shutil.which("nvcc") is None:
+        pytest.skip("no nvcc here to compile csrc/nla_loss_cuda.cu")
+    path = kernel_model.extension_cubin(90)
+    kernels = kernel_model.kernels_of(path)
+    assert path.is_relative_to(kernel_model.cache_dir())
+    for batch, classes, dtype in kernel_model.SPEC_SHAPES:
+        for launch in kernel_model.extension_launches(batch, classes, dtype):
+            assert launch["function"] in kernels, launch["function"]
+    reported = dict(re.findall(r"Function properties for (\S+)\n\s+\d+ bytes stack frame, (\d+ bytes spill stores, "
+                               r"\d+ bytes spill loads)", path.with_suffix(".ptxas.txt").read_text()))
+    assert len(reported) == len(kernels) > 40
+    for code in kernels.values():
+        assert reported[code.name] == f"{code.spill_store_bytes} bytes spill stores, " \
+                                      f"{code.spill_load_bytes} bytes spill loads", readable_name(code.name)
+
+
+_REQUIRED = ("backend", "kernel", "shape", "dtype", "arch", "registers", "spill_bytes", "warps_per_sm",
+             "instructions_per_row", "predicted_us", "predicted_pct_copy_bw")
+
+
+@pytest.mark.slow
+def test_bench_writes_json_with_the_required_fields_and_check_exits_on_misses(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    done = subprocess.run([sys.executable, str(BENCH / "kernel_model.py"), "--backend", "triton", "--arch", "90",
+                           "--shape", "32x7:float32", "--out", str(tmp_path / "out"), "--check"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    data = json.loads((tmp_path / "out" / "kernel_model.json").read_text())
+    assert done.returncode == (1 if data["check"] else 0), done.stderr[-2000:]
+    assert [line.strip() for line in done.stdout.splitlines() if "MISSED" in line] == \
+        [f"MISSED {line}" for line in data["check"]]
+    assert data["versions"]["torch"] and data["versions"]["triton"] and data["date"]
+    assert {d["name"] for d in data["devices"]} == {"NVIDIA H200"}
+    rows = data["rows"]
+    assert [r["kernel"] for r in rows] == ["forward", "scale_grads", "total"]
+    for row in rows:
+        assert all(key in row for key in _REQUIRED), row
+        assert row["shape"] == [32, 7] and row["dtype"] == "float32" and row["arch"] == 90
+    forward, scale, total = rows
+    assert forward["instructions_per_row"] > 0 and forward["registers"] > 0
+    assert total["predicted_us"] == pytest.approx(forward["predicted_us"] + scale["predicted_us"])
+    assert total["bytes"] == kernel_model.spec_bytes(32, 7, "float32")
+    for row in (forward, scale):  # every cubin it built is left in TRITON_CACHE_DIR
+        assert Path(row["cubin"]).is_file() and Path(row["cubin"]).is_relative_to(tmp_path / "cache")
+    assert "forward" in done.stdout and "total" in done.stdout
