@@ -49,7 +49,7 @@ def test_each_layout_reads_back_with_the_faces_own_expressions(written):
     face = generate("train", num_samples=24, seed=3, resolution=int(first["face_width"]))["images"][0]
     from nla_fast.data import resize_images
 
-    crop, whole = affectnet.images[0].int(), resize_images(face[None], 112)[0].int()
+    crop, whole = affectnet.images[0].int(), resize_images(face[None], affectnet.image_size[0])[0].int()
     assert (crop - whole).abs().float().mean() < 6  # the loader cropped the face box out of the photo
 
 
