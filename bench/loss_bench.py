@@ -35,6 +35,7 @@ from timing import capture_cuda_graph  # noqa: E402
 
 from nla_fast import NLAConfig, nla_loss  # noqa: E402
 from nla_fast.reference import nla_loss_reference  # noqa: E402
+from nla_fast.threads import use_cpu_threads, usable_cpus  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL_SHAPES = [(32, 7), (64, 7), (4096, 7), (65536, 7), (2**20, 7), (4096, 1000)]
@@ -165,14 +166,19 @@ def run(args) -> dict:
     bar = host_bar(quick)
     if bar is not None:
         rows += bar.pop("rows")
+    cpu_threads = cpu_thread_rows(quick)
+    if cpu_threads is not None:
+        rows += cpu_threads.pop("rows")
     result = {
         "benchmark": "loss_bench", "device": device_slug(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "versions": versions(), "quick": quick, "copy_bandwidth_gb_per_s": bandwidth,
         "timer": "triton.testing.do_bench median" if device.type == "cuda" else "perf_counter median",
         "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows, "host_bar": bar,
-        "targets": targets(rows, bar),
+        "targets": targets(rows, bar), "cpu_threads": cpu_threads,
     }
+    if cpu_threads is not None:
+        result["targets"].update(cpu_threads["targets"])
     return result
 
 
@@ -237,6 +243,59 @@ def host_bar(quick: bool, batch: int = 32, classes: int = 7) -> dict | None:
         "two_cross_entropy_us": ce_us, "extension_us": fused_us, "ratio": fused_us / ce_us,
         "target": "<= 1.0", "rows": rows,
     }
+
+
+def cpu_thread_rows(quick: bool) -> dict | None:
+    """The extension's CPU kernel on 1 and 2 threads (issue 23), forward + autograd.grad, fp32: at
+    (2^20, 7) the 2-thread speed-up (target >= 1.6), at (4096, 1000) the time against two
+    F.cross_entropy terms summed, forward + autograd.grad, at each thread count (target <= 1).
+    Every round calls each variant once, thread counts and functions alternating; the first round
+    warms up; medians. None when the extension cannot run on the CPU."""
+    try:
+        nla_loss(torch.zeros(2, 7), torch.zeros(2, 7), torch.zeros(2, dtype=torch.long), backend="extension")
+    except Exception as err:  # noqa: BLE001 - no extension: no rows, said why
+        print(f"[loss_bench] CPU thread rows skipped, extension unavailable on the CPU: {err}", file=sys.stderr)
+        return None
+    counts = [1, 2] if usable_cpus() >= 2 else [1]
+    calls = 5 if quick else 15
+    before = torch.get_num_threads()
+    rows, median = [], {}
+    try:
+        for batch, classes in ((2**20, 7), (4096, 1000)):
+            gen = torch.Generator().manual_seed(batch + classes)
+            z = (2 * torch.randn(batch, classes, generator=gen)).requires_grad_()
+            zf = (z.detach() + 0.5 * torch.randn(batch, classes, generator=gen)).requires_grad_()
+            y = torch.randint(0, classes, (batch,), generator=gen)
+            fns = {"extension": lambda: torch.autograd.grad(
+                nla_loss(z, zf, y, 0.37, CONFIG, backend="extension", validate=False), (z, zf))}
+            if classes > 7:
+                fns["two F.cross_entropy"] = lambda: torch.autograd.grad(
+                    F.cross_entropy(z, y) + F.cross_entropy(zf, y), (z, zf))
+            times = {(name, n): [] for name in fns for n in counts}
+            for i in range(calls + 1):
+                for n in counts:
+                    torch.set_num_threads(n)
+                    for name, fn in fns.items():
+                        t0 = time.perf_counter()
+                        fn()
+                        if i > 0:
+                            times[(name, n)].append(time.perf_counter() - t0)
+            nbytes = 4 * batch * classes * 4 + batch * 8
+            for (name, n), ts in times.items():
+                median[(classes, name, n)] = statistics.median(ts) * 1e3
+                row = _row(batch, classes, torch.float32, f"fwd+bwd, CPU, {n} thread{'s' * (n > 1)}", name,
+                           median[(classes, name, n)], nbytes, float("inf"), None)
+                rows.append(dict(row, fraction_of_copy_bw=None))
+    finally:
+        torch.set_num_threads(before)
+    out = {}
+    if 2 in counts:
+        out["extension CPU: 2^20x7 fp32 fwd+bwd, 1-thread / 2-thread time (>= 1.6)"] = (
+            median[(7, "extension", 1)] / median[(7, "extension", 2)])
+    for n in counts:
+        out[f"extension CPU: 4096x1000 fp32 fwd+bwd / two F.cross_entropy, {n} thread{'s' * (n > 1)} (<= 1.0)"] = (
+            median[(1000, "extension", n)] / median[(1000, "two F.cross_entropy", n)])
+    return {"threads": counts, "calls_each": calls, "rows": rows, "targets": out}
 
 
 def _find(rows, **key):
@@ -321,4 +380,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    use_cpu_threads()  # a shared host's cores, not oversubscribed (nla_fast.threads)
     main()

@@ -356,7 +356,7 @@ __device__ __forceinline__ void write_generic(const unsigned char* tile, int row
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kCudaTileThreads, kCudaTileMinBlocks)
+__global__ void __launch_bounds__(kCudaTileThreads, sizeof(scalar_t) == 8 ? 2 : kCudaTileMinBlocks)
     nla_tile_generic_kernel(const Params<scalar_t, typename AccOf<scalar_t>::type> P) {
   using acc_t = typename AccOf<scalar_t>::type;
   constexpr int kEsize = sizeof(scalar_t);
@@ -537,7 +537,7 @@ __global__ void __launch_bounds__(kCudaWarpThreads, cuda_warp_min_blocks(ELEMS, 
     // column indices relative to the lane's first column, rel(e) = 32 V (e / V) + e % V, compile-time
     // constants: no per-column index registers (they would be hoisted out of the row loop)
     const auto rel = [](int e) { return 32 * V * (e / V) + e % V; };
-    const int64_t y_rel = y - lane * V;
+    const int y_rel = y_ok ? static_cast<int>(y) - lane * V : -1;  // -1: matches no column (rel >= 0)
     LaneMax<acc_t> m{ninf, ninf, ninf, ninf, INT32_MAX};
 #pragma unroll
     for (int e = 0; e < ELEMS; ++e) lane_max_add(m, a(e), b(e), rel(e), y_rel, kFlip, kOfficial);
@@ -627,7 +627,7 @@ __global__ void __launch_bounds__(kCudaWarpThreads, cuda_warp_min_blocks(ELEMS, 
 // A warp per row of any width and dtype, swept column by column (lane l: columns l, l + 32, ...),
 // each pass re-reading its columns (from L1/L2): nothing is held per column.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kCudaWarpThreads, kCudaWarpMinBlocks)
+__global__ void __launch_bounds__(kCudaWarpThreads, sizeof(scalar_t) == 8 ? 2 : kCudaWarpMinBlocks)
     nla_warp_chunked_kernel(const Params<scalar_t, typename AccOf<scalar_t>::type> P) {
   using acc_t = typename AccOf<scalar_t>::type;
   using M = RowMath<acc_t>;

@@ -51,6 +51,7 @@ from .run_log import MissingExtra, summary_writer_class
 from .settings import (SettingsError, TrainSettings, ResumeError, check_label_mode, check_resume,
                        check_resume_classes, load_split, model_selection_note, parse_command_line,
                        pick_device, selection_split, settings_for_resume)
+from .threads import ThreadsError, use_cpu_threads
 
 
 @dataclass
@@ -518,6 +519,7 @@ def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     command = parse_command_line(args)
     try:
+        use_cpu_threads()  # a shared host's cores, not oversubscribed (nla_fast.threads)
         result = train(command.settings, resume=command.resume, explicit=command.explicit,
                        overwrite=command.overwrite, command_line=args)
     except KeyboardInterrupt:
@@ -527,7 +529,7 @@ def main(argv=None) -> int:
         print(f"nla_fast: error: {err}", file=sys.stderr)
         return 1
     except (WeightsError, DatasetError, FileNotFoundError, ckpt.CheckpointError, BackendUnavailable,
-            RunFolderError, SettingsError, MissingExtra) as err:
+            RunFolderError, SettingsError, MissingExtra, ThreadsError) as err:
         print(f"nla_fast: error: {err}", file=sys.stderr)
         return 2
     return 130 if result.get("interrupted") else 0
