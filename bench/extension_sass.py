@@ -29,12 +29,17 @@ from nla_fast import extension  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 H200 = {"sms": 132, "ghz": 1.98, "issue_per_clock": 4, "copy_gb_per_s": 4251.0, "regs_per_sm": 65536,
         "max_warps_per_sm": 64}
-# (B, C, dtype, kernel symbol pattern, rows per warp per main-loop iteration)
+# (B, C, dtype, gradients, kernel symbol pattern, rows per warp per main-loop iteration): the kernel
+# cuda_launch_plan (csrc/nla_loss.h) picks, with the default (official) consistency term
+_FIXED = r"nla_tile_fixed_kernel<{t}, {c}, \(nla_fast::Consistency\)1, {g}>"
 SHAPES = [
-    (32, 7, "float32", r"nla_tile_fixed_kernel<float, 7, \(nla_fast::Consistency\)1, true>", 32),
-    (2**20, 7, "bfloat16", r"nla_tile_fixed_kernel<__nv_bfloat16, 7, \(nla_fast::Consistency\)1, true>", 32),
-    (2**20, 7, "float32", r"nla_tile_fixed_kernel<float, 7, \(nla_fast::Consistency\)1, true>", 32),
-    (4096, 1000, "bfloat16", r"nla_warp_kernel<__nv_bfloat16, 32, \(nla_fast::Consistency\)1>", 1),
+    (32, 7, "float32", True, _FIXED.format(t="float", c=7, g="true"), 32),
+    (2**20, 7, "bfloat16", True, _FIXED.format(t="__nv_bfloat16", c=7, g="true"), 32),
+    (2**20, 7, "float32", True, _FIXED.format(t="float", c=7, g="true"), 32),
+    (4096, 1000, "bfloat16", True, r"nla_warp_kernel<__nv_bfloat16, 32, \(nla_fast::Consistency\)1>", 1),
+    (2**20, 7, "bfloat16", False, _FIXED.format(t="__nv_bfloat16", c=7, g="false"), 32),
+    (2**20, 8, "bfloat16", True, _FIXED.format(t="__nv_bfloat16", c=8, g="true"), 32),
+    (2**20, 8, "float32", True, _FIXED.format(t="float", c=8, g="true"), 32),
 ]
 ESIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
@@ -135,8 +140,9 @@ def resident_warps(registers: int, threads: int) -> int:
     return min(blocks * threads // 32, H200["max_warps_per_sm"])
 
 
-def predict(batch: int, classes: int, dtype: str, per_row: float) -> dict:
-    nbytes = 4 * batch * classes * ESIZE[dtype] + 8 * batch  # both logits read, both gradients written, int64 targets
+def predict(batch: int, classes: int, dtype: str, grad: bool, per_row: float) -> dict:
+    # both logits read, both gradients written (fwd+bwd), int64 targets read
+    nbytes = (4 if grad else 2) * batch * classes * ESIZE[dtype] + 8 * batch
     memory_us = nbytes / (H200["copy_gb_per_s"] * 1e3)
     issue_us = batch * per_row / (H200["sms"] * H200["issue_per_clock"] * H200["ghz"] * 1e3)
     time_us = max(memory_us, issue_us)
@@ -155,16 +161,17 @@ def report(all_kernels: bool) -> dict:
             st = dict(st, kernel=pretty)
             rows.append(st)
         shapes = []
-        for batch, classes, dtype, pattern, rows_per_warp in SHAPES:
+        for batch, classes, dtype, grad, pattern, rows_per_warp in SHAPES:
             mangled = next(m for m, p in names.items() if re.search(pattern, p))
             st = stats[mangled]
             loop = loop_profile(main_loop(sass_instructions(cubin, mangled)))
             threads = 128
             per_row = loop["instructions"] / rows_per_warp
-            shapes.append({"shape": [batch, classes], "dtype": dtype, "kernel": names[mangled],
+            shapes.append({"shape": [batch, classes], "dtype": dtype, "mode": "fwd+bwd" if grad else "fwd",
+                           "kernel": names[mangled],
                            "registers": st["registers"], "spill_bytes": st["spill_stores"] + st["spill_loads"],
                            "warps_per_sm": resident_warps(st["registers"], threads),
-                           "instructions_per_row": per_row, "loop": loop, **predict(batch, classes, dtype, per_row)})
+                           "instructions_per_row": per_row, "loop": loop, **predict(batch, classes, dtype, grad, per_row)})
     return {"arch": "sm_90", "device_model": H200, "kernels": rows if all_kernels else None, "shapes": shapes}
 
 
@@ -178,10 +185,10 @@ def main(argv=None):
         for k in sorted(result["kernels"], key=lambda k: k["kernel"]):
             print(f"{k.get('registers', 0):5d} {k['spill_stores'] + k['spill_loads']:8d} {k['stack']:6d}  {k['kernel']}")
         print()
-    print(f"{'B x C':>13} {'dtype':>9} {'regs':>5} {'spill':>5} {'warps/SM':>8} {'instr/row':>9} {'MUFU':>5} "
+    print(f"{'B x C':>13} {'dtype':>9} {'mode':>7} {'regs':>5} {'spill':>5} {'warps/SM':>8} {'instr/row':>9} {'MUFU':>5} "
           f"{'issue us':>8} {'memory us':>9} {'% copy BW':>9}  global accesses in the main loop")
     for s in result["shapes"]:
-        print(f"{s['shape'][0]:>8} x {s['shape'][1]:<4}{s['dtype']:>8} {s['registers']:5d} {s['spill_bytes']:5d} "
+        print(f"{s['shape'][0]:>8} x {s['shape'][1]:<4} {s['dtype']:>8} {s['mode']:>7} {s['registers']:5d} {s['spill_bytes']:5d} "
               f"{s['warps_per_sm']:8d} {s['instructions_per_row']:9.2f} {s['loop']['mufu']:5d} {s['issue_us']:8.2f} "
               f"{s['memory_us']:9.2f} {s['predicted_pct_copy_bw']:9.1f}  {s['loop']['global']}")
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -713,6 +713,8 @@ struct CudaPlan {
 //      128 threads, 4 rows per block (a warp per row).
 //   4. else WarpChunked, 128 threads, 4 rows per block.
 //   grid = clamp(ceil(B / rows_per_block), 1, 4096); blocks grid-stride over the rest.
+// The template's consistency variant follows the call: MODE None for naw_weight (no flip), else
+// Official or Jsd (NLAConfig.consistency); TileFixed also has GRAD = whether gradients are wanted.
 // So at B = 65,536 the tile kernels launch 512 blocks (>= 2 x 132 SMs of an H200); at B = 2^20 they
 // launch 4096 blocks of two tiles each.
 inline CudaPlan cuda_launch_plan(int64_t B, int64_t C, DType dtype) {

@@ -11,7 +11,7 @@ values (half/bfloat16/float32 inputs are upcast exactly). Tolerances:
 - half/bfloat16 gradients are stored in the logits' dtype: an extra relative 1e-3 (half) or
   8e-3 (bfloat16) of the largest reference gradient entry.
 
-The CPU tests build the CPU library on first use (about 20 s on 2 cores, cached afterwards in the
+The CPU tests build the CPU library on first use (about 40 s on 2 cores, cached afterwards in the
 torch extensions dir). The nvcc test compiles the CUDA source for sm_90 with device optimisation
 off (-Xcicc -O0 -Xptxas -O0: it checks that the source compiles, quickly) and, in parallel, the
 CUDA glue of nla_loss.cpp (-DNLA_WITH_CUDA, -fsyntax-only); a success is remembered per source
@@ -933,6 +933,29 @@ def test_cuda_tile_staging_misaligned_and_strided():
         ref = reference(z.float(), zf.float(), y, 0.37, config)
         assert_matches(op(z, zf, y, 0.37, config), ref, z, dtype)
         assert_matches(op(z.contiguous(), zf.contiguous(), y, 0.37, config), ref, z, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("classes", [7, 8])
+def test_cuda_fixed_width_tiles_full_and_partial(classes):
+    """The fixed-width tile kernel (C = 7, 8): one partial tile, exactly one full tile, full tiles
+    and a partial last one, a grid that strides over tiles; every dtype (double takes the generic
+    kernel), every consistency variant, with and without gradients, against the oracle."""
+    for batch in (1, 127, 128, 129, 1000, 2**20 + 77):
+        z, zf, y = make_inputs(batch, classes, torch.float32, device="cuda")
+        z, zf = (t.to(torch.bfloat16).float() for t in (z, zf))
+        for config in CONFIGS.values():
+            ref = reference(z, zf, y, 0.37, config)
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                zd, zfd = z.to(dtype), zf.to(dtype)
+                out = op(zd, zfd, y, 0.37, config)
+                assert_matches(out, ref, zd, dtype)
+                no_grad = op(zd, zfd, y, 0.37, config, need_grad=False)
+                torch.testing.assert_close(no_grad[0], out[0], rtol=1e-6, atol=1e-6 * batch)
+                w = torch.ops.nla_fast.naw_weight(zd, y, None, 0.37, config.constants.as_list())
+                torch.testing.assert_close(w, out[3], rtol=0, atol=0)
+            if batch > 2**20:
+                break  # the big batch: one config is enough
 
 
 @pytest.mark.gpu
