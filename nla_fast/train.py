@@ -62,6 +62,7 @@ from .run_log import MissingExtra, summary_writer_class
 from .settings import (SettingsError, TrainSettings, ResumeError, check_label_mode, check_resume,
                        check_resume_classes, model_selection_note, parse_command_line,
                        selection_split, settings_for_resume)
+from .threads import ThreadsError, use_cpu_threads
 
 
 @dataclass
@@ -539,6 +540,7 @@ def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     command = parse_command_line(args)
     try:
+        use_cpu_threads()  # a shared host's cores, not oversubscribed (nla_fast.threads)
         with sigterm_raises():
             result = train(command.settings, resume=command.resume, explicit=command.explicit,
                            overwrite=command.overwrite, command_line=args)
@@ -553,7 +555,7 @@ def main(argv=None) -> int:
         print(f"nla_fast: error: {err}", file=sys.stderr)
         return 1
     except (WeightsError, DatasetError, FileNotFoundError, ckpt.CheckpointError, BackendUnavailable,
-            RunFolderError, SettingsError, MissingExtra, DeviceError, FolderUnusable) as err:
+            RunFolderError, SettingsError, MissingExtra, DeviceError, FolderUnusable, ThreadsError) as err:
         print(f"nla_fast: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk (disk.WriteFailed names the file and the free space), an I/O error
