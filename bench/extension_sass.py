@@ -4,7 +4,7 @@
     python bench/extension_sass.py --all      # every kernel of csrc/nla_loss_cuda.cu
 
 Compiles csrc/nla_loss_cuda.cu to a cubin with the extension's own nvcc flags (-O3,
-nla_fast.extension.nvcc_compile_command) plus ``-Xptxas -v``, then reads ptxas's register and spill
+nla_fast.native_build.nvcc_compile_command) plus ``-Xptxas -v``, then reads ptxas's register and spill
 report and ``cuobjdump -sass`` (triton's copy under backends/nvidia/bin). For each kernel: registers,
 spill and stack bytes, resident warps per SM (register-limited), the SASS instructions of its main
 loop (the outermost backward branch) per row and per warp, the global load / store widths in that
@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nla_fast import extension  # noqa: E402
+from nla_fast import native_build  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 H200 = {"sms": 132, "ghz": 1.98, "issue_per_clock": 4, "copy_gb_per_s": 4251.0, "regs_per_sm": 65536,
@@ -54,7 +54,7 @@ def cuobjdump() -> str:
 def compile_cubin(out_dir: Path, arch: str = "90") -> tuple[Path, str]:
     """(cubin path, ptxas -v report) of nla_loss_cuda.cu with the extension's nvcc flags."""
     cubin = out_dir / "nla_loss_cuda.cubin"
-    cmd = extension.nvcc_compile_command(cubin, arch=arch)
+    cmd = native_build.nvcc_compile_command(cubin, arch=arch)
     cmd[cmd.index("-c")] = "-cubin"
     cmd += ["-Xptxas", "-v"]
     proc = subprocess.run(cmd, capture_output=True, text=True)

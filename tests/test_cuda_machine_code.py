@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from torch.utils.cpp_extension import get_default_build_root
 
-from nla_fast import extension
+from nla_fast import native_build
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
@@ -66,7 +66,7 @@ def header_dump(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("plan")
     src = tmp / "plan.cpp"
     src.write_text(PLAN_DUMP % {"batches": ", ".join(map(str, BATCHES)), "classes": ", ".join(map(str, CLASSES))})
-    subprocess.run([cxx, "-std=c++17", "-O1", f"-I{extension.source_dir()}", str(src), "-o", str(tmp / "plan")],
+    subprocess.run([cxx, "-std=c++17", "-O1", f"-I{native_build.source_dir()}", str(src), "-o", str(tmp / "plan")],
                    check=True, capture_output=True, text=True)
     out = subprocess.run([str(tmp / "plan")], check=True, capture_output=True, text=True).stdout
     plans, layouts = {}, {}
@@ -181,12 +181,12 @@ def test_main_loop_is_the_outermost_backward_branch():
 @pytest.fixture(scope="module")
 def sm90_report():
     """bench/extension_sass.report(): the whole .cu at -O3 for sm_90, remembered per source hash."""
-    if shutil.which("nvcc") is None and extension.find_cuda_home() is None:
+    if shutil.which("nvcc") is None and native_build.find_cuda_home() is None:
         pytest.skip("nvcc is not installed")
     digest = hashlib.sha256()
     for name in ("nla_loss.h", "nla_loss_cuda.cu"):
-        digest.update((extension.source_dir() / name).read_bytes())
-    digest.update(" ".join(extension.nvcc_compile_command("OUT", arch="90")).encode())
+        digest.update((native_build.source_dir() / name).read_bytes())
+    digest.update(" ".join(native_build.nvcc_compile_command("OUT", arch="90")).encode())
     digest.update((BENCH / "extension_sass.py").read_bytes())
     saved = Path(get_default_build_root()) / f"nla_fast_sm90_report_{digest.hexdigest()[:16]}.json"
     if saved.is_file():
