@@ -23,7 +23,7 @@ the same pixels as a full decode within the stated tolerance; it is used only if
     python bench/cache_bench.py --images 20000 100000  # larger (GBs of disk; in-memory rows up to --in-memory-up-to)
     python bench/cache_bench.py --quick                # 200 and 800 images at 112 px, used by the tests
 
-Writes a table to stdout and JSON to bench/results/cache_bench-<device>[-quick].json, rewritten
+Writes a table to stdout and JSON cache_bench-<device>[-quick].json (bench/out/; --save: bench/results/<date>-<device>/), rewritten
 after each row.
 """
 from __future__ import annotations
@@ -45,6 +45,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import result_files  # noqa: E402
 
 AFFECTNET_TRAIN = 283_901  # SPEC 2: AffectNet's 7-class training split
 DISTINCT_PHOTOS = 64
@@ -228,7 +230,8 @@ def main(argv=None):
                     help="build in memory (for comparison) only up to this N (default 4000)")
     ap.add_argument("--workers", type=int, help="decoding threads (default: every core)")
     ap.add_argument("--photos", type=int, default=DISTINCT_PHOTOS, help="distinct photos the rows reuse (default 64)")
-    ap.add_argument("--out", help="JSON path (default bench/results/cache_bench-<device>[-quick].json)")
+    ap.add_argument("--out", help="JSON path (default: cache_bench-<device>[-quick].json in the results folder)")
+    result_files.add_arguments(ap)
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -239,7 +242,7 @@ def main(argv=None):
     sizes = args.images or ([200, 800] if args.quick else [1000, 4000])
     side = args.cache_size or (112 if args.quick else 224)
     stem = f"cache_bench-{device_name()}{'-quick' if args.quick else ''}"
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{stem}.json"
+    out = Path(args.out) if args.out else result_files.output_dir(args, result_files.slug(device_name())) / f"{stem}.json"
     from nla_fast import atomic
 
     result = {"benchmark": "cache_bench", "device": device_name(), "quick": args.quick, **environment(),

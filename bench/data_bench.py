@@ -48,6 +48,7 @@ from nla_fast.data import load_dataset  # noqa: E402
 from nla_fast.data.fixtures import make_rafdb_tree  # noqa: E402
 from nla_fast.engine import make_optimizer  # noqa: E402
 from nla_fast.model import build_resnet18  # noqa: E402
+from nla_fast.threads import use_cpu_threads  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 import result_files  # noqa: E402
@@ -320,4 +321,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    use_cpu_threads()  # a shared host's cores, not oversubscribed (nla_fast.threads)
     main()

@@ -48,7 +48,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cubin_stats  # noqa: E402
-from loss_bench import RESULTS, versions  # noqa: E402  (the benches' one results folder)
+import result_files  # noqa: E402  (where every bench writes)
+from loss_bench import versions  # noqa: E402
 
 from nla_fast import atomic  # noqa: E402
 
@@ -436,9 +437,33 @@ def run(backends, arches, shapes) -> dict:
         devices=[vars(d) for d in DEVICES if d.arch in arches],
         constants=dict(ISSUE_PER_CLOCK=ISSUE_PER_CLOCK, MUFU_LANES_PER_SM=MUFU_LANES_PER_SM,
                        WARPS_TO_HIDE_LATENCY=WARPS_TO_HIDE_LATENCY, LAUNCH_FLOOR_US=LAUNCH_FLOOR_US),
-        cache_dir=str(cache_dir()), rows=rows, extension_instantiations=instantiations)
+        cache_dir=str(cache_dir()), sources_sha256=sources_digest(), rows=rows,
+        extension_instantiations=instantiations)
     result["check"] = check(result)
     return result
+
+
+def sources_digest() -> str:
+    """sha256 of the kernels' sources (kernels/*.py, csrc/*): what a prediction is a prediction of."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted([*root.glob("kernels/*.py"), *root.glob("csrc/*.h"), *root.glob("csrc/*.cpp"),
+                        *root.glob("csrc/*.cu")]):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def saved_prediction(arches) -> Path | None:
+    """The newest saved (``--save``) kernel_model.json of these very sources covering ``arches``."""
+    digest = sources_digest()
+    for path in sorted(result_files.REFERENCE.glob("*/kernel_model.json"), reverse=True):
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if saved.get("sources_sha256") == digest and set(arches) <= {d["arch"] for d in saved.get("devices", [])}:
+            return path
+    return None
 
 
 def _nvcc_version() -> str | None:
@@ -516,15 +541,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--backend", nargs="+", choices=("triton", "extension"), default=["triton", "extension"])
     parser.add_argument("--arch", nargs="+", type=int, choices=(90, 80), default=[90, 80])
     parser.add_argument("--shape", nargs="+", type=_shape, default=list(SPEC_SHAPES), help="BxC:dtype (default: SPEC 4)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of kernel_model.json")
+    result_files.add_arguments(parser)
+    parser.add_argument("--reuse-saved", action="store_true",
+                        help="take the saved prediction of these very sources when there is one (seconds, not minutes)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a SPEC 4 static target is missed")
     args = parser.parse_args(argv)
+    saved = saved_prediction(args.arch) if args.reuse_saved else None
     try:
-        result = run(args.backend, args.arch, args.shape)
+        result = json.loads(saved.read_text()) if saved else run(args.backend, args.arch, args.shape)
     except FileNotFoundError as err:  # no nvcc / cuobjdump here: say which, and how to go on without
         raise SystemExit(f"kernel_model: {err} (the Triton kernels alone: --backend triton)") from err
+    if saved:
+        print(f"(the saved prediction of these sources: {saved})")
     print(table(result))
-    paths = [write(result, args.out)]
+    paths = [write(result, result_files.output_dir(args, "model-sm" + "-".join(map(str, args.arch))))]
     if os.environ.get("OUT"):
         paths.append(write(result, Path(os.environ["OUT"])))
     print("\nSPEC 4 static targets (sm_90):", "all met" if not result["check"] else "")

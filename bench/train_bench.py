@@ -63,6 +63,7 @@ from nla_fast.engine import (StepOptions, autocast_context, build_train_step, co
                              make_optimizer)
 from nla_fast.model import build_resnet18  # noqa: E402
 from nla_fast.placement import DeviceResident  # noqa: E402
+from nla_fast.threads import use_cpu_threads  # noqa: E402
 
 RAFDB_TRAIN, RAFDB_TEST = 12271, 3068
 NUM_CLASSES = 7
@@ -485,4 +486,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    use_cpu_threads()  # a shared host's cores, not oversubscribed (nla_fast.threads)
     main()

@@ -8,7 +8,7 @@ the same interleaved windows: two ``F.cross_entropy`` terms (the bar), the exten
 (which really computes, so its figure is an upper bound of its host time), and the Triton path
 with lean launches turned off (every launch through ``JITFunction.run``), to show that cut.
 
-    .venv/bin/python bench/triton_host_bench.py [--batch 32 --classes 7] [--out bench/results]
+    .venv/bin/python bench/triton_host_bench.py [--batch 32 --classes 7] [--save | --out-dir DIR]
 
 Prints a table and writes ``triton_host_bench-<device>.json``: medians over windows, and each
 row's ratio to the two cross-entropies measured in the same run. One thread.
@@ -28,6 +28,9 @@ os.environ.pop("TRITON_INTERPRET", None)  # the real JIT path, not the interpret
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import result_files  # noqa: E402
 
 
 class _NoLauncher:
@@ -149,7 +152,7 @@ def main(argv=None) -> None:
     parser.add_argument("--classes", type=int, default=7)
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--windows", type=int, default=7)
-    parser.add_argument("--out", default=None, help="folder for the JSON (default: bench/results)")
+    result_files.add_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     stub_the_launcher()
@@ -168,10 +171,11 @@ def main(argv=None) -> None:
         "date": time.strftime("%Y-%m-%d"), "batch": args.batch, "classes": args.classes, "threads": 1,
         "calls": args.calls, "windows": args.windows, "rows": rows,
     }
-    folder = Path(args.out) if args.out else Path(__file__).resolve().parent / "results"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"triton_host_bench-cpu-{platform.machine()}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    folder = result_files.output_dir(args, f"cpu-{result_files.slug(platform.machine())}")
+    path = folder / f"triton_host_bench-cpu-{result_files.slug(platform.machine())}.json"
+    from nla_fast import atomic
+
+    atomic.write_text(path, json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}", file=sys.stderr)
 
 

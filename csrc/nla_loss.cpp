@@ -18,6 +18,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
 #include <c10/util/ArrayRef.h>
@@ -30,9 +32,11 @@
 #endif
 
 #include <algorithm>
+#include <cstdint>
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace nla_fast {
@@ -90,8 +94,85 @@ inline double host_scalar(const at::Tensor& t) {
 inline at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // ---- CPU kernels
+// Rows are independent; at::parallel_for (OpenMP) splits them in fixed chunks of 64 rows, each
+// summed in row order, the chunk sums then added in chunk order: the loss does not depend on the
+// thread count. A row of C = 7 or 8 runs nla_row_fixed (the code the GPU tile kernel runs), a
+// narrower one nla_row, a wider one the vectorised wide_row (at::vec, every pass over the
+// columns a vector loop).
 
-constexpr int64_t kRowsPerChunk = 64;  // fixed chunks: the loss sum does not depend on the thread count
+constexpr int64_t kRowsPerChunk = 64;
+// A thread takes at least this many logits (about 50 us of work): smaller batches stay on the
+// calling thread, so a training batch never wakes the pool (OpenMP threads spinning at a barrier
+// on a busy host cost milliseconds).
+constexpr int64_t kMinElementsPerThread = 1 << 15;
+constexpr int64_t kNarrowMaxC = 8;  // C <= 8: scalar rows; wider: vectorised rows
+
+template <typename acc_t>
+using Vec = at::vec::Vectorized<acc_t>;
+
+// f(j) for each full vector's first column j, then g(j) for each column of the tail.
+template <typename acc_t, typename VF, typename SF>
+inline void vec_loop(int64_t n, const VF& vf, const SF& sf) {
+  int64_t j = 0;
+  for (; j + Vec<acc_t>::size() <= n; j += Vec<acc_t>::size()) vf(j);
+  for (; j < n; ++j) sf(j);
+}
+
+// max of x[0, n) (NaN-propagating), -inf when n == 0.
+template <typename acc_t>
+inline acc_t vec_max(const acc_t* x, int64_t n) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  Vec<acc_t> mv(m);
+  vec_loop<acc_t>(
+      n, [&](int64_t j) { mv = at::vec::maximum(mv, Vec<acc_t>::loadu(x + j)); },
+      [&](int64_t j) { m = RowMath<acc_t>::max(m, x[j]); });
+  return RowMath<acc_t>::max(m, at::vec::vec_reduce_all<acc_t>(
+                                    [](Vec<acc_t> a, Vec<acc_t> b) { return at::vec::maximum(a, b); }, mv));
+}
+
+template <typename acc_t>
+inline acc_t vec_sum(const Vec<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>([](Vec<acc_t> a, Vec<acc_t> b) { return a + b; }, v);
+}
+
+// out[j] = exp(x[j] - m) (half: exp((x[j] - m) / 2)); returns their sum.
+template <typename acc_t>
+inline acc_t vec_exp_shifted(const acc_t* x, acc_t m, acc_t scale, acc_t* out, int64_t n) {
+  acc_t s = 0;
+  Vec<acc_t> sv(0);
+  const Vec<acc_t> mv(m), kv(scale);
+  vec_loop<acc_t>(
+      n,
+      [&](int64_t j) {
+        const Vec<acc_t> e = ((Vec<acc_t>::loadu(x + j) - mv) * kv).exp();
+        e.store(out + j);
+        sv = sv + e;
+      },
+      [&](int64_t j) {
+        out[j] = std::exp((x[j] - m) * scale);
+        s += out[j];
+      });
+  return s + vec_sum(sv);
+}
+
+// The first index j != y with x[j] == v, or -1.
+template <typename acc_t>
+inline int64_t vec_find(const acc_t* x, int64_t n, acc_t v, int64_t y) {
+  const Vec<acc_t> vv(v);
+  int64_t j = 0;
+  for (; j + Vec<acc_t>::size() <= n; j += Vec<acc_t>::size()) {
+    int hits = (Vec<acc_t>::loadu(x + j) != vv).zero_mask();  // bit e set: x[j + e] == v
+    while (hits != 0) {
+      const int e = __builtin_ctz(static_cast<unsigned>(hits));
+      if (j + e != y) return j + e;
+      hits &= hits - 1;
+    }
+  }
+  for (; j < n; ++j) {
+    if (x[j] == v && j != y) return j;
+  }
+  return -1;
+}
 
 template <typename scalar_t, typename index_t>
 struct CpuRows {
@@ -109,8 +190,15 @@ struct CpuRows {
   scalar_t* gzf;
   acc_t* weights;  // nullptr: no weights
 
-  // Processes row i (nla_row, shared with the CUDA tile kernel); returns its share of the loss.
-  acc_t row(int64_t i) const {
+  // acc_t values a task needs for one row of the vectorised path (reused row after row)
+  int64_t scratch_size() const { return C > kNarrowMaxC ? 7 * C : 0; }
+
+  // Processes row i; returns its share of the loss.
+  acc_t row(int64_t i, acc_t* scratch) const {
+    const int64_t yi = static_cast<int64_t>(y[i * y_s0]);
+    if (C == 7) return row_fixed<7>(i, yi);
+    if (C == 8) return row_fixed<8>(i, yi);
+    if (C > kNarrowMaxC) return wide_row(i, yi, scratch);
     const scalar_t* zr = z + i * z_s0;
     const scalar_t* zfr = zf ? zf + i * zf_s0 : zr;
     const int64_t zs = z_s1, zfs = zf ? zf_s1 : z_s1;
@@ -124,25 +212,197 @@ struct CpuRows {
       gr[j] = static_cast<scalar_t>(v);
       gfr[j] = static_cast<scalar_t>(vf);
     };
-    return nla_row<0>(load, C, static_cast<int64_t>(y[i * y_s0]), k, zf != nullptr, gz != nullptr, store,
-                      weights ? weights + i : nullptr);
+    return nla_row<0>(load, C, yi, k, zf != nullptr, gz != nullptr, store, weights ? weights + i : nullptr);
+  }
+
+  template <int CF>
+  acc_t row_fixed(int64_t i, int64_t yv) const {
+    acc_t a[CF], b[CF], ga[CF], gb[CF], w;
+    for (int j = 0; j < CF; ++j) {
+      a[j] = static_cast<acc_t>(z[i * z_s0 + j * z_s1]);
+      b[j] = zf ? static_cast<acc_t>(zf[i * zf_s0 + j * zf_s1]) : a[j];
+    }
+    const bool y_ok = yv >= 0 && yv < CF;
+    const int yi = y_ok ? static_cast<int>(yv) : 0;
+    const acc_t zy = y_ok ? a[yi] : std::numeric_limits<acc_t>::quiet_NaN();
+    acc_t contrib;
+    if (zf == nullptr) {
+      contrib = nla_row_fixed<CF, Consistency::None, false>(a, b, yi, zy, k, w, ga, gb);
+    } else if (!k.jsd) {
+      contrib = gz ? nla_row_fixed<CF, Consistency::Official, true>(a, b, yi, zy, k, w, ga, gb)
+                   : nla_row_fixed<CF, Consistency::Official, false>(a, b, yi, zy, k, w, ga, gb);
+    } else {
+      contrib = gz ? nla_row_fixed<CF, Consistency::Jsd, true>(a, b, yi, zy, k, w, ga, gb)
+                   : nla_row_fixed<CF, Consistency::Jsd, false>(a, b, yi, zy, k, w, ga, gb);
+    }
+    if (weights) weights[i] = w;
+    if (gz) {
+      for (int j = 0; j < CF; ++j) {
+        gz[i * CF + j] = static_cast<scalar_t>(ga[j]);
+        gzf[i * CF + j] = static_cast<scalar_t>(gb[j]);
+      }
+    }
+    return contrib;
+  }
+
+  // A row of acc_t values: the row itself when it is contiguous acc_t, else a converted copy.
+  const acc_t* row_values(const scalar_t* base, int64_t s1, acc_t* copy) const {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (s1 == 1) return base;
+    }
+    if (s1 == 1) {
+      at::vec::convert(base, copy, C);
+    } else {
+      for (int64_t j = 0; j < C; ++j) copy[j] = static_cast<acc_t>(base[j * s1]);
+    }
+    return copy;
+  }
+
+  // The vectorised row (C > 8), the maths of nla_row (shared row_head / official_coef / jsd_coef):
+  // scratch holds 7 C values: a, b (converted copies), exp(z - mz), exp(z' - mzf), exp((s - ms) / 2)
+  // and the two gradient rows before they are stored in the logits' dtype.
+  acc_t wide_row(int64_t i, int64_t yv, acc_t* scratch) const {
+    using V = Vec<acc_t>;
+    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+    const int64_t n = C;
+    const bool has_flip = zf != nullptr, want_grad = gz != nullptr;
+    scalar_t* gr = want_grad ? gz + i * C : nullptr;
+    scalar_t* gfr = want_grad ? gzf + i * C : nullptr;
+    if (yv < 0 || yv >= n) {
+      if (weights) weights[i] = nan;
+      for (int64_t j = 0; want_grad && j < n; ++j) gr[j] = gfr[j] = static_cast<scalar_t>(nan);
+      return nan;
+    }
+    const acc_t* a = row_values(z + i * z_s0, z_s1, scratch);
+    const acc_t* b = has_flip ? row_values(zf + i * zf_s0, zf_s1, scratch + n) : a;
+    acc_t* ez = scratch + 2 * n;
+    acc_t* ezf = scratch + 3 * n;
+    acc_t* eu = scratch + 4 * n;
+    const bool official = has_flip && !k.jsd;
+    RowStats<acc_t> s;
+    s.zy = a[yv];
+    // pass 1: maxima, the nearest negative (the largest logit but z_y, its first index)
+    s.mz = vec_max(a, n);
+    s.best = RowMath<acc_t>::max(vec_max(a, yv), vec_max(a + yv + 1, n - yv - 1));
+    const int64_t kk = vec_find(a, n, s.best, yv);
+    s.mzf = has_flip ? vec_max(b, n) : s.mz;
+    if (official) {
+      vec_loop<acc_t>(
+          n, [&](int64_t j) { (V::loadu(a + j) + V::loadu(b + j)).store(eu + j); },
+          [&](int64_t j) { eu[j] = a[j] + b[j]; });
+      s.ms = vec_max(eu, n);
+    }
+    // pass 2: the exponentials and their sums
+    s.sz = vec_exp_shifted(a, s.mz, acc_t(1), ez, n);
+    s.szf = has_flip ? vec_exp_shifted(b, s.mzf, acc_t(1), ezf, n) : acc_t(1);
+    s.su = official ? vec_exp_shifted(eu, s.ms, acc_t(0.5), eu, n) : acc_t(1);
+    const RowHead<acc_t> h = row_head(s, k);
+    if (weights) weights[i] = h.naw.w;
+    if (!has_flip) return 0;
+    // the gradient rows: written in place when the logits are acc_t, else converted at the end
+    acc_t* v = scratch + 5 * n;
+    acc_t* vf = scratch + 6 * n;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (want_grad) {
+        v = gr;
+        vf = gfr;
+      }
+    }
+    acc_t contrib, Ey = 0, Ek = 0;
+    if (official) {
+      const OfficialCoef<acc_t> o = official_coef(s, h, k, want_grad);
+      contrib = o.contrib;
+      if (want_grad) {
+        const V alpha(o.alpha), beta(o.beta), gamma(o.gamma);
+        vec_loop<acc_t>(
+            n,
+            [&](int64_t j) {
+              const V t = V::loadu(eu + j) * beta;
+              (V::loadu(ez + j) * alpha - t).store(v + j);
+              (V::loadu(ezf + j) * gamma - t).store(vf + j);
+            },
+            [&](int64_t j) {
+              const acc_t t = eu[j] * o.beta;
+              v[j] = ez[j] * o.alpha - t;
+              vf[j] = ezf[j] * o.gamma - t;
+            });
+        Ey = o.Ey;
+        Ek = o.Ek;
+      }
+    } else {
+      // pass 3 (JSD): S = sum p (log p - log m), S' likewise, only where p > 0 (p' > 0)
+      const JsdHead<acc_t> jh = jsd_head(s);
+      const acc_t ln2 = static_cast<acc_t>(0.69314718055994530942);
+      const V isz(h.inv_sz), iszf(jh.inv_szf), lz(h.lse_z), lzf(jh.lse_zf), l2(ln2), zero(0);
+      // p, p', log m and the two log ratios of columns [j, j + size)
+      const auto terms = [&](int64_t j, V& p, V& pf, V& tz, V& tzf) {
+        p = V::loadu(ez + j) * isz;
+        pf = V::loadu(ezf + j) * iszf;
+        const V lm = (p + pf).log() - l2;
+        tz = V::loadu(a + j) - lz - lm;
+        tzf = V::loadu(b + j) - lzf - lm;
+      };
+      V Sv(0), Sfv(0);
+      acc_t S = 0, Sf = 0;
+      vec_loop<acc_t>(
+          n,
+          [&](int64_t j) {
+            V p, pf, tz, tzf;
+            terms(j, p, pf, tz, tzf);
+            Sv = Sv + V::blendv(zero, p * tz, p > zero);
+            Sfv = Sfv + V::blendv(zero, pf * tzf, pf > zero);
+          },
+          [&](int64_t j) {
+            jsd_accumulate(a[j], b[j], ez[j] * h.inv_sz, ezf[j] * jh.inv_szf, h.lse_z, jh.lse_zf, S, Sf);
+          });
+      S += vec_sum(Sv);
+      Sf += vec_sum(Sfv);
+      const JsdCoef<acc_t> o = jsd_coef(s, h, k, S, Sf, want_grad);
+      contrib = o.contrib;
+      if (want_grad) {
+        const V A(o.A), hv(o.h), Svv(S), Sfvv(Sf);
+        vec_loop<acc_t>(
+            n,
+            [&](int64_t j) {
+              V p, pf, tz, tzf;
+              terms(j, p, pf, tz, tzf);
+              (A * p + V::blendv(zero, hv * p * (tz - Svv), p > zero)).store(v + j);
+              V::blendv(zero, hv * pf * (tzf - Sfvv), pf > zero).store(vf + j);
+            },
+            [&](int64_t j) {
+              jsd_grad(o, a[j], b[j], ez[j] * h.inv_sz, ezf[j] * jh.inv_szf, h.lse_z, jh.lse_zf, S, Sf, v[j], vf[j]);
+            });
+        Ey = o.Ey;
+        Ek = o.Ek;
+      }
+    }
+    if (want_grad) {
+      v[yv] += Ey;
+      if (kk >= 0) v[kk] += Ek;
+      if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+        at::vec::convert(v, gr, n);
+        at::vec::convert(vf, gfr, n);
+      }
+    }
+    return contrib;
   }
 };
 
 // Runs every row of [0, B); returns the loss (sum of row contributions in a fixed order, in double).
 template <typename scalar_t, typename index_t>
 double run_rows(const CpuRows<scalar_t, index_t>& rows, int64_t B) {
+  using acc_t = typename CpuRows<scalar_t, index_t>::acc_t;
   const int64_t nchunks = (B + kRowsPerChunk - 1) / kRowsPerChunk;
-  const auto chunk_sum = [&rows, B](int64_t ch) {
-    const int64_t r1 = std::min(B, (ch + 1) * kRowsPerChunk);
-    double s = 0.0;
-    for (int64_t i = ch * kRowsPerChunk; i < r1; ++i) s += static_cast<double>(rows.row(i));
-    return s;
-  };
-  if (nchunks <= 1) return nchunks == 1 ? chunk_sum(0) : 0.0;  // a training batch: no thread pool
   std::vector<double> partial(static_cast<size_t>(nchunks), 0.0);
-  at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t ch = begin; ch < end; ++ch) partial[static_cast<size_t>(ch)] = chunk_sum(ch);
+  const int64_t grain = std::max<int64_t>(1, kMinElementsPerThread / (kRowsPerChunk * std::max<int64_t>(rows.C, 1)));
+  at::parallel_for(0, nchunks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(static_cast<size_t>(rows.scratch_size()));
+    for (int64_t ch = begin; ch < end; ++ch) {
+      const int64_t r1 = std::min(B, (ch + 1) * kRowsPerChunk);
+      double s = 0.0;
+      for (int64_t i = ch * kRowsPerChunk; i < r1; ++i) s += static_cast<double>(rows.row(i, scratch.data()));
+      partial[static_cast<size_t>(ch)] = s;
+    }
   });
   double total = 0.0;
   for (double s : partial) total += s;
@@ -315,18 +575,23 @@ CudaEps cuda_eps(const std::optional<at::Tensor>& eps_tensor, double eps_value, 
   return out;
 }
 
-void run_cuda(const at::Tensor& z, const at::Tensor* zf, const at::Tensor& y, const CudaEps& eps,
+// The kernels read logits as contiguous rows from a 16-byte aligned base (vector loads, no stride
+// arithmetic); any other layout (a transposed or sliced view) is copied once into a fresh tensor.
+at::Tensor kernel_layout(const at::Tensor& t) {
+  const bool aligned = (reinterpret_cast<uintptr_t>(t.const_data_ptr()) & 15u) == 0;
+  return t.is_contiguous() && aligned ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+void run_cuda(const at::Tensor& z_in, const at::Tensor* zf_in, const at::Tensor& y, const CudaEps& eps,
               at::ArrayRef<double> constants, bool jsd, bool reg_mean, at::Tensor* gz, at::Tensor* gzf,
               at::Tensor* weights, at::Tensor* loss) {
+  const at::Tensor z = kernel_layout(z_in);
+  const at::Tensor zf = zf_in ? kernel_layout(*zf_in) : at::Tensor();
   const int64_t B = z.size(0), C = z.size(1);
   CudaRowsArgs a{};
   a.dtype = to_dtype(z.scalar_type());
   a.z = z.const_data_ptr();
-  a.z_s0 = z.stride(0);
-  a.z_s1 = z.stride(1);
-  a.zf = zf ? zf->const_data_ptr() : nullptr;
-  a.zf_s0 = zf ? zf->stride(0) : 0;
-  a.zf_s1 = zf ? zf->stride(1) : 0;
+  a.zf = zf_in ? zf.const_data_ptr() : nullptr;
   a.y = y.const_data_ptr();
   a.y_s0 = y.stride(0);
   a.y_is_int64 = y.scalar_type() == at::kLong;
@@ -343,7 +608,7 @@ void run_cuda(const at::Tensor& z, const at::Tensor* zf, const at::Tensor& y, co
   a.weights = weights ? weights->mutable_data_ptr() : nullptr;
   at::Tensor partials;  // freed after the launch: the caching allocator orders reuse on this stream
   if (loss != nullptr) {
-    const CudaPlan plan = cuda_plan(B, C, a.dtype);
+    const CudaPlan plan = cuda_launch_plan(B, C, a.dtype);
     // one block writes the loss itself; several write partials that a second launch sums
     if (plan.grid > 1) {
       partials = at::empty({plan.grid}, z.options().dtype(acc_type_of(z.scalar_type())));

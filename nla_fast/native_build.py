@@ -38,7 +38,26 @@ __all__ = [
 ]
 
 _SOURCE_FILES = ("nla_loss.h", "nla_loss.cpp", "nla_loss_cuda.cu")
-_EXTRA_CFLAGS = ["-O3"]
+
+
+def _cpu_flags() -> list[str]:
+    """Host-compiler flags of nla_loss.cpp: OpenMP, so ``at::parallel_for`` splits rows over the
+    threads (torch's own libgomp serves it at run time); at::vec's AVX2 code when this CPU has AVX2,
+    FMA and F16C (the library is built on the machine that runs it, and this choice is part of its
+    hashed name); no FMA contraction, so scalar rows round the same in every instantiation."""
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return flags
+    cpu_flags = set(next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "").split())
+    if {"avx2", "fma", "f16c"} <= cpu_flags:
+        flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return flags
+
+
+_EXTRA_CFLAGS = _cpu_flags()
+_EXTRA_LDFLAGS = ["-fopenmp"]
 _EXTRA_CUDA_CFLAGS = ["-O3"]
 
 _lock = threading.RLock()
@@ -180,7 +199,8 @@ def cxx_compile_command(output: str | os.PathLike, with_cuda: bool = True, synta
     cmd = [cxx, "-c", str(src / "nla_loss.cpp"), "-o", str(output), f"-I{src}"]
     for inc in includes:
         cmd += ["-isystem", inc]
-    cmd += ["-DTORCH_EXTENSION_NAME=nla_fast_cxx_check", "-DTORCH_API_INCLUDE_EXTENSION_H", "-fPIC", _cxx_std_flag()]
+    cmd += ["-DTORCH_EXTENSION_NAME=nla_fast_cxx_check", "-DTORCH_API_INCLUDE_EXTENSION_H", "-fPIC", _cxx_std_flag(),
+            *_EXTRA_CFLAGS]
     if with_cuda:
         cmd.append("-DNLA_WITH_CUDA")
     if syntax_only:
@@ -200,8 +220,8 @@ def _library_name(src: Path, with_cuda: bool) -> str:
     if with_cuda:  # the device code targets the visible GPUs (or TORCH_CUDA_ARCH_LIST)
         arch = (os.environ.get("TORCH_CUDA_ARCH_LIST"),
                 tuple(torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())))
-    digest.update(repr((with_cuda, arch, _EXTRA_CFLAGS, _EXTRA_CUDA_CFLAGS, torch.__version__, torch.version.cuda,
-                        sys.version_info[:2])).encode())
+    digest.update(repr((with_cuda, arch, _EXTRA_CFLAGS, _EXTRA_LDFLAGS, _EXTRA_CUDA_CFLAGS, torch.__version__,
+                        torch.version.cuda, sys.version_info[:2])).encode())
     return f"nla_fast_{'cuda' if with_cuda else 'cpu'}_{digest.hexdigest()[:16]}"
 
 
@@ -219,6 +239,7 @@ def _build_and_load(with_cuda: bool) -> str:
         sources=sources,
         extra_cflags=_EXTRA_CFLAGS + (["-DNLA_WITH_CUDA"] if with_cuda else []),
         extra_cuda_cflags=_EXTRA_CUDA_CFLAGS if with_cuda else None,
+        extra_ldflags=_EXTRA_LDFLAGS,
         extra_include_paths=[str(src)],
         with_cuda=with_cuda,
         is_python_module=False,

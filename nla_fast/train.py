@@ -64,6 +64,7 @@ from .sampling import EpochOrder
 from .settings import (SettingsError, TrainSettings, ResumeError, check_label_mode, check_resume, check_val_fraction,
                        check_resume_classes, model_selection_note, parse_command_line,
                        selection_split, settings_for_resume)
+from .threads import ThreadsError, use_cpu_threads
 
 
 @dataclass
@@ -612,6 +613,7 @@ def _report(run_training) -> int:
     """``run_training()``'s exit status: 0 done, 130 interrupted (Ctrl-C), 143 SIGTERM, 1 a non-finite
     loss or a full disk, 2 an error (each told in one line). ``--seeds`` reports each seed's run so."""
     try:
+        use_cpu_threads()  # a shared host's cores, not oversubscribed (nla_fast.threads)
         with sigterm_raises():
             result = run_training()
     except KeyboardInterrupt:
@@ -625,7 +627,8 @@ def _report(run_training) -> int:
         print(f"nla_fast: error: {err}", file=sys.stderr)
         return 1
     except (WeightsError, backbones.ModelError, DatasetError, FileNotFoundError, ckpt.CheckpointError,
-            BackendUnavailable, RunFolderError, SettingsError, MissingExtra, DeviceError, FolderUnusable) as err:
+            BackendUnavailable, RunFolderError, SettingsError, MissingExtra, DeviceError, FolderUnusable,
+            ThreadsError) as err:
         print(f"nla_fast: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk (disk.WriteFailed names the file and the free space), an I/O error

@@ -11,7 +11,7 @@ after a step fails or is cut:
   device           nvidia-smi and the versions (device.json)
   install          pip install --no-deps --no-build-isolation -e .  (this machine's python3 as it is)
   build-extension  the C++/CUDA extension (the loss bench needs it)
-  kernel-model     bench/kernel_model.py --out-dir: the static predictions (no GPU, seconds);
+  kernel-model     bench/kernel_model.py --reuse-saved: the static predictions (no GPU; the saved ones, seconds);
                    skipped when the file is absent, and its failure stops nothing
   loss-bench       bench/loss_bench.py --targets --time-cap: SPEC 4's loss rows and their
                    kernel-only (CUDA-graph replay) rows, then the host bar
@@ -98,8 +98,9 @@ STEPS = (
     Step("build-extension", 240, lambda c, t: [
         c.python, "-c", "import torch; from nla_fast import extension as e; r = e.unavailable_reason(torch.device("
                         "'cuda')); print(r or 'extension built'); raise SystemExit(1 if r else 0)"]),
-    Step("kernel-model", 60, lambda c, t: [c.python, "bench/kernel_model.py", "--out-dir", str(c.results)],
-         needs="bench/kernel_model.py"),
+    # the prediction saved with these sources (committed, made on a CPU) when there is one, else sm_90 only
+    Step("kernel-model", 120, lambda c, t: [c.python, "bench/kernel_model.py", "--reuse-saved", "--arch", "90",
+                                            "--out-dir", str(c.results)], needs="bench/kernel_model.py"),
     Step("loss-bench", 110, lambda c, t: [c.python, "bench/loss_bench.py", "--targets", "--time-cap",
                                           f"{max(1.0, min(90.0, t - 15)):.0f}", "--out-dir", str(c.results)]),
     Step("train-bench", 200, lambda c, t: [c.python, "bench/train_bench.py", "--rungs", "0,6,7,8,5", "--epochs", "7",

@@ -4,7 +4,7 @@ The operators' own behaviour; what every backend shares (values and gradients th
 ``nla_fast.nla_loss``, layouts, autograd, torch.compile) is in ``test_loss_backends.py``. Cases,
 oracle and tolerances: ``tests/loss_cases.py``.
 
-The CPU tests build the CPU library on first use (about 20 s on 2 cores, cached afterwards in the
+The CPU tests build the CPU library on first use (about 40 s on 2 cores, cached afterwards in the
 torch extensions dir). The nvcc test compiles the CUDA source for sm_90 with device optimisation
 off (-Xcicc -O0 -Xptxas -O0: it checks that the source compiles, quickly) and, in parallel, the
 CUDA glue of nla_loss.cpp (-DNLA_WITH_CUDA, -fsyntax-only); a success is remembered per source
@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import shutil
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -246,12 +249,13 @@ def test_minus_inf_on_a_non_target_class(name, where):
     if where == "both views":
         zf[:, 4][y != 4] = -math.inf
     zf[5, 3] = -math.inf
-    rloss, rgz, rgzf, rw = reference(z, zf, y, 0.5, config)
+    ref = reference(z, zf, y, 0.5, config)
+    rloss, rgz, rgzf, rw = ref
     assert torch.isfinite(rloss) and torch.isfinite(rgz).all() and torch.isfinite(rgzf).all()
     for dtype in (torch.float64, torch.float32):
         out = op(z.to(dtype), zf.to(dtype), y, 0.5, config)
         assert all(torch.isfinite(t).all() for t in out)
-        assert_op_matches(out, (rloss, rgz, rgzf, rw), dtype)
+        assert_op_matches(out, ref, dtype)
     # and through the public API with autograd
     a, b = z.clone().requires_grad_(), zf.clone().requires_grad_()
     loss = nla_fast.nla_loss(a, b, y, 0.5, config, backend="extension")
@@ -395,6 +399,145 @@ def test_torch_compile_matches_eager(eps_kind):
             torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-7)
         rloss = reference(z, zf, y, value if eps_kind == "float" else torch.tensor(value), config)[0]
         torch.testing.assert_close(outs[1][0].double(), 2.0 * rloss, rtol=2e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- every CPU row path
+# C = 7 and 8 run nla_row_fixed (the GPU tile kernel's row code), C <= 6 nla_row, C > 8 the
+# vectorised rows (at::vec): the cases below reach each of them.
+def _tie_rows(classes):
+    """test_cpu_exact_ties's four tie rows, padded with logits -1.5 up to `classes` columns."""
+    z = torch.full((4, classes), -1.5, dtype=torch.float64)
+    z[:, :6] = torch.tensor([
+        [2.0, 1.0, 2.0, 0.0, -1.0, 0.5],  # y=0 ties with negative 2
+        [0.0, 3.0, 1.0, 3.0, 3.0, 0.0],   # y=2 below three tied negatives: nearest is index 1
+        [1.0, 1.0, 1.0, 1.0, 1.0, 1.0],   # true case at g == n, the nearest is the first j != y
+        [5.0, 5.0, -2.0, 0.0, 0.0, 0.0],  # y=1 ties with negative 0
+    ], dtype=torch.float64)
+    z[2, 6:] = 1.0
+    return z, torch.tensor([0, 2, 3, 1])
+
+
+@pytest.mark.parametrize("classes", [7, 8, 13, 40])
+def test_cpu_exact_ties_on_fixed_and_vector_rows(classes):
+    z, y = _tie_rows(classes)
+    zf = z.flip(1).clone()
+    for config in CONFIGS.values():
+        for dtype in (torch.float64, torch.float32):
+            for eps in EPS_VALUES:
+                zd, zfd = z.to(dtype), zf.to(dtype)
+                assert_op_matches(op(zd, zfd, y, eps, config), reference(zd, zfd, y, eps, config), dtype)
+
+
+@pytest.mark.parametrize("classes", [7, 13])
+@pytest.mark.parametrize("name", ["official", "paper-jsd"])
+def test_minus_inf_on_fixed_and_vector_rows(classes, name):
+    config = CONFIGS[name]
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(9, classes, generator=g, dtype=torch.float64) * 2
+    zf = z + torch.randn(9, classes, generator=g, dtype=torch.float64)
+    y = torch.arange(9) % (classes - 2)
+    z[:, classes - 1] = -math.inf
+    zf[::2, classes - 1] = -math.inf
+    zf[3, classes - 2] = -math.inf
+    ref = reference(z, zf, y, 0.5, config)
+    for dtype in (torch.float64, torch.float32):
+        out = op(z.to(dtype), zf.to(dtype), y, 0.5, config)
+        assert all(torch.isfinite(t).all() for t in out)
+        assert_op_matches(out, ref, dtype)
+
+
+@pytest.mark.parametrize("classes", [8, 13])
+def test_non_finite_logits_and_bad_targets_on_fixed_and_vector_rows(classes):
+    for config in CONFIGS.values():
+        for bad in (float("nan"), float("inf")):
+            z, zf, y = make_inputs(9, classes)
+            z[3, 2] = bad
+            zf[4, 1] = bad
+            loss, gz, gzf, w = op(z, zf, y, 0.5, config)
+            assert not torch.isfinite(loss)
+            assert torch.isfinite(gz[0]).all() and torch.isfinite(gzf[0]).all() and torch.isfinite(w[0])
+        z, zf, y = make_inputs(9, classes)
+        yb = y.clone()
+        yb[4], yb[6] = classes, -1
+        loss, gz, gzf, w = op(z, zf, yb, 0.5, config)
+        assert torch.isnan(loss) and torch.isnan(w[4]) and torch.isnan(w[6]) and torch.isnan(gz[4]).all()
+        keep = torch.tensor([i not in (4, 6) for i in range(9)])
+        assert torch.isfinite(gz[keep]).all() and torch.isfinite(gzf[keep]).all()
+        torch.testing.assert_close(w[keep].double(), reference(z, zf, y, 0.5, config)[3][keep], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- OpenMP
+def _library_bytes() -> bytes:
+    """The loaded extension library's file (found among this process's mapped files)."""
+    name = native_build.load()["library"]
+    assert name and name != "already loaded", name
+    maps = Path("/proc/self/maps").read_text().split()
+    path = next(p for p in maps if p.endswith(f"/{name}.so"))
+    return Path(path).read_bytes()
+
+
+def test_cpu_library_is_built_with_openmp_and_vector_code():
+    assert "-fopenmp" in native_build._EXTRA_CFLAGS and "-fopenmp" in native_build._EXTRA_LDFLAGS
+    lib = _library_bytes()
+    assert b"libgomp.so.1" in lib and b"GOMP_parallel" in lib  # links the OpenMP runtime, opens regions
+    if "-mavx2" in native_build._EXTRA_CFLAGS:
+        assert b"Sleef_expf8_u10" in lib  # the wide rows' exponentials: 8 floats per AVX2 instruction
+
+
+@pytest.mark.parametrize("batch, classes", [(8192, 7), (4096, 13), (300, 1000), (4000, 5)])
+def test_cpu_results_do_not_depend_on_the_thread_count(batch, classes):
+    """Batches big enough to be split over threads: 1, 2 and 3 threads give bit-identical results
+    (fixed chunks of rows, summed in order), and they match the float64 oracle."""
+    z32, zf32, y = make_inputs(batch, classes, torch.float32, seed=11)
+    before = torch.get_num_threads()
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            z, zf = z32.to(dtype), zf32.to(dtype)
+            outs = []
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                outs.append(op(z, zf, y, 0.37, NLAConfig()))
+            for other in outs[1:]:
+                for a, b in zip(outs[0], other):
+                    assert torch.equal(a, b)
+            assert_op_matches(outs[-1], reference(z.float(), zf.float(), y, 0.37, NLAConfig()), dtype)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_pool_wakes_for_big_batches_only():
+    """With 4 threads allowed, small batches (a training batch of 32, 4096 x 7, 1000 x 13) never
+    start the OpenMP team (the process's thread count stays put); a big batch does (so the kernel
+    really runs on several threads). Checked in a child process, whose threads are its own."""
+    code = textwrap.dedent("""
+        import os, torch
+        from nla_fast import extension
+        from nla_fast.config import NLAConfig
+        assert extension.unavailable_reason("cpu") is None
+        c = NLAConfig().constants.as_list()
+        torch.set_num_threads(1)  # the inputs are made on this thread (torch's own ops split big ones)
+        shapes = ((32, 7), (4096, 7), (1000, 13), (64, 1000), (2**16, 7))
+        inputs = {s: (torch.randn(*s), torch.randn(*s), torch.randint(0, s[1], (s[0],))) for s in shapes}
+        def run(s):
+            z, zf, y = inputs[s]
+            torch.ops.nla_fast.nla_loss_fwd(z, zf, y, None, 0.5, c, False, False, True, True)
+        tasks = lambda: len(os.listdir("/proc/self/task"))
+        run((32, 7))
+        torch.set_num_threads(4)
+        start = tasks()
+        for s in shapes[:-1]:
+            for _ in range(5):
+                run(s)
+        small = tasks()
+        run(shapes[-1])
+        print(start, small, tasks())
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="4"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    start, small, big = (int(v) for v in proc.stdout.split()[-3:])
+    assert small == start, (start, small)
+    assert big > small, (small, big)
 
 
 # ----------------------------------------------------------------------------- build plumbing
@@ -622,7 +765,7 @@ def test_cuda_input_errors_raise_and_do_not_crash():
         import torch
         from nla_fast import extension
         from nla_fast.config import NLAConfig
-        assert native_build.unavailable_reason("cuda") is None
+        assert extension.unavailable_reason("cuda") is None
         c = NLAConfig().constants
         z = torch.randn(4, 7, device="cuda")
         y = torch.zeros(4, dtype=torch.long, device="cuda")
@@ -684,6 +827,29 @@ def test_cuda_tile_staging_misaligned_and_strided():
         ref = reference(z.float(), zf.float(), y, 0.37, config)
         assert_op_matches(op(z, zf, y, 0.37, config), ref, dtype)
         assert_op_matches(op(z.contiguous(), zf.contiguous(), y, 0.37, config), ref, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("classes", [7, 8])
+def test_cuda_fixed_width_tiles_full_and_partial(classes):
+    """The fixed-width tile kernel (C = 7, 8): one partial tile, exactly one full tile, full tiles
+    and a partial last one, a grid that strides over tiles; every dtype (double takes the generic
+    kernel), every consistency variant, with and without gradients, against the oracle."""
+    for batch in (1, 127, 128, 129, 1000, 2**20 + 77):
+        z, zf, y = make_inputs(batch, classes, torch.float32, device="cuda")
+        z, zf = (t.to(torch.bfloat16).float() for t in (z, zf))
+        for config in CONFIGS.values():
+            ref = reference(z, zf, y, 0.37, config)
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                zd, zfd = z.to(dtype), zf.to(dtype)
+                out = op(zd, zfd, y, 0.37, config)
+                assert_op_matches(out, ref, dtype)
+                no_grad = op(zd, zfd, y, 0.37, config, need_grad=False)
+                torch.testing.assert_close(no_grad[0], out[0], rtol=1e-6, atol=1e-6 * batch)
+                w = torch.ops.nla_fast.naw_weight(zd, y, None, 0.37, config.constants.as_list())
+                torch.testing.assert_close(w, out[3], rtol=0, atol=0)
+            if batch > 2**20:
+                break  # the big batch: one config is enough
 
 
 @pytest.mark.gpu

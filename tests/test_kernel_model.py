@@ -452,7 +452,7 @@ def test_bench_writes_json_with_the_required_fields_and_check_exits_on_misses(tm
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     done = subprocess.run([sys.executable, str(BENCH / "kernel_model.py"), "--backend", "triton", "--arch", "90",
-                           "--shape", "32x7:float32", "--out", str(tmp_path / "out"), "--check"],
+                           "--shape", "32x7:float32", "--out-dir", str(tmp_path / "out"), "--check"],
                           env=env, capture_output=True, text=True, timeout=600)
     data = json.loads((tmp_path / "out" / "kernel_model.json").read_text())
     assert done.returncode == (1 if data["check"] else 0), done.stderr[-2000:]

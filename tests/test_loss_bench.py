@@ -145,3 +145,27 @@ def test_gpu_check_script_parses():
 
     script = BENCH.parent / "scripts" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+@pytest.mark.slow
+def test_cpu_thread_rows_give_the_issue_23_ratios():
+    """The OpenMP rows of --quick: 1 and 2 threads at (2^20, 7) and (4096, 1000), the cross-entropy
+    baseline at the wide shape, and the targets computed from those rows' medians (not a timing
+    assertion)."""
+    threads = torch.get_num_threads()
+    out = loss_bench.cpu_thread_rows(quick=True)
+    assert torch.get_num_threads() == threads
+    counts = out["threads"]
+    assert counts == ([1, 2] if loss_bench.usable_cpus() >= 2 else [1])
+    rows = {(r["batch"], r["classes"], r["backend"], r["mode"]): r for r in out["rows"]}
+    mode = {n: f"fwd+bwd, CPU, {n} thread{'s' * (n > 1)}" for n in counts}
+    for n in counts:
+        for key in ((2**20, 7, "extension"), (4096, 1000, "extension"), (4096, 1000, "two F.cross_entropy")):
+            row = rows[(*key, mode[n])]
+            assert row["median_ms"] > 0 and row["calls"] == out["calls_each"] and 0 <= row["quiet_calls"] <= row["calls"]
+            assert row["median_over"] in ("quiet calls", "all calls")
+        ratio = rows[(4096, 1000, "extension", mode[n])]["median_ms"] / rows[(4096, 1000, "two F.cross_entropy", mode[n])]["median_ms"]
+        assert out["targets"][f"extension CPU: 4096x1000 fp32 fwd+bwd / two F.cross_entropy, {mode[n].split(', ')[-1]} (<= 1.0)"] == ratio
+    if 2 in counts:
+        speedup = rows[(2**20, 7, "extension", mode[1])]["median_ms"] / rows[(2**20, 7, "extension", mode[2])]["median_ms"]
+        assert out["targets"]["extension CPU: 2^20x7 fp32 fwd+bwd, 1-thread / 2-thread time (>= 1.6)"] == speedup

@@ -26,7 +26,9 @@ def test_small_batches_are_one_launch_with_a_fixed_config_and_nothing_is_tuned_h
     from nla_fast.kernels import launch
 
     assert launch.fixed_config(32, 8) == launch.Config(32, 1, 1)  # the trainer's batch: one warp, one tile
-    assert launch.fixed_config(512, 8).block_b == 512 and launch.fixed_config(513, 8).block_b == 512
+    assert launch.fixed_config(512, 8).block_b == 512 and launch.is_single_program(512, 8)
+    assert not launch.is_single_program(513, 8)  # from 513 rows: the large-batch heuristic
+    assert launch.fixed_config(513, 8, 2) == launch.fixed_config(2**20, 8, 2) != launch.fixed_config(513, 8, 4)
     assert not launch.may_tune(torch.device("cpu")) and not launch.tunable_device(torch.device("cpu"))
     z, zf, y = make_inputs(2600, 7, seed=25)
     run("triton", z, zf, y, 0.37, CONFIGS["paper"])
