@@ -27,6 +27,7 @@ def test_reference_style_baseline_equals_official_preset():
         torch.testing.assert_close(reference_style_nla_loss(z, zf, y, eps), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_quick_run_writes_table_and_json_after_every_row(tmp_path, capsys, monkeypatch):
     threads = torch.get_num_threads()
     written = []  # (rows in the result, rows in the JSON on disk) after each write

@@ -39,6 +39,7 @@ def logged_run(tmp_path_factory):
     return out, first_header
 
 
+@pytest.mark.slow
 def test_metrics_csv_holds_the_jsonl_rows_and_a_resumed_run_appends(logged_run):
     out, first_header = logged_run
     with open(out / "metrics.csv", newline="") as handle:
@@ -88,6 +89,7 @@ def test_missing_tensorboard_is_named_in_one_line(tmp_path, monkeypatch, capsys)
     assert not (tmp_path / "run").exists()  # refused before the run started
 
 
+@pytest.mark.slow
 def test_config_json_records_the_run_and_starts_an_identical_one(logged_run, tmp_path, capsys):
     out, _ = logged_run
     config = json.loads((out / "config.json").read_text())

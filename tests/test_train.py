@@ -63,6 +63,7 @@ def test_run_writes_metrics_plots_and_checkpoints(two_epochs):
     assert best["epoch"] == max(rows, key=lambda r: (r["test_acc"], -r["epoch"]))["epoch"]
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(two_epochs, tmp_path):
     assert run(tmp_path, "--epochs", "1") == 0
     assert train.main(["--resume", str(tmp_path / "last.pt"), "--epochs", "2", "--no-progress"]) == 0
