@@ -104,3 +104,14 @@ def test_tile_layouts_are_bank_conflict_free(header_dump):
                 assert not bank_conflict(addresses, esize), (classes, esize, lay["generic_stride"], j)
     # the shapes the old kernel read with conflicts now have none: bf16 C=7, fp32 C=8, fp32 C=16
     assert layouts[(7, 2)]["lane_rows"] == 2 and layouts[(8, 4)]["stride"] == 48
+
+
+def test_plan_program_is_built_once_per_source_hash_and_refuses_a_bad_query(tmp_path):
+    program = extension_launches.header_program(tmp_path)
+    assert program.parent == tmp_path and program.name.startswith("extension_plan-")
+    built = program.stat().st_mtime_ns
+    assert extension_launches.header_program(tmp_path) == program and program.stat().st_mtime_ns == built
+    assert [p.name for p in tmp_path.iterdir()] == [program.name]  # no temporary file left behind
+    assert extension_launches.ask(program, ["plan 32 7 float32"])[0]["plan"]["kernel"] == "TileFixed"
+    with pytest.raises(ValueError, match=r"cannot read the query: 'plan 32 7 float8'"):
+        extension_launches.ask(program, ["plan 32 7 float32", "plan 32 7 float8"])
