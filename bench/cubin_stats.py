@@ -104,46 +104,113 @@ def _run(args: list[str]) -> str:
 _BUILTIN_TYPES = {"f": "float", "d": "double", "i": "int", "j": "unsigned int", "b": "bool", "l": "long",
                   "m": "unsigned long", "x": "long long", "y": "unsigned long long", "c": "char",
                   "h": "unsigned char", "s": "short", "t": "unsigned short", "v": "void"}
+_ANONYMOUS = "_GLOBAL__N"  # an anonymous namespace's source name starts so (then a per-compilation hash)
 
 
-def _template_args(text: str, pos: int) -> tuple[list[str], int] | None:
+def _source_name(text: str, pos: int) -> tuple[str, int] | None:
+    """``<length><identifier>`` at ``pos``: (the identifier as c++filt prints it, the position after)."""
+    digits = re.match(r"\d+", text[pos:])
+    if digits is None:
+        return None
+    start = pos + len(digits.group())
+    name = text[start:start + int(digits.group())]
+    if len(name) != int(digits.group()):
+        return None
+    return ("(anonymous namespace)" if name.startswith(_ANONYMOUS) else name), start + len(name)
+
+
+def _substitution(text: str, pos: int, subs: list[str]) -> tuple[str, int] | None:
+    """``S_`` (the first candidate) or ``S<base 36>_`` (the one after) at ``pos``."""
+    ref = re.match(r"S([0-9A-Z]*)_", text[pos:])
+    index = 0 if ref is None or not ref.group(1) else int(ref.group(1), 36) + 1
+    if ref is None or index >= len(subs):
+        return None
+    return subs[index], pos + len(ref.group())
+
+
+def _type(text: str, pos: int, subs: list[str]) -> tuple[str, int] | None:
+    """A type of an Itanium-mangled template argument: builtin, class name, nested name
+    (``N ... E``) or substitution; class names and nested-name prefixes become candidates for
+    later substitutions, as the ABI says."""
+    ch = text[pos:pos + 1]
+    if ch and ch in _BUILTIN_TYPES:
+        return _BUILTIN_TYPES[ch], pos + 1
+    if ch == "S":
+        return _substitution(text, pos, subs)
+    if ch.isdigit():
+        parsed = _source_name(text, pos)
+        if parsed:
+            subs.append(parsed[0])
+        return parsed
+    if ch != "N":
+        return None
+    parts, pos = [], pos + 1
+    while pos < len(text) and text[pos] != "E":
+        if text[pos] == "S" and not parts:
+            parsed = _substitution(text, pos, subs)
+        else:
+            parsed = _source_name(text, pos)
+        if parsed is None:
+            return None
+        parts.append(parsed[0])
+        if text[pos] != "S":
+            subs.append("::".join(parts))
+        pos = parsed[1]
+    return "::".join(parts), pos + 1
+
+
+def _template_args(text: str, pos: int, subs: list[str]) -> tuple[list[str], int] | None:
     """Template arguments of an Itanium-mangled name from ``pos`` (just after the 'I') up to the
-    matching 'E': builtin types, plain class names and integer / bool literals only."""
+    matching 'E': types and literals (``L <type> <value> E``), written as c++filt writes them."""
     args = []
     while pos < len(text) and text[pos] != "E":
-        ch = text[pos]
-        if ch == "L":  # literal: L <type> <value> E
-            kind = text[pos + 1]
-            end = text.index("E", pos)
-            value = text[pos + 2:end].replace("n", "-")
-            args.append({"b": "false" if value == "0" else "true"}.get(kind, value))
+        if text[pos] == "L":
+            parsed = _type(text, pos + 1, subs)
+            if parsed is None or "E" not in text[parsed[1]:]:
+                return None
+            kind, start = parsed
+            end = text.index("E", start)
+            value = text[start:end].replace("n", "-", 1)  # 'n': a minus sign
+            args.append({"bool": "false" if value == "0" else "true", "int": value}.get(kind, f"({kind}){value}"))
             pos = end + 1
-        elif ch.isdigit():
-            digits = re.match(r"\d+", text[pos:]).group()
-            start = pos + len(digits)
-            args.append(text[start:start + int(digits)])
-            pos = start + int(digits)
-        elif ch in _BUILTIN_TYPES:
-            args.append(_BUILTIN_TYPES[ch])
-            pos += 1
         else:
-            return None
+            parsed = _type(text, pos, subs)
+            if parsed is None:
+                return None
+            args.append(parsed[0])
+            pos = parsed[1]
     return args, pos + 1
 
 
 def readable_name(mangled: str) -> str:
     """``name<arg, ...>`` for a mangled function template (as c++filt writes its name and
-    arguments), else the name as it is (Triton kernels are not mangled)."""
+    arguments, namespaces left out), else the name as it is (Triton kernels are not mangled)."""
     if not mangled.startswith("_Z"):
         return mangled
-    for match in re.finditer(r"(\d+)", mangled):
-        length, start = int(match.group(1)), match.end()
-        name = mangled[start:start + length]
-        if len(name) == length and mangled[start + length:start + length + 1] == "I" and re.fullmatch(r"\w+", name):
-            parsed = _template_args(mangled, start + length + 1)
-            if parsed:
-                return f"{name}<{', '.join(parsed[0])}>"
-    return mangled
+    nested = mangled[2:3] == "N"
+    pos, parts, subs = 3 if nested else 2, [], []
+    while True:
+        parsed = _source_name(mangled, pos)
+        if parsed is None:
+            return mangled
+        name, pos = parsed
+        parts.append(name)
+        subs.append("::".join(parts))
+        if mangled[pos:pos + 1] == "I":
+            args = _template_args(mangled, pos + 1, subs)
+            return f"{name}<{', '.join(args[0])}>" if args else mangled
+        if not nested or mangled[pos:pos + 1] == "E":
+            return mangled
+
+
+def stable_name(mangled: str) -> str:
+    """A mangled name without its anonymous namespace's per-compilation hash (``49_GLOBAL__N__...``
+    becomes ``12_GLOBAL__N_1``): the same kernel's name in any build of the same source."""
+    found = re.search(rf"(\d+){_ANONYMOUS}", mangled)
+    if found is None:
+        return mangled
+    end = found.end(1) + int(found.group(1))
+    return mangled[:found.start()] + "12_GLOBAL__N_1" + mangled[end:]
 
 
 # ----------------------------------------------------------------------------- SASS
@@ -219,6 +286,26 @@ def parse_resource_usage(text: str) -> dict[str, dict[str, int]]:
             usage[current] = {k: int(v) for k, v in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", line)}
             current = None
     return usage
+
+
+def parse_ptxas_report(text: str) -> dict[str, dict[str, int]]:
+    """``ptxas -v`` output (one architecture) -> {mangled name: {"registers", "stack",
+    "spill_stores", "spill_loads"}} of every entry function: ptxas's own count, beside the
+    STL / LDL bytes read from the SASS."""
+    kernels: dict[str, dict[str, int]] = {}
+    current = None
+    for line in text.splitlines():
+        entry = re.search(r"Compiling entry function '([^']+)'", line)
+        if entry:
+            current = kernels.setdefault(entry.group(1), {})
+            continue
+        frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if current is not None and frame:
+            current.update(stack=int(frame.group(1)), spill_stores=int(frame.group(2)), spill_loads=int(frame.group(3)))
+        used = re.search(r"Used (\d+) registers", line)
+        if current is not None and used:
+            current["registers"] = int(used.group(1))
+    return kernels
 
 
 # ----------------------------------------------------------------------------- control flow
@@ -391,6 +478,15 @@ class ControlFlow:
         """Fewest (weighted) instructions on a path through the code with the back edges dropped
         (each loop body at most once, or skipped where a guard allows): from the entry to an
         EXIT, or with ``within``, from the loop's header to a block that branches back to it."""
+        return self._path(weight, within, min)
+
+    def longest_path(self, weight=None, within: Loop | None = None) -> float:
+        """Like ``shortest_path``, the most (weighted) instructions instead: the costlier arm of
+        every branch (an upper bound on a pass through code that runs once, such as a kernel's
+        partial last tile)."""
+        return self._path(weight, within, max)
+
+    def _path(self, weight, within: Loop | None, pick) -> float:
         blocks = within.blocks if within is not None else set(self.order)
         start = within.header if within is not None else (self.order[0] if self.order else None)
         if start is None:
@@ -398,17 +494,18 @@ class ControlFlow:
         ends = ({t for t, h in self.back_edges if h == within.header} if within is not None
                 else {b for b in self.order if not self.succ[b]
                       or self.instructions[self.block_range(b)[-1]].base == "EXIT"})
+        worst = math.inf if pick is min else -math.inf
         cost = {start: self.block_size(start, weight)}
-        best = math.inf
+        best = worst
         for b in self.order:  # a topological order once the back edges are dropped
             if b not in cost:
                 continue
             if b in ends:
-                best = min(best, cost[b])
+                best = pick(best, cost[b])
             for s in self.succ[b]:
                 if s in blocks and (b, s) not in self.back_edges:
                     c = cost[b] + self.block_size(s, weight)
-                    if c < cost.get(s, math.inf):
+                    if pick(c, cost.get(s, worst)) == c:
                         cost[s] = c
         return best
 

@@ -60,3 +60,14 @@ def stable_inductor_cache():
     with one_thread_with_environment("TORCHINDUCTOR_CACHE_DIR",
                                      str(Path(tempfile.gettempdir()) / f"nla_fast_test_inductor_{uid}")):
         yield
+
+
+@pytest.fixture(scope="module")
+def stable_kernel_model_cache():
+    """One cache for the kernel model's builds (cubins, the extension's launch and plan programs,
+    all keyed by their sources and commands) that survives between runs of the suite: nvcc takes
+    a minute for the extension on 2 cores. It lives under TRITON_CACHE_DIR, set here."""
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"nla_fast_test_kernel_model_{uid}"))
+        yield
