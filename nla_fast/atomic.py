@@ -51,7 +51,10 @@ def target(path):
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        os.chmod(tmp, _umask_mode())  # a writer that made its own file (safetensors: 0600) gets the usual mode
+        # a writer that made its own file (safetensors: 0600) gets the usual mode; a program a
+        # compiler linked there stays executable
+        executable = os.stat(tmp).st_mode & 0o111
+        os.chmod(tmp, _umask_mode(0o777 if executable else 0o666))
         os.replace(tmp, path)
     except BaseException as err:
         try:
@@ -70,11 +73,11 @@ def _open_new(tmp: Path) -> IO[bytes]:
     return os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
 
 
-def _umask_mode() -> int:
-    """0o666 less the process's umask: the mode ``open()`` gives a new file."""
+def _umask_mode(base: int = 0o666) -> int:
+    """``base`` (0o666: the mode ``open()`` gives a new file) less the process's umask."""
     mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
     os.umask(mask)
-    return 0o666 & ~mask
+    return base & ~mask
 
 
 def write(path, fill: Callable[[IO[bytes]], None]) -> None:

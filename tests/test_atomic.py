@@ -40,6 +40,20 @@ def test_written_files_get_the_umask_mode(tmp_path, umask_022):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "curves.png", "last.pt", "metrics.jsonl"]
 
 
+def test_a_program_written_through_target_stays_executable_and_a_0600_file_gets_the_umask_mode(tmp_path,
+                                                                                               umask_022):
+    """A compiler linking into atomic.target's path makes an executable (0755 under umask 022),
+    a library writing its own file 0600 (safetensors) gets the usual 0644."""
+    with atomic.target(tmp_path / "program") as tmp:
+        tmp.write_bytes(b"#!/bin/sh\necho ok\n")
+        os.chmod(tmp, 0o700)
+    with atomic.target(tmp_path / "weights") as tmp:
+        tmp.write_bytes(b"x")
+        os.chmod(tmp, 0o600)
+    assert mode(tmp_path / "program") == 0o755 and mode(tmp_path / "weights") == 0o644
+    assert subprocess.run([str(tmp_path / "program")], capture_output=True, text=True).stdout == "ok\n"
+
+
 def test_copy_is_independent_of_a_later_rewrite_of_the_source(tmp_path):
     atomic.write_text(tmp_path / "last.pt", "epoch 1")
     atomic.copy(tmp_path / "last.pt", tmp_path / "best.pt")
