@@ -27,6 +27,7 @@ import torch
 import triton
 
 from .nla_loss import _nla_fwd_kernel, _scale_grads_kernel, _sum_partials_kernel
+from .nla_loss_wide import _nla_wide_kernel
 
 try:  # Triton >= 3.3: launch hooks live on knobs
     from triton import knobs as _knobs
@@ -65,8 +66,11 @@ def cdiv(a, b):
     return (a + b - 1) // b
 
 
-def block_c(num_classes: int) -> int:
-    return max(2, next_pow2(num_classes))
+def block_c(num_classes: int, element_size: int = 4) -> int:
+    """BLOCK_C: the padded row of the short-row kernel, the column chunk of the wide one."""
+    if num_classes <= NARROW_MAX_C:
+        return max(2, next_pow2(num_classes))
+    return min(_WIDE_CHUNK_BYTES // element_size, next_pow2(num_classes))
 
 
 def _warps_for(block_b: int, block_cols: int) -> int:
@@ -75,6 +79,13 @@ def _warps_for(block_b: int, block_cols: int) -> int:
 
 def is_single_program(batch, block_cols: int) -> bool:
     return isinstance(batch, int) and batch * block_cols <= SINGLE_PROGRAM_ELEMENTS
+
+
+def is_untuned(batch, block_cols: int) -> bool:
+    """Small batches run a fixed configuration, the same in every process (never tuned)."""
+    if is_wide(block_cols):
+        return isinstance(batch, int) and batch <= WIDE_UNTUNED_ROWS
+    return is_single_program(batch, block_cols)
 
 
 # Large batches of short rows (C <= 8): one row per thread. With 2-byte logits a 1024-thread
@@ -86,6 +97,8 @@ _ROWS_CONFIGS = {2: Config(1024, 32, 1, 64), 4: Config(512, 16, 1, None)}
 def fixed_config(batch, block_cols: int, element_size: int = 2) -> Config:
     """The configuration used without tuning, the same in every process: one program holding
     the whole batch for small batches, else the large-batch heuristic."""
+    if is_wide(block_cols):
+        return wide_configs(block_cols, element_size)[0]
     if is_single_program(batch, block_cols):
         block_b = next_pow2(batch)
         return Config(block_b, _warps_for(block_b, block_cols))
@@ -99,6 +112,8 @@ def tuning_candidates(block_cols: int, element_size: int = 2) -> list[Config]:
     """Large-batch candidates, the heuristic one first. Candidates that spill registers are
     dropped when compiled (``time_candidate``)."""
     configs = [fixed_config(None, block_cols, element_size)]
+    if is_wide(block_cols):
+        return wide_configs(block_cols, element_size)
     if block_cols <= 8:
         extra = [Config(1024, 32, 1, 64), Config(512, 16, 1, 64), Config(256, 8, 1, 64),
                  Config(512, 16), Config(256, 8), Config(128, 4)]
@@ -106,6 +121,46 @@ def tuning_candidates(block_cols: int, element_size: int = 2) -> list[Config]:
         extra = [Config(max(1, tile // block_cols), warps)
                  for tile, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16))]
     return configs + [c for c in extra if c not in configs]
+
+
+# ----------------------------------------------------------------------------- wide rows
+# C above NARROW_MAX_C runs _nla_wide_kernel (nla_loss_wide.py): a row per warp in column chunks
+# of at most 32 lanes x 16 bytes, two sweeps; up to it, _nla_fwd_kernel keeps whole rows in one
+# thread. The threshold is where the static model (bench/kernel_model.py, sm_90, large batches)
+# predicts the wide kernel faster; see bench/NOTES.md.
+NARROW_MAX_C = 32
+WIDE_UNTUNED_ROWS = 256  # wide rows, B up to this: a fixed configuration, one tile per program
+_WIDE_CHUNK_BYTES = 32 * 16  # a chunk of a row: 32 lanes x one 16-byte vector
+# (warps, tiles of rows per warp, register cap): the heuristic first. A cap of 64 registers keeps
+# 32 warps resident per SM (sm_80 / sm_90) without spills (bench/kernel_model.py).
+_WIDE_SHAPES = ((4, 1, 64), (2, 1, 64), (8, 1, 64), (4, 2, 64), (8, 1, None))
+
+
+def is_wide(block_cols: int) -> bool:
+    """Whether BLOCK_C is a column chunk of the wide kernel (which always exceeds NARROW_MAX_C)."""
+    return block_cols > NARROW_MAX_C
+
+
+def forward_kernel(block_cols: int):
+    """The forward kernel for rows of this BLOCK_C (both take the same arguments)."""
+    return _nla_wide_kernel if is_wide(block_cols) else _nla_fwd_kernel
+
+
+def wide_configs(block_cols: int, element_size: int) -> list[Config]:
+    """The wide kernel's configurations, the heuristic first. A chunk narrower than 32 lanes x
+    16 bytes spreads each row over fewer lanes, so a warp holds 32 / lanes rows: BLOCK_B covers
+    every warp, which keeps the warps along the rows (row reductions within one warp)."""
+    lanes = min(32, block_cols * element_size // 16)
+    rows_per_warp = 32 // lanes
+    return [Config(rows_per_warp * warps * tiles, warps, 1, cap) for warps, tiles, cap in _WIDE_SHAPES]
+
+
+def assumed_warps_per_sm(config: Config) -> int:
+    """Resident warps per SM before a compiled kernel is seen: what a register cap allows
+    (65,536 registers, at most 64 warps), else an assumed 16."""
+    if config.maxnreg is None:
+        return _ASSUMED_WARPS_PER_SM
+    return min(64, 65536 // (32 * config.maxnreg)) // config.num_warps * config.num_warps
 
 
 # ----------------------------------------------------------------------------- device facts
@@ -213,12 +268,13 @@ def launch(kernel, grid: int, args: tuple, kwargs: dict, wrap=None):
 
 # ----------------------------------------------------------------------------- the forward
 class Plan:
-    """How one kind of call launches: the forward's keyword arguments (constexprs, BLOCK_B,
-    warps, stages), its grid, and the remembered compiled kernels of both launches."""
+    """How one kind of call launches: the forward kernel and its keyword arguments (constexprs,
+    BLOCK_B, warps, stages), its grid, and the remembered compiled kernels of both launches."""
 
-    __slots__ = ("kwargs", "num_programs", "forward", "total")
+    __slots__ = ("kernel", "kwargs", "num_programs", "forward", "total")
 
-    def __init__(self, kwargs: dict, num_programs: int):
+    def __init__(self, kernel, kwargs: dict, num_programs: int):
+        self.kernel = kernel
         self.kwargs = kwargs
         self.num_programs = num_programs
         self.forward = self.total = None  # LeanLaunch of the forward / of the partial-sum kernel
@@ -249,7 +305,8 @@ def _flags(logits, zf, eps_tensor, has_flip, jsd, reg_mean, grad_z, grad_zf, wei
     return dict(
         C=num_classes, EPS_FROM_PTR=eps_tensor is not None, HAS_FLIP=has_flip, JSD=jsd, REG_MEAN=reg_mean,
         WRITE_LOSS=loss, GRAD_Z=grad_z, GRAD_ZF=grad_zf, WRITE_W=weights,
-        FLAT_ROWS=logits.is_contiguous() and zf.is_contiguous(), BLOCK_C=block_c(num_classes),
+        FLAT_ROWS=logits.is_contiguous() and zf.is_contiguous(),
+        BLOCK_C=block_c(num_classes, max(logits.element_size(), zf.element_size())),
         FAST_MATH=not INTERPRET,
     )
 
@@ -267,12 +324,13 @@ def time_candidate(config: Config, flags: dict, args_for, batch, device):
     from triton.testing import do_bench
 
     kwargs = _config_kwargs(flags, config)
-    compiled = _nla_fwd_kernel[(1,)](*args_for(1), **kwargs)
+    kernel = forward_kernel(flags["BLOCK_C"])
+    compiled = kernel[(1,)](*args_for(1), **kwargs)
     if getattr(compiled, "n_spills", 0):
         return None
     grid = grid_size(batch, device, config, programs_per_sm(device, config.num_warps, compiled))
     args = args_for(grid)
-    return do_bench(lambda: _nla_fwd_kernel[(grid,)](*args, **kwargs), warmup=5, rep=25)
+    return do_bench(lambda: kernel[(grid,)](*args, **kwargs), warmup=5, rep=25)
 
 
 def _tune(args_for, flags, batch, device, tuning_key, element_size) -> Config:
@@ -296,7 +354,7 @@ def _choose_plan(key, batch, device, flags, args_for, eager: bool) -> Plan:
     cols = flags["BLOCK_C"]
     element_size = max(key[3].itemsize, key[4].itemsize)  # the logits' dtypes
     config = fixed_config(batch, cols, element_size)
-    tunable = not is_single_program(batch, cols) and tunable_device(device)
+    tunable = not is_untuned(batch, cols) and tunable_device(device)
     # every field of the plan key but the exact batch, which is bucketed by its bit length
     tuning_key = key[:1] + key[2:] + (int(batch).bit_length() if isinstance(batch, int) else None,)
     if tunable:
@@ -305,8 +363,8 @@ def _choose_plan(key, batch, device, flags, args_for, eager: bool) -> Plan:
             config = remembered
         elif eager and may_tune(device) and isinstance(batch, int):
             config = _tune(args_for, flags, batch, device, tuning_key, element_size)
-    per_sm = _occupancy.get((device, config, key[3:])) or programs_per_sm(device, config.num_warps)
-    plan = Plan(_config_kwargs(flags, config), grid_size(batch, device, config, per_sm))
+    per_sm = _occupancy.get((device, config, key[3:])) or max(1, assumed_warps_per_sm(config) // config.num_warps)
+    plan = Plan(forward_kernel(cols), _config_kwargs(flags, config), grid_size(batch, device, config, per_sm))
     # a heuristic plan made where nothing could be tuned (capture, tracing) is not remembered
     if eager and isinstance(batch, int) and (not tunable or tuning_key in _tuned):
         _plans[key] = plan
@@ -373,7 +431,7 @@ def _launch_forward(plan, key, args, partial, loss_out, wrap, device, batch, *in
     """The ordinary (JITFunction.run) launches of a plan; the first eager one remembers the
     compiled kernels for lean launches and the occupancy-sized grid."""
     first = wrap is None and plan.forward is None and key in _plans
-    compiled = launch(_nla_fwd_kernel, plan.num_programs, args, plan.kwargs, wrap)
+    compiled = launch(plan.kernel, plan.num_programs, args, plan.kwargs, wrap)
     if partial is not None and partial is not loss_out:
         block = min(_SUM_BLOCK, next_pow2(plan.num_programs))
         sum_kwargs = dict(BLOCK=block, num_warps=max(1, min(8, block // 128)))
@@ -387,7 +445,7 @@ def _launch_forward(plan, key, args, partial, loss_out, wrap, device, batch, *in
     if plan.num_programs != grid:  # the real occupancy changed the grid: lean launches next time
         return
     meta = {k: v for k, v in plan.kwargs.items() if k not in ("num_warps", "num_stages", "maxnreg")}
-    plan.forward = LeanLaunch(compiled, grid, constexpr_tail(_nla_fwd_kernel, meta))
+    plan.forward = LeanLaunch(compiled, grid, constexpr_tail(plan.kernel, meta))
     if total is not None:
         plan.total = LeanLaunch(total, 1, constexpr_tail(_sum_partials_kernel, {"BLOCK": sum_kwargs["BLOCK"]}))
 
@@ -483,7 +541,8 @@ def describe_launches(batch, num_classes, dtype, flip_dtype=None, grad_z=True, g
     One dict per launch: name, kernel (the JITFunction), args (positional, a tensor by its
     dtype), signature / constexprs / attrs (as ``ASTSource`` takes them), num_warps, num_stages,
     maxnreg (compile options; None: Triton's default), grid (programs), config (a label), role
-    ("single program", "heuristic", "autotune" or "backward"), phase ("forward" / "backward")
+    ("single program"; "fixed": a small batch of wide rows, one tile per program, untuned;
+    "heuristic", "autotune" or "backward"), phase ("forward" / "backward")
     and candidates. On the tuned large-batch path the launches are those of the heuristic config
     (what runs where nothing was tuned) and each config-dependent launch lists, as candidates,
     itself for every config the tuner may pick (the heuristic one included): a config's launches
@@ -495,13 +554,14 @@ def describe_launches(batch, num_classes, dtype, flip_dtype=None, grad_z=True, g
     ``fast_math``: the kernels' MUFU path (default: as this process launches, i.e. not under the
     interpreter)."""
     flip_dtype = flip_dtype or dtype
-    cols = block_c(num_classes)
     element_size = max(dtype.itemsize, flip_dtype.itemsize)
+    cols = block_c(num_classes, element_size)
     flags = dict(C=num_classes, EPS_FROM_PTR=eps_dtype is not None, HAS_FLIP=True, JSD=jsd, REG_MEAN=reg_mean,
                  WRITE_LOSS=True, GRAD_Z=grad_z, GRAD_ZF=grad_zf, WRITE_W=weights, FLAT_ROWS=contiguous,
                  BLOCK_C=cols, FAST_MATH=not INTERPRET if fast_math is None else fast_math)
-    large = not is_single_program(batch, cols)
-    configs = [("heuristic" if large else "single program", fixed_config(batch, cols, element_size))]
+    large = not is_untuned(batch, cols)
+    small_role = "fixed" if is_wide(cols) else "single program"
+    configs = [("heuristic" if large else small_role, fixed_config(batch, cols, element_size))]
     if large:
         configs += [("autotune", c) for c in tuning_candidates(cols, element_size)[1:]]
     strides = (num_classes, 1) if contiguous else (1, batch)  # else: a transposed (C, B) tensor
@@ -510,13 +570,13 @@ def describe_launches(batch, num_classes, dtype, flip_dtype=None, grad_z=True, g
             batch, *strides, *strides, 1, 0.5, *[0.5] * 11)
     forwards, sums = [], {}
     for role, config in configs:
-        per_sm = max(1, (warps_per_sm or _ASSUMED_WARPS_PER_SM) // config.num_warps)
+        per_sm = max(1, (warps_per_sm or assumed_warps_per_sm(config)) // config.num_warps)
         grid = (min(cdiv(batch, config.block_b), per_sm * sm_count) if sm_count
                 else grid_size(batch, torch.device(device or "cpu"), config, per_sm))
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages,
                    "maxnreg": None if flags["FAST_MATH"] is False else config.maxnreg}
-        forwards.append(_described("forward", _nla_fwd_kernel, args, dict(flags, BLOCK_B=config.block_b), options,
-                                   (grid,), config.label, role))
+        forwards.append(_described("forward", forward_kernel(cols), args, dict(flags, BLOCK_B=config.block_b),
+                                   options, (grid,), config.label, role))
         forwards[-1]["classes"] = num_classes
         if grid > 1:
             block = min(_SUM_BLOCK, next_pow2(grid))
