@@ -66,11 +66,13 @@ def cdiv(a, b):
     return (a + b - 1) // b
 
 
-def block_c(num_classes: int, element_size: int = 4) -> int:
-    """BLOCK_C: the padded row of the short-row kernel, the column chunk of the wide one."""
+def block_c(num_classes: int, element_size: int = 4, flat_rows: bool = True) -> int:
+    """BLOCK_C: the padded row of the short-row kernel, the column chunk of the wide one (32
+    lanes x one 16-byte vector at most; 64 where rows cannot be read in 16-byte vectors)."""
     if num_classes <= NARROW_MAX_C:
         return max(2, next_pow2(num_classes))
-    return min(_WIDE_CHUNK_BYTES // element_size, next_pow2(num_classes))
+    vector = wide_vector(num_classes, element_size, flat_rows)
+    return min(32 * vector, next_pow2(num_classes)) if vector > 1 else _WIDE_SCALAR_CHUNK
 
 
 def _warps_for(block_b: int, block_cols: int) -> int:
@@ -94,11 +96,12 @@ def is_untuned(batch, block_cols: int) -> bool:
 _ROWS_CONFIGS = {2: Config(1024, 32, 1, 64), 4: Config(512, 16, 1, None)}
 
 
-def fixed_config(batch, block_cols: int, element_size: int = 2) -> Config:
+def fixed_config(batch, block_cols: int, element_size: int = 2, vector: Optional[int] = None) -> Config:
     """The configuration used without tuning, the same in every process: one program holding
-    the whole batch for small batches, else the large-batch heuristic."""
+    the whole batch for small batches, else the large-batch heuristic. ``vector``: the wide
+    kernel's columns per lane (``wide_vector``; default: 16-byte aligned rows)."""
     if is_wide(block_cols):
-        return wide_configs(block_cols, element_size)[0]
+        return wide_configs(block_cols, vector or 16 // element_size)[0]
     if is_single_program(batch, block_cols):
         block_b = next_pow2(batch)
         return Config(block_b, _warps_for(block_b, block_cols))
@@ -108,12 +111,12 @@ def fixed_config(batch, block_cols: int, element_size: int = 2) -> Config:
     return Config(block_b, _warps_for(block_b, block_cols))
 
 
-def tuning_candidates(block_cols: int, element_size: int = 2) -> list[Config]:
+def tuning_candidates(block_cols: int, element_size: int = 2, vector: Optional[int] = None) -> list[Config]:
     """Large-batch candidates, the heuristic one first. Candidates that spill registers are
     dropped when compiled (``time_candidate``)."""
-    configs = [fixed_config(None, block_cols, element_size)]
     if is_wide(block_cols):
-        return wide_configs(block_cols, element_size)
+        return wide_configs(block_cols, vector or 16 // element_size)
+    configs = [fixed_config(None, block_cols, element_size)]
     if block_cols <= 8:
         extra = [Config(1024, 32, 1, 64), Config(512, 16, 1, 64), Config(256, 8, 1, 64),
                  Config(512, 16), Config(256, 8), Config(128, 4)]
@@ -130,10 +133,10 @@ def tuning_candidates(block_cols: int, element_size: int = 2) -> list[Config]:
 # predicts the wide kernel faster; see bench/NOTES.md.
 NARROW_MAX_C = 32
 WIDE_UNTUNED_ROWS = 256  # wide rows, B up to this: a fixed configuration, one tile per program
-_WIDE_CHUNK_BYTES = 32 * 16  # a chunk of a row: 32 lanes x one 16-byte vector
+_WIDE_SCALAR_CHUNK = 64  # the chunk of rows not readable in 16-byte vectors: two columns per lane
 # (warps, tiles of rows per warp, register cap): the heuristic first. A cap of 64 registers keeps
 # 32 warps resident per SM (sm_80 / sm_90) without spills (bench/kernel_model.py).
-_WIDE_SHAPES = ((4, 1, 64), (2, 1, 64), (8, 1, 64), (4, 2, 64), (8, 1, None))
+_WIDE_SHAPES = ((1, 1, 64), (4, 1, 64), (2, 1, 64), (8, 1, 64))
 
 
 def is_wide(block_cols: int) -> bool:
@@ -146,11 +149,18 @@ def forward_kernel(block_cols: int):
     return _nla_wide_kernel if is_wide(block_cols) else _nla_fwd_kernel
 
 
-def wide_configs(block_cols: int, element_size: int) -> list[Config]:
-    """The wide kernel's configurations, the heuristic first. A chunk narrower than 32 lanes x
-    16 bytes spreads each row over fewer lanes, so a warp holds 32 / lanes rows: BLOCK_B covers
-    every warp, which keeps the warps along the rows (row reductions within one warp)."""
-    lanes = min(32, block_cols * element_size // 16)
+def wide_vector(num_classes: int, element_size: int, flat_rows: bool) -> int:
+    """Columns per lane in a chunk of the wide kernel: one 16-byte vector where rows are
+    contiguous and 16-byte aligned, else 1 (the kernel's VEC, by the same rule)."""
+    vector = 16 // element_size
+    return vector if flat_rows and num_classes % vector == 0 else 1
+
+
+def wide_configs(block_cols: int, vector: int) -> list[Config]:
+    """The wide kernel's configurations, the heuristic first. A chunk of fewer than 32 lanes
+    (BLOCK_C // vector) leaves a warp 32 / lanes rows: BLOCK_B covers every warp, which keeps
+    the warps along the rows (row reductions within one warp)."""
+    lanes = min(32, block_cols // vector)
     rows_per_warp = 32 // lanes
     return [Config(rows_per_warp * warps * tiles, warps, 1, cap) for warps, tiles, cap in _WIDE_SHAPES]
 
@@ -302,13 +312,17 @@ def kernel_constants(consts) -> tuple:
 
 
 def _flags(logits, zf, eps_tensor, has_flip, jsd, reg_mean, grad_z, grad_zf, weights, loss, num_classes):
+    flat_rows = logits.is_contiguous() and zf.is_contiguous()
     return dict(
         C=num_classes, EPS_FROM_PTR=eps_tensor is not None, HAS_FLIP=has_flip, JSD=jsd, REG_MEAN=reg_mean,
-        WRITE_LOSS=loss, GRAD_Z=grad_z, GRAD_ZF=grad_zf, WRITE_W=weights,
-        FLAT_ROWS=logits.is_contiguous() and zf.is_contiguous(),
-        BLOCK_C=block_c(num_classes, max(logits.element_size(), zf.element_size())),
+        WRITE_LOSS=loss, GRAD_Z=grad_z, GRAD_ZF=grad_zf, WRITE_W=weights, FLAT_ROWS=flat_rows,
+        BLOCK_C=block_c(num_classes, max(logits.element_size(), zf.element_size()), flat_rows),
         FAST_MATH=not INTERPRET,
     )
+
+
+def _vector(flags: dict, element_size: int) -> int:
+    return wide_vector(flags["C"], element_size, flags["FLAT_ROWS"])
 
 
 def _config_kwargs(flags: dict, config: Config) -> dict:
@@ -335,8 +349,9 @@ def time_candidate(config: Config, flags: dict, args_for, batch, device):
 
 def _tune(args_for, flags, batch, device, tuning_key, element_size) -> Config:
     """Time the candidates once (eager, on a GPU) and remember the fastest non-spilling one."""
-    best, best_ms = fixed_config(None, flags["BLOCK_C"], element_size), float("inf")
-    for config in tuning_candidates(flags["BLOCK_C"], element_size):
+    vector = _vector(flags, element_size)
+    best, best_ms = fixed_config(None, flags["BLOCK_C"], element_size, vector), float("inf")
+    for config in tuning_candidates(flags["BLOCK_C"], element_size, vector):
         ms = time_candidate(config, flags, args_for, batch, device)
         if ms is not None and ms < best_ms:
             best, best_ms = config, ms
@@ -353,7 +368,7 @@ def _choose_plan(key, batch, device, flags, args_for, eager: bool) -> Plan:
     """The plan of a call not seen before: fixed, remembered-tuned, freshly tuned or heuristic."""
     cols = flags["BLOCK_C"]
     element_size = max(key[3].itemsize, key[4].itemsize)  # the logits' dtypes
-    config = fixed_config(batch, cols, element_size)
+    config = fixed_config(batch, cols, element_size, _vector(flags, element_size))
     tunable = not is_untuned(batch, cols) and tunable_device(device)
     # every field of the plan key but the exact batch, which is bucketed by its bit length
     tuning_key = key[:1] + key[2:] + (int(batch).bit_length() if isinstance(batch, int) else None,)
@@ -555,15 +570,16 @@ def describe_launches(batch, num_classes, dtype, flip_dtype=None, grad_z=True, g
     interpreter)."""
     flip_dtype = flip_dtype or dtype
     element_size = max(dtype.itemsize, flip_dtype.itemsize)
-    cols = block_c(num_classes, element_size)
+    cols = block_c(num_classes, element_size, contiguous)
+    vector = wide_vector(num_classes, element_size, contiguous)
     flags = dict(C=num_classes, EPS_FROM_PTR=eps_dtype is not None, HAS_FLIP=True, JSD=jsd, REG_MEAN=reg_mean,
                  WRITE_LOSS=True, GRAD_Z=grad_z, GRAD_ZF=grad_zf, WRITE_W=weights, FLAT_ROWS=contiguous,
                  BLOCK_C=cols, FAST_MATH=not INTERPRET if fast_math is None else fast_math)
     large = not is_untuned(batch, cols)
     small_role = "fixed" if is_wide(cols) else "single program"
-    configs = [("heuristic" if large else small_role, fixed_config(batch, cols, element_size))]
+    configs = [("heuristic" if large else small_role, fixed_config(batch, cols, element_size, vector))]
     if large:
-        configs += [("autotune", c) for c in tuning_candidates(cols, element_size)[1:]]
+        configs += [("autotune", c) for c in tuning_candidates(cols, element_size, vector)[1:]]
     strides = (num_classes, 1) if contiguous else (1, batch)  # else: a transposed (C, B) tensor
     args = (dtype, flip_dtype, torch.int64, eps_dtype or dtype, torch.float32,
             dtype, flip_dtype if grad_zf else dtype, torch.float32 if weights else dtype,

@@ -131,14 +131,10 @@ def _sweep_stats(z_ptr, zf_ptr, z_off, zf_off, lane_col, v_idx, row_ok, yc, z_y,
     sv = lanes
     zk = lanes + float("-inf")
     k = lanes.to(tl.int32) + C  # no column: every negative -inf gives n = 0, any k is right
-    for c0 in tl.range(0, C // BLOCK_C * BLOCK_C, BLOCK_C):
+    for c0 in tl.range(0, C, BLOCK_C):
         m, s, mf, sf, mv, sv, zk, k = _stats_chunk(
             z_ptr, zf_ptr, z_off, zf_off, c0, lane_col, v_idx, row_ok, yc, stride_zc, stride_zfc,
-            m, s, mf, sf, mv, sv, zk, k, C, FULL, False, FLAT_ROWS, HAS_FLIP, JSD, FAST_MATH)
-    if C % BLOCK_C != 0:
-        m, s, mf, sf, mv, sv, zk, k = _stats_chunk(
-            z_ptr, zf_ptr, z_off, zf_off, C // BLOCK_C * BLOCK_C, lane_col, v_idx, row_ok, yc, stride_zc,
-            stride_zfc, m, s, mf, sf, mv, sv, zk, k, C, FULL, True, FLAT_ROWS, HAS_FLIP, JSD, FAST_MATH)
+            m, s, mf, sf, mv, sv, zk, k, C, FULL, C % BLOCK_C != 0, FLAT_ROWS, HAS_FLIP, JSD, FAST_MATH)
     z_k = tl.max(zk, axis=1)
     k = tl.min(tl.where(zk == z_k[:, None], k, C), axis=1)  # the first lane's among tied maxima
     m, s = _row_of_lanes(m, s, FAST_MATH)
@@ -167,7 +163,7 @@ def _naw_weight(z_y, z_k, ml, inv_s, y_ok, mu_t1, mu_t2, alpha_t, beta_t, norm_t
 @triton.jit
 def _jsd_terms(z, zf, m, ml, inv_s, ln_s, mf, mlf, inv_sf, ln_sf, FAST_MATH: tl.constexpr):
     """Per element of a chunk: p, p', t = log p - log m, t' (m = (p + p')/2; log m via logaddexp,
-    finite when p underflows; 0 log(0/0) = 0), as ``nla_loss._jsd_rows``."""
+    finite when p underflows; 0 log(0/0) = 0), as ``nla_loss._jsd_rows`` (its log and exp on MUFU)."""
     p = _ex2(z * _LOG2E - ml[:, None, None], FAST_MATH) * inv_s[:, None, None]
     pf = _ex2(zf * _LOG2E - mlf[:, None, None], FAST_MATH) * inv_sf[:, None, None]
     lp = (z - m[:, None, None]) - ln_s[:, None, None]
@@ -175,7 +171,8 @@ def _jsd_terms(z, zf, m, ml, inv_s, ln_s, mf, mlf, inv_sf, ln_sf, FAST_MATH: tl.
     both_zero = tl.maximum(lp, lpf) == float("-inf")
     hi = tl.where(both_zero, 0.0, tl.maximum(lp, lpf))
     lo = tl.where(both_zero, 0.0, tl.minimum(lp, lpf))
-    log_m = hi + tl.log(1.0 + tl.exp(lo - hi)) - 0.6931471805599453
+    # ln(1 + e^(lo - hi)) on MUFU: 1 + e^(lo - hi) is in [1, 2], where lg2.approx is within 2^-22
+    log_m = hi + (_lg2(1.0 + _ex2((lo - hi) * _LOG2E, FAST_MATH), FAST_MATH) - 1.0) * _LN2
     t = tl.where(p > 0.0, lp - log_m, 0.0)
     tf = tl.where(pf > 0.0, lpf - log_m, 0.0)
     return p, t, pf, tf
@@ -202,27 +199,24 @@ def _sweep_jsd_sums(z_ptr, zf_ptr, z_off, zf_off, lane_col, v_idx, row_ok, strid
     cols = lane_col[:, None] + v_idx[None, :]
     pt = tl.zeros([m.shape[0], lane_col.shape[0]], dtype=tl.float32)
     ptf = pt
-    for c0 in tl.range(0, C // BLOCK_C * BLOCK_C, BLOCK_C):
+    for c0 in tl.range(0, C, BLOCK_C):
         pt, ptf = _jsd_sums_chunk(z_ptr, zf_ptr, z_off, zf_off, c0 + cols, row_ok, stride_zc, stride_zfc,
                                   m, ml, inv_s, ln_s, mf, mlf, inv_sf, ln_sf, pt, ptf,
-                                  C, FULL, False, FLAT_ROWS, FAST_MATH)
-    if C % BLOCK_C != 0:
-        pt, ptf = _jsd_sums_chunk(z_ptr, zf_ptr, z_off, zf_off, C // BLOCK_C * BLOCK_C + cols, row_ok, stride_zc,
-                                  stride_zfc, m, ml, inv_s, ln_s, mf, mlf, inv_sf, ln_sf, pt, ptf,
-                                  C, FULL, True, FLAT_ROWS, FAST_MATH)
+                                  C, FULL, C % BLOCK_C != 0, FLAT_ROWS, FAST_MATH)
     return tl.sum(pt, axis=1), tl.sum(ptf, axis=1)
 
 
 @triton.jit
 def _grad_chunk(z_ptr, zf_ptr, gz_ptr, gzf_ptr, z_off, zf_off, g_off, c0, lane_col, v_idx, row_ok, yc, k,
-                stride_zc, stride_zfc, ml, a_e, pick_y, pick_k, mlf, mlv, m, inv_s, ln_s, mf, inv_sf, ln_sf, pt, ptf,
-                half_reg,
+                stride_zc, stride_zfc, ml, a_e, pick_y, pick_k, mlf, a_f, mlv, q, m, inv_s, ln_s, mf, inv_sf, ln_sf,
+                pt, ptf, half_reg,
                 C: tl.constexpr, FULL: tl.constexpr, MASKED: tl.constexpr, FLAT_ROWS: tl.constexpr,
                 JSD: tl.constexpr, GRAD_Z: tl.constexpr, GRAD_ZF: tl.constexpr, FAST_MATH: tl.constexpr):
     """The last sweep over one chunk: both gradients, stored. Official: gz = a_e e + [j == y] Ey
-    + [j == k] Ek - q e_v, gzf = a_f e' - q e_v (e = exp(z - m), e_v = exp((z + z')/2 - m_v); the
-    positive factors q and a_f come folded into the shifts mlv and mlf as -log2 q, -log2 a_f);
-    JSD: a_e p + [j == y] Ey + [j == k] Ek + 0.5 c p (t - sum p t), 0.5 c p' (t' - sum p' t')."""
+    + [j == k] Ek - q e_v, gzf = a_f e' - q e_v (e = exp(z - m), e_v = exp((z + z')/2 - m_v));
+    JSD: a_e p + [j == y] Ey + [j == k] Ek + 0.5 c p (t - sum p t), 0.5 c p' (t' - sum p' t').
+    (Folding q or a_f into the exponent's shift would save a multiply, but the shift's rounding,
+    not shared by the row's normaliser, would scale the row's terms by up to 3e-4 at logits ~1e4.)"""
     lane_c = c0 + lane_col
     c = lane_c[:, None] + v_idx[None, :]
     z = _load_chunk(z_ptr, z_off, c, row_ok, stride_zc, C, FULL, MASKED, FLAT_ROWS, "evict_first")
@@ -248,28 +242,25 @@ def _grad_chunk(z_ptr, zf_ptr, gz_ptr, gzf_ptr, z_off, zf_off, g_off, c0, lane_c
             gzf = half_reg * pf * (tf - ptf[:, None, None])
             tl.store(gzf_ptr + offs, gzf.to(gzf_ptr.dtype.element_ty), mask=ok, eviction_policy="evict_first")
     else:
-        qe_v = _ex2((z + zf) * (0.5 * _LOG2E) - mlv[:, None, None], FAST_MATH)
+        qe_v = q[:, None, None] * _ex2((z + zf) * (0.5 * _LOG2E) - mlv[:, None, None], FAST_MATH)
         if GRAD_Z:
             gz = a_e[:, None, None] * _ex2(z * _LOG2E - ml[:, None, None], FAST_MATH) + (pick - qe_v)
             tl.store(gz_ptr + offs, gz.to(gz_ptr.dtype.element_ty), mask=ok, eviction_policy="evict_first")
         if GRAD_ZF:
-            gzf = _ex2(zf * _LOG2E - mlf[:, None, None], FAST_MATH) - qe_v
+            gzf = a_f[:, None, None] * _ex2(zf * _LOG2E - mlf[:, None, None], FAST_MATH) - qe_v
             tl.store(gzf_ptr + offs, gzf.to(gzf_ptr.dtype.element_ty), mask=ok, eviction_policy="evict_first")
 
 
 @triton.jit
 def _sweep_grads(z_ptr, zf_ptr, gz_ptr, gzf_ptr, z_off, zf_off, g_off, lane_col, v_idx, row_ok, yc, k, stride_zc,
-                 stride_zfc, ml, a_e, pick_y, pick_k, mlf, mlv, m, inv_s, ln_s, mf, inv_sf, ln_sf, pt, ptf, half_reg, C: tl.constexpr, FULL: tl.constexpr, FLAT_ROWS: tl.constexpr, JSD: tl.constexpr,
+                 stride_zfc, ml, a_e, pick_y, pick_k, mlf, a_f, mlv, q, m, inv_s, ln_s, mf, inv_sf, ln_sf, pt, ptf,
+                 half_reg, C: tl.constexpr, FULL: tl.constexpr, FLAT_ROWS: tl.constexpr, JSD: tl.constexpr,
                  GRAD_Z: tl.constexpr, GRAD_ZF: tl.constexpr, BLOCK_C: tl.constexpr, FAST_MATH: tl.constexpr):
     """The last sweep (from L2): both gradients, chunk by chunk."""
-    for c0 in tl.range(0, C // BLOCK_C * BLOCK_C, BLOCK_C):
+    for c0 in tl.range(0, C, BLOCK_C):
         _grad_chunk(z_ptr, zf_ptr, gz_ptr, gzf_ptr, z_off, zf_off, g_off, c0, lane_col, v_idx, row_ok, yc, k,
-                    stride_zc, stride_zfc, ml, a_e, pick_y, pick_k, mlf, mlv, m, inv_s, ln_s, mf, inv_sf, ln_sf,
-                    pt, ptf, half_reg, C, FULL, False, FLAT_ROWS, JSD, GRAD_Z, GRAD_ZF, FAST_MATH)
-    if C % BLOCK_C != 0:
-        _grad_chunk(z_ptr, zf_ptr, gz_ptr, gzf_ptr, z_off, zf_off, g_off, C // BLOCK_C * BLOCK_C, lane_col, v_idx,
-                    row_ok, yc, k, stride_zc, stride_zfc, ml, a_e, pick_y, pick_k, mlf, mlv, m, inv_s, ln_s,
-                    mf, inv_sf, ln_sf, pt, ptf, half_reg, C, FULL, True, FLAT_ROWS, JSD, GRAD_Z, GRAD_ZF, FAST_MATH)
+                    stride_zc, stride_zfc, ml, a_e, pick_y, pick_k, mlf, a_f, mlv, q, m, inv_s, ln_s, mf, inv_sf,
+                    ln_sf, pt, ptf, half_reg, C, FULL, C % BLOCK_C != 0, FLAT_ROWS, JSD, GRAD_Z, GRAD_ZF, FAST_MATH)
 
 
 @triton.jit
@@ -289,18 +280,15 @@ def _flip_side(z_ptr, zf_ptr, gz_ptr, gzf_ptr, z_off, zf_off, g_off, lane_col, v
                                       m, ml, inv_s, ln_s, mf, mlf, inv_sf, ln_sf, C, FULL, FLAT_ROWS, BLOCK_C,
                                       FAST_MATH)
         reg_row = 0.5 * (pt + ptf)
-        mlv = ml  # (unused by the JSD)
-        mlf_grad = mlf
+        mlv = ml  # (mlv, q: unused by the JSD)
+        q = inv_s
     else:
         pt = ml  # (pt, ptf: unused by the official consistency)
         ptf = ml
         mlv, inv_sv, ln_sv = _log_parts(mv, sv, FAST_MATH)
         # official: 0.5 (lse z + lse z') - lse((z + z')/2), mv = max((z + z')/2)
         reg_row = 0.5 * (ln_s + ln_sf + m + mf) - mv - ln_sv
-        # the gradients' q = 0.5 c / sum e_v and a_f = 0.5 c / sum e' as shifts of their exponents
-        # (2^(x - m + log2 q) = q 2^(x - m); q = 0 at lam = 1 gives log2 q = -inf and 0, as it should)
-        mlv = mlv - _lg2(half_reg * inv_sv, FAST_MATH)
-        mlf_grad = mlf - _lg2(half_reg * inv_sf, FAST_MATH)
+        q = half_reg * inv_sv
     row_loss = tl.zeros_like(m)
     if WRITE_LOSS:
         row_loss = coef_naw * (1.0 + w) * ce + coef_reg * reg_row
@@ -317,7 +305,7 @@ def _flip_side(z_ptr, zf_ptr, gz_ptr, gzf_ptr, z_off, zf_off, g_off, lane_col, v
         else:
             a_e = (coef_naw * (one_w - c_y - c_k) + half_reg) * inv_s
         _sweep_grads(z_ptr, zf_ptr, gz_ptr, gzf_ptr, z_off, zf_off, g_off, lane_col, v_idx, row_ok, yc, k, stride_zc,
-                     stride_zfc, ml, a_e, coef_naw * (c_y - one_w), coef_naw * c_k, mlf_grad, mlv,
+                     stride_zfc, ml, a_e, coef_naw * (c_y - one_w), coef_naw * c_k, mlf, half_reg * inv_sf, mlv, q,
                      m, inv_s, ln_s, mf, inv_sf, ln_sf, pt, ptf, half_reg,
                      C, FULL, FLAT_ROWS, JSD, GRAD_Z, GRAD_ZF, BLOCK_C, FAST_MATH)
     return row_loss
@@ -438,9 +426,12 @@ def _nla_wide_kernel(
     beta_f = tl.cast(beta_f, tl.float32)
     norm_f = tl.cast(norm_f, tl.float32)
 
-    # a chunk: BLOCK_C // VEC lanes of one 16-byte vector each (the wider logits' vector)
+    # A chunk is BLOCK_C // VEC lanes of VEC columns: one 16-byte vector of the wider logits where
+    # rows are contiguous and 16-byte aligned, else one column (BLOCK_C = 64: two per lane). Each
+    # lane's VEC columns sit in one thread either way (what the loads' compiled layout follows).
+    # launch.wide_vector mirrors this rule.
     BITS: tl.constexpr = max(z_ptr.dtype.element_ty.primitive_bitwidth, zf_ptr.dtype.element_ty.primitive_bitwidth)
-    VEC: tl.constexpr = min(BLOCK_C, 128 // BITS)
+    VEC: tl.constexpr = min(BLOCK_C, 128 // BITS) if FLAT_ROWS and C % (128 // BITS) == 0 else 1
 
     # Persistent programs, as _nla_fwd_kernel: full tiles pid, pid + grid, ...; the program next in
     # turn takes the partial last tile. Fixed order: deterministic per (device, shape, config).
