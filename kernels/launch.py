@@ -134,9 +134,14 @@ def tuning_candidates(block_cols: int, element_size: int = 2, vector: Optional[i
 NARROW_MAX_C = 32
 WIDE_UNTUNED_ROWS = 256  # wide rows, B up to this: a fixed configuration, one tile per program
 _WIDE_SCALAR_CHUNK = 64  # the chunk of rows not readable in 16-byte vectors: two columns per lane
-# (warps, tiles of rows per warp, register cap): the heuristic first. A cap of 64 registers keeps
-# 32 warps resident per SM (sm_80 / sm_90) without spills (bench/kernel_model.py).
-_WIDE_SHAPES = ((1, 1, 64), (4, 1, 64), (2, 1, 64), (8, 1, 64))
+# (warps, tiles of rows per warp, register cap): the heuristic first. One-warp programs need no
+# block barrier or shared memory at all (more warps: one barrier for the program's loss sum, two
+# per tile for the weights' store); a cap of 64 registers keeps 32 warps resident per SM (sm_80,
+# sm_90) without spills (bench/kernel_model.py).
+_WIDE_SHAPES = ((1, 1, 64), (2, 1, 64), (4, 1, 64))
+# The interpreter runs a program's tiles one after another in Python: tiles of 16 rows keep the
+# test suite's C = 1000 cases fast (layouts, registers and warps do not exist there).
+_WIDE_INTERPRETER_ROWS = 16
 
 
 def is_wide(block_cols: int) -> bool:
@@ -162,6 +167,8 @@ def wide_configs(block_cols: int, vector: int) -> list[Config]:
     the warps along the rows (row reductions within one warp)."""
     lanes = min(32, block_cols // vector)
     rows_per_warp = 32 // lanes
+    if INTERPRET:
+        return [Config(rows_per_warp * _WIDE_INTERPRETER_ROWS, 1)]
     return [Config(rows_per_warp * warps * tiles, warps, 1, cap) for warps, tiles, cap in _WIDE_SHAPES]
 
 
