@@ -46,16 +46,19 @@ _SUM_BLOCK = 1024  # partial sums added per loop step of the final reduction
 
 
 class Config(NamedTuple):
-    """A launch configuration of the forward kernel (``maxnreg``: a register cap, None for none)."""
+    """A launch configuration of the forward kernel (``maxnreg``: a register cap, None for none;
+    ``block_c``: the wide kernel's column chunk where it differs from ``block_c()``'s)."""
 
     block_b: int
     num_warps: int
     num_stages: int = 1
     maxnreg: Optional[int] = None
+    block_c: Optional[int] = None
 
     @property
     def label(self) -> str:
-        return f"bb{self.block_b}_w{self.num_warps}" + (f"_r{self.maxnreg}" if self.maxnreg else "")
+        return (f"bb{self.block_b}_w{self.num_warps}" + (f"_r{self.maxnreg}" if self.maxnreg else "")
+                + (f"_c{self.block_c}" if self.block_c else ""))
 
 
 def next_pow2(n: int) -> int:
@@ -67,8 +70,9 @@ def cdiv(a, b):
 
 
 def block_c(num_classes: int, element_size: int = 4, flat_rows: bool = True) -> int:
-    """BLOCK_C: the padded row of the short-row kernel, the column chunk of the wide one (32
-    lanes x one 16-byte vector at most; 64 where rows cannot be read in 16-byte vectors)."""
+    """BLOCK_C: the padded row of the short-row kernel; the wide kernel's column chunk of one
+    warp, 32 lanes x one 16-byte vector (64 columns where rows cannot be read in 16-byte
+    vectors; a config's ``block_c`` may spread a row over more warps)."""
     if num_classes <= NARROW_MAX_C:
         return max(2, next_pow2(num_classes))
     vector = wide_vector(num_classes, element_size, flat_rows)
@@ -96,12 +100,13 @@ def is_untuned(batch, block_cols: int) -> bool:
 _ROWS_CONFIGS = {2: Config(1024, 32, 1, 64), 4: Config(512, 16, 1, None)}
 
 
-def fixed_config(batch, block_cols: int, element_size: int = 2, vector: Optional[int] = None) -> Config:
+def fixed_config(batch, block_cols: int, element_size: int = 2, num_classes: Optional[int] = None,
+                 flat_rows: bool = True) -> Config:
     """The configuration used without tuning, the same in every process: one program holding
-    the whole batch for small batches, else the large-batch heuristic. ``vector``: the wide
-    kernel's columns per lane (``wide_vector``; default: 16-byte aligned rows)."""
+    the whole batch for small batches, else the large-batch heuristic (wide rows: for this
+    batch, ``wide_configs``)."""
     if is_wide(block_cols):
-        return wide_configs(block_cols, vector or 16 // element_size)[0]
+        return wide_configs(batch, num_classes or block_cols, element_size, flat_rows)[0]
     if is_single_program(batch, block_cols):
         block_b = next_pow2(batch)
         return Config(block_b, _warps_for(block_b, block_cols))
@@ -111,11 +116,12 @@ def fixed_config(batch, block_cols: int, element_size: int = 2, vector: Optional
     return Config(block_b, _warps_for(block_b, block_cols))
 
 
-def tuning_candidates(block_cols: int, element_size: int = 2, vector: Optional[int] = None) -> list[Config]:
-    """Large-batch candidates, the heuristic one first. Candidates that spill registers are
-    dropped when compiled (``time_candidate``)."""
+def tuning_candidates(block_cols: int, element_size: int = 2, num_classes: Optional[int] = None,
+                      flat_rows: bool = True, batch=None) -> list[Config]:
+    """Large-batch candidates, the heuristic one (for ``batch``) first. Candidates that spill
+    registers are dropped when compiled (``time_candidate``)."""
     if is_wide(block_cols):
-        return wide_configs(block_cols, vector or 16 // element_size)
+        return wide_configs(batch, num_classes or block_cols, element_size, flat_rows)
     configs = [fixed_config(None, block_cols, element_size)]
     if block_cols <= 8:
         extra = [Config(1024, 32, 1, 64), Config(512, 16, 1, 64), Config(256, 8, 1, 64),
@@ -127,18 +133,22 @@ def tuning_candidates(block_cols: int, element_size: int = 2, vector: Optional[i
 
 
 # ----------------------------------------------------------------------------- wide rows
-# C above NARROW_MAX_C runs _nla_wide_kernel (nla_loss_wide.py): a row per warp in column chunks
-# of at most 32 lanes x 16 bytes, two sweeps; up to it, _nla_fwd_kernel keeps whole rows in one
-# thread. The threshold is where the static model (bench/kernel_model.py, sm_90, large batches)
-# predicts the wide kernel faster; see bench/NOTES.md.
+# C above NARROW_MAX_C runs _nla_wide_kernel (nla_loss_wide.py): rows in column chunks, each
+# lane of a chunk one 16-byte vector, lanes keeping their own running sums; up to it,
+# _nla_fwd_kernel keeps whole rows in one thread. The threshold is where the static model
+# (bench/kernel_model.py, sm_90, large batches) predicts the wide kernel faster (bench/NOTES.md).
 NARROW_MAX_C = 32
-WIDE_UNTUNED_ROWS = 256  # wide rows, B up to this: a fixed configuration, one tile per program
+WIDE_UNTUNED_ROWS = 256  # wide rows, B up to this: a fixed configuration, one row per program
 _WIDE_SCALAR_CHUNK = 64  # the chunk of rows not readable in 16-byte vectors: two columns per lane
-# (warps, tiles of rows per warp, register cap): the heuristic first. One-warp programs need no
-# block barrier or shared memory at all (more warps: one barrier for the program's loss sum, two
-# per tile for the weights' store); a cap of 64 registers keeps 32 warps resident per SM (sm_80,
-# sm_90) without spills (bench/kernel_model.py).
-_WIDE_SHAPES = ((1, 1, 64), (2, 1, 64), (4, 1, 64))
+# A sweep walks a row's chunks one after another, so where the batch leaves warps idle (fewer rows
+# than about _WIDE_WARPS_TARGET, 32 resident warps x 132 SMs) a row spans several warps (a
+# chunk per warp, their lanes' sums meeting once per row), up to _WIDE_ROW_WARPS_MAX.
+_WIDE_WARPS_TARGET = 4096
+_WIDE_ROW_WARPS_MAX = 8
+# A cap of 64 registers keeps 32 warps resident per SM (sm_80, sm_90) without spills
+# (bench/kernel_model.py). One-warp programs need no block barrier or shared memory at all (with
+# more warps: one barrier for the program's loss sum, two per tile for the weights' store).
+_WIDE_CAP = 64
 # The interpreter runs a program's tiles one after another in Python: tiles of 16 rows keep the
 # test suite's C = 1000 cases fast (layouts, registers and warps do not exist there).
 _WIDE_INTERPRETER_ROWS = 16
@@ -161,15 +171,36 @@ def wide_vector(num_classes: int, element_size: int, flat_rows: bool) -> int:
     return vector if flat_rows and num_classes % vector == 0 else 1
 
 
-def wide_configs(block_cols: int, vector: int) -> list[Config]:
-    """The wide kernel's configurations, the heuristic first. A chunk of fewer than 32 lanes
-    (BLOCK_C // vector) leaves a warp 32 / lanes rows: BLOCK_B covers every warp, which keeps
-    the warps along the rows (row reductions within one warp)."""
-    lanes = min(32, block_cols // vector)
-    rows_per_warp = 32 // lanes
+def _row_warps_limit(num_classes: int, vector: int) -> int:
+    """The most warps a row can span: a warp's lanes need a 16-byte vector each."""
+    return 1 if vector == 1 else max(1, min(_WIDE_ROW_WARPS_MAX, next_pow2(num_classes) // (32 * vector)))
+
+
+def wide_row_warps(batch, num_classes: int, vector: int) -> int:
+    """Warps a row spans in the heuristic config: enough that the batch fills the device's warps
+    (1 at B >= 4096; 1 for an unknown batch), within ``_row_warps_limit``."""
+    if not isinstance(batch, int):
+        return 1
+    fill = next_pow2(max(1, -(-_WIDE_WARPS_TARGET // max(1, batch))))
+    return min(fill, _row_warps_limit(num_classes, vector))
+
+
+def wide_configs(batch, num_classes: int, element_size: int, flat_rows: bool = True) -> list[Config]:
+    """The wide kernel's configurations, the heuristic for ``batch`` first; the tuner's
+    candidates: programs of 1, 2 or 4 one-warp rows, and rows over 2, 4 or 8 warps. A one-warp
+    chunk of fewer than 32 lanes leaves a warp 32 / lanes rows: BLOCK_B covers every warp, which
+    keeps the warps along the rows (row reductions within one warp)."""
+    vector = wide_vector(num_classes, element_size, flat_rows)
+    chunk = block_c(num_classes, element_size, flat_rows)
+    rows_per_warp = 32 // min(32, chunk // vector)
     if INTERPRET:
         return [Config(rows_per_warp * _WIDE_INTERPRETER_ROWS, 1)]
-    return [Config(rows_per_warp * warps * tiles, warps, 1, cap) for warps, tiles, cap in _WIDE_SHAPES]
+    configs = [Config(rows_per_warp * warps, warps, 1, _WIDE_CAP) for warps in (1, 2, 4)]
+    configs += [Config(1, warps, 1, _WIDE_CAP, 32 * vector * warps) for warps in (2, 4, 8)
+                if warps <= _row_warps_limit(num_classes, vector)]
+    row_warps = wide_row_warps(batch, num_classes, vector)
+    heuristic = configs[0] if row_warps == 1 else Config(1, row_warps, 1, _WIDE_CAP, 32 * vector * row_warps)
+    return [heuristic] + [c for c in configs if c != heuristic]
 
 
 def assumed_warps_per_sm(config: Config) -> int:
@@ -288,10 +319,11 @@ class Plan:
     """How one kind of call launches: the forward kernel and its keyword arguments (constexprs,
     BLOCK_B, warps, stages), its grid, and the remembered compiled kernels of both launches."""
 
-    __slots__ = ("kernel", "kwargs", "num_programs", "forward", "total")
+    __slots__ = ("kernel", "config", "kwargs", "num_programs", "forward", "total")
 
-    def __init__(self, kernel, kwargs: dict, num_programs: int):
+    def __init__(self, kernel, config: Config, kwargs: dict, num_programs: int):
         self.kernel = kernel
+        self.config = config
         self.kwargs = kwargs
         self.num_programs = num_programs
         self.forward = self.total = None  # LeanLaunch of the forward / of the partial-sum kernel
@@ -328,12 +360,10 @@ def _flags(logits, zf, eps_tensor, has_flip, jsd, reg_mean, grad_z, grad_zf, wei
     )
 
 
-def _vector(flags: dict, element_size: int) -> int:
-    return wide_vector(flags["C"], element_size, flags["FLAT_ROWS"])
-
 
 def _config_kwargs(flags: dict, config: Config) -> dict:
-    kwargs = {**flags, "BLOCK_B": config.block_b, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    kwargs = {**flags, "BLOCK_B": config.block_b, "BLOCK_C": config.block_c or flags["BLOCK_C"],
+              "num_warps": config.num_warps, "num_stages": config.num_stages}
     if config.maxnreg is not None and not INTERPRET:
         kwargs["maxnreg"] = config.maxnreg
     return kwargs
@@ -356,9 +386,9 @@ def time_candidate(config: Config, flags: dict, args_for, batch, device):
 
 def _tune(args_for, flags, batch, device, tuning_key, element_size) -> Config:
     """Time the candidates once (eager, on a GPU) and remember the fastest non-spilling one."""
-    vector = _vector(flags, element_size)
-    best, best_ms = fixed_config(None, flags["BLOCK_C"], element_size, vector), float("inf")
-    for config in tuning_candidates(flags["BLOCK_C"], element_size, vector):
+    shape = (flags["C"], flags["FLAT_ROWS"])
+    best, best_ms = fixed_config(batch, flags["BLOCK_C"], element_size, *shape), float("inf")
+    for config in tuning_candidates(flags["BLOCK_C"], element_size, *shape, batch=batch):
         ms = time_candidate(config, flags, args_for, batch, device)
         if ms is not None and ms < best_ms:
             best, best_ms = config, ms
@@ -375,7 +405,7 @@ def _choose_plan(key, batch, device, flags, args_for, eager: bool) -> Plan:
     """The plan of a call not seen before: fixed, remembered-tuned, freshly tuned or heuristic."""
     cols = flags["BLOCK_C"]
     element_size = max(key[3].itemsize, key[4].itemsize)  # the logits' dtypes
-    config = fixed_config(batch, cols, element_size, _vector(flags, element_size))
+    config = fixed_config(batch, cols, element_size, flags["C"], flags["FLAT_ROWS"])
     tunable = not is_untuned(batch, cols) and tunable_device(device)
     # every field of the plan key but the exact batch, which is bucketed by its bit length
     tuning_key = key[:1] + key[2:] + (int(batch).bit_length() if isinstance(batch, int) else None,)
@@ -386,7 +416,7 @@ def _choose_plan(key, batch, device, flags, args_for, eager: bool) -> Plan:
         elif eager and may_tune(device) and isinstance(batch, int):
             config = _tune(args_for, flags, batch, device, tuning_key, element_size)
     per_sm = _occupancy.get((device, config, key[3:])) or max(1, assumed_warps_per_sm(config) // config.num_warps)
-    plan = Plan(forward_kernel(cols), _config_kwargs(flags, config), grid_size(batch, device, config, per_sm))
+    plan = Plan(forward_kernel(cols), config, _config_kwargs(flags, config), grid_size(batch, device, config, per_sm))
     # a heuristic plan made where nothing could be tuned (capture, tracing) is not remembered
     if eager and isinstance(batch, int) and (not tunable or tuning_key in _tuned):
         _plans[key] = plan
@@ -397,8 +427,7 @@ def _remember_occupancy(plan: Plan, key, batch, device, compiled) -> None:
     """After the first eager launch: the grid the compiled kernel's occupancy allows."""
     if device.type != "cuda" or compiled is None or getattr(compiled, "n_regs", None) is None:
         return
-    config = Config(plan.kwargs["BLOCK_B"], plan.kwargs["num_warps"], plan.kwargs["num_stages"],
-                    plan.kwargs.get("maxnreg"))
+    config = plan.config
     per_sm = programs_per_sm(device, config.num_warps, compiled)
     _occupancy[(device, config, key[3:])] = per_sm
     plan.num_programs = grid_size(batch, device, config, per_sm)
@@ -578,15 +607,15 @@ def describe_launches(batch, num_classes, dtype, flip_dtype=None, grad_z=True, g
     flip_dtype = flip_dtype or dtype
     element_size = max(dtype.itemsize, flip_dtype.itemsize)
     cols = block_c(num_classes, element_size, contiguous)
-    vector = wide_vector(num_classes, element_size, contiguous)
     flags = dict(C=num_classes, EPS_FROM_PTR=eps_dtype is not None, HAS_FLIP=True, JSD=jsd, REG_MEAN=reg_mean,
                  WRITE_LOSS=True, GRAD_Z=grad_z, GRAD_ZF=grad_zf, WRITE_W=weights, FLAT_ROWS=contiguous,
                  BLOCK_C=cols, FAST_MATH=not INTERPRET if fast_math is None else fast_math)
     large = not is_untuned(batch, cols)
     small_role = "fixed" if is_wide(cols) else "single program"
-    configs = [("heuristic" if large else small_role, fixed_config(batch, cols, element_size, vector))]
+    shape = (num_classes, contiguous)
+    configs = [("heuristic" if large else small_role, fixed_config(batch, cols, element_size, *shape))]
     if large:
-        configs += [("autotune", c) for c in tuning_candidates(cols, element_size, vector)[1:]]
+        configs += [("autotune", c) for c in tuning_candidates(cols, element_size, *shape, batch=batch)[1:]]
     strides = (num_classes, 1) if contiguous else (1, batch)  # else: a transposed (C, B) tensor
     args = (dtype, flip_dtype, torch.int64, eps_dtype or dtype, torch.float32,
             dtype, flip_dtype if grad_zf else dtype, torch.float32 if weights else dtype,
@@ -598,8 +627,9 @@ def describe_launches(batch, num_classes, dtype, flip_dtype=None, grad_z=True, g
                 else grid_size(batch, torch.device(device or "cpu"), config, per_sm))
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages,
                    "maxnreg": None if flags["FAST_MATH"] is False else config.maxnreg}
-        forwards.append(_described("forward", forward_kernel(cols), args, dict(flags, BLOCK_B=config.block_b),
-                                   options, (grid,), config.label, role))
+        forwards.append(_described("forward", forward_kernel(cols), args,
+                                   dict(flags, BLOCK_B=config.block_b, BLOCK_C=config.block_c or cols), options,
+                                   (grid,), config.label, role))
         forwards[-1]["classes"] = num_classes
         if grid > 1:
             block = min(_SUM_BLOCK, next_pow2(grid))
