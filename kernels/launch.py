@@ -142,9 +142,10 @@ WIDE_UNTUNED_ROWS = 256  # wide rows, B up to this: a fixed configuration, one r
 _WIDE_SCALAR_CHUNK = 64  # the chunk of rows not readable in 16-byte vectors: two columns per lane
 # A sweep walks a row's chunks one after another, so where the batch leaves warps idle (fewer rows
 # than about _WIDE_WARPS_TARGET, 32 resident warps x 132 SMs) a row spans several warps (a
-# chunk per warp, their lanes' sums meeting once per row), up to _WIDE_ROW_WARPS_MAX.
+# chunk per warp, their lanes' sums meeting once per row): _WIDE_ROW_WARPS. (Rows over 2 warps
+# are left out: at float32, C = 1000, ptxas unrolls their chunk loops and spills under the cap.)
 _WIDE_WARPS_TARGET = 4096
-_WIDE_ROW_WARPS_MAX = 8
+_WIDE_ROW_WARPS = (4, 8)
 # A cap of 64 registers keeps 32 warps resident per SM (sm_80, sm_90) without spills
 # (bench/kernel_model.py). One-warp programs need no block barrier or shared memory at all (with
 # more warps: one barrier for the program's loss sum, two per tile for the weights' store).
@@ -171,18 +172,20 @@ def wide_vector(num_classes: int, element_size: int, flat_rows: bool) -> int:
     return vector if flat_rows and num_classes % vector == 0 else 1
 
 
-def _row_warps_limit(num_classes: int, vector: int) -> int:
-    """The most warps a row can span: a warp's lanes need a 16-byte vector each."""
-    return 1 if vector == 1 else max(1, min(_WIDE_ROW_WARPS_MAX, next_pow2(num_classes) // (32 * vector)))
+def _row_warps_options(num_classes: int, vector: int) -> list[int]:
+    """The warps a row can span: _WIDE_ROW_WARPS where each warp's lanes get a 16-byte vector."""
+    if vector == 1:
+        return []
+    return [w for w in _WIDE_ROW_WARPS if w * 32 * vector <= next_pow2(num_classes)]
 
 
 def wide_row_warps(batch, num_classes: int, vector: int) -> int:
-    """Warps a row spans in the heuristic config: enough that the batch fills the device's warps
-    (1 at B >= 4096; 1 for an unknown batch), within ``_row_warps_limit``."""
+    """Warps a row spans in the heuristic config: the most of ``_row_warps_options`` that the
+    batch needs to fill the device's warps (1 at B >= 1024; 1 for an unknown batch)."""
     if not isinstance(batch, int):
         return 1
-    fill = next_pow2(max(1, -(-_WIDE_WARPS_TARGET // max(1, batch))))
-    return min(fill, _row_warps_limit(num_classes, vector))
+    fill = _WIDE_WARPS_TARGET // max(1, batch)
+    return max([1] + [w for w in _row_warps_options(num_classes, vector) if w <= fill])
 
 
 def wide_configs(batch, num_classes: int, element_size: int, flat_rows: bool = True) -> list[Config]:
@@ -196,8 +199,7 @@ def wide_configs(batch, num_classes: int, element_size: int, flat_rows: bool = T
     if INTERPRET:
         return [Config(rows_per_warp * _WIDE_INTERPRETER_ROWS, 1)]
     configs = [Config(rows_per_warp * warps, warps, 1, _WIDE_CAP) for warps in (1, 2, 4)]
-    configs += [Config(1, warps, 1, _WIDE_CAP, 32 * vector * warps) for warps in (2, 4, 8)
-                if warps <= _row_warps_limit(num_classes, vector)]
+    configs += [Config(1, warps, 1, _WIDE_CAP, 32 * vector * warps) for warps in _row_warps_options(num_classes, vector)]
     row_warps = wide_row_warps(batch, num_classes, vector)
     heuristic = configs[0] if row_warps == 1 else Config(1, row_warps, 1, _WIDE_CAP, 32 * vector * row_warps)
     return [heuristic] + [c for c in configs if c != heuristic]
