@@ -71,8 +71,8 @@ def cdiv(a, b):
 
 def block_c(num_classes: int, element_size: int = 4, flat_rows: bool = True) -> int:
     """BLOCK_C: the padded row of the short-row kernel; the wide kernel's column chunk of one
-    warp, 32 lanes x one 16-byte vector (64 columns where rows cannot be read in 16-byte
-    vectors; a config's ``block_c`` may spread a row over more warps)."""
+    warp, 32 lanes x one vector (``wide_vector``; 64 columns, two a lane, where that is a single
+    column; a config's ``block_c`` may spread a row over more warps)."""
     if num_classes <= NARROW_MAX_C:
         return max(2, next_pow2(num_classes))
     vector = wide_vector(num_classes, element_size, flat_rows)
@@ -166,14 +166,14 @@ def forward_kernel(block_cols: int):
 
 
 def wide_vector(num_classes: int, element_size: int, flat_rows: bool) -> int:
-    """Columns per lane in a chunk of the wide kernel: one 16-byte vector where rows are
-    contiguous and 16-byte aligned, else 1 (the kernel's VEC, by the same rule)."""
-    vector = 16 // element_size
-    return vector if flat_rows and num_classes % vector == 0 else 1
+    """Columns per lane in a chunk of the wide kernel, one vector load: 16 bytes where contiguous
+    rows are 16-byte aligned, else the widest power of two dividing C; 1 for strided rows (the
+    kernel's VEC, by the same rule)."""
+    return min(16 // element_size, num_classes & -num_classes) if flat_rows else 1
 
 
 def _row_warps_options(num_classes: int, vector: int) -> list[int]:
-    """The warps a row can span: _WIDE_ROW_WARPS where each warp's lanes get a 16-byte vector."""
+    """The warps a row can span: _WIDE_ROW_WARPS where each warp's lanes get a vector."""
     if vector == 1:
         return []
     return [w for w in _WIDE_ROW_WARPS if w * 32 * vector <= next_pow2(num_classes)]

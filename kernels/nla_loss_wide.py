@@ -426,12 +426,13 @@ def _nla_wide_kernel(
     beta_f = tl.cast(beta_f, tl.float32)
     norm_f = tl.cast(norm_f, tl.float32)
 
-    # A chunk is BLOCK_C // VEC lanes of VEC columns: one 16-byte vector of the wider logits where
-    # rows are contiguous and 16-byte aligned, else one column (BLOCK_C = 64: two per lane). Each
-    # lane's VEC columns sit in one thread either way (what the loads' compiled layout follows).
-    # launch.wide_vector mirrors this rule.
+    # A chunk is BLOCK_C // VEC lanes of VEC columns, a lane's columns one vector load: 16 bytes
+    # of the wider logits where contiguous rows are 16-byte aligned, else the widest power of two
+    # that divides C (C & -C: its lowest set bit), 1 for strided rows (then BLOCK_C = 64: two
+    # columns a lane). Each lane's VEC columns sit in one thread either way, which is the layout
+    # the loads compile to. launch.wide_vector mirrors this rule.
     BITS: tl.constexpr = max(z_ptr.dtype.element_ty.primitive_bitwidth, zf_ptr.dtype.element_ty.primitive_bitwidth)
-    VEC: tl.constexpr = min(BLOCK_C, 128 // BITS) if FLAT_ROWS and C % (128 // BITS) == 0 else 1
+    VEC: tl.constexpr = min(128 // BITS, C & -C) if FLAT_ROWS else 1
 
     # Persistent programs, as _nla_fwd_kernel: full tiles pid, pid + grid, ...; the program next in
     # turn takes the partial last tile. Fixed order: deterministic per (device, shape, config).
