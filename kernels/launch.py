@@ -1,4 +1,5 @@
-"""Plans and launches of the Triton NLA kernels (``nla_loss.py``): configurations, tuning, grids.
+"""Plans and launches of the Triton NLA kernels (``nla_loss.py``; rows of more than 32 classes:
+``nla_loss_wide.py``): configurations, tuning, grids.
 
 - Small batches (B * BLOCK_C <= 4096, e.g. B <= 512 for C <= 8: the trainer's 32) are ONE
   program with a fixed configuration, so the loss bits are the same in every process and the

@@ -1,28 +1,34 @@
-"""Fused Triton NLA loss for wide rows (many classes, e.g. C = 1000): ``_nla_wide_kernel``.
+"""Fused Triton NLA loss for wide rows (C > 32, e.g. 1000 classes): ``_nla_wide_kernel``.
 
-The same contract as ``nla_loss._nla_fwd_kernel`` (same arguments, constexprs and outputs: one
-partial loss per program at ``loss_ptr + pid`` in a fixed order, gradients and weights written
-in full; ``launch.py`` launches either), the same maths (``nla_fast.reference.
+The same contract as ``nla_loss._nla_fwd_kernel`` (the same arguments, constexprs and outputs:
+one partial loss per program at ``loss_ptr + pid`` in a fixed order, gradients and weights
+written in full; ``launch.py`` launches either), the same maths (``nla_fast.reference.
 nla_forward_backward_closed_form``), helpers (``_ex2`` / ``_lg2`` / ``_rcp`` on MUFU, logits
-pre-scaled by log2 e) and numerics conventions (see ``nla_loss.py``'s docstring: ties, -inf
-non-target logits, out-of-range targets, float32 maths), laid out for rows too long for
-registers:
+pre-scaled by log2 e) and numerics conventions (``nla_loss.py``'s docstring: ties, -inf
+non-target logits, out-of-range targets, float32 maths whatever the input dtype), laid out for
+rows too long to hold in registers:
 
-- a tile is BLOCK_B rows, each row in ONE warp (the compiled layout puts the warps along the
-  rows: BLOCK_C is at most 32 lanes x one 16-byte vector), walked in column chunks of BLOCK_C:
-  every row reduction is a warp shuffle, no shared memory, no block barrier in the loop;
-- sweep 1 reads each chunk of both views once (16-byte vector loads of contiguous rows) and
-  keeps per row running (max, sum of exp) for softmax(z), softmax(z') and, for the official
-  consistency, softmax((z + z')/2) (online softmax: the sum is rescaled when the max grows),
-  and the nearest negative as a running (value, first index), a later chunk winning only with
-  a strictly larger value (so ties keep the first index);
+- a row is walked in column chunks of BLOCK_C = lanes x VEC: each lane of a chunk is one vector
+  load of VEC columns (16 bytes where contiguous rows are 16-byte aligned) held in one thread,
+  the lanes of a row are those of one warp (large batches) or of 4 or 8 warps (small batches,
+  a config's ``block_c``: fewer chunks one after another per row);
+- each LANE keeps its own running (max, sum of exp) per view: softmax(z), softmax(z') and, for
+  the official consistency, softmax((z + z')/2) (online softmax: a lane's sum is rescaled when
+  its max grows; z's shift starts at z_y, loaded on its own, so only the negatives' max is
+  tracked), and its own nearest negative as (value, first index), a later chunk winning only
+  when strictly larger. Nothing crosses lanes inside the chunk loop; the lanes meet once per
+  row (warp shuffles; a block-wide reduction only for rows over several warps);
 - the per-row maths (cross entropy, NAW weight and its derivatives) then runs once per row;
-- the last sweep reads the row again and writes both gradients (16-byte stores). The second
-  read comes from L2, not DRAM: the rows in flight between the two reads are those of the
-  resident warps (at (4096, 1000) bf16 about 132 SMs x 32 rows x 4 kB = 17 MB, inside the
-  H200's 50 MB L2; sweep 1 loads with evict_last, the last sweep with evict_first), so DRAM
-  bytes are counted once, as SPEC 4 counts them. The Jensen-Shannon variant needs the row
-  sums of p t before any gradient element, so it reads the row three times (two from L2).
+- the last sweep reads the row again and writes both gradients (vector stores). That read comes
+  from L2, not DRAM: between its two reads a row stays in the working set of the resident
+  warps (at (4096, 1000) bf16, 32 rows per SM x 132 SMs x 4 kB = 17 MB, inside the H200's
+  50 MB L2; sweep 1 loads with evict_last, the last sweep with evict_first), so DRAM bytes are
+  counted once, as SPEC 4 counts them. The Jensen-Shannon consistency needs the row sums of
+  p t before any gradient element, so it reads the row three times (twice from L2).
+
+Every chunk loop runs ceil(C / BLOCK_C) times, the partial last chunk masked
+(``bench/kernel_model.py`` counts its trips so). In-tile offsets are 32-bit; tiles, pointers
+and strided rows (FLAT_ROWS=False) 64-bit.
 """
 import triton
 import triton.language as tl
