@@ -135,12 +135,13 @@ def tuning_candidates(block_cols: int, element_size: int = 2, num_classes: Optio
 
 # ----------------------------------------------------------------------------- wide rows
 # C above NARROW_MAX_C runs _nla_wide_kernel (nla_loss_wide.py): rows in column chunks, each
-# lane of a chunk one 16-byte vector, lanes keeping their own running sums; up to it,
-# _nla_fwd_kernel keeps whole rows in one thread. The threshold is where the static model
-# (bench/kernel_model.py, sm_90, large batches) predicts the wide kernel faster (bench/NOTES.md).
+# lane of a chunk one vector load (16 bytes where rows are aligned), lanes keeping their own
+# running sums; up to it, _nla_fwd_kernel keeps whole rows in one thread. At C = 33 (odd: one
+# column a lane, the wide kernel's worst case) the static model (bench/kernel_model.py, sm_90,
+# B = 2^16) predicts both alike, above it the wide kernel 1.2-1.9x faster (bench/NOTES.md).
 NARROW_MAX_C = 32
 WIDE_UNTUNED_ROWS = 256  # wide rows, B up to this: a fixed configuration, one row per program
-_WIDE_SCALAR_CHUNK = 64  # the chunk of rows not readable in 16-byte vectors: two columns per lane
+_WIDE_SCALAR_CHUNK = 64  # the chunk where a lane's vector is one column (odd C, strided rows): two a lane
 # A sweep walks a row's chunks one after another, so where the batch leaves warps idle (fewer rows
 # than about _WIDE_WARPS_TARGET, 32 resident warps x 132 SMs) a row spans several warps (a
 # chunk per warp, their lanes' sums meeting once per row): _WIDE_ROW_WARPS. (Rows over 2 warps
@@ -191,7 +192,7 @@ def wide_row_warps(batch, num_classes: int, vector: int) -> int:
 
 def wide_configs(batch, num_classes: int, element_size: int, flat_rows: bool = True) -> list[Config]:
     """The wide kernel's configurations, the heuristic for ``batch`` first; the tuner's
-    candidates: programs of 1, 2 or 4 one-warp rows, and rows over 2, 4 or 8 warps. A one-warp
+    candidates: programs of 1, 2 or 4 one-warp rows, and rows over 4 or 8 warps. A one-warp
     chunk of fewer than 32 lanes leaves a warp 32 / lanes rows: BLOCK_B covers every warp, which
     keeps the warps along the rows (row reductions within one warp)."""
     vector = wide_vector(num_classes, element_size, flat_rows)
@@ -200,7 +201,8 @@ def wide_configs(batch, num_classes: int, element_size: int, flat_rows: bool = T
     if INTERPRET:
         return [Config(rows_per_warp * _WIDE_INTERPRETER_ROWS, 1)]
     configs = [Config(rows_per_warp * warps, warps, 1, _WIDE_CAP) for warps in (1, 2, 4)]
-    configs += [Config(1, warps, 1, _WIDE_CAP, 32 * vector * warps) for warps in _row_warps_options(num_classes, vector)]
+    configs += [Config(1, warps, 1, _WIDE_CAP, 32 * vector * warps)
+                for warps in _row_warps_options(num_classes, vector)]
     row_warps = wide_row_warps(batch, num_classes, vector)
     heuristic = configs[0] if row_warps == 1 else Config(1, row_warps, 1, _WIDE_CAP, 32 * vector * row_warps)
     return [heuristic] + [c for c in configs if c != heuristic]
@@ -363,7 +365,6 @@ def _flags(logits, zf, eps_tensor, has_flip, jsd, reg_mean, grad_z, grad_zf, wei
     )
 
 
-
 def _config_kwargs(flags: dict, config: Config) -> dict:
     kwargs = {**flags, "BLOCK_B": config.block_b, "BLOCK_C": config.block_c or flags["BLOCK_C"],
               "num_warps": config.num_warps, "num_stages": config.num_stages}
@@ -419,7 +420,8 @@ def _choose_plan(key, batch, device, flags, args_for, eager: bool) -> Plan:
         elif eager and may_tune(device) and isinstance(batch, int):
             config = _tune(args_for, flags, batch, device, tuning_key, element_size)
     per_sm = _occupancy.get((device, config, key[3:])) or max(1, assumed_warps_per_sm(config) // config.num_warps)
-    plan = Plan(forward_kernel(cols), config, _config_kwargs(flags, config), grid_size(batch, device, config, per_sm))
+    plan = Plan(forward_kernel(cols), config, _config_kwargs(flags, config),
+                grid_size(batch, device, config, per_sm))
     # a heuristic plan made where nothing could be tuned (capture, tracing) is not remembered
     if eager and isinstance(batch, int) and (not tunable or tuning_key in _tuned):
         _plans[key] = plan
@@ -595,8 +597,8 @@ def describe_launches(batch, num_classes, dtype, flip_dtype=None, grad_z=True, g
     One dict per launch: name, kernel (the JITFunction), args (positional, a tensor by its
     dtype), signature / constexprs / attrs (as ``ASTSource`` takes them), num_warps, num_stages,
     maxnreg (compile options; None: Triton's default), grid (programs), config (a label), role
-    ("single program"; "fixed": a small batch of wide rows, one tile per program, untuned;
-    "heuristic", "autotune" or "backward"), phase ("forward" / "backward")
+    ("single program"; "fixed": a small batch of wide rows, a fixed untuned config of several
+    programs; "heuristic", "autotune" or "backward"), phase ("forward" / "backward")
     and candidates. On the tuned large-batch path the launches are those of the heuristic config
     (what runs where nothing was tuned) and each config-dependent launch lists, as candidates,
     itself for every config the tuner may pick (the heuristic one included): a config's launches
