@@ -80,7 +80,8 @@ def _online(x, lane_max, m, s, SCALE: tl.constexpr, FAST_MATH: tl.constexpr):
 
 @triton.jit
 def _row_of_lanes(m, s, FAST_MATH: tl.constexpr):
-    """The row's (shift, sum of exp) from its lanes' running ones: one warp reduction each."""
+    """The row's (shift, sum of exp) from its lanes' running ones: one reduction across the row's
+    lanes each (warp shuffles; across warps too for a row over several warps)."""
     m_row = tl.max(m, axis=1)
     return m_row, tl.sum(s * _ex2(m * _LOG2E - (m_row * _LOG2E)[:, None], FAST_MATH), axis=1)
 
@@ -104,7 +105,8 @@ def _stats_chunk(z_ptr, zf_ptr, z_off, zf_off, c0, lane_col, v_idx, row_ok, yc, 
     c = c0 + lane_col[:, None] + v_idx[None, :]
     lane_c = c0 + lane_col  # the lane's first column in this chunk
     z = _load_chunk(z_ptr, z_off, c, row_ok, stride_zc, C, FULL, MASKED, FLAT_ROWS, "evict_last")
-    # the target's slot in each lane's vector, compared as 32-bit integers (-1: not this lane)
+    # the target's slot in each lane's vector, compared as 32-bit integers (outside [0, VEC): not
+    # this lane's; yc = -1 for an out-of-range target: no lane's)
     y_slot = yc[:, None] - lane_c[None, :]
     z_neg = tl.where(v_idx[None, None, :] == y_slot[:, :, None], float("-inf"), z)
     lane_k = tl.max(z_neg, axis=2)
@@ -126,7 +128,7 @@ def _stats_chunk(z_ptr, zf_ptr, z_off, zf_off, c0, lane_col, v_idx, row_ok, yc, 
 def _sweep_stats(z_ptr, zf_ptr, z_off, zf_off, lane_col, v_idx, row_ok, yc, z_y, stride_zc, stride_zfc,
                  C: tl.constexpr, FULL: tl.constexpr, FLAT_ROWS: tl.constexpr, HAS_FLIP: tl.constexpr,
                  JSD: tl.constexpr, BLOCK_C: tl.constexpr, FAST_MATH: tl.constexpr):
-    """Sweep 1 over the row (full chunks in a loop, then the partial last one, masked), then the
+    """Sweep 1 over the row (every chunk masked where C is not a multiple of BLOCK_C), then the
     lanes combined: the row's (shift, sum) per view, the nearest negative's value and index."""
     lanes = tl.zeros([z_y.shape[0], lane_col.shape[0]], dtype=tl.float32)
     m = lanes + tl.maximum(z_y, _NO_MAX)[:, None]  # z's shift starts at z_y: chunks need only max z_neg
