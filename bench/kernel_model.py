@@ -244,9 +244,12 @@ def _pointer_bytes(launch: dict, arg: str) -> int:
                          [launch["signature"][arg].lstrip("*")]]
 
 
-def triton_work(launch: dict, batch: int) -> tuple[float, float | None, float]:
-    """(main-loop iterations summed over warps, rows per warp per iteration, bytes moved) of a
-    launch of one of the three Triton kernels (their loops: kernels/nla_loss.py)."""
+def triton_work(launch: dict, batch: int):
+    """(main-loop iterations summed over warps, rows per warp per iteration, trips of the loops
+    nested in the main loop, bytes moved) of a launch of one of the Triton kernels (their loops:
+    kernels/nla_loss.py, kernels/nla_loss_wide.py)."""
+    from nla_fast.kernels.launch import is_wide
+
     const, warps, grid = launch["constexprs"], launch["num_warps"], launch["grid"][0]
     if launch["name"] == "forward":  # persistent loop over full tiles of BLOCK_B rows
         classes = launch["constexprs"]["C"]
@@ -254,12 +257,16 @@ def triton_work(launch: dict, batch: int) -> tuple[float, float | None, float]:
         grads = batch * classes * (const["GRAD_Z"] * _pointer_bytes(launch, "gz_ptr")
                                    + const["GRAD_ZF"] * _pointer_bytes(launch, "gzf_ptr"))
         moved = logits + 8 * batch + grads + 4 * batch * const["WRITE_W"] + 4 * grid
-        return batch // const["BLOCK_B"] * warps, const["BLOCK_B"] / warps, moved
+        # the wide kernel: each sweep over a row is a loop over its column chunks (the last one
+        # masked); its second (JSD: and third) read of a row comes from L2, so DRAM bytes count
+        # each row once (SPEC 4)
+        chunks = -(-classes // const["BLOCK_C"]) if is_wide(const["BLOCK_C"]) else 1
+        return batch // const["BLOCK_B"] * warps, const["BLOCK_B"] / warps, lambda loop: chunks, moved
     if launch["name"] == "sum_partials":  # one program, a loop over the partial sums
         n = launch["args"][2]
-        return math.ceil(n / const["BLOCK"]) * warps, None, 4 * n + 4
+        return math.ceil(n / const["BLOCK"]) * warps, None, lambda loop: 1.0, 4 * n + 4
     # scale_grads at grad_output == 1: every program reads grad_output, every load / store is masked off
-    return 0.0, None, 4 * grid
+    return 0.0, None, lambda loop: 1.0, 4 * grid
 
 
 def triton_rows(batch: int, classes: int, dtype: str, arch: int) -> list[dict]:
@@ -271,8 +278,9 @@ def triton_rows(batch: int, classes: int, dtype: str, arch: int) -> list[dict]:
         for launch in launches:
             path, function, shared = compile_triton(launch, arch)
             code = cubin_stats.read_cubin(path)[function]
-            iterations, rows_per_iteration, moved = triton_work(launch, batch)
-            facts = analyse(code, 32 * launch["num_warps"], launch["grid"][0], shared, iterations, rows_per_iteration)
+            iterations, rows_per_iteration, trips, moved = triton_work(launch, batch)
+            facts = analyse(code, 32 * launch["num_warps"], launch["grid"][0], shared, iterations, rows_per_iteration,
+                            trips)
             parts.append(dict(facts, kernel=launch["name"], phase=launch["phase"], role=launch["role"],
                               launch_config=launch["config"], bytes=moved, cubin=str(path),
                               **predict(facts, moved, device)))

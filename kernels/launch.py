@@ -1,4 +1,5 @@
-"""Plans and launches of the Triton NLA kernels (``nla_loss.py``): configurations, tuning, grids.
+"""Plans and launches of the Triton NLA kernels (``nla_loss.py``; rows of more than 32 classes:
+``nla_loss_wide.py``): configurations, tuning, grids.
 
 - Small batches (B * BLOCK_C <= 4096, e.g. B <= 512 for C <= 8: the trainer's 32) are ONE
   program with a fixed configuration, so the loss bits are the same in every process and the
@@ -27,6 +28,7 @@ import torch
 import triton
 
 from .nla_loss import _nla_fwd_kernel, _scale_grads_kernel, _sum_partials_kernel
+from .nla_loss_wide import _nla_wide_kernel
 
 try:  # Triton >= 3.3: launch hooks live on knobs
     from triton import knobs as _knobs
@@ -45,16 +47,19 @@ _SUM_BLOCK = 1024  # partial sums added per loop step of the final reduction
 
 
 class Config(NamedTuple):
-    """A launch configuration of the forward kernel (``maxnreg``: a register cap, None for none)."""
+    """A launch configuration of the forward kernel (``maxnreg``: a register cap, None for none;
+    ``block_c``: the wide kernel's column chunk where it differs from ``block_c()``'s)."""
 
     block_b: int
     num_warps: int
     num_stages: int = 1
     maxnreg: Optional[int] = None
+    block_c: Optional[int] = None
 
     @property
     def label(self) -> str:
-        return f"bb{self.block_b}_w{self.num_warps}" + (f"_r{self.maxnreg}" if self.maxnreg else "")
+        return (f"bb{self.block_b}_w{self.num_warps}" + (f"_r{self.maxnreg}" if self.maxnreg else "")
+                + (f"_c{self.block_c}" if self.block_c else ""))
 
 
 def next_pow2(n: int) -> int:
@@ -65,8 +70,14 @@ def cdiv(a, b):
     return (a + b - 1) // b
 
 
-def block_c(num_classes: int) -> int:
-    return max(2, next_pow2(num_classes))
+def block_c(num_classes: int, element_size: int = 4, flat_rows: bool = True) -> int:
+    """BLOCK_C: the padded row of the short-row kernel; the wide kernel's column chunk of one
+    warp, 32 lanes x one vector (``wide_vector``; 64 columns, two a lane, where that is a single
+    column; a config's ``block_c`` may spread a row over more warps)."""
+    if num_classes <= NARROW_MAX_C:
+        return max(2, next_pow2(num_classes))
+    vector = wide_vector(num_classes, element_size, flat_rows)
+    return min(32 * vector, next_pow2(num_classes)) if vector > 1 else _WIDE_SCALAR_CHUNK
 
 
 def _warps_for(block_b: int, block_cols: int) -> int:
@@ -77,15 +88,26 @@ def is_single_program(batch, block_cols: int) -> bool:
     return isinstance(batch, int) and batch * block_cols <= SINGLE_PROGRAM_ELEMENTS
 
 
+def is_untuned(batch, block_cols: int) -> bool:
+    """Small batches run a fixed configuration, the same in every process (never tuned)."""
+    if is_wide(block_cols):
+        return isinstance(batch, int) and batch <= WIDE_UNTUNED_ROWS
+    return is_single_program(batch, block_cols)
+
+
 # Large batches of short rows (C <= 8): one row per thread. With 2-byte logits a 1024-thread
 # program under a 64-register cap compiles without spills and keeps 32 warps resident per SM
 # (sm_90 machine code, bench/kernel_model.py); float32 rows need ~100 registers (16-20 warps).
 _ROWS_CONFIGS = {2: Config(1024, 32, 1, 64), 4: Config(512, 16, 1, None)}
 
 
-def fixed_config(batch, block_cols: int, element_size: int = 2) -> Config:
+def fixed_config(batch, block_cols: int, element_size: int = 2, num_classes: Optional[int] = None,
+                 flat_rows: bool = True) -> Config:
     """The configuration used without tuning, the same in every process: one program holding
-    the whole batch for small batches, else the large-batch heuristic."""
+    the whole batch for small batches, else the large-batch heuristic (wide rows: for this
+    batch, ``wide_configs``)."""
+    if is_wide(block_cols):
+        return wide_configs(batch, num_classes or block_cols, element_size, flat_rows)[0]
     if is_single_program(batch, block_cols):
         block_b = next_pow2(batch)
         return Config(block_b, _warps_for(block_b, block_cols))
@@ -95,9 +117,12 @@ def fixed_config(batch, block_cols: int, element_size: int = 2) -> Config:
     return Config(block_b, _warps_for(block_b, block_cols))
 
 
-def tuning_candidates(block_cols: int, element_size: int = 2) -> list[Config]:
-    """Large-batch candidates, the heuristic one first. Candidates that spill registers are
-    dropped when compiled (``time_candidate``)."""
+def tuning_candidates(block_cols: int, element_size: int = 2, num_classes: Optional[int] = None,
+                      flat_rows: bool = True, batch=None) -> list[Config]:
+    """Large-batch candidates, the heuristic one (for ``batch``) first. Candidates that spill
+    registers are dropped when compiled (``time_candidate``)."""
+    if is_wide(block_cols):
+        return wide_configs(batch, num_classes or block_cols, element_size, flat_rows)
     configs = [fixed_config(None, block_cols, element_size)]
     if block_cols <= 8:
         extra = [Config(1024, 32, 1, 64), Config(512, 16, 1, 64), Config(256, 8, 1, 64),
@@ -106,6 +131,89 @@ def tuning_candidates(block_cols: int, element_size: int = 2) -> list[Config]:
         extra = [Config(max(1, tile // block_cols), warps)
                  for tile, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16))]
     return configs + [c for c in extra if c not in configs]
+
+
+# ----------------------------------------------------------------------------- wide rows
+# C above NARROW_MAX_C runs _nla_wide_kernel (nla_loss_wide.py): rows in column chunks, each
+# lane of a chunk one vector load (16 bytes where rows are aligned), lanes keeping their own
+# running sums; up to it, _nla_fwd_kernel keeps whole rows in one thread. At C = 33 (odd: one
+# column a lane, the wide kernel's worst case) the static model (bench/kernel_model.py, sm_90,
+# B = 2^16) predicts both alike, above it the wide kernel 1.2-1.9x faster (bench/NOTES.md).
+NARROW_MAX_C = 32
+WIDE_UNTUNED_ROWS = 256  # wide rows, B up to this: a fixed configuration, one row per program
+_WIDE_SCALAR_CHUNK = 64  # the chunk where a lane's vector is one column (odd C, strided rows): two a lane
+# A sweep walks a row's chunks one after another, so where the batch leaves warps idle (fewer rows
+# than about _WIDE_WARPS_TARGET, 32 resident warps x 132 SMs) a row spans several warps (a
+# chunk per warp, their lanes' sums meeting once per row): _WIDE_ROW_WARPS. (Rows over 2 warps
+# are left out: at float32, C = 1000, ptxas unrolls their chunk loops and spills under the cap.)
+_WIDE_WARPS_TARGET = 4096
+_WIDE_ROW_WARPS = (4, 8)
+# A cap of 64 registers keeps 32 warps resident per SM (sm_80, sm_90) without spills
+# (bench/kernel_model.py). One-warp programs need no block barrier or shared memory at all (with
+# more warps: one barrier for the program's loss sum, two per tile for the weights' store).
+_WIDE_CAP = 64
+# The interpreter runs a program's tiles one after another in Python: tiles of 16 rows keep the
+# test suite's C = 1000 cases fast (layouts, registers and warps do not exist there).
+_WIDE_INTERPRETER_ROWS = 16
+
+
+def is_wide(block_cols: int) -> bool:
+    """Whether BLOCK_C is a column chunk of the wide kernel (which always exceeds NARROW_MAX_C)."""
+    return block_cols > NARROW_MAX_C
+
+
+def forward_kernel(block_cols: int):
+    """The forward kernel for rows of this BLOCK_C (both take the same arguments)."""
+    return _nla_wide_kernel if is_wide(block_cols) else _nla_fwd_kernel
+
+
+def wide_vector(num_classes: int, element_size: int, flat_rows: bool) -> int:
+    """Columns per lane in a chunk of the wide kernel, one vector load: 16 bytes where contiguous
+    rows are 16-byte aligned, else the widest power of two dividing C; 1 for strided rows (the
+    kernel's VEC, by the same rule)."""
+    return min(16 // element_size, num_classes & -num_classes) if flat_rows else 1
+
+
+def _row_warps_options(num_classes: int, vector: int) -> list[int]:
+    """The warps a row can span: _WIDE_ROW_WARPS where each warp's lanes get a vector."""
+    if vector == 1:
+        return []
+    return [w for w in _WIDE_ROW_WARPS if w * 32 * vector <= next_pow2(num_classes)]
+
+
+def wide_row_warps(batch, num_classes: int, vector: int) -> int:
+    """Warps a row spans in the heuristic config: the most of ``_row_warps_options`` that the
+    batch needs to fill the device's warps (1 at B >= 1024; 1 for an unknown batch)."""
+    if not isinstance(batch, int):
+        return 1
+    fill = _WIDE_WARPS_TARGET // max(1, batch)
+    return max([1] + [w for w in _row_warps_options(num_classes, vector) if w <= fill])
+
+
+def wide_configs(batch, num_classes: int, element_size: int, flat_rows: bool = True) -> list[Config]:
+    """The wide kernel's configurations, the heuristic for ``batch`` first; the tuner's
+    candidates: programs of 1, 2 or 4 one-warp rows, and rows over 4 or 8 warps. A one-warp
+    chunk of fewer than 32 lanes leaves a warp 32 / lanes rows: BLOCK_B covers every warp, which
+    keeps the warps along the rows (row reductions within one warp)."""
+    vector = wide_vector(num_classes, element_size, flat_rows)
+    chunk = block_c(num_classes, element_size, flat_rows)
+    rows_per_warp = 32 // min(32, chunk // vector)
+    if INTERPRET:
+        return [Config(rows_per_warp * _WIDE_INTERPRETER_ROWS, 1)]
+    configs = [Config(rows_per_warp * warps, warps, 1, _WIDE_CAP) for warps in (1, 2, 4)]
+    configs += [Config(1, warps, 1, _WIDE_CAP, 32 * vector * warps)
+                for warps in _row_warps_options(num_classes, vector)]
+    row_warps = wide_row_warps(batch, num_classes, vector)
+    heuristic = configs[0] if row_warps == 1 else Config(1, row_warps, 1, _WIDE_CAP, 32 * vector * row_warps)
+    return [heuristic] + [c for c in configs if c != heuristic]
+
+
+def assumed_warps_per_sm(config: Config) -> int:
+    """Resident warps per SM before a compiled kernel is seen: what a register cap allows
+    (65,536 registers, at most 64 warps), else an assumed 16."""
+    if config.maxnreg is None:
+        return _ASSUMED_WARPS_PER_SM
+    return min(64, 65536 // (32 * config.maxnreg)) // config.num_warps * config.num_warps
 
 
 # ----------------------------------------------------------------------------- device facts
@@ -213,12 +321,14 @@ def launch(kernel, grid: int, args: tuple, kwargs: dict, wrap=None):
 
 # ----------------------------------------------------------------------------- the forward
 class Plan:
-    """How one kind of call launches: the forward's keyword arguments (constexprs, BLOCK_B,
-    warps, stages), its grid, and the remembered compiled kernels of both launches."""
+    """How one kind of call launches: the forward kernel and its keyword arguments (constexprs,
+    BLOCK_B, warps, stages), its grid, and the remembered compiled kernels of both launches."""
 
-    __slots__ = ("kwargs", "num_programs", "forward", "total")
+    __slots__ = ("kernel", "config", "kwargs", "num_programs", "forward", "total")
 
-    def __init__(self, kwargs: dict, num_programs: int):
+    def __init__(self, kernel, config: Config, kwargs: dict, num_programs: int):
+        self.kernel = kernel
+        self.config = config
         self.kwargs = kwargs
         self.num_programs = num_programs
         self.forward = self.total = None  # LeanLaunch of the forward / of the partial-sum kernel
@@ -246,16 +356,18 @@ def kernel_constants(consts) -> tuple:
 
 
 def _flags(logits, zf, eps_tensor, has_flip, jsd, reg_mean, grad_z, grad_zf, weights, loss, num_classes):
+    flat_rows = logits.is_contiguous() and zf.is_contiguous()
     return dict(
         C=num_classes, EPS_FROM_PTR=eps_tensor is not None, HAS_FLIP=has_flip, JSD=jsd, REG_MEAN=reg_mean,
-        WRITE_LOSS=loss, GRAD_Z=grad_z, GRAD_ZF=grad_zf, WRITE_W=weights,
-        FLAT_ROWS=logits.is_contiguous() and zf.is_contiguous(), BLOCK_C=block_c(num_classes),
+        WRITE_LOSS=loss, GRAD_Z=grad_z, GRAD_ZF=grad_zf, WRITE_W=weights, FLAT_ROWS=flat_rows,
+        BLOCK_C=block_c(num_classes, max(logits.element_size(), zf.element_size()), flat_rows),
         FAST_MATH=not INTERPRET,
     )
 
 
 def _config_kwargs(flags: dict, config: Config) -> dict:
-    kwargs = {**flags, "BLOCK_B": config.block_b, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    kwargs = {**flags, "BLOCK_B": config.block_b, "BLOCK_C": config.block_c or flags["BLOCK_C"],
+              "num_warps": config.num_warps, "num_stages": config.num_stages}
     if config.maxnreg is not None and not INTERPRET:
         kwargs["maxnreg"] = config.maxnreg
     return kwargs
@@ -267,18 +379,20 @@ def time_candidate(config: Config, flags: dict, args_for, batch, device):
     from triton.testing import do_bench
 
     kwargs = _config_kwargs(flags, config)
-    compiled = _nla_fwd_kernel[(1,)](*args_for(1), **kwargs)
+    kernel = forward_kernel(flags["BLOCK_C"])
+    compiled = kernel[(1,)](*args_for(1), **kwargs)
     if getattr(compiled, "n_spills", 0):
         return None
     grid = grid_size(batch, device, config, programs_per_sm(device, config.num_warps, compiled))
     args = args_for(grid)
-    return do_bench(lambda: _nla_fwd_kernel[(grid,)](*args, **kwargs), warmup=5, rep=25)
+    return do_bench(lambda: kernel[(grid,)](*args, **kwargs), warmup=5, rep=25)
 
 
 def _tune(args_for, flags, batch, device, tuning_key, element_size) -> Config:
     """Time the candidates once (eager, on a GPU) and remember the fastest non-spilling one."""
-    best, best_ms = fixed_config(None, flags["BLOCK_C"], element_size), float("inf")
-    for config in tuning_candidates(flags["BLOCK_C"], element_size):
+    shape = (flags["C"], flags["FLAT_ROWS"])
+    best, best_ms = fixed_config(batch, flags["BLOCK_C"], element_size, *shape), float("inf")
+    for config in tuning_candidates(flags["BLOCK_C"], element_size, *shape, batch=batch):
         ms = time_candidate(config, flags, args_for, batch, device)
         if ms is not None and ms < best_ms:
             best, best_ms = config, ms
@@ -295,8 +409,8 @@ def _choose_plan(key, batch, device, flags, args_for, eager: bool) -> Plan:
     """The plan of a call not seen before: fixed, remembered-tuned, freshly tuned or heuristic."""
     cols = flags["BLOCK_C"]
     element_size = max(key[3].itemsize, key[4].itemsize)  # the logits' dtypes
-    config = fixed_config(batch, cols, element_size)
-    tunable = not is_single_program(batch, cols) and tunable_device(device)
+    config = fixed_config(batch, cols, element_size, flags["C"], flags["FLAT_ROWS"])
+    tunable = not is_untuned(batch, cols) and tunable_device(device)
     # every field of the plan key but the exact batch, which is bucketed by its bit length
     tuning_key = key[:1] + key[2:] + (int(batch).bit_length() if isinstance(batch, int) else None,)
     if tunable:
@@ -305,8 +419,9 @@ def _choose_plan(key, batch, device, flags, args_for, eager: bool) -> Plan:
             config = remembered
         elif eager and may_tune(device) and isinstance(batch, int):
             config = _tune(args_for, flags, batch, device, tuning_key, element_size)
-    per_sm = _occupancy.get((device, config, key[3:])) or programs_per_sm(device, config.num_warps)
-    plan = Plan(_config_kwargs(flags, config), grid_size(batch, device, config, per_sm))
+    per_sm = _occupancy.get((device, config, key[3:])) or max(1, assumed_warps_per_sm(config) // config.num_warps)
+    plan = Plan(forward_kernel(cols), config, _config_kwargs(flags, config),
+                grid_size(batch, device, config, per_sm))
     # a heuristic plan made where nothing could be tuned (capture, tracing) is not remembered
     if eager and isinstance(batch, int) and (not tunable or tuning_key in _tuned):
         _plans[key] = plan
@@ -317,8 +432,7 @@ def _remember_occupancy(plan: Plan, key, batch, device, compiled) -> None:
     """After the first eager launch: the grid the compiled kernel's occupancy allows."""
     if device.type != "cuda" or compiled is None or getattr(compiled, "n_regs", None) is None:
         return
-    config = Config(plan.kwargs["BLOCK_B"], plan.kwargs["num_warps"], plan.kwargs["num_stages"],
-                    plan.kwargs.get("maxnreg"))
+    config = plan.config
     per_sm = programs_per_sm(device, config.num_warps, compiled)
     _occupancy[(device, config, key[3:])] = per_sm
     plan.num_programs = grid_size(batch, device, config, per_sm)
@@ -373,7 +487,7 @@ def _launch_forward(plan, key, args, partial, loss_out, wrap, device, batch, *in
     """The ordinary (JITFunction.run) launches of a plan; the first eager one remembers the
     compiled kernels for lean launches and the occupancy-sized grid."""
     first = wrap is None and plan.forward is None and key in _plans
-    compiled = launch(_nla_fwd_kernel, plan.num_programs, args, plan.kwargs, wrap)
+    compiled = launch(plan.kernel, plan.num_programs, args, plan.kwargs, wrap)
     if partial is not None and partial is not loss_out:
         block = min(_SUM_BLOCK, next_pow2(plan.num_programs))
         sum_kwargs = dict(BLOCK=block, num_warps=max(1, min(8, block // 128)))
@@ -387,7 +501,7 @@ def _launch_forward(plan, key, args, partial, loss_out, wrap, device, batch, *in
     if plan.num_programs != grid:  # the real occupancy changed the grid: lean launches next time
         return
     meta = {k: v for k, v in plan.kwargs.items() if k not in ("num_warps", "num_stages", "maxnreg")}
-    plan.forward = LeanLaunch(compiled, grid, constexpr_tail(_nla_fwd_kernel, meta))
+    plan.forward = LeanLaunch(compiled, grid, constexpr_tail(plan.kernel, meta))
     if total is not None:
         plan.total = LeanLaunch(total, 1, constexpr_tail(_sum_partials_kernel, {"BLOCK": sum_kwargs["BLOCK"]}))
 
@@ -483,7 +597,8 @@ def describe_launches(batch, num_classes, dtype, flip_dtype=None, grad_z=True, g
     One dict per launch: name, kernel (the JITFunction), args (positional, a tensor by its
     dtype), signature / constexprs / attrs (as ``ASTSource`` takes them), num_warps, num_stages,
     maxnreg (compile options; None: Triton's default), grid (programs), config (a label), role
-    ("single program", "heuristic", "autotune" or "backward"), phase ("forward" / "backward")
+    ("single program"; "fixed": a small batch of wide rows, a fixed untuned config of several
+    programs; "heuristic", "autotune" or "backward"), phase ("forward" / "backward")
     and candidates. On the tuned large-batch path the launches are those of the heuristic config
     (what runs where nothing was tuned) and each config-dependent launch lists, as candidates,
     itself for every config the tuner may pick (the heuristic one included): a config's launches
@@ -495,27 +610,30 @@ def describe_launches(batch, num_classes, dtype, flip_dtype=None, grad_z=True, g
     ``fast_math``: the kernels' MUFU path (default: as this process launches, i.e. not under the
     interpreter)."""
     flip_dtype = flip_dtype or dtype
-    cols = block_c(num_classes)
     element_size = max(dtype.itemsize, flip_dtype.itemsize)
+    cols = block_c(num_classes, element_size, contiguous)
     flags = dict(C=num_classes, EPS_FROM_PTR=eps_dtype is not None, HAS_FLIP=True, JSD=jsd, REG_MEAN=reg_mean,
                  WRITE_LOSS=True, GRAD_Z=grad_z, GRAD_ZF=grad_zf, WRITE_W=weights, FLAT_ROWS=contiguous,
                  BLOCK_C=cols, FAST_MATH=not INTERPRET if fast_math is None else fast_math)
-    large = not is_single_program(batch, cols)
-    configs = [("heuristic" if large else "single program", fixed_config(batch, cols, element_size))]
+    large = not is_untuned(batch, cols)
+    small_role = "fixed" if is_wide(cols) else "single program"
+    shape = (num_classes, contiguous)
+    configs = [("heuristic" if large else small_role, fixed_config(batch, cols, element_size, *shape))]
     if large:
-        configs += [("autotune", c) for c in tuning_candidates(cols, element_size)[1:]]
+        configs += [("autotune", c) for c in tuning_candidates(cols, element_size, *shape, batch=batch)[1:]]
     strides = (num_classes, 1) if contiguous else (1, batch)  # else: a transposed (C, B) tensor
     args = (dtype, flip_dtype, torch.int64, eps_dtype or dtype, torch.float32,
             dtype, flip_dtype if grad_zf else dtype, torch.float32 if weights else dtype,
             batch, *strides, *strides, 1, 0.5, *[0.5] * 11)
     forwards, sums = [], {}
     for role, config in configs:
-        per_sm = max(1, (warps_per_sm or _ASSUMED_WARPS_PER_SM) // config.num_warps)
+        per_sm = max(1, (warps_per_sm or assumed_warps_per_sm(config)) // config.num_warps)
         grid = (min(cdiv(batch, config.block_b), per_sm * sm_count) if sm_count
                 else grid_size(batch, torch.device(device or "cpu"), config, per_sm))
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages,
                    "maxnreg": None if flags["FAST_MATH"] is False else config.maxnreg}
-        forwards.append(_described("forward", _nla_fwd_kernel, args, dict(flags, BLOCK_B=config.block_b), options,
+        forwards.append(_described("forward", forward_kernel(cols), args,
+                                   dict(flags, BLOCK_B=config.block_b, BLOCK_C=config.block_c or cols), options,
                                    (grid,), config.label, role))
         forwards[-1]["classes"] = num_classes
         if grid > 1:

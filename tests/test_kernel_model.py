@@ -359,13 +359,15 @@ def _triton_types(kernel, args, kwargs):
     (32, 7, torch.float32, True, True, False, False),  # the trainer's batch: one program, then the scale launch
     (3000, 7, torch.float32, True, True, True, True),  # the persistent grid (4 programs here), partial sums
     (600, 5, torch.float64, False, False, False, False),  # transposed logits, float64 flip without a gradient
+    (300, 100, torch.float32, True, True, True, False),  # the wide kernel, a persistent grid of tiles
+    (40, 1000, torch.float32, False, False, False, True),  # the wide kernel, a small batch, transposed logits
 ])
 def test_describe_launches_is_what_a_call_launches(monkeypatch, batch, classes, dtype_flip, grad_zf, contiguous,
                                                    weights, eps_tensor):
     from nla_fast.kernels import launch as module
 
     log = []
-    for name in ("_nla_fwd_kernel", "_sum_partials_kernel", "_scale_grads_kernel"):
+    for name in ("_nla_fwd_kernel", "_nla_wide_kernel", "_sum_partials_kernel", "_scale_grads_kernel"):
         monkeypatch.setattr(module, name, _Recorder(getattr(module, name), log))
     monkeypatch.setattr(module, "_plans", {})
     monkeypatch.setattr(module, "_scale_plans", {})
@@ -503,6 +505,61 @@ def _no_nvcc() -> bool:
     from nla_fast import native_build
 
     return native_build.find_cuda_home() is None and shutil.which("nvcc") is None
+
+
+_WIDE_KERNEL = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    import kernel_model as km
+
+    out = {}
+    for dtype in ("bfloat16", "float32"):
+        for arch in (90, 80):
+            device = km.device_for(arch)
+            label, launches = next(iter(km.triton_configs(4096, 1000, dtype, device).items()))
+            parts = []
+            for launch in launches:
+                path, function, shared = km.compile_triton(launch, arch)
+                code = km.cubin_stats.read_cubin(path)[function]
+                iterations, rows, trips, moved = km.triton_work(launch, 4096)
+                facts = km.analyse(code, 32 * launch["num_warps"], launch["grid"][0], shared, iterations, rows, trips)
+                loop = km.cubin_stats.instruction_mix(code.flow.main_loop().instructions)
+                parts.append(dict(facts, kernel=launch["name"], block_c=launch["constexprs"].get("BLOCK_C"),
+                                  loop_bar=loop["bar"], loop_lds=loop["lds"], **km.predict(facts, moved, device)))
+            total_us = sum(p["predicted_us"] for p in parts)
+            pct = 100 * km.spec_bytes(4096, 1000, dtype) / (total_us * device.copy_gb_per_s * 1e3)
+            out[f"{dtype} sm_{arch}"] = dict(label=label, forward=parts[0], pct=pct)
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.mark.slow
+def test_wide_kernel_machine_code_at_4096_by_1000(tmp_path):
+    """The wide kernel as the model sees it (heuristic config, sm_90 and sm_80, bf16 and fp32):
+    one-warp programs under a 64-register cap, no spill, 32 resident warps, no block barrier or
+    shared memory in the tile loop, 16-byte loads; the loads and stores the model counts per row
+    are exactly each chunk's (both views read twice, both gradients written once), i.e. its
+    trips of the chunk loops match the compiled loops; >= 50% of H200 copy bandwidth (SPEC 4)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    script = tmp_path / "wide_kernel.py"
+    script.write_text(_WIDE_KERNEL)
+    done = subprocess.run([sys.executable, str(script), str(BENCH)], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    for case, facts in result.items():
+        forward, chunks = facts["forward"], -(-1000 // facts["forward"]["block_c"])
+        assert facts["label"] == "bb1_w1_r64" and forward["function"] == "_nla_wide_kernel", case
+        assert forward["registers"] <= 64 and forward["spill_bytes"] == 0 and forward["warps_per_sm"] >= 32, case
+        assert forward["loop_bar"] == 0 and forward["loop_lds"] == 0 and forward["loop_max_load_bytes"] == 16, case
+        assert chunks == (4 if case.startswith("bfloat16") else 8)
+        # a row: y and z_y, then 2 views x 2 sweeps x the chunks; 2 gradients x the chunks
+        assert forward["per_row"]["global_loads"] == pytest.approx(2 + 4 * chunks), case
+        assert forward["per_row"]["global_stores"] == pytest.approx(2 * chunks), case
+    assert result["bfloat16 sm_90"]["pct"] >= 50.0
 
 
 @pytest.mark.slow
