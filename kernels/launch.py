@@ -99,6 +99,9 @@ def is_untuned(batch, block_cols: int) -> bool:
 # program under a 64-register cap compiles without spills and keeps 32 warps resident per SM
 # (sm_90 machine code, bench/kernel_model.py); float32 rows need ~100 registers (16-20 warps).
 _ROWS_CONFIGS = {2: Config(1024, 32, 1, 64), 4: Config(512, 16, 1, None)}
+# C == 8 in 2 bytes has no padding column to fold away: 71 registers uncapped (16 B of spill
+# at 64), so 4-warp programs and 28 resident warps
+_FULL_ROW_OF_8 = Config(128, 4, 1, None)
 
 
 def fixed_config(batch, block_cols: int, element_size: int = 2, num_classes: Optional[int] = None,
@@ -112,6 +115,8 @@ def fixed_config(batch, block_cols: int, element_size: int = 2, num_classes: Opt
         block_b = next_pow2(batch)
         return Config(block_b, _warps_for(block_b, block_cols))
     if block_cols <= 8:
+        if element_size <= 2 and num_classes == 8:
+            return _FULL_ROW_OF_8
         return _ROWS_CONFIGS[2 if element_size <= 2 else 4]
     block_b = max(1, _TILE_ELEMENTS // block_cols)
     return Config(block_b, _warps_for(block_b, block_cols))
@@ -123,7 +128,7 @@ def tuning_candidates(block_cols: int, element_size: int = 2, num_classes: Optio
     registers are dropped when compiled (``time_candidate``)."""
     if is_wide(block_cols):
         return wide_configs(batch, num_classes or block_cols, element_size, flat_rows)
-    configs = [fixed_config(None, block_cols, element_size)]
+    configs = [fixed_config(None, block_cols, element_size, num_classes, flat_rows)]
     if block_cols <= 8:
         extra = [Config(1024, 32, 1, 64), Config(512, 16, 1, 64), Config(256, 8, 1, 64),
                  Config(512, 16), Config(256, 8), Config(128, 4)]

@@ -284,10 +284,12 @@ def _flat_rows(x, flat_src, EXACT_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_
     element i * BLOCK_C + j of the tile's contiguous (rows, C) block, taken from the compute
     tile at ``flat_src`` (a shared-memory permutation). When C == BLOCK_C the tile already is
     its flat-rows view."""
+    # (if/else, not an early return: Triton still compiles what follows a constexpr return)
     if EXACT_C:
-        return x
-    flat = tl.gather(tl.reshape(x, [BLOCK_B * BLOCK_C]), flat_src, 0)
-    return tl.reshape(flat, [BLOCK_B, BLOCK_C])
+        flat = x
+    else:
+        flat = tl.reshape(tl.gather(tl.reshape(x, [BLOCK_B * BLOCK_C]), flat_src, 0), [BLOCK_B, BLOCK_C])
+    return flat
 
 
 @triton.jit
