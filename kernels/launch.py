@@ -129,9 +129,11 @@ def tuning_candidates(block_cols: int, element_size: int = 2, num_classes: Optio
     if is_wide(block_cols):
         return wide_configs(batch, num_classes or block_cols, element_size, flat_rows)
     configs = [fixed_config(None, block_cols, element_size, num_classes, flat_rows)]
-    if block_cols <= 8:
+    if block_cols <= 8 and element_size <= 2:
         extra = [Config(1024, 32, 1, 64), Config(512, 16, 1, 64), Config(256, 8, 1, 64),
                  Config(512, 16), Config(256, 8), Config(128, 4)]
+    elif block_cols <= 8:  # float32 rows need ~100 registers: a 64-register cap spills (sm_90 machine code)
+        extra = [Config(512, 16), Config(256, 8), Config(128, 4)]
     else:
         extra = [Config(max(1, tile // block_cols), warps)
                  for tile, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16))]
