@@ -634,20 +634,10 @@ def describe_launches(batch, num_classes, dtype, flip_dtype=None, grad_z=True, g
             batch, *strides, *strides, 1, 0.5, *[0.5] * 11)
     forwards, sums = [], {}
     for role, config in configs:
-        per_sm = max(1, (warps_per_sm or assumed_warps_per_sm(config)) // config.num_warps)
-        grid = (min(cdiv(batch, config.block_b), per_sm * sm_count) if sm_count
-                else grid_size(batch, torch.device(device or "cpu"), config, per_sm))
-        options = {"num_warps": config.num_warps, "num_stages": config.num_stages,
-                   "maxnreg": None if flags["FAST_MATH"] is False else config.maxnreg}
-        forwards.append(_described("forward", forward_kernel(cols), args,
-                                   dict(flags, BLOCK_B=config.block_b, BLOCK_C=config.block_c or cols), options,
-                                   (grid,), config.label, role))
-        forwards[-1]["classes"] = num_classes
-        if grid > 1:
-            block = min(_SUM_BLOCK, next_pow2(grid))
-            sums[config.label] = _described("sum_partials", _sum_partials_kernel, (torch.float32, torch.float32, grid),
-                                            dict(BLOCK=block), {"num_warps": max(1, min(8, block // 128))}, (1,),
-                                            config.label, role)
+        forward, total = _described_forward(batch, config, role, flags, args, sm_count, device, warps_per_sm)
+        forwards.append(forward)
+        if total is not None:
+            sums[config.label] = total
     candidates = forwards[1:] + forwards[:1] if large else []
     launches = [dict(forwards[0], candidates=candidates)]
     if forwards[0]["config"] in sums:
@@ -659,6 +649,25 @@ def describe_launches(batch, num_classes, dtype, flip_dtype=None, grad_z=True, g
         launches.append(dict(_described_scale(batch * num_classes, (dtype, flip_dtype), grad_z, grad_zf, sm_count),
                              phase="backward"))
     return launches
+
+
+def _described_forward(batch, config, role, flags, args, sm_count, device, warps_per_sm):
+    """(the forward launch of one config, its partial-sum launch or None)."""
+    per_sm = max(1, (warps_per_sm or assumed_warps_per_sm(config)) // config.num_warps)
+    grid = (min(cdiv(batch, config.block_b), per_sm * sm_count) if sm_count
+            else grid_size(batch, torch.device(device or "cpu"), config, per_sm))
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages,
+               "maxnreg": None if flags["FAST_MATH"] is False else config.maxnreg}
+    forward = _described("forward", forward_kernel(flags["BLOCK_C"]), args,
+                         dict(flags, BLOCK_B=config.block_b, BLOCK_C=config.block_c or flags["BLOCK_C"]), options,
+                         (grid,), config.label, role)
+    forward["classes"] = flags["C"]
+    if grid == 1:
+        return forward, None
+    block = min(_SUM_BLOCK, next_pow2(grid))
+    total = _described("sum_partials", _sum_partials_kernel, (torch.float32, torch.float32, grid), dict(BLOCK=block),
+                       {"num_warps": max(1, min(8, block // 128))}, (1,), config.label, role)
+    return forward, total
 
 
 def _described_scale(numel, dtypes, grad_z, grad_zf, sm_count):
