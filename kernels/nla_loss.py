@@ -306,6 +306,35 @@ def _store_flat(ptrs, x, f, rows_left, C, FULL: tl.constexpr, EXACT_C: tl.conste
 
 
 @triton.jit
+def _call_scalars(eps_ptr, eps_value, B, lam, mu_t1, mu_t2, diag_t, off_t, true_scale, mu_f1, mu_f2, alpha_f, beta_f,
+                  norm_f, EPS_FROM_PTR: tl.constexpr, REG_MEAN: tl.constexpr):
+    """The per-call scalars every kernel of the loss uses, all float32 (under Inductor a Python
+    float arrives as fp64 and would turn a loop-carried sum into fp64, a compile error): the two
+    terms' factors (lam / B; (1 - lam) times 1/B or 1), and both Gaussians' constants, the true
+    case's built here from eps (read from memory under CUDA graphs)."""
+    lam = tl.cast(lam, tl.float32)
+    if EPS_FROM_PTR:
+        eps = tl.load(eps_ptr).to(tl.float32)
+    else:
+        eps = tl.cast(eps_value, tl.float32)
+    inv_b = 1.0 / (B * 1.0)  # in the kernel: no SymFloat argument under torch.compile
+    coef_naw = lam * inv_b
+    if REG_MEAN:
+        coef_reg = (1.0 - lam) * inv_b
+    else:
+        coef_reg = 1.0 - lam
+    diag_t = tl.cast(diag_t, tl.float32)
+    b_t = -eps * tl.cast(off_t, tl.float32)
+    det_t = diag_t * diag_t - b_t * b_t
+    alpha_t = -0.5 * diag_t / det_t
+    beta_t = b_t / det_t
+    norm_t = tl.cast(true_scale, tl.float32) / (6.283185307179586 * tl.sqrt(det_t))
+    return (coef_naw, coef_reg, tl.cast(mu_t1, tl.float32), tl.cast(mu_t2, tl.float32), alpha_t, beta_t, norm_t,
+            tl.cast(mu_f1, tl.float32), tl.cast(mu_f2, tl.float32), tl.cast(alpha_f, tl.float32),
+            tl.cast(beta_f, tl.float32), tl.cast(norm_f, tl.float32))
+
+
+@triton.jit
 def _nla_fwd_kernel(
     z_ptr, zf_ptr, y_ptr, eps_ptr,
     loss_ptr, gz_ptr, gzf_ptr, w_ptr,
@@ -328,38 +357,11 @@ def _nla_fwd_kernel(
     BLOCK_C: tl.constexpr,
     FAST_MATH: tl.constexpr,  # MUFU approximations (on a GPU; the interpreter has no inline asm)
 ):
-    # Every scalar in float32 from here on: under Inductor a Python float arrives as fp64 and
-    # would turn the loop-carried sum into fp64 (a compile error in the persistent loop).
-    lam = tl.cast(lam, tl.float32)
-    mu_t1 = tl.cast(mu_t1, tl.float32)
-    mu_t2 = tl.cast(mu_t2, tl.float32)
-    diag_t = tl.cast(diag_t, tl.float32)
-    off_t = tl.cast(off_t, tl.float32)
-    true_scale = tl.cast(true_scale, tl.float32)
-    mu_f1 = tl.cast(mu_f1, tl.float32)
-    mu_f2 = tl.cast(mu_f2, tl.float32)
-    alpha_f = tl.cast(alpha_f, tl.float32)
-    beta_f = tl.cast(beta_f, tl.float32)
-    norm_f = tl.cast(norm_f, tl.float32)
-    if EPS_FROM_PTR:
-        eps = tl.load(eps_ptr).to(tl.float32)
-    else:
-        eps = tl.cast(eps_value, tl.float32)
-
+    coef_naw, coef_reg, mu_t1, mu_t2, alpha_t, beta_t, norm_t, mu_f1, mu_f2, alpha_f, beta_f, norm_f = _call_scalars(
+        eps_ptr, eps_value, B, lam, mu_t1, mu_t2, diag_t, off_t, true_scale, mu_f1, mu_f2, alpha_f, beta_f, norm_f,
+        EPS_FROM_PTR, REG_MEAN)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-    inv_b = 1.0 / (B * 1.0)  # in the kernel: no SymFloat argument under torch.compile
-    coef_naw = lam * inv_b
-    if REG_MEAN:
-        coef_reg = (1.0 - lam) * inv_b
-    else:
-        coef_reg = 1.0 - lam
-    # NAW weight: only the true case depends on eps: its Gaussian's constants are per-program scalars
-    b_t = -eps * off_t
-    det_t = diag_t * diag_t - b_t * b_t
-    alpha_t = -0.5 * diag_t / det_t
-    beta_t = b_t / det_t
-    norm_t = true_scale / (6.283185307179586 * tl.sqrt(det_t))
 
     # the gradient tile's flat rows (see _flat_rows): flat row i starts at flat element i * BLOCK_C,
     # which is column start_col of compute row row0 (at compute-tile position flat_first)

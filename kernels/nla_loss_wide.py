@@ -33,7 +33,7 @@ and strided rows (FLAT_ROWS=False) 64-bit.
 import triton
 import triton.language as tl
 
-from .nla_loss import _LN2, _LOG2E, _ex2, _lg2, _opaque_zero, _rcp
+from .nla_loss import _LN2, _LOG2E, _call_scalars, _ex2, _lg2, _opaque_zero, _rcp
 
 # A finite stand-in for -inf as the start of a running max: a chunk of -inf logits (a -inf
 # non-target class) then adds exp(-inf - m) = 0 instead of NaN; its log2 e multiple stays finite.
@@ -407,32 +407,9 @@ def _nla_wide_kernel(
     BLOCK_C: tl.constexpr,  # the column chunk: at most 32 lanes x 16 bytes, so a row stays in one warp
     FAST_MATH: tl.constexpr,  # MUFU approximations (on a GPU; the interpreter has no inline asm)
 ):
-    # every scalar in float32 (under Inductor a Python float arrives as fp64)
-    lam = tl.cast(lam, tl.float32)
-    if EPS_FROM_PTR:
-        eps = tl.load(eps_ptr).to(tl.float32)
-    else:
-        eps = tl.cast(eps_value, tl.float32)
-    inv_b = 1.0 / (B * 1.0)  # in the kernel: no SymFloat argument under torch.compile
-    coef_naw = lam * inv_b
-    if REG_MEAN:
-        coef_reg = (1.0 - lam) * inv_b
-    else:
-        coef_reg = 1.0 - lam
-    # NAW weight: only the true case depends on eps: its Gaussian's constants are per-program scalars
-    diag_t = tl.cast(diag_t, tl.float32)
-    b_t = -eps * tl.cast(off_t, tl.float32)
-    det_t = diag_t * diag_t - b_t * b_t
-    alpha_t = -0.5 * diag_t / det_t
-    beta_t = b_t / det_t
-    norm_t = tl.cast(true_scale, tl.float32) / (6.283185307179586 * tl.sqrt(det_t))
-    mu_t1 = tl.cast(mu_t1, tl.float32)
-    mu_t2 = tl.cast(mu_t2, tl.float32)
-    mu_f1 = tl.cast(mu_f1, tl.float32)
-    mu_f2 = tl.cast(mu_f2, tl.float32)
-    alpha_f = tl.cast(alpha_f, tl.float32)
-    beta_f = tl.cast(beta_f, tl.float32)
-    norm_f = tl.cast(norm_f, tl.float32)
+    coef_naw, coef_reg, mu_t1, mu_t2, alpha_t, beta_t, norm_t, mu_f1, mu_f2, alpha_f, beta_f, norm_f = _call_scalars(
+        eps_ptr, eps_value, B, lam, mu_t1, mu_t2, diag_t, off_t, true_scale, mu_f1, mu_f2, alpha_f, beta_f, norm_f,
+        EPS_FROM_PTR, REG_MEAN)
 
     # A chunk is BLOCK_C // VEC lanes of VEC columns, a lane's columns one vector load: 16 bytes
     # of the wider logits where contiguous rows are 16-byte aligned, else the widest power of two
