@@ -628,17 +628,18 @@ inline int dtype_size(DType t) {
 enum class CudaKernel : int {
   TileFixed = 0,    // nla_tile_fixed_kernel<scalar_t, C, MODE, GRAD>: C in {7, 8}, float/half/bfloat16
   TileGeneric = 1,  // nla_tile_generic_kernel<scalar_t>: C <= 32, the rest
-  WarpRow = 2,      // nla_warp_kernel<scalar_t, ELEMS, MODE>: a warp per row held in registers
-  WarpChunked = 3,  // nla_warp_chunked_kernel<scalar_t>: a warp per row swept column by column (any C)
+  WarpRow = 2,      // nla_warp_kernel<scalar_t, ELEMS, MODE>: a warp per row swept in 16-byte pieces
+  WarpChunked = 3,  // nla_warp_chunked_kernel<scalar_t>: a warp per row swept element by element (any C)
 };
 
 constexpr int kCudaTileThreads = 128;    // tile kernels: a thread per row, a tile of 128 rows per block
 constexpr int kCudaTileMinBlocks = 8;    // 8 blocks of 4 warps resident per SM (<= 64 registers a thread)
 constexpr int kCudaWarpThreads = 128;    // warp kernels: 4 rows (one per warp) per block
-constexpr int kCudaWarpMinBlocks = 4;    // 4 blocks of 4 warps resident per SM (<= 128 registers a thread)
+constexpr int kCudaWarpMinBlocks = 8;    // 8 blocks of 4 warps resident per SM (<= 64 registers a thread)
 constexpr int kCudaMaxBlocks = 4096;     // grid cap (grid-stride beyond): bounds the partials
 constexpr int kCudaTileMaxC = 32;        // C <= 32: a row per thread (tile kernels), else a warp per row
-constexpr int kCudaWarpMaxElems = 32;    // the warp kernel holds up to 32 columns per lane (C <= 1024)
+constexpr int kCudaWarpMaxElems = 32;    // the piece kernel sweeps up to 32 columns per lane (C <= 1024)
+constexpr int kCudaChunkColumns = 4;     // the element kernel: columns per lane per loop iteration
 constexpr int kCudaSmemBytes = 48 * 1024;  // static limit of a block's shared memory (no opt-in)
 
 inline bool cuda_fixed_width(int64_t C) { return C == 7 || C == 8; }
@@ -649,15 +650,20 @@ constexpr int cuda_tile_min_blocks(Consistency mode, bool grad) {
   return (mode == Consistency::Jsd && grad) ? 6 : kCudaTileMinBlocks;
 }
 
-// Resident blocks per SM the warp kernel is compiled for: 4 (16 warps, <= 128 registers); for rows
-// of 32 columns a lane (two 1,024-column rows and their temporaries) 3 (12 warps, <= 168 registers),
-// or 2 with JSD (8 warps, <= 255 registers).
-constexpr int cuda_warp_min_blocks(int elems, Consistency mode) {
-  return elems < 32 ? kCudaWarpMinBlocks : (mode == Consistency::Jsd ? 2 : 3);
+// Resident blocks per SM the piece kernel (WarpRow) is compiled for: 8 (32 warps, <= 64 registers);
+// 6 for JSD (24 warps, <= 80 registers: its gradient pass keeps more per column).
+constexpr int cuda_warp_min_blocks(Consistency mode) {
+  return mode == Consistency::Jsd ? 5 : kCudaWarpMinBlocks;
 }
 
 // Columns per vector piece of the warp kernel: 16 bytes, or fewer when a lane holds fewer columns.
 constexpr int cuda_warp_piece(int elems, int esize) { return 16 / esize < elems ? 16 / esize : elems; }
+
+// Pieces a lane of the piece kernel takes per loop iteration: 2 when its rows can have 2 or more,
+// except for JSD (1: its gradient pass keeps more per column).
+constexpr int cuda_warp_step(int elems, int esize, Consistency mode) {
+  return mode != Consistency::Jsd && elems >= 2 * cuda_warp_piece(elems, esize) ? 2 : 1;
+}
 
 // Shared-memory layout of a tile of the fixed-width kernel: rows of R = C * esize bytes, copied
 // from global memory in 16-byte pieces (the tile's bytes in order, or a 16-byte pad after each row
@@ -747,6 +753,15 @@ inline CudaPlan cuda_launch_plan(int64_t B, int64_t C, DType dtype) {
   if (g > kCudaMaxBlocks) g = kCudaMaxBlocks;
   p.grid = static_cast<int>(g);
   return p;
+}
+
+// Columns a lane of a warp kernel takes per loop iteration: each sweep over a row is a loop of
+// floor(C / (32 * this)) iterations, then the last partial one (WarpRow: S pieces of V columns;
+// WarpChunked: a group of kCudaChunkColumns); 0 for the tile kernels.
+inline int cuda_lane_columns(const CudaPlan& p, DType dtype, Consistency mode) {
+  const int esize = dtype_size(dtype);
+  if (p.kernel == CudaKernel::WarpRow) return cuda_warp_piece(p.width, esize) * cuda_warp_step(p.width, esize, mode);
+  return p.kernel == CudaKernel::WarpChunked ? kCudaChunkColumns : 0;
 }
 
 struct CudaRowsArgs {
