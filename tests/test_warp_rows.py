@@ -105,7 +105,15 @@ def minus_inf_case(classes, dtype):
     return exact(z, dtype), exact(zf, dtype), y
 
 
-CASES = {"random": random_case, "ties": ties_case, "minus-inf": minus_inf_case}
+def large_case(classes, dtype):
+    """Logits in the thousands, the target the largest logit in every other row: the running
+    maxima rescale their sums by factors that underflow to 0."""
+    z, zf, y = loss_cases.make_inputs(BATCH, classes, torch.float32, scale=3000.0, seed=7, device="cpu")
+    y[::2] = z[::2].argmax(1)
+    return exact(z, dtype), exact(zf, dtype), y
+
+
+CASES = {"random": random_case, "ties": ties_case, "minus-inf": minus_inf_case, "large": large_case}
 
 
 # ----------------------------------------------------------------------------- the emulated warp
