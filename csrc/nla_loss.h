@@ -13,11 +13,12 @@
 // m = (p + p')/2 (0 where p = 0, so a -inf logit adds nothing), gradients 0.5 p (t - sum p t). It is summed over the
 // batch, or averaged when reg_mean (NLAConfig.consistency_reduction).
 //
-// How a row is computed (every path: the CPU's fixed-width, generic and vectorised rows, the
-// GPU's tile and warp kernels): pass 1 takes the maxima of z, z' and s = z + z' and the nearest
-// negative; pass 2 the sums of exp(z - max z), exp(z' - max z') and exp((s - max s) / 2); from those
-// row_head gives CE, g = exp(z_y - max z) / sum, n likewise and the NAW weight, and official_coef /
-// jsd_coef the row's share of the loss and its gradient coefficients:
+// How a row is computed (the CPU's fixed-width, generic and vectorised rows, the GPU's tile
+// kernels): pass 1 takes the maxima of z, z' and s = z + z' and the nearest negative; pass 2 the
+// sums of exp(z - max z), exp(z' - max z') and exp((s - max s) / 2) (the GPU's warp kernels take
+// both in one sweep, online: warp_row at the end of this file); from those row_head gives CE,
+// g = exp(z_y - max z) / sum, n likewise and the NAW weight, and official_coef / jsd_coef the
+// row's share of the loss and its gradient coefficients:
 //   official: dz_j = alpha ez_j - beta eu_j (+ Ey at y, + Ek at k), dz'_j = gamma ez'_j - beta eu_j.
 // RowMath says how exponentials are taken: float on the GPU uses the MUFU approximations
 // (ex2/lg2/rcp.approx, about 2 ulp) on logits pre-scaled by log2(e) (one FFMA + one MUFU per
@@ -26,8 +27,9 @@
 // An out-of-range target never indexes anything: its row is NaN (loss share, weight, gradients).
 //
 // This header includes no torch header, so nvcc compiles nla_loss_cuda.cu quickly: the CUDA file
-// holds kernels and plain launchers (declared at the end), the ATen glue and the CUDA operator
-// registration live in nla_loss.cpp behind NLA_WITH_CUDA.
+// holds kernels and plain launchers (declared below), the ATen glue and the CUDA operator
+// registration live in nla_loss.cpp behind NLA_WITH_CUDA. Its last section, the warp kernels' row
+// code, is compiled only by nvcc and by tests/warp_emulator.cpp.
 #pragma once
 
 #include <cmath>

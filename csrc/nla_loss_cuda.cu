@@ -3,7 +3,7 @@
 // No torch header is included (fast nvcc builds); nla_loss.cpp allocates the tensors, takes the
 // current stream (c10::cuda::getCurrentCUDAStream()) and calls cuda_rows / cuda_scale.
 //
-// Design (one sweep, each logit read once, each gradient written once; which kernel, block and
+// Design (each logit read once from DRAM, each gradient written once; which kernel, block and
 // grid: cuda_launch_plan in nla_loss.h):
 //   * C = 7 or 8 (float, half, bfloat16), the fixed-width tile kernel: a block of 128 threads
 //     stages a tile of 128 consecutive rows of both logit tensors in shared memory with 16-byte
@@ -16,10 +16,19 @@
 //     kernel holds only the code it runs.
 //   * other C <= 32, the generic tile kernel: the same staging (elements scattered into rows of an
 //     odd number of words), nla_row (any width) reading its row from shared memory.
-//   * C > 32, the warp kernel: a warp per row, lane l holding the 16-byte pieces l, l + 32, ... of
-//     the row (vector loads and stores when C is a multiple of the piece), rows up to 1024
-//     columns in registers; longer rows are swept in chunks by the chunked kernel. Reductions are
-//     xor-butterflies: every lane ends with bitwise the same max / sum / nearest negative.
+//   * C > 32, the warp kernels (their row code: warp_row in nla_loss.h, which the CPU tests also
+//     run on an emulated warp): a warp per row, nothing held per column. Sweep 1 reads the row
+//     once: each lane folds its columns, a group at a time, into running maxima and sums of
+//     exponentials (online softmax: the sums rescaled once per group) and the nearest-negative
+//     candidate; xor-butterflies combine the lanes (every lane ends with bitwise the same row
+//     statistics). Sweep 2 re-reads the row, from L1 / L2 (it was just read), and writes both
+//     gradients; the target's and the nearest negative's extra terms are written after it by
+//     the lane that owns their columns. JSD needs a sweep more. nla_warp_kernel takes rows up to
+//     1024 columns that are whole 16-byte pieces (lane l: pieces l, l + 32, ..., two a loop
+//     iteration, their loads issued together; 16-byte loads and stores), the chunked kernel any
+//     row element by element. At most 64 registers a thread (80 for JSD): 32 resident warps per
+//     SM (24). Row constants and the lanes' shares of the loss wait in shared memory, not in
+//     registers held through the sweeps.
 //   * The loss is reduced deterministically: a fixed-order sum per block into partials[block]
 //     (the grid is a fixed function of B, C and the dtype), then one block sums the partials in
 //     a fixed order in double; with one block, that block's partial is the loss (one launch).
