@@ -118,7 +118,7 @@ CASES = {"random": random_case, "ties": ties_case, "minus-inf": minus_inf_case, 
 
 # ----------------------------------------------------------------------------- the emulated warp
 def _emulator_command(output: str) -> list[str]:
-    return [os.environ.get("CXX", "c++"), "-std=c++20", "-O1", "-pthread", f"-I{native_build.source_dir()}",
+    return [os.environ.get("CXX", "c++"), "-std=c++17", "-O1", "-pthread", f"-I{native_build.source_dir()}",
             str(EMULATOR_SOURCE), "-o", output]
 
 
@@ -269,24 +269,23 @@ def test_cuda_warp_kernels_match_the_oracle(classes, dtype, plan):
 
 
 @pytest.mark.gpu
-def test_cuda_warp_kernels_agree_with_the_emulated_warp(emulator, tmp_path):
-    """Ties across lanes, pieces and steps: Ek on the first tied non-target column, as on the
-    emulated warp; a bad target's row NaN, the others as emulated; both kernels."""
+def test_cuda_nearest_negative_and_bad_targets():
+    """On the CUDA kernels as on the emulated warp: Ek on the first tied non-target column across
+    lanes, pieces and steps; a bad target's row NaN, every other row bit for bit what valid targets
+    give (rows are independent). Both warp kernels."""
     for classes, dtype in ((1000, torch.bfloat16), (1000, torch.float32), (1025, torch.float32),
                            (4096, torch.float32)):
         z, _, y = ties_case(classes, dtype)
-        loss, gz, _, w = cuda_op(z, z, y, 0.37, NLAConfig())
-        gz = gz.cpu()
+        good = [t.cpu() for t in cuda_op(z, z, y, 0.37, NLAConfig())]
         for row, (tied, first) in tied_rows(classes).items():
-            assert ek_column(gz, row, tied, int(y[row])) == first, (classes, row)
+            assert ek_column(good[1], row, tied, int(y[row])) == first, (classes, row)
         bad = y.clone()
         bad[3] = classes
-        emulated = emulate(emulator, tmp_path, z, z, bad, 0.37, NLAConfig())
-        loss, gz, gzf, w = cuda_op(z, z, bad, 0.37, NLAConfig())
-        assert torch.isnan(gz[3]).all() and torch.isnan(w[3]) and torch.isnan(loss)
+        loss, gz, gzf, w = (t.cpu() for t in cuda_op(z, z, bad, 0.37, NLAConfig()))
+        assert torch.isnan(gz[3]).all() and torch.isnan(gzf[3]).all() and torch.isnan(w[3]) and torch.isnan(loss)
         rows = [0, 1, 2, 4, 5]
-        for got, want in ((gz, emulated[3]), (gzf, emulated[4]), (w, emulated[5])):
-            loss_cases.assert_close(got.cpu()[rows], want[rows], 2e-5 + loss_cases.STORE_RTOL[dtype], 1e-7)
+        for got, want in ((gz, good[1]), (gzf, good[2]), (w, good[3])):
+            assert torch.equal(got[rows], want[rows]), classes
 
 
 @pytest.mark.gpu

@@ -14,12 +14,13 @@
 // logits (B * C of dtype), the flipped logits (absent for none), the targets (B int64).
 // OUT: int32 kernel (CudaKernel), int32 width, then per row its share of the loss and its weight
 // (B each, the accumulation type), then the two gradients (B * C each, dtype; with want_grad).
-#include <barrier>
+#include <condition_variable>
 #include <cstdint>
-#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <iostream>
+#include <mutex>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
@@ -37,21 +38,33 @@ struct __nv_bfloat16 {
   unsigned short bits;
 };
 
-inline float __half2float(__half h) {
-  _Float16 v;
-  std::memcpy(&v, &h.bits, 2);
-  return static_cast<float>(v);
-}
-inline __half __float2half_rn(float f) {
-  const _Float16 v = static_cast<_Float16>(f);  // round to nearest even
-  __half h;
-  std::memcpy(&h.bits, &v, 2);
-  return h;
-}
 inline float __uint_as_float(unsigned u) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
+}
+inline float __half2float(__half h) {
+  const unsigned sign = (h.bits & 0x8000u) << 16, e = (h.bits >> 10) & 0x1fu, m = h.bits & 0x3ffu;
+  if (e == 0) {  // zero or subnormal: m 2^-24
+    const float f = static_cast<float>(m) * 5.9604644775390625e-8f;
+    return sign ? -f : f;
+  }
+  return __uint_as_float(sign | (e == 31 ? 0x7f800000u : (e + 112) << 23) | (m << 13));
+}
+inline __half __float2half_rn(float f) {  // round to nearest even, as the CUDA intrinsic
+  unsigned x;
+  std::memcpy(&x, &f, 4);
+  const unsigned sign = (x >> 16) & 0x8000u, mant = x & 0x7fffffu;
+  const int exponent = static_cast<int>((x >> 23) & 0xffu), e = exponent - 127 + 15;
+  if (exponent == 0xff) return {static_cast<unsigned short>(sign | 0x7c00u | (mant ? 0x200u : 0u))};
+  if (e >= 31) return {static_cast<unsigned short>(sign | 0x7c00u)};
+  const unsigned full = e > 0 ? mant : mant | 0x800000u;
+  const int shift = e > 0 ? 13 : 14 - e;  // bits dropped
+  if (shift > 24) return {static_cast<unsigned short>(sign)};
+  unsigned h = (e > 0 ? static_cast<unsigned>(e) << 10 : 0u) | (full >> shift);
+  const unsigned rest = full & ((1u << shift) - 1u), half = 1u << (shift - 1);
+  if (rest > half || (rest == half && (h & 1u))) ++h;  // a carry into the exponent is right too
+  return {static_cast<unsigned short>(sign | h)};
 }
 inline float __bfloat162float(__nv_bfloat16 b) { return __uint_as_float(static_cast<unsigned>(b.bits) << 16); }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
@@ -77,8 +90,23 @@ void __stcs(T* p, T v) {
 // The emulated warp: lane l's value goes to slot l, the 32 meet, each reads its partner's slot,
 // the 32 meet again before the slots are reused.
 struct Warp {
-  std::barrier<> meet{32};
+  std::mutex mutex;
+  std::condition_variable all_here;
+  int waiting = 0;
+  long generation = 0;
   alignas(8) unsigned char slot[32][8];
+
+  void meet() {
+    std::unique_lock<std::mutex> lock(mutex);
+    const long arrived_in = generation;
+    if (++waiting == 32) {
+      waiting = 0;
+      ++generation;
+      all_here.notify_all();
+    } else {
+      all_here.wait(lock, [&] { return generation != arrived_in; });
+    }
+  }
 };
 thread_local Warp* this_warp = nullptr;
 thread_local int this_lane = 0;
@@ -87,10 +115,10 @@ template <typename T>
 T __shfl_xor_sync(unsigned, T v, int lane_mask) {
   static_assert(sizeof(T) <= 8, "a shuffle moves at most 8 bytes here");
   std::memcpy(this_warp->slot[this_lane], &v, sizeof(T));
-  this_warp->meet.arrive_and_wait();
+  this_warp->meet();
   T r;
   std::memcpy(&r, this_warp->slot[this_lane ^ lane_mask], sizeof(T));
-  this_warp->meet.arrive_and_wait();
+  this_warp->meet();
   return r;
 }
 
