@@ -330,7 +330,9 @@ class ControlFlow:
     """Basic blocks, natural loops (back edges found with dominators, so loops whose latch nvcc
     placed out of line are whole) and path costs of one function's SASS. Calls are not followed:
     out-of-line slow paths (division, sqrt) are on no counted path; code after the last EXIT
-    (unreachable) is on none either."""
+    (unreachable) is on none either. Nor is the target of a ``BRA.DIV``: the fallback nvcc emits
+    for a warp-synchronous operation (``__shfl_xor_sync``) reached by a divergent warp, which the
+    kernels modelled here never take (their warps reach every shuffle converged, all 32 lanes)."""
 
     def __init__(self, instructions: list[Instruction]):
         self.instructions = instructions
@@ -339,7 +341,8 @@ class ControlFlow:
         # before it is a jump (sm_80 code leaves loops that way: "@P1 CALL.REL.NOINC <after the loop>")
         last_exit = max((ins.address for ins in instructions if ins.base == "EXIT"), default=-1)
         self.jumps = {i: ins.target for i, ins in enumerate(instructions) if ins.target is not None
-                      and ins.target in self.index and (ins.base != "CALL" or ins.target < last_exit)}
+                      and ins.target in self.index and (ins.base != "CALL" or ins.target < last_exit)
+                      and not _divergence_fallback(ins)}
         leaders = {0} if instructions else set()
         for i, ins in enumerate(instructions):
             if i in self.jumps:
@@ -377,6 +380,8 @@ class ControlFlow:
             return nxt if last.conditional else []
         if i in self.jumps:
             return [self.block_of[self.index[self.jumps[i]]]] + (nxt if last.conditional else [])
+        if _divergence_fallback(last):  # never taken: on to the converged warp's path
+            return nxt
         if last.base in ("BRA", "JMP"):  # to an address outside the function
             return nxt if last.conditional else []
         return nxt
@@ -508,6 +513,11 @@ class ControlFlow:
                     if pick(c, cost.get(s, worst)) == c:
                         cost[s] = c
         return best
+
+
+def _divergence_fallback(ins: Instruction) -> bool:
+    """``BRA.DIV mask, target``: to ``target`` when the warp is divergent (see ControlFlow)."""
+    return ins.opcode.startswith("BRA.DIV")
 
 
 # ----------------------------------------------------------------------------- instruction mix

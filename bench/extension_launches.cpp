@@ -13,8 +13,10 @@
 // One query per line of stdin, one JSON object per line of stdout:
 //   plan B C DTYPE                                  -> {"plan": {...}}
 //   layout C ESIZE                                  -> {"layout": {...}}
-//   launches B C DTYPE CONSISTENCY GRAD WEIGHTS     -> {"plan": {...}, "launches": [...]}
-//                                                      (NLA_RECORD_LAUNCHES only)
+//   launches B C DTYPE CONSISTENCY GRAD WEIGHTS     -> {"plan": {...}, "lane_columns": N, "launches": [...]}
+//                                                      (NLA_RECORD_LAUNCHES only; N: cuda_lane_columns,
+//                                                      the columns a lane of a warp kernel takes per
+//                                                      iteration of its sweep loops)
 // DTYPE: float32 | float64 | float16 | bfloat16; CONSISTENCY: none (naw_weight: no flipped logits)
 // | official | jsd; GRAD, WEIGHTS: 0 or 1. "launches" is one eager fwd + bwd call: the op
 // nla_loss_fwd (glue as run_cuda in nla_loss.cpp) then, with gradients, the in-place
@@ -174,9 +176,10 @@ std::string launches_json(int64_t B, int64_t C, nla_fast::DType dtype, const std
   if (err == nullptr && flip && grad) {  // the first backward: in place, grad_output 1 on the device
     err = cuda_scale(dtype, fake(9), dtype == DType::Double, a.gz, a.gzf, a.gz, a.gzf, B * C, B * C, nullptr);
   }
+  const Consistency mode = !flip ? Consistency::None : (a.jsd ? Consistency::Jsd : Consistency::Official);
   std::ostringstream out;
   out << "{\"plan\": " << plan_json(plan) << ", \"error\": " << (err ? "\"" + std::string(err) + "\"" : "null")
-      << ", \"launches\": [";
+      << ", \"lane_columns\": " << cuda_lane_columns(plan, dtype, mode) << ", \"launches\": [";
   for (size_t i = 0; i < launches.size(); ++i) {
     const Launch& l = launches[i];
     out << (i ? ", " : "") << "{\"function\": \"" << l.function << "\", \"grid\": [" << l.grid.x << ", " << l.grid.y

@@ -375,10 +375,12 @@ def extension_work(launch: dict, plan: dict, code: cubin_stats.KernelCode, batch
             mix = cubin_stats.instruction_mix(loop.instructions)
             return copies if max(mix["max_global_load_bytes"], mix["max_global_store_bytes"]) >= 16 else 0.0
         return Work(tiles * warps, batch / (tiles * warps), moved, trips)
-    if launch["label"] == "warp":  # a row per warp and iteration, held in registers
-        return Work(batch, 1.0, moved)
-    if launch["label"] == "warp_chunked":  # a row per warp; column loops unrolled 4 times, remainder inline
-        return Work(batch, 1.0, moved, lambda loop: -(-classes // 32) // 4)
+    if launch["label"] in ("warp", "warp_chunked"):
+        # a row per warp and iteration; each sweep over the row is a loop of floor(C / (32 N)) whole
+        # iterations (N: columns a lane takes per iteration, from the extension's cuda_lane_columns),
+        # the last partial iteration inline after it
+        columns = plan["lane_columns"]
+        return Work(batch, 1.0, moved, lambda loop: classes // (32 * columns))
     if launch["label"] == "final_sum":  # one block; its main loop sums as many partials a thread as it loads
         main = code.flow.main_loop()
         per_trip = max(1, cubin_stats.instruction_mix(main.instructions)["global_loads"]) if main else 1
@@ -400,7 +402,8 @@ def extension_rows(batch: int, classes: int, dtype: str, arch: int, consistency:
         code = kernels.get(cubin_stats.stable_name(launch["function"]))
         if code is None:
             raise KeyError(f"{launch['name']}, launched at ({batch}, {classes}) {dtype}, is not in {path}")
-        work = extension_work(launch, call["plan"], code, batch, classes, dtype, consistency, grad)
+        work = extension_work(launch, dict(call["plan"], lane_columns=call["lane_columns"]), code, batch, classes,
+                              dtype, consistency, grad)
         threads, grid, shared = launch["block"][0], launch["grid"][0], launch["shared_dynamic"]
         facts = analyse(code, threads, grid, shared, work.warp_iterations, work.rows_per_warp_iteration,
                         work.trips, work.tail_warps)

@@ -13,11 +13,12 @@
 // m = (p + p')/2 (0 where p = 0, so a -inf logit adds nothing), gradients 0.5 p (t - sum p t). It is summed over the
 // batch, or averaged when reg_mean (NLAConfig.consistency_reduction).
 //
-// How a row is computed (every path: the CPU's fixed-width, generic and vectorised rows, the
-// GPU's tile and warp kernels): pass 1 takes the maxima of z, z' and s = z + z' and the nearest
-// negative; pass 2 the sums of exp(z - max z), exp(z' - max z') and exp((s - max s) / 2); from those
-// row_head gives CE, g = exp(z_y - max z) / sum, n likewise and the NAW weight, and official_coef /
-// jsd_coef the row's share of the loss and its gradient coefficients:
+// How a row is computed (the CPU's fixed-width, generic and vectorised rows, the GPU's tile
+// kernels): pass 1 takes the maxima of z, z' and s = z + z' and the nearest negative; pass 2 the
+// sums of exp(z - max z), exp(z' - max z') and exp((s - max s) / 2) (the GPU's warp kernels take
+// both in one sweep, online: warp_row at the end of this file); from those row_head gives CE,
+// g = exp(z_y - max z) / sum, n likewise and the NAW weight, and official_coef / jsd_coef the
+// row's share of the loss and its gradient coefficients:
 //   official: dz_j = alpha ez_j - beta eu_j (+ Ey at y, + Ek at k), dz'_j = gamma ez'_j - beta eu_j.
 // RowMath says how exponentials are taken: float on the GPU uses the MUFU approximations
 // (ex2/lg2/rcp.approx, about 2 ulp) on logits pre-scaled by log2(e) (one FFMA + one MUFU per
@@ -26,8 +27,9 @@
 // An out-of-range target never indexes anything: its row is NaN (loss share, weight, gradients).
 //
 // This header includes no torch header, so nvcc compiles nla_loss_cuda.cu quickly: the CUDA file
-// holds kernels and plain launchers (declared at the end), the ATen glue and the CUDA operator
-// registration live in nla_loss.cpp behind NLA_WITH_CUDA.
+// holds kernels and plain launchers (declared below), the ATen glue and the CUDA operator
+// registration live in nla_loss.cpp behind NLA_WITH_CUDA. Its last section, the warp kernels' row
+// code, is compiled only by nvcc and by tests/warp_emulator.cpp.
 #pragma once
 
 #include <cmath>
@@ -628,17 +630,18 @@ inline int dtype_size(DType t) {
 enum class CudaKernel : int {
   TileFixed = 0,    // nla_tile_fixed_kernel<scalar_t, C, MODE, GRAD>: C in {7, 8}, float/half/bfloat16
   TileGeneric = 1,  // nla_tile_generic_kernel<scalar_t>: C <= 32, the rest
-  WarpRow = 2,      // nla_warp_kernel<scalar_t, ELEMS, MODE>: a warp per row held in registers
-  WarpChunked = 3,  // nla_warp_chunked_kernel<scalar_t>: a warp per row swept column by column (any C)
+  WarpRow = 2,      // nla_warp_kernel<scalar_t, ELEMS, MODE>: a warp per row swept in 16-byte pieces
+  WarpChunked = 3,  // nla_warp_chunked_kernel<scalar_t>: a warp per row swept element by element (any C)
 };
 
 constexpr int kCudaTileThreads = 128;    // tile kernels: a thread per row, a tile of 128 rows per block
 constexpr int kCudaTileMinBlocks = 8;    // 8 blocks of 4 warps resident per SM (<= 64 registers a thread)
 constexpr int kCudaWarpThreads = 128;    // warp kernels: 4 rows (one per warp) per block
-constexpr int kCudaWarpMinBlocks = 4;    // 4 blocks of 4 warps resident per SM (<= 128 registers a thread)
+constexpr int kCudaWarpMinBlocks = 8;    // 8 blocks of 4 warps resident per SM (<= 64 registers a thread)
 constexpr int kCudaMaxBlocks = 4096;     // grid cap (grid-stride beyond): bounds the partials
 constexpr int kCudaTileMaxC = 32;        // C <= 32: a row per thread (tile kernels), else a warp per row
-constexpr int kCudaWarpMaxElems = 32;    // the warp kernel holds up to 32 columns per lane (C <= 1024)
+constexpr int kCudaWarpMaxElems = 32;    // the piece kernel sweeps up to 32 columns per lane (C <= 1024)
+constexpr int kCudaChunkColumns = 4;     // the element kernel: columns per lane per loop iteration
 constexpr int kCudaSmemBytes = 48 * 1024;  // static limit of a block's shared memory (no opt-in)
 
 inline bool cuda_fixed_width(int64_t C) { return C == 7 || C == 8; }
@@ -649,15 +652,20 @@ constexpr int cuda_tile_min_blocks(Consistency mode, bool grad) {
   return (mode == Consistency::Jsd && grad) ? 6 : kCudaTileMinBlocks;
 }
 
-// Resident blocks per SM the warp kernel is compiled for: 4 (16 warps, <= 128 registers); for rows
-// of 32 columns a lane (two 1,024-column rows and their temporaries) 3 (12 warps, <= 168 registers),
-// or 2 with JSD (8 warps, <= 255 registers).
-constexpr int cuda_warp_min_blocks(int elems, Consistency mode) {
-  return elems < 32 ? kCudaWarpMinBlocks : (mode == Consistency::Jsd ? 2 : 3);
+// Resident blocks per SM the piece kernel (WarpRow) is compiled for: 8 (32 warps, <= 64 registers);
+// 6 for JSD (24 warps, <= 80 registers: its gradient pass keeps more per column).
+constexpr int cuda_warp_min_blocks(Consistency mode) {
+  return mode == Consistency::Jsd ? 6 : kCudaWarpMinBlocks;
 }
 
 // Columns per vector piece of the warp kernel: 16 bytes, or fewer when a lane holds fewer columns.
 constexpr int cuda_warp_piece(int elems, int esize) { return 16 / esize < elems ? 16 / esize : elems; }
+
+// Pieces a lane of the piece kernel takes per loop iteration: 2 when its rows can have 2 or more,
+// except for JSD (1: its gradient pass keeps more per column).
+constexpr int cuda_warp_step(int elems, int esize, Consistency mode) {
+  return mode != Consistency::Jsd && elems >= 2 * cuda_warp_piece(elems, esize) ? 2 : 1;
+}
 
 // Shared-memory layout of a tile of the fixed-width kernel: rows of R = C * esize bytes, copied
 // from global memory in 16-byte pieces (the tile's bytes in order, or a 16-byte pad after each row
@@ -749,6 +757,15 @@ inline CudaPlan cuda_launch_plan(int64_t B, int64_t C, DType dtype) {
   return p;
 }
 
+// Columns a lane of a warp kernel takes per loop iteration: each sweep over a row is a loop of
+// floor(C / (32 * this)) iterations, then the last partial one (WarpRow: S pieces of V columns;
+// WarpChunked: a group of kCudaChunkColumns); 0 for the tile kernels.
+inline int cuda_lane_columns(const CudaPlan& p, DType dtype, Consistency mode) {
+  const int esize = dtype_size(dtype);
+  if (p.kernel == CudaKernel::WarpRow) return cuda_warp_piece(p.width, esize) * cuda_warp_step(p.width, esize, mode);
+  return p.kernel == CudaKernel::WarpChunked ? kCudaChunkColumns : 0;
+}
+
 struct CudaRowsArgs {
   DType dtype;
   const void* z;   // (B, C) contiguous, 16-byte aligned
@@ -780,3 +797,645 @@ const char* cuda_scale(DType dtype, const void* grad_output, bool grad_output_is
                        const void* b, void* out_a, void* out_b, int64_t na, int64_t nb, void* stream);
 
 }  // namespace nla_fast
+
+
+// ---- a row on a warp: the GPU's warp kernels (C > 32) and what they share with the tile kernels
+// (loads and stores in the accumulation type, the kernel parameters). Compiled by nvcc for
+// nla_loss_cuda.cu and, for the CPU tests, by the host compiler against an emulated warp
+// (tests/warp_emulator.cpp defines NLA_WARP_EMULATOR and the CUDA types and intrinsics used here:
+// 32 threads a warp, each shuffle a barrier), so the CPU tests also run the warp kernels' row code.
+#if defined(__CUDACC__) || defined(NLA_WARP_EMULATOR)
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define NLA_DEV __device__ __forceinline__
+#else
+#define NLA_DEV inline
+#endif
+
+#include <type_traits>
+
+namespace nla_fast {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// ---- loads and stores in the accumulation type (explicit intrinsics: no implicit half conversions)
+template <typename acc_t>
+NLA_DEV acc_t to_acc(float v) { return static_cast<acc_t>(v); }
+template <typename acc_t>
+NLA_DEV acc_t to_acc(double v) { return static_cast<acc_t>(v); }
+template <typename acc_t>
+NLA_DEV acc_t to_acc(__half v) { return static_cast<acc_t>(__half2float(v)); }
+template <typename acc_t>
+NLA_DEV acc_t to_acc(__nv_bfloat16 v) { return static_cast<acc_t>(__bfloat162float(v)); }
+
+template <typename scalar_t>
+NLA_DEV scalar_t from_acc(float v);
+template <>
+NLA_DEV float from_acc<float>(float v) { return v; }
+template <>
+NLA_DEV __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <>
+NLA_DEV __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <typename scalar_t>
+NLA_DEV scalar_t from_acc(double v);
+template <>
+NLA_DEV double from_acc<double>(double v) { return v; }
+
+template <typename scalar_t>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+// A raw piece of BYTES bytes (what one vector load or store moves).
+template <int BYTES>
+struct RawVec;
+template <>
+struct RawVec<16> {
+  using type = uint4;
+};
+template <>
+struct RawVec<8> {
+  using type = uint2;
+};
+template <>
+struct RawVec<4> {
+  using type = unsigned int;
+};
+template <>
+struct RawVec<2> {
+  using type = unsigned short;
+};
+
+// Element i of a raw piece holding scalar_t values.
+template <typename acc_t, typename scalar_t, typename Raw>
+NLA_DEV acc_t raw_elem(const Raw& raw, int i) {
+  return to_acc<acc_t>(reinterpret_cast<const scalar_t*>(&raw)[i]);
+}
+
+template <typename acc_t>
+NLA_DEV acc_t read_eps(const void* ptr, bool is_double, acc_t value) {
+  if (ptr == nullptr) return value;
+  return is_double ? static_cast<acc_t>(*static_cast<const double*>(ptr))
+                   : static_cast<acc_t>(*static_cast<const float*>(ptr));
+}
+
+NLA_DEV int64_t read_target(const void* y, int64_t i, int64_t s0, bool is_int64) {
+  return is_int64 ? static_cast<const int64_t*>(y)[i * s0]
+                  : static_cast<int64_t>(static_cast<const int32_t*>(y)[i * s0]);
+}
+
+template <typename scalar_t, typename acc_t>
+struct Params {
+  const scalar_t* z;   // (B, C) contiguous, 16-byte aligned (nla_loss.cpp copies other layouts)
+  const scalar_t* zf;  // the same; nullptr: weights only
+  const void* y;
+  int64_t y_s0;
+  bool y_is_int64;
+  int64_t B;
+  int64_t C;
+  Constants<acc_t> c;
+  const void* eps_ptr;  // nullptr: eps_value
+  bool eps_is_double;
+  acc_t eps_value;
+  bool jsd;
+  bool reg_mean;
+  scalar_t* gz;  // nullptr: no gradients (contiguous (B, C))
+  scalar_t* gzf;
+  acc_t* weights;   // nullptr: no weights
+  acc_t* partials;  // nullptr: no loss (weights only); gridDim.x values (the loss when one block)
+};
+
+// ---- the warp kernels (C > 32)
+// A warp per row, nothing held per column. Sweep 1 reads the row once from DRAM: each lane folds
+// its columns, a group at a time, into running statistics (maxima, sums of exponentials rescaled
+// once per group: online softmax; the nearest-negative candidate). The warp combines the lanes'
+// statistics with xor-butterflies (every lane ends with bitwise the same row statistics). Sweep 2
+// re-reads the row (from L1 / L2: it was just read) and writes both gradients; JSD needs a sweep
+// more (its sums of p t) before that one. So a thread keeps a few running values instead of the
+// row: at most 64 registers, 32 resident warps per SM.
+template <typename T>
+NLA_DEV T warp_sum(T v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+
+template <typename T>
+NLA_DEV T warp_max(T v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = RowMath<T>::max(v, __shfl_xor_sync(kFullMask, v, off));
+  return v;
+}
+
+// (value, index) of the nearest negative: larger value, first index among ties.
+template <typename T>
+NLA_DEV void warp_argmax(T& v, int& idx) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const T ov = __shfl_xor_sync(kFullMask, v, off);
+    const int oi = __shfl_xor_sync(kFullMask, idx, off);
+    if (ov > v || (ov == v && oi < idx)) {
+      v = ov;
+      idx = oi;
+    }
+  }
+}
+
+// A running maximum m of some columns x and the sum s of exp((x - m) * factor) (factor 1, or 1/2 for
+// the mean of the logits), folded a group of columns at a time. s is kept relative to the shift
+// h = m * scale as rounded (scale = factor * RowMath::kScale), the shift every term was taken
+// against, and rescaled by exp_scaled(h_old - h_new): terms and rescales agree on one shift, and
+// the warp's total is relative to exactly the shift the later passes use (s.mz * kScale). h is
+// clamped to the lowest finite value, so while every column so far is -inf the sum stays 0 (no
+// -inf - -inf); a NaN or +inf column makes the sum NaN, as it does the row.
+template <typename acc_t, bool HALF>
+struct OnlineSum {
+  using M = RowMath<acc_t>;
+  static constexpr acc_t kScale = HALF ? M::kScale * static_cast<acc_t>(0.5) : M::kScale;
+  static constexpr acc_t kLowest = -std::numeric_limits<acc_t>::max();
+  acc_t m, h, s;
+
+  NLA_DEV static acc_t shift_of(acc_t max) { return M::max(max * kScale, kLowest); }
+  NLA_DEV void init() {
+    m = -nla_inf<acc_t>();
+    h = kLowest;
+    s = 0;
+  }
+  // the running maximum, raised to at least `bound` (an upper bound on the group about to be added):
+  // one rescale per group
+  NLA_DEV void rescale(acc_t bound) {
+    m = M::max(m, bound);
+    const acc_t shift = shift_of(m);
+    s *= M::exp_scaled(h - shift);
+    h = shift;
+  }
+  NLA_DEV void add(acc_t x) { s += M::exp_scaled(M::fma(x, kScale, -h)); }
+  NLA_DEV void reduce_warp() {
+    const acc_t row_max = warp_max(m);
+    const acc_t shift = shift_of(row_max);
+    s = warp_sum(s * M::exp_scaled(h - shift));
+    m = row_max;
+    h = shift;
+  }
+};
+
+// Sweep 1's per-lane state: online sums of z, z' and (z + z') / 2, the nearest-negative candidate.
+template <typename acc_t>
+struct LaneStats {
+  OnlineSum<acc_t, false> z, zf;
+  OnlineSum<acc_t, true> u;
+  acc_t best;  // the largest z_j, j != y, among the lane's columns so far
+  int k;       // its column, the first among ties (columns come in increasing order); INT32_MAX: none
+};
+
+// Folds N columns of a lane (columns col(e), increasing; y: the target's column, same numbering)
+// into its statistics: the group's maxima and nearest negative, then its terms. The running maximum
+// of z needs no maximum of its own: max(nearest negative so far, z_y) bounds every z_j folded so far
+// and ends as the row's maximum (zy: z_y, NaN for a bad target, which max drops).
+template <Consistency MODE, int N, typename acc_t, typename Col>
+NLA_DEV void lane_fold(LaneStats<acc_t>& st, const acc_t (&a)[N], const acc_t (&b)[N],
+                                          const Col& col, int y, acc_t zy) {
+  using M = RowMath<acc_t>;
+  constexpr bool kFlip = MODE != Consistency::None;
+  constexpr bool kOfficial = MODE == Consistency::Official;
+  acc_t gzf = b[0], gu = a[0] + b[0];
+#pragma unroll
+  for (int e = 0; e < N; ++e) {
+    if (e > 0) {
+      if (kFlip) gzf = M::max(gzf, b[e]);
+      if (kOfficial) gu = M::max(gu, a[e] + b[e]);
+    }
+    if (col(e) != y && a[e] > st.best) {
+      st.best = a[e];
+      st.k = col(e);
+    }
+  }
+  st.z.rescale(M::max(st.best, zy));
+  if (kFlip) st.zf.rescale(gzf);
+  if (kOfficial) st.u.rescale(gu);
+#pragma unroll
+  for (int e = 0; e < N; ++e) {
+    st.z.add(a[e]);
+    if (kFlip) st.zf.add(b[e]);
+    if (kOfficial) st.u.add(a[e] + b[e]);
+  }
+}
+
+// The row constants that depend on eps and B, computed once per block into shared memory and read
+// back for each row: volatile, so they are read where a row uses them, not held in registers
+// through the sweeps (the constants of NLAConfig are kernel parameters, read where used anyway).
+template <typename acc_t>
+struct SharedRowConsts {
+  TrueCase<acc_t> tc;
+  acc_t lam_over_b, reg_scale;
+};
+
+template <typename acc_t>
+NLA_DEV RowConsts<acc_t> row_consts(const Constants<acc_t>& c,
+                                                       const volatile SharedRowConsts<acc_t>* shared, bool jsd) {
+  RowConsts<acc_t> K;
+  K.c = c;
+  K.tc.b = shared->tc.b;
+  K.tc.inv_det = shared->tc.inv_det;
+  K.tc.norm = shared->tc.norm;
+  K.lam_over_b = shared->lam_over_b;
+  K.reg_scale = shared->reg_scale;
+  K.jsd = jsd;
+  return K;
+}
+
+// The gradients of a column (before the Ey / Ek terms), one call per consistency variant, from the
+// row's statistics: the same code for a whole sweep and for the two columns fixed up after it.
+template <Consistency MODE, typename acc_t>
+struct ColumnGrad {
+  acc_t mz_s, mzf_s, ms_s;  // the row's maxima, pre-scaled (RowMath::kScale; halved for ms)
+  OfficialCoef<acc_t> oc;
+  JsdCoef<acc_t> jc;
+  JsdHead<acc_t> jh;
+  acc_t lse_z, inv_sz, S, Sf;
+
+  NLA_DEV void operator()(acc_t a, acc_t b, acc_t& v, acc_t& vf) const {
+    using M = RowMath<acc_t>;
+    if constexpr (MODE == Consistency::Official) {
+      const acc_t t = exp_shifted<acc_t, true>(a + b, ms_s) * oc.beta;
+      v = M::fma(exp_shifted(a, mz_s), oc.alpha, -t);
+      vf = M::fma(exp_shifted(b, mzf_s), oc.gamma, -t);
+    } else {
+      jsd_grad(jc, a, b, exp_shifted(a, mz_s) * inv_sz, exp_shifted(b, mzf_s) * jh.inv_szf, lse_z, jh.lse_zf, S, Sf, v,
+               vf);
+    }
+  }
+};
+
+// Where a row's results go, written by one lane of the warp as soon as they are known (not held
+// through the gradient sweep): its share of the loss added to *loss, its weight to *weight
+// (nullptr: nowhere).
+template <typename acc_t>
+struct RowSink {
+  bool leader;  // whether this lane writes
+  volatile acc_t* loss;
+  acc_t* weight;
+};
+
+// One row on one warp, the loop body of both warp kernels. `row` sweeps the row's columns in groups
+// (row.read(f): f(a, b, col) per group, b = a without flipped logits; row.write(g): the gradients
+// g(a, b, v, vf) of every column written), numbers them its own way (row.number(j), row.column(n)),
+// says which lane writes column j (row.owns(j)) and reads and writes single columns (row.zf_at(j),
+// row.store_gz(j, v)). The target's and the nearest negative's extra terms (Ey, Ek) are not tested
+// for column by column: the lane that writes their columns computes those two gradients before the
+// sweep and writes them again after it (program order on one thread).
+template <Consistency MODE, typename acc_t, typename Row>
+NLA_DEV void warp_row(const Row& row, int64_t y, acc_t zy, const Constants<acc_t>& c,
+                      const volatile SharedRowConsts<acc_t>* shared, bool want_grad, const RowSink<acc_t>& sink) {
+  using M = RowMath<acc_t>;
+  constexpr bool kFlip = MODE != Consistency::None;
+  constexpr bool kOfficial = MODE == Consistency::Official;
+  const bool y_ok = y >= 0 && y < row.C;
+  const int y_num = y_ok ? row.number(static_cast<int>(y)) : -1;  // -1: no column (numbers are >= 0)
+  LaneStats<acc_t> st;
+  st.z.init();
+  st.zf.init();
+  st.u.init();
+  st.best = -nla_inf<acc_t>();
+  st.k = INT32_MAX;
+  row.template read<kFlip, !kFlip>(
+      [&](const auto& a, const auto& b, const auto& col) { lane_fold<MODE>(st, a, b, col, y_num, zy); });
+  st.z.reduce_warp();
+  if (kFlip) st.zf.reduce_warp();
+  if (kOfficial) st.u.reduce_warp();
+  if (st.k != INT32_MAX) st.k = row.column(st.k);
+  warp_argmax(st.best, st.k);
+  RowStats<acc_t> s;
+  s.mz = st.z.m;
+  s.sz = st.z.s;
+  s.mzf = st.zf.m;
+  s.szf = st.zf.s;
+  s.ms = st.u.m;
+  s.su = st.u.s;
+  s.zy = zy;
+  s.best = st.best;
+  const RowConsts<acc_t> K = row_consts(c, shared, MODE == Consistency::Jsd);
+  const RowHead<acc_t> h = row_head(s, K);
+  if (sink.leader && sink.weight != nullptr) *sink.weight = h.naw.w;
+  if (!kFlip) return;
+  ColumnGrad<MODE, acc_t> grad;
+  grad.mz_s = s.mz * M::kScale;
+  grad.mzf_s = s.mzf * M::kScale;
+  grad.ms_s = s.ms * (M::kScale * static_cast<acc_t>(0.5));
+  acc_t contrib, Ey, Ek;
+  if constexpr (kOfficial) {
+    grad.oc = official_coef(s, h, K, want_grad);
+    contrib = grad.oc.contrib;
+    Ey = grad.oc.Ey;
+    Ek = grad.oc.Ek;
+  } else {
+    // JSD: sum p t and sum p' t' (columns past C read as -inf: p = p' = 0 adds nothing)
+    grad.jh = jsd_head(s);
+    grad.lse_z = h.lse_z;
+    grad.inv_sz = h.inv_sz;
+    acc_t S = 0, Sf = 0;
+    row.template read<true, false>([&](const auto& a, const auto& b, const auto&) {
+#pragma unroll
+      for (int e = 0; e < static_cast<int>(sizeof(a) / sizeof(a[0])); ++e) {
+        jsd_accumulate(a[e], b[e], exp_shifted(a[e], grad.mz_s) * h.inv_sz,
+                       exp_shifted(b[e], grad.mzf_s) * grad.jh.inv_szf, h.lse_z, grad.jh.lse_zf, S, Sf);
+      }
+    });
+    grad.S = warp_sum(S);
+    grad.Sf = warp_sum(Sf);
+    grad.jc = jsd_coef(s, h, K, grad.S, grad.Sf, want_grad);
+    contrib = grad.jc.contrib;
+    Ey = grad.jc.Ey;
+    Ek = grad.jc.Ek;
+  }
+  if (sink.leader && sink.loss != nullptr) *sink.loss = *sink.loss + contrib;
+  if (!want_grad) return;
+  const int k = st.k;
+  const bool fix_y = y_ok && row.owns(static_cast<int>(y));
+  const bool fix_k = k != INT32_MAX && row.owns(k);
+  acc_t gy = 0, gk = 0, unused;
+  if (fix_y) {
+    grad(zy, row.zf_at(static_cast<int>(y)), gy, unused);
+    gy += Ey;
+  }
+  if (fix_k) {
+    grad(st.best, row.zf_at(k), gk, unused);
+    gk += Ek;
+  }
+  row.write(grad);
+  if (fix_y) row.store_gz(static_cast<int>(y), gy);
+  if (fix_k) row.store_gz(k, gk);
+}
+
+// Loads of a row: sweeps before the last keep the row in L1 for the next one; the last streams.
+template <bool LAST, typename Raw>
+NLA_DEV Raw load_piece(const Raw* p) {
+  return LAST ? __ldcs(p) : __ldg(p);
+}
+template <bool LAST, typename scalar_t>
+NLA_DEV scalar_t load_elem(const scalar_t* p) {
+  if constexpr (sizeof(scalar_t) == 2) {  // no __ldg / __ldcs for __half / __nv_bfloat16 on every toolkit
+    const unsigned short r = load_piece<LAST>(reinterpret_cast<const unsigned short*>(p));
+    return *reinterpret_cast<const scalar_t*>(&r);
+  } else {
+    return load_piece<LAST>(p);
+  }
+}
+
+// Element e of a piece as acc_t: bfloat16 by placing its bits (one instruction: a shift for the low
+// half of a word, a mask for the high half), else as raw_elem converts.
+template <typename scalar_t, typename Raw>
+NLA_DEV float piece_elem(const Raw& raw, int e) {
+  if constexpr (std::is_same_v<scalar_t, __nv_bfloat16>) {
+    const unsigned word = reinterpret_cast<const unsigned*>(&raw)[e / 2];
+    return __uint_as_float(e % 2 == 0 ? word << 16 : word & 0xffff0000u);
+  } else {
+    return raw_elem<float, scalar_t>(raw, e);
+  }
+}
+
+// Pieces of a warp row: V = cuda_warp_piece consecutive columns, lane l holding pieces l, l + 32, ...
+// (C <= 32 * ELEMS). cuda_launch_plan takes this kernel only when C is a multiple of V, so every
+// piece is one aligned vector load and store, wholly inside the row or wholly past its end. A sweep
+// is a loop over the whole steps of S = cuda_warp_step pieces a lane (floor(C / (32 V S)) of them,
+// their loads issued together, no bounds test), then the last partial step (pieces past the row's
+// end read as -inf, never stored). Columns are numbered from the lane's first one (number(j) = j - lane V): piece p
+// holds numbers 32 V p + e, e < V.
+template <typename scalar_t, int ELEMS, Consistency MODE>
+struct PieceRow {
+  static constexpr int kEsize = sizeof(scalar_t);
+  static constexpr int V = cuda_warp_piece(ELEMS, kEsize);
+  static constexpr int S = cuda_warp_step(ELEMS, kEsize, MODE);
+  using Raw = typename RawVec<V * kEsize>::type;
+  using acc_t = float;
+  const Params<scalar_t, float>& P;  // the tensors' bases are read from the kernel's parameters where used
+  int64_t at;  // the row's first element
+  int first;   // the lane's first column, lane * V
+  int C;
+
+  NLA_DEV const scalar_t* z() const { return P.z + at; }
+  NLA_DEV const scalar_t* zf() const { return P.zf + at; }
+  NLA_DEV scalar_t* gz() const { return P.gz + at; }
+  NLA_DEV scalar_t* gzf() const { return P.gzf + at; }
+
+  NLA_DEV int number(int j) const { return j - first; }
+  NLA_DEV int column(int n) const { return n + first; }
+  NLA_DEV bool owns(int j) const {  // j >= 0: piece j / V, lane (j / V) % 32
+    return (static_cast<unsigned>(j) / V) % 32u == static_cast<unsigned>(first) / V;
+  }
+  NLA_DEV acc_t zf_at(int j) const { return to_acc<acc_t>(zf()[j]); }
+  NLA_DEV void store_gz(int j, acc_t v) const { gz()[j] = from_acc<scalar_t>(v); }
+  NLA_DEV int whole_steps() const { return C / (32 * V * S); }
+  NLA_DEV bool inside(int p) const { return first + 32 * V * p < C; }
+
+  template <bool FLIP>
+  NLA_DEV static void unpack(const Raw& ra, const Raw& rb, acc_t (&a)[V], acc_t (&b)[V]) {
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      a[e] = piece_elem<scalar_t>(ra, e);
+      b[e] = FLIP ? piece_elem<scalar_t>(rb, e) : a[e];
+    }
+  }
+
+  // pieces p0 .. p0 + COUNT - 1 of z (and z' when FLIP), their loads issued together; MASKED: those
+  // past the row's end read as -inf (and are not loaded)
+  template <int COUNT, bool FLIP, bool LAST, bool MASKED>
+  NLA_DEV void load_pieces(int p0, Raw (&ra)[COUNT], Raw (&rb)[COUNT]) const {
+    const Raw* pz = reinterpret_cast<const Raw*>(z() + first) + 32 * p0;
+    const Raw* pzf = reinterpret_cast<const Raw*>((FLIP ? zf() : z()) + first) + 32 * p0;
+#pragma unroll
+    for (int s = 0; s < COUNT; ++s) {
+      if (MASKED) {
+#pragma unroll
+        for (int e = 0; e < V; ++e) reinterpret_cast<scalar_t*>(&ra[s])[e] = from_acc<scalar_t>(-nla_inf<acc_t>());
+        rb[s] = ra[s];
+      }
+      if (!MASKED || inside(p0 + s)) {
+        ra[s] = load_piece<LAST>(pz + 32 * s);
+        if (FLIP) rb[s] = load_piece<LAST>(pzf + 32 * s);
+      }
+    }
+  }
+
+  template <bool MASKED, bool FLIP, bool LAST, typename F>
+  NLA_DEV void read_step(int p0, const F& f) const {
+    Raw ra[S], rb[S];
+    load_pieces<S, FLIP, LAST, MASKED>(p0, ra, rb);
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      acc_t a[V], b[V];
+      unpack<FLIP>(ra[s], rb[s], a, b);
+      const int base = 32 * V * (p0 + s);
+      f(a, b, [base](int e) { return base + e; });
+    }
+  }
+
+  template <bool FLIP, bool LAST, typename F>
+  NLA_DEV void read(const F& f) const {
+    const int steps = whole_steps();
+#pragma unroll 1
+    for (int i = 0; i < steps; ++i) read_step<false, FLIP, LAST>(i * S, f);
+    if (steps * S * 32 * V < C) read_step<true, FLIP, LAST>(steps * S, f);
+  }
+
+  template <bool MASKED, typename G>
+  NLA_DEV void write_step(int p0, const G& grad) const {
+    Raw* qz = reinterpret_cast<Raw*>(gz() + first) + 32 * p0;
+    Raw* qzf = reinterpret_cast<Raw*>(gzf() + first) + 32 * p0;
+#pragma unroll
+    for (int s = 0; s < S; ++s) {  // a piece at a time: the row comes from L1 / L2 now
+      Raw ra[1], rb[1];
+      load_pieces<1, true, true, MASKED>(p0 + s, ra, rb);
+      acc_t a[V], b[V];
+      unpack<true>(ra[0], rb[0], a, b);
+      Raw rv, rvf;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        acc_t v, vf;
+        grad(a[e], b[e], v, vf);
+        reinterpret_cast<scalar_t*>(&rv)[e] = from_acc<scalar_t>(v);
+        reinterpret_cast<scalar_t*>(&rvf)[e] = from_acc<scalar_t>(vf);
+      }
+      if (!MASKED || inside(p0 + s)) {
+        __stcs(qz + 32 * s, rv);
+        __stcs(qzf + 32 * s, rvf);
+      }
+    }
+  }
+
+  template <typename G>
+  NLA_DEV void write(const G& grad) const {
+    const int steps = whole_steps();
+#pragma unroll 1
+    for (int i = 0; i < steps; ++i) write_step<false>(i * S, grad);
+    if (steps * S * 32 * V < C) write_step<true>(steps * S, grad);
+  }
+};
+
+// Columns of a row of any width, read element by element: lane l takes columns c + l + 32 e of a
+// group (e < G = kCudaChunkColumns, increasing), groups c = 0, 32 G, ...: the whole groups in a
+// loop (floor(C / 32 G) of them, no bounds test), the last partial one after it (columns past C
+// read as -inf, never stored). Columns are numbered as they are.
+template <typename scalar_t>
+struct ColumnRow {
+  using acc_t = typename AccOf<scalar_t>::type;
+  static constexpr int G = kCudaChunkColumns;
+  const Params<scalar_t, acc_t>& P;  // the tensors' bases are read from the kernel's parameters where used
+  int64_t at;  // the row's first element
+  int lane;
+  int C;
+
+  NLA_DEV const scalar_t* z() const { return P.z + at; }
+  NLA_DEV const scalar_t* zf() const { return P.zf + at; }
+  NLA_DEV scalar_t* gz() const { return P.gz + at; }
+  NLA_DEV scalar_t* gzf() const { return P.gzf + at; }
+
+  NLA_DEV int number(int j) const { return j; }
+  NLA_DEV int column(int n) const { return n; }
+  NLA_DEV bool owns(int j) const { return static_cast<unsigned>(j) % 32u == static_cast<unsigned>(lane); }
+  NLA_DEV acc_t zf_at(int j) const { return to_acc<acc_t>(zf()[j]); }
+  NLA_DEV void store_gz(int j, acc_t v) const { gz()[j] = from_acc<scalar_t>(v); }
+
+  template <bool FLIP, bool LAST, bool FULL>
+  NLA_DEV void group(int c, acc_t (&a)[G], acc_t (&b)[G]) const {
+#pragma unroll
+    for (int e = 0; e < G; ++e) {
+      const int j = c + lane + 32 * e;
+      a[e] = b[e] = -nla_inf<acc_t>();
+      if (FULL || j < C) {
+        a[e] = to_acc<acc_t>(load_elem<LAST>(z() + j));
+        b[e] = FLIP ? to_acc<acc_t>(load_elem<LAST>(zf() + j)) : a[e];
+      }
+    }
+  }
+
+  template <bool FLIP, bool LAST, typename F>
+  NLA_DEV void read(const F& f) const {
+    const auto fold = [&](int c, const acc_t (&a)[G], const acc_t (&b)[G]) {
+      f(a, b, [c, this](int e) { return c + lane + 32 * e; });
+    };
+    int c = 0;
+#pragma unroll 1
+    for (; c + 32 * G <= C; c += 32 * G) {
+      acc_t a[G], b[G];
+      group<FLIP, LAST, true>(c, a, b);
+      fold(c, a, b);
+    }
+    if (c < C) {
+      acc_t a[G], b[G];
+      group<FLIP, LAST, false>(c, a, b);
+      fold(c, a, b);
+    }
+  }
+
+  template <bool FULL, typename Grad>
+  NLA_DEV void write_group(int c, const Grad& grad) const {
+    acc_t a[G], b[G];
+    group<true, true, FULL>(c, a, b);
+#pragma unroll
+    for (int e = 0; e < G; ++e) {
+      const int j = c + lane + 32 * e;
+      acc_t v, vf;
+      grad(a[e], b[e], v, vf);
+      if (FULL || j < C) {
+        gz()[j] = from_acc<scalar_t>(v);
+        gzf()[j] = from_acc<scalar_t>(vf);
+      }
+    }
+  }
+
+  template <typename Grad>
+  NLA_DEV void write(const Grad& grad) const {
+    int c = 0;
+#pragma unroll 1
+    for (; c + 32 * G <= C; c += 32 * G) write_group<true>(c, grad);
+    if (c < C) write_group<false>(c, grad);
+  }
+};
+
+
+// Row `row` of the piece kernel (WarpRow) on lane `lane` of its warp; lane 0 adds its share of the
+// loss to *loss and writes its weight.
+template <typename scalar_t, int ELEMS, Consistency MODE>
+NLA_DEV void piece_kernel_row(const Params<scalar_t, float>& P, int64_t row, int lane,
+                              const volatile SharedRowConsts<float>* shared, volatile float* loss) {
+  using Row = PieceRow<scalar_t, ELEMS, MODE>;
+  const int C = static_cast<int>(P.C);
+  const bool want_grad = P.gz != nullptr;
+  const int64_t y = read_target(P.y, row, P.y_s0, P.y_is_int64);
+  const int64_t at = row * C;
+  const Row r{P, at, lane * Row::V, C};
+  const float zy = (y >= 0 && y < C) ? to_acc<float>(P.z[at + y]) : nla_nan<float>();
+  const RowSink<float> sink{lane == 0, loss, P.weights != nullptr ? P.weights + row : nullptr};
+  warp_row<MODE>(r, y, zy, P.c, shared, want_grad, sink);
+}
+
+// Row `row` of the element kernel (WarpChunked) on lane `lane`, as piece_kernel_row; the
+// consistency variant read at run time.
+template <typename scalar_t, typename acc_t>
+NLA_DEV void chunked_kernel_row(const Params<scalar_t, acc_t>& P, int64_t row, int lane,
+                                const volatile SharedRowConsts<acc_t>* shared, volatile acc_t* loss) {
+  const int C = static_cast<int>(P.C);
+  const bool has_flip = P.zf != nullptr;
+  const bool want_grad = P.gz != nullptr;
+  const int64_t y = read_target(P.y, row, P.y_s0, P.y_is_int64);
+  const int64_t at = row * C;
+  const ColumnRow<scalar_t> r{P, at, lane, C};
+  const acc_t zy = (y >= 0 && y < C) ? to_acc<acc_t>(P.z[at + y]) : nla_nan<acc_t>();
+  const RowSink<acc_t> sink{lane == 0, loss, P.weights != nullptr ? P.weights + row : nullptr};
+  if (!has_flip) {
+    warp_row<Consistency::None>(r, y, zy, P.c, shared, false, sink);
+  } else if (!P.jsd) {
+    warp_row<Consistency::Official>(r, y, zy, P.c, shared, want_grad, sink);
+  } else {
+    warp_row<Consistency::Jsd>(r, y, zy, P.c, shared, want_grad, sink);
+  }
+}
+
+}  // namespace nla_fast
+#endif  // __CUDACC__ || NLA_WARP_EMULATOR

@@ -3,7 +3,7 @@
 // No torch header is included (fast nvcc builds); nla_loss.cpp allocates the tensors, takes the
 // current stream (c10::cuda::getCurrentCUDAStream()) and calls cuda_rows / cuda_scale.
 //
-// Design (one sweep, each logit read once, each gradient written once; which kernel, block and
+// Design (each logit read once from DRAM, each gradient written once; which kernel, block and
 // grid: cuda_launch_plan in nla_loss.h):
 //   * C = 7 or 8 (float, half, bfloat16), the fixed-width tile kernel: a block of 128 threads
 //     stages a tile of 128 consecutive rows of both logit tensors in shared memory with 16-byte
@@ -16,10 +16,19 @@
 //     kernel holds only the code it runs.
 //   * other C <= 32, the generic tile kernel: the same staging (elements scattered into rows of an
 //     odd number of words), nla_row (any width) reading its row from shared memory.
-//   * C > 32, the warp kernel: a warp per row, lane l holding the 16-byte pieces l, l + 32, ... of
-//     the row (vector loads and stores when C is a multiple of the piece), rows up to 1024
-//     columns in registers; longer rows are swept in chunks by the chunked kernel. Reductions are
-//     xor-butterflies: every lane ends with bitwise the same max / sum / nearest negative.
+//   * C > 32, the warp kernels (their row code: warp_row in nla_loss.h, which the CPU tests also
+//     run on an emulated warp): a warp per row, nothing held per column. Sweep 1 reads the row
+//     once: each lane folds its columns, a group at a time, into running maxima and sums of
+//     exponentials (online softmax: the sums rescaled once per group) and the nearest-negative
+//     candidate; xor-butterflies combine the lanes (every lane ends with bitwise the same row
+//     statistics). Sweep 2 re-reads the row, from L1 / L2 (it was just read), and writes both
+//     gradients; the target's and the nearest negative's extra terms are written after it by
+//     the lane that owns their columns. JSD needs a sweep more. nla_warp_kernel takes rows up to
+//     1024 columns that are whole 16-byte pieces (lane l: pieces l, l + 32, ..., two a loop
+//     iteration, their loads issued together; 16-byte loads and stores), the chunked kernel any
+//     row element by element. At most 64 registers a thread (80 for JSD): 32 resident warps per
+//     SM (24). Row constants and the lanes' shares of the loss wait in shared memory, not in
+//     registers held through the sweeps.
 //   * The loss is reduced deterministically: a fixed-order sum per block into partials[block]
 //     (the grid is a fixed function of B, C and the dtype), then one block sums the partials in
 //     a fixed order in double; with one block, that block's partial is the loss (one launch).
@@ -41,104 +50,6 @@ namespace {
 
 constexpr int kFinalThreads = 256;  // the single block that sums the partials
 constexpr int kWarpsPerBlock = kCudaWarpThreads / 32;
-constexpr unsigned kFullMask = 0xffffffffu;
-
-// ---- loads and stores in the accumulation type (explicit intrinsics: no implicit half conversions)
-template <typename acc_t>
-__device__ __forceinline__ acc_t to_acc(float v) { return static_cast<acc_t>(v); }
-template <typename acc_t>
-__device__ __forceinline__ acc_t to_acc(double v) { return static_cast<acc_t>(v); }
-template <typename acc_t>
-__device__ __forceinline__ acc_t to_acc(__half v) { return static_cast<acc_t>(__half2float(v)); }
-template <typename acc_t>
-__device__ __forceinline__ acc_t to_acc(__nv_bfloat16 v) { return static_cast<acc_t>(__bfloat162float(v)); }
-
-template <typename scalar_t>
-__device__ __forceinline__ scalar_t from_acc(float v);
-template <>
-__device__ __forceinline__ float from_acc<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <typename scalar_t>
-__device__ __forceinline__ scalar_t from_acc(double v);
-template <>
-__device__ __forceinline__ double from_acc<double>(double v) { return v; }
-
-template <typename scalar_t>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-// A raw piece of BYTES bytes (what one vector load or store moves).
-template <int BYTES>
-struct RawVec;
-template <>
-struct RawVec<16> {
-  using type = uint4;
-};
-template <>
-struct RawVec<8> {
-  using type = uint2;
-};
-template <>
-struct RawVec<4> {
-  using type = unsigned int;
-};
-template <>
-struct RawVec<2> {
-  using type = unsigned short;
-};
-
-// Hides a raw piece's value from the compiler: what was derived from it before (converted values,
-// exponentials) is recomputed after, not kept alive in registers across a pass of a long row.
-__device__ __forceinline__ void opaque(uint4& r) { asm volatile("" : "+r"(r.x), "+r"(r.y), "+r"(r.z), "+r"(r.w)); }
-__device__ __forceinline__ void opaque(uint2& r) { asm volatile("" : "+r"(r.x), "+r"(r.y)); }
-__device__ __forceinline__ void opaque(unsigned int& r) { asm volatile("" : "+r"(r)); }
-
-// Element i of a raw piece holding scalar_t values.
-template <typename acc_t, typename scalar_t, typename Raw>
-__device__ __forceinline__ acc_t raw_elem(const Raw& raw, int i) {
-  return to_acc<acc_t>(reinterpret_cast<const scalar_t*>(&raw)[i]);
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t read_eps(const void* ptr, bool is_double, acc_t value) {
-  if (ptr == nullptr) return value;
-  return is_double ? static_cast<acc_t>(*static_cast<const double*>(ptr))
-                   : static_cast<acc_t>(*static_cast<const float*>(ptr));
-}
-
-__device__ __forceinline__ int64_t read_target(const void* y, int64_t i, int64_t s0, bool is_int64) {
-  return is_int64 ? static_cast<const int64_t*>(y)[i * s0]
-                  : static_cast<int64_t>(static_cast<const int32_t*>(y)[i * s0]);
-}
-
-template <typename scalar_t, typename acc_t>
-struct Params {
-  const scalar_t* z;   // (B, C) contiguous, 16-byte aligned (nla_loss.cpp copies other layouts)
-  const scalar_t* zf;  // the same; nullptr: weights only
-  const void* y;
-  int64_t y_s0;
-  bool y_is_int64;
-  int64_t B;
-  int64_t C;
-  Constants<acc_t> c;
-  const void* eps_ptr;  // nullptr: eps_value
-  bool eps_is_double;
-  acc_t eps_value;
-  bool jsd;
-  bool reg_mean;
-  scalar_t* gz;  // nullptr: no gradients (contiguous (B, C))
-  scalar_t* gzf;
-  acc_t* weights;   // nullptr: no weights
-  acc_t* partials;  // nullptr: no loss (weights only); gridDim.x values (the loss when one block)
-};
 
 // Fixed-order block reduction of each thread's `local`, written to partials[blockIdx.x].
 template <typename acc_t>
@@ -409,326 +320,72 @@ __global__ void __launch_bounds__(kCudaTileThreads, sizeof(scalar_t) == 8 ? 2 : 
 }
 
 // ---------------------------------------------------------------- warp kernels (C > 32)
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
-  return v;
+// Their row code is in nla_loss.h (warp_row and the row layouts PieceRow, ColumnRow): a warp per
+// row, each row swept once from DRAM into running statistics, then once more for the gradients.
+// The row constants that depend on eps and B: once per block, into shared memory (SharedRowConsts).
+template <typename acc_t>
+__device__ __forceinline__ void share_row_consts(const Constants<acc_t>& c, acc_t eps, int64_t B, bool jsd,
+                                                 bool reg_mean, SharedRowConsts<acc_t>* out) {
+  if (threadIdx.x == 0) {
+    const RowConsts<acc_t> K = make_row_consts(c, eps, B, jsd, reg_mean);
+    out->tc = K.tc;
+    out->lam_over_b = K.lam_over_b;
+    out->reg_scale = K.reg_scale;
+  }
+  __syncthreads();
 }
 
-template <typename T>
-__device__ __forceinline__ T warp_max(T v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = RowMath<T>::max(v, __shfl_xor_sync(kFullMask, v, off));
-  return v;
-}
-
-// (value, index) of the nearest negative: larger value, first index among ties.
-template <typename T>
-__device__ __forceinline__ void warp_argmax(T& v, int& idx) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const T ov = __shfl_xor_sync(kFullMask, v, off);
-    const int oi = __shfl_xor_sync(kFullMask, idx, off);
-    if (ov > v || (ov == v && oi < idx)) {
-      v = ov;
-      idx = oi;
-    }
+// Lane 0 of each warp adds its rows' shares of the loss into a slot of its own in shared memory
+// (volatile: not a register held through a row's sweeps, RowSink); the block's partial is their sum
+// in warp order, as write_block_partial would sum them.
+template <typename acc_t>
+__device__ __forceinline__ void write_warp_partials(const volatile acc_t* warp_local, acc_t* partials) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    acc_t s = 0;
+    for (int w = 0; w < kWarpsPerBlock; ++w) s += warp_local[w];
+    partials[blockIdx.x] = s;
   }
 }
 
-// Pass 1's per-lane state of a warp row: maxima and the nearest-negative candidate.
-template <typename acc_t>
-struct LaneMax {
-  acc_t mz, mzf, ms, best;
-  int k;
-};
 
-template <typename acc_t>
-__device__ __forceinline__ void lane_max_add(LaneMax<acc_t>& m, acc_t a, acc_t b, int j, int64_t y, bool has_flip,
-                                             bool official) {
-  using M = RowMath<acc_t>;
-  m.mz = M::max(m.mz, a);
-  if (has_flip) m.mzf = M::max(m.mzf, b);
-  if (official) m.ms = M::max(m.ms, a + b);
-  if (j != y && a > m.best) {  // columns come in increasing order per lane: the first index wins ties
-    m.best = a;
-    m.k = j;
-  }
-}
-
-// The row's statistics from every lane's maxima and exponential sums (lane-uniform results).
-template <typename acc_t>
-__device__ __forceinline__ void warp_reduce_max(LaneMax<acc_t>& m, bool has_flip, bool official) {
-  m.mz = warp_max(m.mz);
-  if (has_flip) m.mzf = warp_max(m.mzf);
-  if (official) m.ms = warp_max(m.ms);
-  warp_argmax(m.best, m.k);
-}
-
-// Pieces of a warp row: V = min(16 / esize, ELEMS) consecutive columns, lane l holding pieces
-// l, l + 32, ... (ELEMS / V of them, C <= 32 * ELEMS). cuda_launch_plan takes this kernel only when
-// C is a multiple of V, so every piece is one aligned vector load and store.
-template <typename scalar_t, int ELEMS>
-struct WarpPieces {
-  static constexpr int kEsize = sizeof(scalar_t);
-  static constexpr int V = cuda_warp_piece(ELEMS, kEsize);
-  static constexpr int NV = ELEMS / V;
-  using Raw = typename RawVec<V * kEsize>::type;
-};
-
-// A warp per row held in registers (MODE: the consistency variant, as template so the kernel
-// holds only its own code; gradients when P.gz is set).
+// A warp per row in 16-byte pieces (MODE: the consistency variant, as template so the kernel holds
+// only its own code; gradients when P.gz is set). Rows of up to 32 * ELEMS columns.
 template <typename scalar_t, int ELEMS, Consistency MODE>
-__global__ void __launch_bounds__(kCudaWarpThreads, cuda_warp_min_blocks(ELEMS, MODE))
+__global__ void __launch_bounds__(kCudaWarpThreads, cuda_warp_min_blocks(MODE))
     nla_warp_kernel(const Params<scalar_t, float> P) {
-  using acc_t = float;
-  using M = RowMath<acc_t>;
-  using W = WarpPieces<scalar_t, ELEMS>;
-  constexpr int V = W::V, NV = W::NV;
-  using Raw = typename W::Raw;
-  constexpr bool kFlip = MODE != Consistency::None;
-  constexpr bool kOfficial = MODE == Consistency::Official;
-  // long rows recompute per pass what shorter ones keep in registers (ELEMS = 32 would spill)
-  constexpr bool kLong = ELEMS > 16;
-  const auto forget = [](Raw (&x)[NV], Raw (&y)[NV]) {
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      opaque(x[i]);
-      opaque(y[i]);
-    }
-  };
-  const acc_t ninf = -nla_inf<acc_t>();
-  Raw ninf_piece;
-#pragma unroll
-  for (int e = 0; e < V; ++e) reinterpret_cast<scalar_t*>(&ninf_piece)[e] = from_acc<scalar_t>(ninf);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const int C = static_cast<int>(P.C);
-  const bool want_grad = P.gz != nullptr;
-  const acc_t eps = read_eps<acc_t>(P.eps_ptr, P.eps_is_double, P.eps_value);
-  const RowConsts<acc_t> K = make_row_consts(P.c, eps, P.B, MODE == Consistency::Jsd, P.reg_mean);
-
-  acc_t local = 0;  // lane 0's share of the block's loss partial
+  __shared__ SharedRowConsts<float> shared;
+  share_row_consts(P.c, read_eps<float>(P.eps_ptr, P.eps_is_double, P.eps_value), P.B, MODE == Consistency::Jsd,
+                   P.reg_mean, &shared);
+  __shared__ volatile float warp_local[kWarpsPerBlock];
+  if (lane == 0) warp_local[warp] = 0;
   // the loop bound is uniform over the warp, so every shuffle has all 32 lanes
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; row < P.B;
        row += static_cast<int64_t>(gridDim.x) * kWarpsPerBlock) {
-    const int64_t y = read_target(P.y, row, P.y_s0, P.y_is_int64);
-    const bool y_ok = y >= 0 && y < C;
-    const scalar_t* zr = P.z + row * C;
-    const scalar_t* zfr = kFlip ? P.zf + row * C : zr;
-    // the row into registers as loaded (half / bfloat16 stay packed, two to a register), converted
-    // on each use; pieces past C hold -inf (they add nothing and are never the nearest negative)
-    Raw ra[NV], rb[NV];
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      const int col0 = (lane + 32 * i) * V;
-      ra[i] = rb[i] = ninf_piece;
-      if (col0 < C) {
-        ra[i] = __ldcs(reinterpret_cast<const Raw*>(zr + col0));
-        if (kFlip) rb[i] = __ldcs(reinterpret_cast<const Raw*>(zfr + col0));
-      }
-    }
-    const auto a = [&ra](int e) { return raw_elem<acc_t, scalar_t>(ra[e / V], e % V); };
-    const auto b = [&rb](int e) { return raw_elem<acc_t, scalar_t>(rb[e / V], e % V); };
-    RowStats<acc_t> s;
-    s.zy = y_ok ? to_acc<acc_t>(zr[y]) : nla_nan<acc_t>();
-    // pass 1: maxima and the nearest negative
-    // column indices relative to the lane's first column, rel(e) = 32 V (e / V) + e % V, compile-time
-    // constants: no per-column index registers (they would be hoisted out of the row loop)
-    const auto rel = [](int e) { return 32 * V * (e / V) + e % V; };
-    const int y_rel = y_ok ? static_cast<int>(y) - lane * V : -1;  // -1: matches no column (rel >= 0)
-    LaneMax<acc_t> m{ninf, ninf, ninf, ninf, INT32_MAX};
-#pragma unroll
-    for (int e = 0; e < ELEMS; ++e) lane_max_add(m, a(e), b(e), rel(e), y_rel, kFlip, kOfficial);
-    if (m.k != INT32_MAX) m.k += lane * V;
-    warp_reduce_max(m, kFlip, kOfficial);
-    const int k_rel = m.k - lane * V;
-    s.mz = m.mz;
-    s.mzf = m.mzf;
-    s.ms = m.ms;
-    s.best = m.best;
-    // pass 2: sums of exponentials
-    const acc_t mz_s = s.mz * M::kScale;
-    const acc_t mzf_s = s.mzf * M::kScale;
-    const acc_t ms_s = s.ms * (M::kScale * 0.5f);
-    s.sz = s.szf = s.su = 0;
-    if (kLong) forget(ra, rb);
-#pragma unroll
-    for (int e = 0; e < ELEMS; ++e) {
-      s.sz += exp_shifted(a(e), mz_s);
-      if (kFlip) s.szf += exp_shifted(b(e), mzf_s);
-      if (kOfficial) s.su += exp_shifted<acc_t, true>(a(e) + b(e), ms_s);
-    }
-    s.sz = warp_sum(s.sz);
-    if (kFlip) s.szf = warp_sum(s.szf);
-    if (kOfficial) s.su = warp_sum(s.su);
-    const RowHead<acc_t> h = row_head(s, K);
-    if (P.weights != nullptr && lane == 0) P.weights[row] = h.naw.w;
-    if (!kFlip) continue;
-
-    OfficialCoef<acc_t> oc{};
-    JsdCoef<acc_t> jc{};
-    JsdHead<acc_t> jh{};
-    acc_t S = 0, Sf = 0;
-    if (kOfficial) {
-      oc = official_coef(s, h, K, want_grad);
-      if (lane == 0) local += oc.contrib;
-    } else {
-      // pass 3 (JSD): sum p t and sum p' t' (padding columns have p = p' = 0: nothing added)
-      jh = jsd_head(s);
-      if (kLong) forget(ra, rb);
-#pragma unroll
-      for (int e = 0; e < ELEMS; ++e) {
-        jsd_accumulate(a(e), b(e), exp_shifted(a(e), mz_s) * h.inv_sz, exp_shifted(b(e), mzf_s) * jh.inv_szf, h.lse_z,
-                       jh.lse_zf, S, Sf);
-      }
-      S = warp_sum(S);
-      Sf = warp_sum(Sf);
-      jc = jsd_coef(s, h, K, S, Sf, want_grad);
-      if (lane == 0) local += jc.contrib;
-    }
-    if (!want_grad) continue;
-    // pass 4: both gradients, a piece at a time, written contiguous
-    const acc_t Ey = kOfficial ? oc.Ey : jc.Ey, Ek = kOfficial ? oc.Ek : jc.Ek;
-    scalar_t* gr = P.gz + row * C;
-    scalar_t* gfr = P.gzf + row * C;
-    if (kLong) forget(ra, rb);
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      const int col0 = (lane + 32 * i) * V;
-      Raw rv, rvf;
-#pragma unroll
-      for (int e = 0; e < V; ++e) {
-        const acc_t za = a(i * V + e), zb = b(i * V + e);
-        acc_t v, vf;
-        if (kOfficial) {
-          const acc_t t = exp_shifted<acc_t, true>(za + zb, ms_s) * oc.beta;
-          v = M::fma(exp_shifted(za, mz_s), oc.alpha, -t);
-          vf = M::fma(exp_shifted(zb, mzf_s), oc.gamma, -t);
-        } else {
-          jsd_grad(jc, za, zb, exp_shifted(za, mz_s) * h.inv_sz, exp_shifted(zb, mzf_s) * jh.inv_szf, h.lse_z,
-                   jh.lse_zf, S, Sf, v, vf);
-        }
-        if (rel(i * V + e) == y_rel) v += Ey;
-        if (rel(i * V + e) == k_rel) v += Ek;
-        reinterpret_cast<scalar_t*>(&rv)[e] = from_acc<scalar_t>(v);
-        reinterpret_cast<scalar_t*>(&rvf)[e] = from_acc<scalar_t>(vf);
-      }
-      if (col0 < C) {
-        __stcs(reinterpret_cast<Raw*>(gr + col0), rv);
-        __stcs(reinterpret_cast<Raw*>(gfr + col0), rvf);
-      }
-    }
+    piece_kernel_row<scalar_t, ELEMS, MODE>(P, row, lane, &shared, &warp_local[warp]);
   }
-  if (P.partials != nullptr) write_block_partial(local, P.partials);
+  if (P.partials != nullptr) write_warp_partials(warp_local, P.partials);
 }
 
-// A warp per row of any width and dtype, swept column by column (lane l: columns l, l + 32, ...),
-// each pass re-reading its columns (from L1/L2): nothing is held per column.
+// A warp per row of any width and dtype, element by element (rows that are not whole 16-byte
+// pieces, longer than 1024 columns, or double). The consistency variant is read at run time.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kCudaWarpThreads, sizeof(scalar_t) == 8 ? 2 : kCudaWarpMinBlocks)
     nla_warp_chunked_kernel(const Params<scalar_t, typename AccOf<scalar_t>::type> P) {
   using acc_t = typename AccOf<scalar_t>::type;
-  using M = RowMath<acc_t>;
-  const acc_t ninf = -nla_inf<acc_t>();
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const int C = static_cast<int>(P.C);
-  const bool has_flip = P.zf != nullptr;
-  const bool official = has_flip && !P.jsd;
-  const bool want_grad = P.gz != nullptr;
-  const acc_t eps = read_eps<acc_t>(P.eps_ptr, P.eps_is_double, P.eps_value);
-  const RowConsts<acc_t> K = make_row_consts(P.c, eps, P.B, P.jsd, P.reg_mean);
-
-  acc_t local = 0;
+  __shared__ SharedRowConsts<acc_t> shared;
+  share_row_consts(P.c, read_eps<acc_t>(P.eps_ptr, P.eps_is_double, P.eps_value), P.B, P.jsd, P.reg_mean, &shared);
+  __shared__ volatile acc_t warp_local[kWarpsPerBlock];
+  if (lane == 0) warp_local[warp] = 0;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; row < P.B;
        row += static_cast<int64_t>(gridDim.x) * kWarpsPerBlock) {
-    const int64_t y = read_target(P.y, row, P.y_s0, P.y_is_int64);
-    const scalar_t* zr = P.z + row * C;
-    const scalar_t* zfr = has_flip ? P.zf + row * C : zr;
-    const auto load = [&](int j, acc_t& a, acc_t& b) {
-      a = to_acc<acc_t>(zr[j]);
-      b = has_flip ? to_acc<acc_t>(zfr[j]) : a;
-    };
-    RowStats<acc_t> s;
-    s.zy = (y >= 0 && y < C) ? to_acc<acc_t>(zr[y]) : nla_nan<acc_t>();
-    LaneMax<acc_t> m{ninf, ninf, ninf, ninf, INT32_MAX};
-#pragma unroll 4
-    for (int j = lane; j < C; j += 32) {
-      acc_t a, b;
-      load(j, a, b);
-      lane_max_add(m, a, b, j, y, has_flip, official);
-    }
-    warp_reduce_max(m, has_flip, official);
-    s.mz = m.mz;
-    s.mzf = m.mzf;
-    s.ms = m.ms;
-    s.best = m.best;
-    const acc_t mz_s = s.mz * M::kScale;
-    const acc_t mzf_s = s.mzf * M::kScale;
-    const acc_t ms_s = s.ms * (M::kScale * static_cast<acc_t>(0.5));
-    s.sz = s.szf = s.su = 0;
-#pragma unroll 4
-    for (int j = lane; j < C; j += 32) {
-      acc_t a, b;
-      load(j, a, b);
-      s.sz += exp_shifted(a, mz_s);
-      if (has_flip) s.szf += exp_shifted(b, mzf_s);
-      if (official) s.su += exp_shifted<acc_t, true>(a + b, ms_s);
-    }
-    s.sz = warp_sum(s.sz);
-    if (has_flip) s.szf = warp_sum(s.szf);
-    if (official) s.su = warp_sum(s.su);
-    const RowHead<acc_t> h = row_head(s, K);
-    if (P.weights != nullptr && lane == 0) P.weights[row] = h.naw.w;
-    if (!has_flip) continue;
-    scalar_t* gr = P.gz + row * C;
-    scalar_t* gfr = P.gzf + row * C;
-    if (official) {
-      const OfficialCoef<acc_t> o = official_coef(s, h, K, want_grad);
-      if (lane == 0) local += o.contrib;
-      if (!want_grad) continue;
-#pragma unroll 4
-      for (int j = lane; j < C; j += 32) {
-        acc_t a, b;
-        load(j, a, b);
-        const acc_t t = exp_shifted<acc_t, true>(a + b, ms_s) * o.beta;
-        acc_t v = M::fma(exp_shifted(a, mz_s), o.alpha, -t);
-        if (j == y) v += o.Ey;
-        if (j == m.k) v += o.Ek;
-        gr[j] = from_acc<scalar_t>(v);
-        gfr[j] = from_acc<scalar_t>(M::fma(exp_shifted(b, mzf_s), o.gamma, -t));
-      }
-      continue;
-    }
-    const JsdHead<acc_t> jh = jsd_head(s);
-    acc_t S = 0, Sf = 0;
-#pragma unroll 4
-    for (int j = lane; j < C; j += 32) {
-      acc_t a, b;
-      load(j, a, b);
-      jsd_accumulate(a, b, exp_shifted(a, mz_s) * h.inv_sz, exp_shifted(b, mzf_s) * jh.inv_szf, h.lse_z, jh.lse_zf,
-                     S, Sf);
-    }
-    S = warp_sum(S);
-    Sf = warp_sum(Sf);
-    const JsdCoef<acc_t> o = jsd_coef(s, h, K, S, Sf, want_grad);
-    if (lane == 0) local += o.contrib;
-    if (!want_grad) continue;
-#pragma unroll 4
-    for (int j = lane; j < C; j += 32) {
-      acc_t a, b, v, vf;
-      load(j, a, b);
-      jsd_grad(o, a, b, exp_shifted(a, mz_s) * h.inv_sz, exp_shifted(b, mzf_s) * jh.inv_szf, h.lse_z, jh.lse_zf, S,
-               Sf, v, vf);
-      if (j == y) v += o.Ey;
-      if (j == m.k) v += o.Ek;
-      gr[j] = from_acc<scalar_t>(v);
-      gfr[j] = from_acc<scalar_t>(vf);
-    }
+    chunked_kernel_row(P, row, lane, &shared, &warp_local[warp]);
   }
-  if (P.partials != nullptr) write_block_partial(local, P.partials);
+  if (P.partials != nullptr) write_warp_partials(warp_local, P.partials);
 }
 
 // ---------------------------------------------------------------- reductions, scaling

@@ -167,6 +167,47 @@ def test_main_loop_is_the_outermost_loop_with_its_nested_one():
     assert flow.loop_instructions(main, trips=lambda loop: 3) == 3 + 3 * 2
 
 
+_DIVERGENCE_FALLBACK = """
+		Function : reduce
+        /*0000*/                   MOV R0, RZ ;
+        /*0010*/                   IADD3 R0, R0, 0x1, RZ ;
+        /*0020*/                   BRA.DIV UR4, 0x90 ;
+        /*0030*/                   SHFL.BFLY PT, R2, R0, 0x10, 0x1f ;
+        /*0040*/                   FADD R0, R0, R2 ;
+        /*0050*/                   ISETP.GE.AND P0, PT, R0, 0x8, PT ;
+        /*0060*/              @!P0 BRA 0x10 ;
+        /*0070*/                   EXIT ;
+        /*0080*/                   BRA 0x80;
+        /*0090*/                   WARPSYNC.ALL ;
+        /*00a0*/                   SHFL.BFLY PT, R2, R0, 0x10, 0x1f ;
+        /*00b0*/                   MOV R3, R2 ;
+        /*00c0*/                   BRA 0x40 ;
+"""
+
+
+def test_a_divergent_warp_fallback_is_on_no_path():
+    """BRA.DIV goes to the fallback of a shuffle for a divergent warp: the converged path (its
+    fall-through) is the loop; the fallback, out of line after the EXIT, is counted nowhere."""
+    flow = cubin_stats.ControlFlow(cubin_stats.parse_sass(_DIVERGENCE_FALLBACK)["reduce"])
+    [loop] = flow.loops
+    assert [ins.address for ins in loop.instructions] == [0x10, 0x20, 0x30, 0x40, 0x50, 0x60]
+    assert flow.loop_instructions(loop) == flow.loop_instructions_min(loop) == 6
+    assert cubin_stats.instruction_mix(loop.instructions)["shfl"] == 1
+    assert flow.shortest_path() == flow.longest_path() == 1 + 6 + 1
+
+
+def test_warp_kernels_sweep_loops_are_counted_per_row():
+    """A warp kernel's row: each sweep a loop of floor(C / (32 N)) iterations, N the columns a lane
+    takes per iteration (cuda_lane_columns, as the launch program reports it)."""
+    launch = dict(label="warp", block=[128, 1, 1], grid=[1024, 1, 1])
+    work = kernel_model.extension_work(launch, dict(lane_columns=16), None, 4096, 1000, "bfloat16", "official", True)
+    assert (work.warp_iterations, work.rows_per_warp_iteration, work.trips(None)) == (4096, 1.0, 1)
+    assert work.moved == kernel_model.spec_bytes(4096, 1000, "bfloat16") + 4 * 1024
+    chunked = dict(label="warp_chunked", block=[128, 1, 1], grid=[16, 1, 1])
+    assert kernel_model.extension_work(chunked, dict(lane_columns=4), None, 64, 5000, "float32", "jsd",
+                                       True).trips(None) == 5000 // 128
+
+
 _FIXED_BF16 = ("_ZN8nla_fast49_GLOBAL__N__78aae3b1_16_nla_loss_cuda_cu_a34c50da21nla_tile_fixed_kernelI13__nv_bfloat16"
                "Li7ELNS_11ConsistencyE1ELb1EEEvNS0_6ParamsIT_fEE")
 
@@ -680,4 +721,23 @@ def test_bench_models_the_extension_call_and_lists_its_instantiations(tmp_path, 
     assert "nla_tile_fixed_kernel<__nv_bfloat16, 7, (nla_fast::Consistency)1, true>" in done.stdout
     assert [line.strip() for line in done.stdout.splitlines() if "MISSED" in line] == \
         [f"MISSED {line}" for line in data["check"]]
+
+
+@pytest.mark.slow
+def test_sm90_wide_rows_meet_the_static_targets(stable_kernel_model_cache):
+    """(4096, 1000) bf16, issue 18: the piece kernel at 32 resident warps without spills, its two
+    sweeps 16-byte loads counted per row (N = 16 columns a lane per iteration: two 8-column pieces),
+    a predicted >= 50% of H200 copy bandwidth for the whole fwd + bwd call."""
+    if _no_nvcc():
+        pytest.skip("no nvcc here to compile csrc/nla_loss_cuda.cu")
+    assert kernel_model.extension_call(4096, 1000, "bfloat16")["lane_columns"] == 16
+    assert kernel_model.extension_call(4096, 1000, "bfloat16", "jsd")["lane_columns"] == 8  # a piece a step
+    assert kernel_model.extension_call(64, 5000, "float32")["lane_columns"] == 4  # the element kernel's group
+    assert kernel_model.extension_call(2**20, 7, "bfloat16")["lane_columns"] == 0  # a tile kernel
+    rows = {r["kernel"]: r for r in kernel_model.extension_rows(4096, 1000, "bfloat16", 90)}
+    warp, total = rows["warp"], rows["total"]
+    assert warp["function_name"] == "nla_warp_kernel<__nv_bfloat16, 32, (nla_fast::Consistency)1>"
+    assert warp["registers"] <= 64 and warp["warps_per_sm"] >= 32 and kernel_model._spilled(warp) == 0
+    assert warp["loop_max_load_bytes"] == 16 and warp["instructions_per_row"] > warp["instructions_per_row_min"]
+    assert total["predicted_pct_copy_bw"] >= 50.0, total
 
