@@ -269,6 +269,16 @@ def triton_work(launch: dict, batch: int):
     return 0.0, None, lambda loop: 1.0, 4 * grid
 
 
+def _steady_grid(launch: dict, facts: dict, batch: int, device: Device) -> int:
+    """The persistent forward's grid from the second eager call on: the first is sized from an
+    assumed occupancy (``describe_launches``), then ``launch._remember_occupancy`` resizes it to
+    the compiled kernel's resident blocks per SM (as here, from the cubin)."""
+    if launch["name"] != "forward" or launch["role"] not in ("heuristic", "autotune") or not facts["blocks_per_sm"]:
+        return launch["grid"][0]
+    block_b = launch["constexprs"]["BLOCK_B"]
+    return min(-(-batch // block_b), facts["blocks_per_sm"] * device.sms)
+
+
 def triton_rows(batch: int, classes: int, dtype: str, arch: int) -> list[dict]:
     """One row per launch of every config, and one "total" row per config."""
     device = device_for(arch)
@@ -281,6 +291,9 @@ def triton_rows(batch: int, classes: int, dtype: str, arch: int) -> list[dict]:
             iterations, rows_per_iteration, trips, moved = triton_work(launch, batch)
             facts = analyse(code, 32 * launch["num_warps"], launch["grid"][0], shared, iterations, rows_per_iteration,
                             trips)
+            steady = _steady_grid(launch, facts, batch, device)
+            if steady != launch["grid"][0]:
+                facts = analyse(code, 32 * launch["num_warps"], steady, shared, iterations, rows_per_iteration, trips)
             parts.append(dict(facts, kernel=launch["name"], phase=launch["phase"], role=launch["role"],
                               launch_config=launch["config"], bytes=moved, cubin=str(path),
                               **predict(facts, moved, device)))

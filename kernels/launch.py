@@ -96,12 +96,10 @@ def is_untuned(batch, block_cols: int) -> bool:
 
 
 # Large batches of short rows (C <= 8): one row per thread. With 2-byte logits a 1024-thread
-# program under a 64-register cap compiles without spills and keeps 32 warps resident per SM
-# (sm_90 machine code, bench/kernel_model.py); float32 rows need ~100 registers (16-20 warps).
-_ROWS_CONFIGS = {2: Config(1024, 32, 1, 64), 4: Config(512, 16, 1, None)}
-# C == 8 in 2 bytes has no padding column to fold away: 71 registers uncapped (16 B of spill
-# at 64), so 4-warp programs and 28 resident warps
-_FULL_ROW_OF_8 = Config(128, 4, 1, None)
+# program under a 64-register cap compiles without spills and keeps 32 warps resident per SM;
+# float32 rows need ~100 registers uncapped, and spill under a 64-register cap: capped at 80,
+# 24 warps (sm_90 / sm_80 machine code from Triton 3.6 and 3.8, bench/kernel_model.py).
+_ROWS_CONFIGS = {2: Config(1024, 32, 1, 64), 4: Config(256, 8, 1, 80)}
 
 
 def fixed_config(batch, block_cols: int, element_size: int = 2, num_classes: Optional[int] = None,
@@ -115,8 +113,6 @@ def fixed_config(batch, block_cols: int, element_size: int = 2, num_classes: Opt
         block_b = next_pow2(batch)
         return Config(block_b, _warps_for(block_b, block_cols))
     if block_cols <= 8:
-        if element_size <= 2 and num_classes == 8:
-            return _FULL_ROW_OF_8
         return _ROWS_CONFIGS[2 if element_size <= 2 else 4]
     block_b = max(1, _TILE_ELEMENTS // block_cols)
     return Config(block_b, _warps_for(block_b, block_cols))
@@ -130,10 +126,10 @@ def tuning_candidates(block_cols: int, element_size: int = 2, num_classes: Optio
         return wide_configs(batch, num_classes or block_cols, element_size, flat_rows)
     configs = [fixed_config(None, block_cols, element_size, num_classes, flat_rows)]
     if block_cols <= 8 and element_size <= 2:
-        extra = [Config(1024, 32, 1, 64), Config(512, 16, 1, 64), Config(256, 8, 1, 64),
-                 Config(512, 16), Config(256, 8), Config(128, 4)]
-    elif block_cols <= 8:  # float32 rows need ~100 registers: a 64-register cap spills (sm_90 machine code)
-        extra = [Config(512, 16), Config(256, 8), Config(128, 4)]
+        extra = [Config(1024, 32, 1, 64), Config(512, 16, 1, 64), Config(256, 8, 1, 64), Config(128, 4, 1, 64),
+                 Config(512, 16)]
+    elif block_cols <= 8:  # float32: see _ROWS_CONFIGS
+        extra = [Config(256, 8, 1, 80), Config(128, 4, 1, 80), Config(512, 16), Config(256, 8), Config(128, 4)]
     else:
         extra = [Config(max(1, tile // block_cols), warps)
                  for tile, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16))]

@@ -128,7 +128,7 @@ def _nla_tile(
     z_ptr, zf_ptr, y_ptr, gz_ptr, gzf_ptr, w_ptr, tile, B,
     stride_zb, stride_zc, stride_zfb, stride_zfc, stride_y,
     coef_naw, coef_reg, mu_t1, mu_t2, alpha_t, beta_t, norm_t, mu_f1, mu_f2, alpha_f, beta_f, norm_f,
-    flat_first, flat_start_col,
+    flat_first,
     C: tl.constexpr,
     FULL: tl.constexpr,  # all BLOCK_B rows exist (no row masks: vector stores)
     FLAT_ROWS: tl.constexpr,  # both logits have strides (C, 1)
@@ -142,11 +142,15 @@ def _nla_tile(
     r = tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_C)
     start = tl.cast(tile, tl.int64) * BLOCK_B  # 64-bit tile base; offsets inside a tile are 32-bit
+    # a 0 the compiler cannot see through: per-thread values built on it are rebuilt per tile,
+    # not held in registers across the tile loop (64 registers for 32 resident warps)
+    opaque = _opaque_zero(tile, FAST_MATH)
     rows = start + r
     rows_left = B - start
     row_ok = r < rows_left
     if FULL:
-        y = tl.load(y_ptr + rows * stride_y)
+        # the tile's base, then 32-bit per-thread offsets (no 64-bit pointer held per thread)
+        y = tl.load((y_ptr + start * stride_y) + (opaque + r) * stride_y)
     else:
         y = tl.load(y_ptr + rows * stride_y, mask=row_ok, other=0)
     z = _load_rows(z_ptr, start, r, cols, rows_left, stride_zb, stride_zc, C, FULL, FLAT_ROWS, BLOCK_C)
@@ -157,15 +161,17 @@ def _nla_tile(
     # gradients: one flat block per tile, written with 16-byte stores (see _flat_rows)
     f = r[:, None] * BLOCK_C + cols[None, :]
     if C != BLOCK_C:
-        # the permutation's source of each flat slot (see _flat_rows), built per tile from two
-        # loop-invariant values per thread (hoisted whole, it would hold BLOCK_C registers)
-        start_col = _opaque_zero(tile, FAST_MATH) + flat_start_col
+        # the permutation's source of each flat slot (see _flat_rows), built per tile from one
+        # loop-invariant value per thread (hoisted whole, it would hold BLOCK_C registers):
+        # flat_first = row0 * BLOCK_C + start_col, start_col < C <= BLOCK_C
+        first = opaque + flat_first
+        start_col = first & (BLOCK_C - 1)
         # slot j holds column start_col + j of row0, or past the row's end (once or, when
-        # BLOCK_C >= C + 2, twice) the next rows' columns: skip BLOCK_C - C padding slots each time
-        t = start_col[:, None] + cols[None, :]
-        src = flat_first[:, None] + cols[None, :] + (t >= C).to(tl.int32) * (BLOCK_C - C)
+        # BLOCK_C >= C + 2, twice) the next rows' columns: skip BLOCK_C - C padding slots each
+        # time (the test is on j, an immediate: one compare per slot)
+        src = first[:, None] + cols[None, :] + (cols[None, :] >= (C - start_col)[:, None]).to(tl.int32) * (BLOCK_C - C)
         if BLOCK_C >= C + 2:
-            src += (t >= 2 * C).to(tl.int32) * (BLOCK_C - C)
+            src += (cols[None, :] >= (2 * C - start_col)[:, None]).to(tl.int32) * (BLOCK_C - C)
         if BLOCK_B * C % BLOCK_C != 0:  # a flat row partly past the tile (tiny tiles): keep in bounds
             src = tl.minimum(src, BLOCK_B * BLOCK_C - 1)
         flat_src = tl.reshape(src, [BLOCK_B * BLOCK_C])
@@ -380,7 +386,7 @@ def _nla_fwd_kernel(
             z_ptr, zf_ptr, y_ptr, gz_ptr, gzf_ptr, w_ptr, tile, B,
             stride_zb, stride_zc, stride_zfb, stride_zfc, stride_y,
             coef_naw, coef_reg, mu_t1, mu_t2, alpha_t, beta_t, norm_t, mu_f1, mu_f2, alpha_f, beta_f, norm_f,
-            flat_first, flat_start_col,
+            flat_first,
             C, True, FLAT_ROWS, HAS_FLIP, JSD, WRITE_LOSS, GRAD_Z, GRAD_ZF, WRITE_W, BLOCK_B, BLOCK_C, FAST_MATH,
         )
     if (num_full * BLOCK_B < B) & (pid == num_full % num_programs):
@@ -388,7 +394,7 @@ def _nla_fwd_kernel(
             z_ptr, zf_ptr, y_ptr, gz_ptr, gzf_ptr, w_ptr, num_full, B,
             stride_zb, stride_zc, stride_zfb, stride_zfc, stride_y,
             coef_naw, coef_reg, mu_t1, mu_t2, alpha_t, beta_t, norm_t, mu_f1, mu_f2, alpha_f, beta_f, norm_f,
-            flat_first, flat_start_col,
+            flat_first,
             C, False, FLAT_ROWS, HAS_FLIP, JSD, WRITE_LOSS, GRAD_Z, GRAD_ZF, WRITE_W, BLOCK_B, BLOCK_C, FAST_MATH,
         )
     if WRITE_LOSS:

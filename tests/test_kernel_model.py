@@ -667,6 +667,33 @@ def test_sm90_extension_meets_the_static_targets(stable_kernel_model_cache):
     assert wide["instructions_per_row"] >= wide["instructions_per_row_min"] > 0
 
 
+@pytest.mark.slow
+def test_sm90_triton_short_rows_meet_the_static_targets(tmp_path):
+    """(2^20, 7), issue 18, every config the Triton backend may launch (the heuristic one and each
+    autotune candidate), from the sm_90 machine code of this Triton: no spills; bf16 at <= 13
+    warp-instructions per row, >= 32 resident warps and a predicted >= 70% of H200 copy bandwidth;
+    float32 >= 50%. Each persistent grid is the steady one: the compiled occupancy times the SMs."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    done = subprocess.run([sys.executable, str(BENCH / "kernel_model.py"), "--backend", "triton", "--arch", "90",
+                           "--shape", "1048576x7:bfloat16", "1048576x7:float32", "--out-dir", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "kernel_model.json").read_text())["rows"]
+    forwards = [r for r in rows if r["kernel"] == "forward"]
+    totals = {(r["dtype"], r["config"]): r for r in rows if r["kernel"] == "total"}
+    assert {r["role"] for r in forwards} == {"heuristic", "autotune"}
+    for r in forwards:
+        assert r["spill_bytes"] == 0, r
+        block_b = int(r["config"].split("_")[0][2:])  # "bb1024_w32_r64"
+        assert r["grid"] == min(2**20 // block_b, r["blocks_per_sm"] * 132), r
+        if r["dtype"] == "bfloat16":
+            assert r["instructions_per_row"] <= 13 and r["warps_per_sm"] >= 32, r
+            assert totals[("bfloat16", r["config"])]["predicted_pct_copy_bw"] >= 70, r["config"]
+        else:
+            assert totals[("float32", r["config"])]["predicted_pct_copy_bw"] >= 50, r["config"]
+
+
 _REQUIRED = ("backend", "kernel", "shape", "dtype", "arch", "registers", "spill_bytes", "warps_per_sm",
              "instructions_per_row", "predicted_us", "predicted_pct_copy_bw")
 
