@@ -141,7 +141,11 @@ def train(settings: TrainSettings, resume: str | None = None, explicit=None, ove
         run.folder.remove_earlier_run()  # --overwrite: only now, with data, model and a first file written
         run.folder.write_metrics(progress.history)
         _announce(run, data, parts)
-        return train_epochs(run, data, parts, progress)
+        summary = train_epochs(run, data, parts, progress)
+        # every rank done with rank 0's last writes before any leaves the group: a gloo rank that
+        # tears down its connections while a peer still holds them can abort at exit
+        distributed.barrier(run.ctx)
+        return summary
     finally:
         for close in reversed(closers):
             close()
