@@ -269,14 +269,16 @@ def triton_work(launch: dict, batch: int):
     return 0.0, None, lambda loop: 1.0, 4 * grid
 
 
-def _steady_grid(launch: dict, facts: dict, batch: int, device: Device) -> int:
+def _steady_grid(launch: dict, code: cubin_stats.KernelCode, shared: int, batch: int, device: Device) -> int:
     """The persistent forward's grid from the second eager call on: the first is sized from an
     assumed occupancy (``describe_launches``), then ``launch._remember_occupancy`` resizes it to
     the compiled kernel's resident blocks per SM (as here, from the cubin)."""
-    if launch["name"] != "forward" or launch["role"] not in ("heuristic", "autotune") or not facts["blocks_per_sm"]:
+    from nla_fast.kernels.launch import persistent_grid
+
+    per_sm = code.occupancy(32 * launch["num_warps"], shared)["blocks_per_sm"]
+    if launch["name"] != "forward" or launch["role"] not in ("heuristic", "autotune") or not per_sm:
         return launch["grid"][0]
-    block_b = launch["constexprs"]["BLOCK_B"]
-    return min(-(-batch // block_b), facts["blocks_per_sm"] * device.sms)
+    return persistent_grid(batch, launch["constexprs"]["BLOCK_B"], per_sm, device.sms)
 
 
 def triton_rows(batch: int, classes: int, dtype: str, arch: int) -> list[dict]:
@@ -289,11 +291,8 @@ def triton_rows(batch: int, classes: int, dtype: str, arch: int) -> list[dict]:
             path, function, shared = compile_triton(launch, arch)
             code = cubin_stats.read_cubin(path)[function]
             iterations, rows_per_iteration, trips, moved = triton_work(launch, batch)
-            facts = analyse(code, 32 * launch["num_warps"], launch["grid"][0], shared, iterations, rows_per_iteration,
-                            trips)
-            steady = _steady_grid(launch, facts, batch, device)
-            if steady != launch["grid"][0]:
-                facts = analyse(code, 32 * launch["num_warps"], steady, shared, iterations, rows_per_iteration, trips)
+            facts = analyse(code, 32 * launch["num_warps"], _steady_grid(launch, code, shared, batch, device), shared,
+                            iterations, rows_per_iteration, trips)
             parts.append(dict(facts, kernel=launch["name"], phase=launch["phase"], role=launch["role"],
                               launch_config=launch["config"], bytes=moved, cubin=str(path),
                               **predict(facts, moved, device)))

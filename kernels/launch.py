@@ -248,11 +248,16 @@ def programs_per_sm(device: torch.device, num_warps: int, compiled=None) -> int:
     return max(1, min(limits))
 
 
+def persistent_grid(batch, block_b: int, per_sm: int, sm_count: int) -> int:
+    """Programs of a forward launch on a GPU: one per tile, at most what is resident at once."""
+    return min(cdiv(batch, block_b), per_sm * sm_count)
+
+
 def grid_size(batch, device: torch.device, config: Config, per_sm: int) -> int:
-    """Programs of the forward launch: one per tile, at most what is resident at once."""
-    tiles = cdiv(batch, config.block_b)
-    limit = _INTERPRETER_PROGRAMS if device.type != "cuda" else per_sm * _sm_count(device)
-    return min(tiles, limit)
+    """Programs of the forward launch on ``device`` (the interpreter: a fixed few)."""
+    if device.type != "cuda":
+        return min(cdiv(batch, config.block_b), _INTERPRETER_PROGRAMS)
+    return persistent_grid(batch, config.block_b, per_sm, _sm_count(device))
 
 
 def may_tune(device: torch.device) -> bool:
@@ -650,7 +655,7 @@ def describe_launches(batch, num_classes, dtype, flip_dtype=None, grad_z=True, g
 def _described_forward(batch, config, role, flags, args, sm_count, device, warps_per_sm):
     """(the forward launch of one config, its partial-sum launch or None)."""
     per_sm = max(1, (warps_per_sm or assumed_warps_per_sm(config)) // config.num_warps)
-    grid = (min(cdiv(batch, config.block_b), per_sm * sm_count) if sm_count
+    grid = (persistent_grid(batch, config.block_b, per_sm, sm_count) if sm_count
             else grid_size(batch, torch.device(device or "cpu"), config, per_sm))
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages,
                "maxnreg": None if flags["FAST_MATH"] is False else config.maxnreg}
