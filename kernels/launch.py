@@ -95,11 +95,11 @@ def is_untuned(batch, block_cols: int) -> bool:
     return is_single_program(batch, block_cols)
 
 
-# Large batches of short rows (C <= 8): one row per thread. With 2-byte logits a 1024-thread
-# program under a 64-register cap compiles without spills and keeps 32 warps resident per SM;
-# float32 rows need ~100 registers uncapped, and spill under a 64-register cap: capped at 80,
-# 24 warps (sm_90 / sm_80 machine code from Triton 3.6 and 3.8, bench/kernel_model.py).
-_ROWS_CONFIGS = {2: Config(1024, 32, 1, 64), 4: Config(256, 8, 1, 80)}
+# Large batches of short rows (C <= 8): one row per thread, under a 64-register cap (32 warps
+# resident per SM) without spills (sm_90 / sm_80 machine code from Triton 3.6 and 3.8,
+# bench/kernel_model.py). 2-byte logits: 1024-thread programs. float32: 256-thread programs
+# (1024 threads spill 16 bytes on sm_80).
+_ROWS_CONFIGS = {2: Config(1024, 32, 1, 64), 4: Config(256, 8, 1, 64)}
 
 
 def fixed_config(batch, block_cols: int, element_size: int = 2, num_classes: Optional[int] = None,
@@ -129,7 +129,7 @@ def tuning_candidates(block_cols: int, element_size: int = 2, num_classes: Optio
         extra = [Config(1024, 32, 1, 64), Config(512, 16, 1, 64), Config(256, 8, 1, 64), Config(128, 4, 1, 64),
                  Config(512, 16)]
     elif block_cols <= 8:  # float32: see _ROWS_CONFIGS
-        extra = [Config(256, 8, 1, 80), Config(128, 4, 1, 80), Config(512, 16), Config(256, 8), Config(128, 4)]
+        extra = [Config(512, 16, 1, 64), Config(128, 4, 1, 64)]
     else:
         extra = [Config(max(1, tile // block_cols), warps)
                  for tile, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16))]

@@ -10,21 +10,24 @@ them for torch.compile.
 
 Memory layout (what makes it fast at large B; rows of C = 7 bf16 values are 14 bytes):
 - compute: a tile of BLOCK_B rows x BLOCK_C = next_power_of_2(C) columns with whole rows in
-  one thread (two threads for float32), so the ~12 row reductions are register-only and the
+  one thread (two for float32 rows of exactly 8), so the ~12 row reductions are register-only and the
   per-row maths (the Gaussian, the case split) runs once per row, not once per column;
 - gradients: written as ONE flat contiguous block of BLOCK_B * C elements per tile, 16-byte
   vector stores. The compute tile is [BLOCK_B, BLOCK_C] with padding columns, the flat block is
   not (7 is not a power of two, so no tl.reshape), so the tile is permuted through shared memory
   by ``tl.gather`` into a [BLOCK_B, BLOCK_C] "flat rows" view (slot (i, j) = flat element
-  i * BLOCK_C + j, valid below BLOCK_B * C). That store, being aligned and contiguous, is also
-  what makes Triton's coalescing pass give the compute tile its row-per-thread layout;
-- logits: loaded in the compute layout (each thread reads its rows' C contiguous values; the
-  lanes of a warp read adjacent rows, so a warp's loads cover one contiguous span and each cache
-  line comes from DRAM once). Vector loads of a flat block would need the same shared-memory
-  permutation on the way in, and a gathered tile loses the row-per-thread layout (measured on
-  the compiled TTGIR: Triton then spreads each row over 8 lanes); for C a power of two the
-  rows are aligned and the loads are 16-byte vectors too. In-tile offsets are 32-bit
-  (tile base in 64 bits); non-contiguous logits take a strided 64-bit path (FLAT_ROWS=False);
+  i * BLOCK_C + j, valid below BLOCK_B * C);
+- logits: where rows are contiguous and C < BLOCK_C, read as the same flat block (16-byte
+  vector loads) and permuted into the compute tile through shared memory by ``tl.gather``
+  (compute (i, j) = flat element i * C + j: a base per thread and immediate offsets). Triton
+  gives a gathered tile its index's layout, which an arithmetic index does not fix (Triton then
+  spreads a row over 8 lanes); ``_row_anchor`` builds the index on a 16-bit load that is laid out
+  one row a thread and never executes, so the compute tile is one row a thread for every dtype
+  (float32 included, whose own 16-byte accesses hold half a row). The last padding column
+  brings the row's target logit along (one shared load instead of a masked sum over the row).
+  For C a power of two the rows are aligned and loaded as they are (16-byte vectors where they
+  are that wide). In-tile offsets are 32-bit (tile base in 64 bits); non-contiguous logits take
+  a strided 64-bit path (FLAT_ROWS=False);
 - targets: one contiguous vector per tile.
 
 Numerics: everything is float32 in registers whatever the input dtype (float64 inputs are
@@ -35,8 +38,9 @@ consistency are computed from differences (z - max z) and stay accurate for larg
 nearest negative and the true case (g >= n) are decided on the raw logits (softmax is monotone),
 so ties are exact: first index among tied negatives, g == n counts as the true case. A -inf
 logit on a non-target class has probability 0 and adds nothing (finite loss and gradients, as
-the reference). Targets outside [0, C) are never used as an address (the gather is a compare
-with the column index); such rows give NaN. Other non-finite logits give a non-finite loss.
+the reference). Targets outside [0, C) are never used as an address (the target's logit is
+read at column 0 instead); such rows give NaN. Other non-finite logits give a non-finite loss
+(row maxima propagate NaN).
 """
 import triton
 import triton.language as tl
@@ -87,39 +91,91 @@ def _opaque_zero(x, FAST_MATH: tl.constexpr):
 
 
 @triton.jit
+def _row_anchor(base, r, cols, opaque, FAST_MATH: tl.constexpr):
+    """A [BLOCK_B, BLOCK_C] int32 zero that gives the tile its layout: one row per thread.
+    Triton picks layouts from memory accesses, and a tile made by tl.gather takes its index's
+    layout; an index built from this load's result is laid out as this load is (8 16-bit
+    columns a thread: one 16-byte vector), whatever the logits' dtype. The load's mask is
+    always false (opaque is 0) and ptxas, which sees the 0, deletes it: no instruction, no byte."""
+    if FAST_MATH:
+        ptrs = base.to(tl.pointer_type(tl.int16)) + tl.broadcast_to(cols[None, :], [r.shape[0], cols.shape[0]])
+        never = tl.broadcast_to(opaque != 0, [r.shape[0], cols.shape[0]])
+        a = tl.load(ptrs, mask=never, other=0)
+        return tl.inline_asm_elementwise("mov.u32 $0, 0;", "=r,h", [a], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        return 0
+
+
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _row_max(x):
+    """max over each row of a 2-D tile, NaN-propagating: LLVM folds max(x, -inf) = x for this
+    maximum (not for maxnum, which -inf beats a NaN), so -inf padding columns cost nothing."""
+    return tl.reduce(x, 1, _max_nan)
+
+
+@triton.jit
+def _neg_zero():
+    """-0.0 (x + -0.0 == x exactly, so the compiler drops it; a -0.0 literal is folded to 0.0)."""
+    return tl.full([1, 1], -2147483648, tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _softmax_parts(x, scale, col_ok, FAST_MATH: tl.constexpr):
     """Softmax of ``scale * x`` by rows of a [rows, cols] tile: (m = scale * max x, m_l = its
     log2 e multiple as rounded, e = exp(scale x - m) computed as 2^(x scale log2e - m_l), 1/sum e,
     ln sum e). One FFMA and one MUFU.EX2 per element. The one rounding of m_l scales every e of
     a row alike (p = e / sum e is unchanged) and is taken out of ln sum e exactly (``err``)."""
-    m = tl.max(x, axis=1) * scale
+    m = _row_max(x) * scale
     m_l = m * _LOG2E
     err = tl.fma(m, _LOG2E, -m_l)  # m log2e - m_l, exactly
     # padding columns are 0 by construction: said so (as -0.0, which adds exactly nothing), the
     # compiler drops their (opaque) exp and their share of the sum
-    e = tl.where(col_ok[None, :], _ex2(x * (scale * _LOG2E) - m_l[:, None], FAST_MATH), -0.0)
+    e = tl.where(col_ok[None, :], _ex2(x * (scale * _LOG2E) - m_l[:, None], FAST_MATH), _neg_zero())
     s = tl.sum(e, axis=1)
     return m, m_l, e, _rcp(s, FAST_MATH), (_lg2(s, FAST_MATH) + err) * _LN2
 
 
 @triton.jit
-def _load_rows(ptr, start, r, cols, rows_left, stride_b, stride_c, C: tl.constexpr, FULL: tl.constexpr,
-               FLAT_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+def _load_rows(ptr, start, r, cols, rows_left, opaque, target, stride_b, stride_c, C: tl.constexpr,
+               FULL: tl.constexpr, FLAT_ROWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+               FAST_MATH: tl.constexpr):
     """[BLOCK_B, BLOCK_C] float32 logits of the tile's rows: -inf in the padding columns (a
-    probability of 0), 0 in rows past the batch (finite; dropped from every sum)."""
+    probability of 0), 0 in rows past the batch (finite; dropped from every sum). Rows taken
+    through shared memory (flat rows, C < BLOCK_C) with a ``target`` column per row hold that
+    column's logit in the last padding column instead (the caller masks it)."""
     col_ok = cols < C  # C is a compile-time constant: this mask folds away per register
-    if FLAT_ROWS:
-        offs = r[:, None] * C + cols[None, :]  # 32-bit offsets inside the tile
+    if FLAT_ROWS and C != BLOCK_C:
+        f = r[:, None] * BLOCK_C + cols[None, :]
         base = ptr + start * C
+        if FULL:
+            xf = tl.load(base + f, mask=f < BLOCK_B * C, other=0.0)
+        else:
+            xf = tl.load(base + f, mask=f < rows_left.to(tl.int32) * C, other=0.0)
+        src = r[:, None] * C + cols[None, :] + _row_anchor(base, r, cols, opaque, FAST_MATH)
+        if target is not None:
+            src = tl.where(cols[None, :] == BLOCK_C - 1, (r * C + target)[:, None], src)
+        x = tl.reshape(tl.gather(tl.reshape(xf, [BLOCK_B * BLOCK_C]), tl.reshape(src, [BLOCK_B * BLOCK_C]), 0),
+                       [BLOCK_B, BLOCK_C]).to(tl.float32)
+        if target is None:
+            x = tl.where(col_ok[None, :], x, float("-inf"))
     else:
-        offs = r.to(tl.int64)[:, None] * stride_b + cols.to(tl.int64)[None, :] * stride_c
-        base = ptr + start * stride_b
-    if FULL:
-        x = tl.load(base + offs, mask=col_ok[None, :], other=float("-inf")).to(tl.float32)
-    else:
-        ok = (r < rows_left)[:, None] & col_ok[None, :]
-        x = tl.load(base + offs, mask=ok, other=0.0).to(tl.float32)
-        x = tl.where(col_ok[None, :], x, float("-inf"))
+        if FLAT_ROWS:
+            offs = r[:, None] * C + cols[None, :]  # 32-bit offsets inside the tile
+            base = ptr + start * C
+        else:
+            offs = r.to(tl.int64)[:, None] * stride_b + cols.to(tl.int64)[None, :] * stride_c
+            base = ptr + start * stride_b
+        if FULL:
+            x = tl.load(base + offs, mask=col_ok[None, :], other=float("-inf")).to(tl.float32)
+        else:
+            ok = (r < rows_left)[:, None] & col_ok[None, :]
+            x = tl.load(base + offs, mask=ok, other=0.0).to(tl.float32)
+            x = tl.where(col_ok[None, :], x, float("-inf"))
     return x
 
 
@@ -153,11 +209,26 @@ def _nla_tile(
         y = tl.load((y_ptr + start * stride_y) + (opaque + r) * stride_y)
     else:
         y = tl.load(y_ptr + rows * stride_y, mask=row_ok, other=0)
-    z = _load_rows(z_ptr, start, r, cols, rows_left, stride_zb, stride_zc, C, FULL, FLAT_ROWS, BLOCK_C)
-    if HAS_FLIP:
-        zf = _load_rows(zf_ptr, start, r, cols, rows_left, stride_zfb, stride_zfc, C, FULL, FLAT_ROWS, BLOCK_C)
-
+    # an out-of-range label is never an address (the padded target reads column 0 instead, and
+    # y_ok makes the row NaN)
+    y = y.to(tl.int64)  # any integer dtype read as it is; 64-bit so 2^40 cannot wrap into range
+    y_ok = y.to(tl.uint64) < C  # one unsigned compare: negative labels wrap past C
     col_ok = cols < C  # a compile-time constant per register
+    # rows through shared memory bring their target's logit along in the last padding column
+    # (one shared load where a masked sum over the row costs ~2 instructions a column)
+    PADDED_TARGET: tl.constexpr = FLAT_ROWS and C != BLOCK_C
+    if PADDED_TARGET:
+        z = _load_rows(z_ptr, start, r, cols, rows_left, opaque, tl.where(y_ok, y, 0).to(tl.int32), stride_zb,
+                       stride_zc, C, FULL, FLAT_ROWS, BLOCK_B, BLOCK_C, FAST_MATH)
+        z_y = tl.sum(tl.where(cols[None, :] == BLOCK_C - 1, z, _neg_zero()), axis=1)
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+    else:
+        z = _load_rows(z_ptr, start, r, cols, rows_left, opaque, None, stride_zb, stride_zc, C, FULL, FLAT_ROWS,
+                       BLOCK_B, BLOCK_C, FAST_MATH)
+    if HAS_FLIP:
+        zf = _load_rows(zf_ptr, start, r, cols, rows_left, opaque, None, stride_zfb, stride_zfc, C, FULL, FLAT_ROWS,
+                        BLOCK_B, BLOCK_C, FAST_MATH)
+
     # gradients: one flat block per tile, written with 16-byte stores (see _flat_rows)
     f = r[:, None] * BLOCK_C + cols[None, :]
     if C != BLOCK_C:
@@ -193,20 +264,18 @@ def _nla_tile(
                 gzf = _flat_rows(gzf.to(gzf_ptr.dtype.element_ty), flat_src, C == BLOCK_C, BLOCK_B, BLOCK_C)
                 _store_flat(gzf_ptr + g_tile + f, gzf, f, rows_left, C, FULL, C == BLOCK_C, BLOCK_B)
 
-    # the gather of the target is a compare: an out-of-range label is never an address
-    y = y.to(tl.int64)  # any integer dtype read as it is; 64-bit so 2^40 cannot wrap into range
-    y_ok = y.to(tl.uint64) < C  # one unsigned compare: negative labels wrap past C
     # (& col_ok: a padding column is never y, and the compiler then drops its selects)
     is_y = (cols[None, :] == tl.where(y_ok, y, -1).to(tl.int32)[:, None]) & col_ok[None, :]
 
     m, m_l, e, inv_s, ln_s = _softmax_parts(z, 1.0, cols < C, FAST_MATH)
-    z_y = tl.sum(tl.where(is_y, z, 0.0), axis=1)
+    if not PADDED_TARGET:
+        z_y = tl.sum(tl.where(is_y, z, _neg_zero()), axis=1)
     ce = tl.where(y_ok, ln_s - (z_y - m), float("nan"))
     # nearest negative on the raw logits (softmax is monotone): first index among tied maxima.
     # When every negative is -inf, k may land on y or a padding column: then n = 0 and its
     # gradient term vanishes, so any k is right.
     z_neg = tl.where(is_y, float("-inf"), z)
-    z_k = tl.max(z_neg, axis=1)
+    z_k = _row_max(z_neg)
     k = tl.min(tl.where(z_neg == z_k[:, None], cols[None, :], BLOCK_C), axis=1)
     is_k = (cols[None, :] == k[:, None]) & col_ok[None, :]
     true_case = z_y >= z_k  # ties count as the true case

@@ -670,9 +670,10 @@ def test_sm90_extension_meets_the_static_targets(stable_kernel_model_cache):
 @pytest.mark.slow
 def test_sm90_triton_short_rows_meet_the_static_targets(tmp_path):
     """(2^20, 7), issue 18, every config the Triton backend may launch (the heuristic one and each
-    autotune candidate), from the sm_90 machine code of this Triton: no spills; bf16 at <= 13
-    warp-instructions per row, >= 32 resident warps and a predicted >= 70% of H200 copy bandwidth;
-    float32 >= 50%. Each persistent grid is the steady one: the compiled occupancy times the SMs."""
+    autotune candidate), from the sm_90 machine code of this Triton, bf16 and float32 alike: no
+    spills, <= 13 warp-instructions per row, >= 32 resident warps, 16-byte loads of the logits in
+    the main loop; a predicted >= 70% of H200 copy bandwidth for bf16, >= 50% for float32. Each
+    persistent grid is the steady one: the compiled occupancy times the SMs."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     done = subprocess.run([sys.executable, str(BENCH / "kernel_model.py"), "--backend", "triton", "--arch", "90",
@@ -687,8 +688,11 @@ def test_sm90_triton_short_rows_meet_the_static_targets(tmp_path):
         assert r["spill_bytes"] == 0, r
         block_b = int(r["config"].split("_")[0][2:])  # "bb1024_w32_r64"
         assert r["grid"] == min(2**20 // block_b, r["blocks_per_sm"] * 132), r
+        assert r["instructions_per_row"] <= 13 and r["warps_per_sm"] >= 32, r
+        # logits in 16-byte vectors, int64 targets in 8 bytes: no narrower load in the main loop
+        assert r["loop_max_load_bytes"] == 16, r
+        assert all(".128" in op or ".64" in op for op in r["loop_load_opcodes"]), r["loop_load_opcodes"]
         if r["dtype"] == "bfloat16":
-            assert r["instructions_per_row"] <= 13 and r["warps_per_sm"] >= 32, r
             assert totals[("bfloat16", r["config"])]["predicted_pct_copy_bw"] >= 70, r["config"]
         else:
             assert totals[("float32", r["config"])]["predicted_pct_copy_bw"] >= 50, r["config"]
