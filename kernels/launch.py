@@ -98,33 +98,42 @@ def is_untuned(batch, block_cols: int) -> bool:
 # Large batches of short rows (C <= 8): one row per thread, under a 64-register cap (32 warps
 # resident per SM) without spills (sm_90 / sm_80 machine code from Triton 3.6 and 3.8,
 # bench/kernel_model.py). 2-byte logits: 1024-thread programs. float32: 256-thread programs
-# (1024 threads spill 16 bytes on sm_80).
+# (1024 threads spill 16 bytes on sm_80). That holds for the official loss on contiguous rows
+# without the weights' output; under the cap the other kinds of call (JSD, strided rows, the
+# weights) spilled 2-29 instructions in some combinations, so they run uncapped (ptxas picks
+# their registers: 16-32 warps; tests/test_kernel_model.py checks every combination on sm_90).
 _ROWS_CONFIGS = {2: Config(1024, 32, 1, 64), 4: Config(256, 8, 1, 64)}
+_ROWS_CONFIGS_UNCAPPED = {2: Config(512, 16), 4: Config(128, 4)}
+
+
+def capped(flags: dict) -> bool:
+    """Whether a call's short-row kernel fits the 64-register configs without spilling."""
+    return not flags["JSD"] and flags["FLAT_ROWS"] and not flags["WRITE_W"]
 
 
 def fixed_config(batch, block_cols: int, element_size: int = 2, num_classes: Optional[int] = None,
-                 flat_rows: bool = True) -> Config:
+                 flat_rows: bool = True, cap: bool = True) -> Config:
     """The configuration used without tuning, the same in every process: one program holding
     the whole batch for small batches, else the large-batch heuristic (wide rows: for this
-    batch, ``wide_configs``)."""
+    batch, ``wide_configs``; short rows: a 64-register one where ``cap``, see ``capped``)."""
     if is_wide(block_cols):
         return wide_configs(batch, num_classes or block_cols, element_size, flat_rows)[0]
     if is_single_program(batch, block_cols):
         block_b = next_pow2(batch)
         return Config(block_b, _warps_for(block_b, block_cols))
     if block_cols <= 8:
-        return _ROWS_CONFIGS[2 if element_size <= 2 else 4]
+        return (_ROWS_CONFIGS if cap else _ROWS_CONFIGS_UNCAPPED)[2 if element_size <= 2 else 4]
     block_b = max(1, _TILE_ELEMENTS // block_cols)
     return Config(block_b, _warps_for(block_b, block_cols))
 
 
 def tuning_candidates(block_cols: int, element_size: int = 2, num_classes: Optional[int] = None,
-                      flat_rows: bool = True, batch=None) -> list[Config]:
+                      flat_rows: bool = True, cap: bool = True, batch=None) -> list[Config]:
     """Large-batch candidates, the heuristic one (for ``batch``) first. Candidates that spill
     registers are dropped when compiled (``time_candidate``)."""
     if is_wide(block_cols):
         return wide_configs(batch, num_classes or block_cols, element_size, flat_rows)
-    configs = [fixed_config(None, block_cols, element_size, num_classes, flat_rows)]
+    configs = [fixed_config(None, block_cols, element_size, num_classes, flat_rows, cap)]
     if block_cols <= 8 and element_size <= 2:
         extra = [Config(1024, 32, 1, 64), Config(512, 16, 1, 64), Config(256, 8, 1, 64), Config(128, 4, 1, 64),
                  Config(512, 16)]
@@ -398,7 +407,7 @@ def time_candidate(config: Config, flags: dict, args_for, batch, device):
 
 def _tune(args_for, flags, batch, device, tuning_key, element_size) -> Config:
     """Time the candidates once (eager, on a GPU) and remember the fastest non-spilling one."""
-    shape = (flags["C"], flags["FLAT_ROWS"])
+    shape = (flags["C"], flags["FLAT_ROWS"], capped(flags))
     best, best_ms = fixed_config(batch, flags["BLOCK_C"], element_size, *shape), float("inf")
     for config in tuning_candidates(flags["BLOCK_C"], element_size, *shape, batch=batch):
         ms = time_candidate(config, flags, args_for, batch, device)
@@ -417,7 +426,7 @@ def _choose_plan(key, batch, device, flags, args_for, eager: bool) -> Plan:
     """The plan of a call not seen before: fixed, remembered-tuned, freshly tuned or heuristic."""
     cols = flags["BLOCK_C"]
     element_size = max(key[3].itemsize, key[4].itemsize)  # the logits' dtypes
-    config = fixed_config(batch, cols, element_size, flags["C"], flags["FLAT_ROWS"])
+    config = fixed_config(batch, cols, element_size, flags["C"], flags["FLAT_ROWS"], capped(flags))
     tunable = not is_untuned(batch, cols) and tunable_device(device)
     # every field of the plan key but the exact batch, which is bucketed by its bit length
     tuning_key = key[:1] + key[2:] + (int(batch).bit_length() if isinstance(batch, int) else None,)
@@ -446,6 +455,19 @@ def _remember_occupancy(plan: Plan, key, batch, device, compiled) -> None:
     plan.num_programs = grid_size(batch, device, config, per_sm)
 
 
+# Strided short rows are addressed by 32-bit offsets from each tile's 64-bit base; a view whose
+# tile of up to _TILE_ROWS_MAX rows could span 2^31 elements is copied to contiguous first.
+_TILE_ROWS_MAX = 4096
+
+
+def _tile_addressable(t: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``t``, or its contiguous copy where a short-row tile of it is not 32-bit addressable."""
+    if t.is_contiguous() or num_classes > NARROW_MAX_C:  # (wide rows: 64-bit offsets)
+        return t
+    span = (_TILE_ROWS_MAX - 1) * abs(t.stride(0)) + (num_classes - 1) * abs(t.stride(1))
+    return t if span < 2**31 else t.contiguous()
+
+
 def forward(logits, logits_flip, target, eps_tensor, eps_value, consts, jsd, reg_mean,
             grad_z, grad_zf, weights, loss, wrap=None):
     """(loss, d/dlogits, d/dlogits_flip, weights), None for what was not asked for. Eager
@@ -453,11 +475,14 @@ def forward(logits, logits_flip, target, eps_tensor, eps_value, consts, jsd, reg
     batch, num_classes = logits.shape
     num_classes = int(num_classes)  # C picks constexpr block sizes: specialise on it under compile
     device = logits.device
-    zf = logits_flip if logits_flip is not None else logits
+    logits = _tile_addressable(logits, num_classes)
+    zf = _tile_addressable(logits_flip, num_classes) if logits_flip is not None else logits
     eps_dtype = None if eps_tensor is None else eps_tensor.dtype
+    # strided logits: their strides are in the key (Triton specialises a compiled kernel on
+    # strides of 1 and multiples of 16, and a remembered kernel is launched as compiled)
+    layout = True if logits.is_contiguous() and zf.is_contiguous() else (logits.stride(), zf.stride())
     key = (device, batch, num_classes, logits.dtype, zf.dtype, target.dtype, target.stride(0), eps_dtype,
-           logits.is_contiguous() and zf.is_contiguous(), logits_flip is not None, jsd, reg_mean,
-           grad_z, grad_zf, weights, loss)
+           layout, logits_flip is not None, jsd, reg_mean, grad_z, grad_zf, weights, loss)
     eager = wrap is None
     plan = _plans.get(key) if eager else None
     gz = logits.new_empty((batch, num_classes)) if grad_z else None
@@ -625,7 +650,7 @@ def describe_launches(batch, num_classes, dtype, flip_dtype=None, grad_z=True, g
                  BLOCK_C=cols, FAST_MATH=not INTERPRET if fast_math is None else fast_math)
     large = not is_untuned(batch, cols)
     small_role = "fixed" if is_wide(cols) else "single program"
-    shape = (num_classes, contiguous)
+    shape = (num_classes, contiguous, capped(flags))
     configs = [("heuristic" if large else small_role, fixed_config(batch, cols, element_size, *shape))]
     if large:
         configs += [("autotune", c) for c in tuning_candidates(cols, element_size, *shape, batch=batch)[1:]]

@@ -168,7 +168,8 @@ def _load_rows(ptr, start, r, cols, rows_left, opaque, target, stride_b, stride_
             offs = r[:, None] * C + cols[None, :]  # 32-bit offsets inside the tile
             base = ptr + start * C
         else:
-            offs = r.to(tl.int64)[:, None] * stride_b + cols.to(tl.int64)[None, :] * stride_c
+            # rebuilt per tile (on opaque): hoisted, the loop-invariant offsets would hold registers
+            offs = (opaque + r)[:, None] * stride_b + cols[None, :] * stride_c
             base = ptr + start * stride_b
         if FULL:
             x = tl.load(base + offs, mask=col_ok[None, :], other=float("-inf")).to(tl.float32)
@@ -293,7 +294,7 @@ def _nla_tile(
     w = tl.where(y_ok, w, float("nan"))
     if WRITE_W:
         if FULL:
-            tl.store(w_ptr + rows, w)
+            tl.store((w_ptr + start) + (opaque + r), w)  # as the targets: no 64-bit pointer held
         else:
             tl.store(w_ptr + rows, w, mask=row_ok)
 

@@ -698,6 +698,50 @@ def test_sm90_triton_short_rows_meet_the_static_targets(tmp_path):
             assert totals[("float32", r["config"])]["predicted_pct_copy_bw"] >= 50, r["config"]
 
 
+_VARIANTS = textwrap.dedent(
+    """
+    import itertools, json, sys
+    sys.path.insert(0, sys.argv[1])
+    import torch
+    import kernel_model
+    from nla_fast.kernels import launch
+
+    found = {}
+    for dtype, jsd, contiguous, grad_zf, weights in itertools.product(
+            ("bfloat16", "float32"), (False, True), (True, False), (True, False), (False, True)):
+        forward = launch.describe_launches(2**20, 7, getattr(torch, dtype), grad_zf=grad_zf, weights=weights,
+                                           contiguous=contiguous, jsd=jsd, sm_count=132, warps_per_sm=32,
+                                           fast_math=True)[0]
+        path, function, _ = kernel_model.compile_triton(forward, 90)
+        code = kernel_model.kernels_of(path)[function]
+        found[f"{dtype} jsd={jsd} contiguous={contiguous} grad_zf={grad_zf} weights={weights}"] = dict(
+            config=forward["config"], spill_bytes=code.summary()["spill_bytes"], registers=code.registers)
+    print(json.dumps(found))
+    """
+)
+
+
+@pytest.mark.slow
+def test_sm90_short_rows_do_not_spill_in_any_kind_of_call(tmp_path):
+    """(2^20, 7), the heuristic config of every kind of call (official / JSD, contiguous /
+    strided logits, with or without d/dlogits_flip and the weights), bf16 and float32, sm_90 of
+    this Triton: no spill. The official loss on contiguous rows without the weights is the
+    64-register config; the other kinds run uncapped (``launch.capped``)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    script = tmp_path / "variants.py"
+    script.write_text(_VARIANTS)
+    done = subprocess.run([sys.executable, str(script), str(BENCH)], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(found) == 32
+    for case, facts in found.items():
+        assert facts["spill_bytes"] == 0, (case, facts)
+        capped = "jsd=False contiguous=True" in case and "weights=False" in case
+        assert facts["config"].endswith("_r64") == capped, (case, facts)
+
+
 _REQUIRED = ("backend", "kernel", "shape", "dtype", "arch", "registers", "spill_bytes", "warps_per_sm",
              "instructions_per_row", "predicted_us", "predicted_pct_copy_bw")
 

@@ -35,6 +35,48 @@ def test_small_batches_are_one_launch_with_a_fixed_config_and_nothing_is_tuned_h
     assert launch._tuned == {}
 
 
+def test_strided_logits_are_planned_per_stride_pattern(monkeypatch):
+    """A compiled kernel is specialised on its stride arguments (1, multiples of 16) and a
+    remembered plan is launched as compiled: two strided layouts of one (B, C) get a plan each,
+    and both give the oracle's values."""
+    from nla_fast.kernels import launch
+
+    monkeypatch.setattr(launch, "_plans", {})
+    z, zf, y = make_inputs(40, 7, seed=31)
+    ref_loss, ref_gz, ref_gzf, ref_w = oracle(z, zf, y, 0.37, CONFIGS["paper"])
+    for layout in ("transposed", "sliced"):
+        if layout == "transposed":  # strides (1, 40)
+            bases = [v.t().contiguous().requires_grad_() for v in (z, zf)]
+            a, b = (base.t() for base in bases)
+        else:  # strides (16, 1)
+            bases = [torch.cat([v, torch.zeros(40, 9)], 1).requires_grad_() for v in (z, zf)]
+            a, b = (base[:, :7] for base in bases)
+        assert not a.is_contiguous() and not b.is_contiguous()
+        loss, w = nla_loss(a, b, y, 0.37, CONFIGS["paper"], backend="triton", validate=False, return_weights=True)
+        loss.backward()
+        grads = [base.grad.t() if layout == "transposed" else base.grad[:, :7] for base in bases]
+        assert_close(loss, ref_loss, 2e-5, what=f"{layout} loss")
+        assert_close(w, ref_w, 2e-5, 1e-6, f"{layout} weights")
+        assert_close(grads[0], ref_gz, 2e-5, 1e-7, f"{layout} d/dlogits")
+        assert_close(grads[1], ref_gzf, 2e-5, 1e-7, f"{layout} d/dlogits_flip")
+    assert len(launch._plans) == 2
+
+
+def test_strided_views_whose_tile_is_not_32_bit_addressable_are_copied():
+    """Strided short rows are addressed by 32-bit offsets within a tile: a view whose tile could
+    span 2^31 elements is made contiguous first; others are used as they are (meta tensors: no
+    memory)."""
+    from nla_fast.kernels import launch
+
+    small = torch.empty(64, 7, device="meta").t().contiguous().t()
+    assert launch._tile_addressable(small, 7) is small
+    huge = torch.empty(8, 2**20, device="meta")[:, :7]  # a tile of 4096 rows spans ~2^32 elements
+    copied = launch._tile_addressable(huge, 7)
+    assert copied is not huge and copied.is_contiguous() and copied.shape == huge.shape
+    wide = torch.empty(8, 2**20, device="meta")[:, :100]  # wide rows keep 64-bit offsets
+    assert launch._tile_addressable(wide, 100) is wide
+
+
 def _stand_in_tuning(monkeypatch, times):
     """Tuning as on a GPU, with the interpreted kernel: candidate i 'takes' times[i] ms (None: it
     spills); every timed candidate is launched for real, so its outputs are checked too."""
@@ -43,7 +85,7 @@ def _stand_in_tuning(monkeypatch, times):
     timed = []
 
     def time_candidate(config, flags, args_for, batch, device):
-        index = launch.tuning_candidates(flags["BLOCK_C"], 4).index(config)  # float32 logits
+        index = launch.tuning_candidates(flags["BLOCK_C"], 4, cap=launch.capped(flags)).index(config)  # float32
         timed.append((config, flags["GRAD_Z"]))
         kwargs = launch._config_kwargs(flags, config)
         grid = launch.grid_size(batch, device, config, 1)
@@ -66,7 +108,8 @@ def test_tuning_picks_the_fastest_non_spilling_candidate_once_per_kind_of_call(m
     a forward-only call is tuned apart from a forward + backward one (their kernels differ)."""
     from nla_fast.kernels import launch as module
 
-    candidates = module.tuning_candidates(8, 4)
+    candidates = module.tuning_candidates(8, 4, cap=False)  # check() asks for the weights too
+    assert len(candidates) == len(module.tuning_candidates(8, 4, cap=True))  # (the forward-only call's)
     times = [5.0] * len(candidates)
     times[which] = 1.0
     times[0] = None  # "spills": never chosen, although it would be timed as fastest
@@ -93,7 +136,7 @@ def test_a_plan_made_where_tuning_is_impossible_is_not_remembered(monkeypatch):
     assert timed == [] and launch._plans == {}
     allowed["now"] = True
     check("triton", z, zf, y, 0.37, CONFIGS["paper"])
-    assert len(timed) == len(launch.tuning_candidates(8, 4)) and len(launch._plans) == 1
+    assert len(timed) == len(launch.tuning_candidates(8, 4, cap=False)) and len(launch._plans) == 1
 
 
 _COMPILE_SCRIPT = textwrap.dedent(
