@@ -112,10 +112,15 @@ def _max_nan(a, b):
 
 
 @triton.jit
-def _row_max(x):
+def _row_max(x, FAST_MATH: tl.constexpr):
     """max over each row of a 2-D tile, NaN-propagating: LLVM folds max(x, -inf) = x for this
-    maximum (not for maxnum, which -inf beats a NaN), so -inf padding columns cost nothing."""
-    return tl.reduce(x, 1, _max_nan)
+    maximum (not for maxnum, which -inf beats a NaN), so -inf padding columns cost nothing. The
+    interpreter (no FAST_MATH) takes tl.max, numpy's NaN-propagating max: a reduce with a
+    combine function runs in Python there, which doubled the CPU suite's Triton cases."""
+    if FAST_MATH:
+        return tl.reduce(x, 1, _max_nan)
+    else:
+        return tl.max(x, axis=1)
 
 
 @triton.jit
@@ -130,7 +135,7 @@ def _softmax_parts(x, scale, col_ok, FAST_MATH: tl.constexpr):
     log2 e multiple as rounded, e = exp(scale x - m) computed as 2^(x scale log2e - m_l), 1/sum e,
     ln sum e). One FFMA and one MUFU.EX2 per element. The one rounding of m_l scales every e of
     a row alike (p = e / sum e is unchanged) and is taken out of ln sum e exactly (``err``)."""
-    m = _row_max(x) * scale
+    m = _row_max(x, FAST_MATH) * scale
     m_l = m * _LOG2E
     err = tl.fma(m, _LOG2E, -m_l)  # m log2e - m_l, exactly
     # padding columns are 0 by construction: said so (as -0.0, which adds exactly nothing), the
@@ -276,7 +281,7 @@ def _nla_tile(
     # When every negative is -inf, k may land on y or a padding column: then n = 0 and its
     # gradient term vanishes, so any k is right.
     z_neg = tl.where(is_y, float("-inf"), z)
-    z_k = _row_max(z_neg)
+    z_k = _row_max(z_neg, FAST_MATH)
     k = tl.min(tl.where(z_neg == z_k[:, None], cols[None, :], BLOCK_C), axis=1)
     is_k = (cols[None, :] == k[:, None]) & col_ok[None, :]
     true_case = z_y >= z_k  # ties count as the true case
