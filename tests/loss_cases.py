@@ -96,12 +96,13 @@ def oracle(z, zf, y, eps, config):
     return result
 
 
-def run(backend, z, zf, y, eps, config, grad_scale=1.0):
+def run(backend, z, zf, y, eps, config, grad_scale=1.0, weights=True):
     """(loss, d/dlogits, d/dlogits_flip, weights) through the public API, gradients on leaf copies
-    of the inputs in their own dtype and layout."""
+    of the inputs in their own dtype and layout (weights None unless asked for)."""
     a = z.detach().clone().requires_grad_()
     b = zf.detach().clone().requires_grad_()
-    loss, w = nla_fast.nla_loss(a, b, y, eps, config, backend=backend, validate=False, return_weights=True)
+    out = nla_fast.nla_loss(a, b, y, eps, config, backend=backend, validate=False, return_weights=weights)
+    loss, w = out if weights else (out, None)
     (loss * grad_scale).backward() if grad_scale != 1.0 else loss.backward()
     return loss.detach(), a.grad, b.grad, w
 
@@ -128,21 +129,23 @@ def assert_matches(out, ref, computed: torch.dtype, stored: torch.dtype = torch.
     grad_rtol = tol["grad"] + STORE_RTOL.get(stored, 0.0)
     assert_close(gz, rgz * grad_scale, grad_rtol, tol["atol"], "d/dlogits")
     assert_close(gzf, rgzf * grad_scale, grad_rtol, tol["atol"], "d/dlogits_flip")
-    # the public API returns float32 weights whatever the maths: their rounding, 6e-8, is the floor
-    w_rtol = tol["w"] if w.dtype == torch.float64 else max(tol["w"], 1e-7)
-    assert_close(w, rw, w_rtol, tol["atol"], "weights")
+    if w is not None:
+        # the public API returns float32 weights whatever the maths: their rounding, 6e-8, is the floor
+        w_rtol = tol["w"] if w.dtype == torch.float64 else max(tol["w"], 1e-7)
+        assert_close(w, rw, w_rtol, tol["atol"], "weights")
 
 
-def check(backend, z, zf, y, eps_kind, config, grad_scale=1.0):
+def check(backend, z, zf, y, eps_kind, config, grad_scale=1.0, weights=True):
     """Run ``backend`` on the inputs and compare everything with the oracle; also the dtypes:
-    a float32 loss (float64 where the maths is), gradients in each input's dtype, float32 weights."""
+    a float32 loss (float64 where the maths is), gradients in each input's dtype, float32 weights
+    (``weights=False``: a call without them, which may launch another kernel)."""
     eps, eps_ref = make_eps(eps_kind, z.device)
-    out = run(backend, z, zf, y, eps, config, grad_scale)
+    out = run(backend, z, zf, y, eps, config, grad_scale, weights)
     computed = computes_in(backend, torch.promote_types(z.dtype, zf.dtype))
     loss, gz, gzf, w = out
     assert loss.dim() == 0 and loss.dtype == (torch.float64 if computed == torch.float64 else torch.float32)
     assert gz.dtype == z.dtype and gzf.dtype == zf.dtype
-    assert w.dtype == torch.float32 and w.shape == y.shape
+    assert (w is None) if not weights else (w.dtype == torch.float32 and w.shape == y.shape)
     assert_matches(out, oracle(z, zf, y, eps_ref, config), computed, z.dtype, grad_scale)
     return out
 

@@ -35,6 +35,20 @@ def test_small_batches_are_one_launch_with_a_fixed_config_and_nothing_is_tuned_h
     assert launch._tuned == {}
 
 
+def test_large_batches_without_the_weights():
+    """A call without the weights launches another kernel (the 64-register configs: the one
+    that carries the bandwidth, ``launch.capped``) than ``check``'s: values and gradients against
+    the oracle over full tiles and a partial one, every kind of eps, both consistency terms."""
+    from nla_fast.kernels import launch
+
+    z, zf, y = make_inputs(1000, 7, seed=32)  # float32: tiles of 256 rows, the last one partial
+    for i, name in enumerate(("paper", "official", "paper-jsd")):
+        check("triton", z, zf, y, EPS_KINDS[i], CONFIGS[name], weights=False)
+    flags = dict(JSD=False, FLAT_ROWS=True, WRITE_W=False)
+    assert launch.capped(flags) and not launch.capped(dict(flags, WRITE_W=True))
+    assert not launch.capped(dict(flags, JSD=True)) and not launch.capped(dict(flags, FLAT_ROWS=False))
+
+
 def test_strided_logits_are_planned_per_stride_pattern(monkeypatch):
     """A compiled kernel is specialised on its stride arguments (1, multiples of 16) and a
     remembered plan is launched as compiled: two strided layouts of one (B, C) get a plan each,
@@ -228,6 +242,17 @@ def test_low_precision_gpu(dtype, batch, classes):
     for i, name in enumerate(CONFIGS):
         z, zf, y = make_inputs(batch, classes, dtype=dtype, seed=i, device="cuda")
         check("triton", z, zf, y, EPS_KINDS[i], CONFIGS[name])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("batch", [3 * 1024 + 5, 2**16])  # full tiles and a partial one / full only
+def test_large_batches_without_the_weights_gpu(dtype, batch):
+    """The compiled kernels that carry the bandwidth (official loss, contiguous rows, no weights:
+    the 64-register heuristic, or the tuned candidate), against the oracle at C = 7."""
+    for i, name in enumerate(("paper", "official", "paper-mean")):
+        z, zf, y = make_inputs(batch, 7, dtype=dtype, seed=40 + i, device="cuda")
+        check("triton", z, zf, y, EPS_KINDS[i], CONFIGS[name], weights=False)
 
 
 @pytest.mark.gpu
