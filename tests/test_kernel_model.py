@@ -502,17 +502,23 @@ _KNOWN_KERNELS = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def known_kernels(tmp_path_factory):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    folder = tmp_path_factory.mktemp("known_kernels")
+def machine_code_script(folder: Path, name: str, text: str):
+    """Run ``text`` as a script in a fresh process with the real compiler (no interpreter; its
+    Triton cache under ``folder``) and return the JSON of its last line. @triton.jit needs its
+    source in a file."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
     env["TRITON_CACHE_DIR"] = str(folder / "cache")
-    script = folder / "known_kernels.py"  # @triton.jit needs its source in a file
-    script.write_text(_KNOWN_KERNELS)
-    done = subprocess.run([sys.executable, str(script), str(BENCH)], env=env, capture_output=True,
-                          text=True, timeout=600)
+    script = folder / name
+    script.write_text(text)
+    done = subprocess.run([sys.executable, str(script), str(BENCH)], env=env, capture_output=True, text=True,
+                          timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def known_kernels(tmp_path_factory):
+    return machine_code_script(tmp_path_factory.mktemp("known_kernels"), "known_kernels.py", _KNOWN_KERNELS)
 
 
 @pytest.mark.slow
@@ -583,14 +589,7 @@ def test_wide_kernel_machine_code_at_4096_by_1000(tmp_path):
     shared memory in the tile loop, 16-byte loads; the loads and stores the model counts per row
     are exactly each chunk's (both views read twice, both gradients written once), i.e. its
     trips of the chunk loops match the compiled loops; >= 50% of H200 copy bandwidth (SPEC 4)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    script = tmp_path / "wide_kernel.py"
-    script.write_text(_WIDE_KERNEL)
-    done = subprocess.run([sys.executable, str(script), str(BENCH)], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = machine_code_script(tmp_path, "wide_kernel.py", _WIDE_KERNEL)
     for case, facts in result.items():
         forward, chunks = facts["forward"], -(-1000 // facts["forward"]["block_c"])
         assert facts["label"] == "bb1_w1_r64" and forward["function"] == "_nla_wide_kernel", case
@@ -727,14 +726,7 @@ def test_sm90_short_rows_do_not_spill_in_any_kind_of_call(tmp_path):
     strided logits, with or without d/dlogits_flip and the weights), bf16 and float32, sm_90 of
     this Triton: no spill. The official loss on contiguous rows without the weights is the
     64-register config; the other kinds run uncapped (``launch.capped``)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    script = tmp_path / "variants.py"
-    script.write_text(_VARIANTS)
-    done = subprocess.run([sys.executable, str(script), str(BENCH)], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
+    found = machine_code_script(tmp_path, "variants.py", _VARIANTS)
     assert len(found) == 32
     for case, facts in found.items():
         assert facts["spill_bytes"] == 0, (case, facts)
