@@ -475,12 +475,16 @@ def forward(logits, logits_flip, target, eps_tensor, eps_value, consts, jsd, reg
     batch, num_classes = logits.shape
     num_classes = int(num_classes)  # C picks constexpr block sizes: specialise on it under compile
     device = logits.device
-    logits = _tile_addressable(logits, num_classes)
-    zf = _tile_addressable(logits_flip, num_classes) if logits_flip is not None else logits
+    zf = logits_flip if logits_flip is not None else logits
+    layout = True  # contiguous rows; strided ones: their strides (below)
+    if not (logits.is_contiguous() and zf.is_contiguous()):
+        logits = _tile_addressable(logits, num_classes)
+        zf = _tile_addressable(zf, num_classes) if logits_flip is not None else logits
+        if not (logits.is_contiguous() and zf.is_contiguous()):
+            # in the key: Triton specialises a compiled kernel on strides of 1 and multiples of
+            # 16, and a remembered kernel is launched as compiled
+            layout = (logits.stride(), zf.stride())
     eps_dtype = None if eps_tensor is None else eps_tensor.dtype
-    # strided logits: their strides are in the key (Triton specialises a compiled kernel on
-    # strides of 1 and multiples of 16, and a remembered kernel is launched as compiled)
-    layout = True if logits.is_contiguous() and zf.is_contiguous() else (logits.stride(), zf.stride())
     key = (device, batch, num_classes, logits.dtype, zf.dtype, target.dtype, target.stride(0), eps_dtype,
            layout, logits_flip is not None, jsd, reg_mean, grad_z, grad_zf, weights, loss)
     eager = wrap is None

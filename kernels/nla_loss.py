@@ -10,8 +10,9 @@ them for torch.compile.
 
 Memory layout (what makes it fast at large B; rows of C = 7 bf16 values are 14 bytes):
 - compute: a tile of BLOCK_B rows x BLOCK_C = next_power_of_2(C) columns with whole rows in
-  one thread (two for float32 rows of exactly 8), so the ~12 row reductions are register-only and the
-  per-row maths (the Gaussian, the case split) runs once per row, not once per column;
+  one thread (C <= 8; two for float32 rows of exactly 8), so the ~12 row reductions are
+  register-only and the per-row maths (the Gaussian, the case split) runs once per row, not
+  once per column;
 - gradients: written as ONE flat contiguous block of BLOCK_B * C elements per tile, 16-byte
   vector stores. The compute tile is [BLOCK_B, BLOCK_C] with padding columns, the flat block is
   not (7 is not a power of two, so no tl.reshape), so the tile is permuted through shared memory
@@ -26,8 +27,8 @@ Memory layout (what makes it fast at large B; rows of C = 7 bf16 values are 14 b
   (float32 included, whose own 16-byte accesses hold half a row). The last padding column
   brings the row's target logit along (one shared load instead of a masked sum over the row).
   For C a power of two the rows are aligned and loaded as they are (16-byte vectors where they
-  are that wide). In-tile offsets are 32-bit (tile base in 64 bits); non-contiguous logits take
-  a strided 64-bit path (FLAT_ROWS=False);
+  are that wide). In-tile offsets are 32-bit (tile base in 64 bits), strided logits' too
+  (FLAT_ROWS=False; launch.py copies a view a tile of which could span 2^31 elements);
 - targets: one contiguous vector per tile.
 
 Numerics: everything is float32 in registers whatever the input dtype (float64 inputs are
@@ -92,10 +93,10 @@ def _opaque_zero(x, FAST_MATH: tl.constexpr):
 
 @triton.jit
 def _row_anchor(base, r, cols, opaque, FAST_MATH: tl.constexpr):
-    """A [BLOCK_B, BLOCK_C] int32 zero that gives the tile its layout: one row per thread.
-    Triton picks layouts from memory accesses, and a tile made by tl.gather takes its index's
-    layout; an index built from this load's result is laid out as this load is (8 16-bit
-    columns a thread: one 16-byte vector), whatever the logits' dtype. The load's mask is
+    """A [BLOCK_B, BLOCK_C] int32 zero that gives the tile its layout: one row per thread (rows
+    of up to 8 columns). Triton picks layouts from memory accesses, and a tile made by tl.gather
+    takes its index's layout; an index built from this load's result is laid out as this load
+    is (up to 8 16-bit columns a thread: one 16-byte vector), whatever the logits' dtype. The load's mask is
     always false (opaque is 0) and ptxas, which sees the 0, deletes it: no instruction, no byte."""
     if FAST_MATH:
         ptrs = base.to(tl.pointer_type(tl.int16)) + tl.broadcast_to(cols[None, :], [r.shape[0], cols.shape[0]])
