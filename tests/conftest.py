@@ -6,6 +6,7 @@ before any kernel module is imported. Tests marked ``gpu`` need CUDA and run in
 """
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -42,6 +43,23 @@ def one_thread_with_environment(name: str, value: str):
             yield
         finally:
             torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request):
+    """``mktemp`` for module-scoped fixtures: what they make (training runs, ~130 MB a checkpoint)
+    is removed when the module is done, unless a test failed (the files may explain it)."""
+    made = []
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    failed_before = request.session.testsfailed
+    yield mktemp
+    if request.session.testsfailed == failed_before:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

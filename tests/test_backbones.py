@@ -29,8 +29,8 @@ def metrics(out):
 
 
 @pytest.fixture(scope="module")
-def timm_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("timm_run")
+def timm_run(module_tmp):
+    out = module_tmp("timm_run")
     assert train.main(TINY + ["--epochs", "2", "--out", str(out)]) == 0
     return out
 

@@ -21,8 +21,8 @@ TINY = ["--dataset", "synthetic", "--num-samples", "16", "--image-size", "32", "
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, private_data_cache_one_thread):
-    out = tmp_path_factory.mktemp("run")
+def run_dir(module_tmp, private_data_cache_one_thread):
+    out = module_tmp("run")
     assert train.main(TINY + ["--out", str(out)]) == 0
     yield out
 

@@ -21,8 +21,8 @@ ONNX_TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, private_data_cache_one_thread):
-    out = tmp_path_factory.mktemp("run")
+def checkpoint(module_tmp, private_data_cache_one_thread):
+    out = module_tmp("run")
     assert train.main(TINY + ["--out", str(out)]) == 0
     yield out / "best.pt"
 

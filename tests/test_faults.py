@@ -39,8 +39,8 @@ pytestmark = pytest.mark.usefixtures("private_data_cache_one_thread")
 
 
 @pytest.fixture(scope="module")
-def done_run(tmp_path_factory, private_data_cache_one_thread):
-    out = tmp_path_factory.mktemp("done")
+def done_run(module_tmp, private_data_cache_one_thread):
+    out = module_tmp("done")
     assert train.main(TINY + ["--out", str(out)]) == 0
     return out
 
@@ -101,11 +101,11 @@ def test_resume_from_best_into_a_new_folder_still_works(done_run, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def second_checkpoint(done_run, tmp_path_factory):
+def second_checkpoint(done_run, module_tmp):
     """done_run's checkpoint with other weights: another checkpoint to export."""
     state = ckpt.load(done_run / "best.pt")
     state["model"] = {k: v * 0.5 if k.startswith("fc.") else v for k, v in state["model"].items()}
-    path = tmp_path_factory.mktemp("other") / "best.pt"
+    path = module_tmp("other") / "best.pt"
     ckpt.save(state, path)
     return path
 

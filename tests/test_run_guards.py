@@ -22,9 +22,9 @@ TINY = ["--dataset", "synthetic", "--num-samples", "16", "--image-size", "32", "
 
 
 @pytest.fixture(scope="module")
-def done_run(tmp_path_factory, private_data_cache_one_thread):
+def done_run(module_tmp, private_data_cache_one_thread):
     """One finished epoch, and a copy of its checkpoint marked as written mid-epoch (after step 1)."""
-    out = tmp_path_factory.mktemp("run")
+    out = module_tmp("run")
     assert train.main(TINY + ["--epochs", "1", "--out", str(out)]) == 0
     state = ckpt.load(out / "last.pt")
     state.update(epoch=0, step=1, epoch_done=False, history=[])

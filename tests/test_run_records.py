@@ -29,9 +29,9 @@ def without_timing(rows):
 
 
 @pytest.fixture(scope="module")
-def logged_run(tmp_path_factory):
+def logged_run(module_tmp):
     """Two epochs with --tensorboard (plots every epoch), then resumed for a third."""
-    out = tmp_path_factory.mktemp("logged")
+    out = module_tmp("logged")
     assert train.main(["--dataset", "synthetic", *TINY, "--epochs", "2", "--lr", "5e-4", "--gamma", "0.8",
                        "--tensorboard", "--out", str(out)]) == 0
     first_header = (out / "metrics.csv").read_text().splitlines()[0]

@@ -33,8 +33,8 @@ def without_timing(rows):
 
 
 @pytest.fixture(scope="module")
-def two_epochs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("two_epochs")
+def two_epochs(module_tmp):
+    out = module_tmp("two_epochs")
     assert run(out, "--epochs", "2") == 0
     return out
 
