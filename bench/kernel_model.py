@@ -545,7 +545,8 @@ def check(result: dict, arch: int = 90) -> list[str]:
     """The static targets (see BANDWIDTH_TARGETS) the rows of sm_<arch> miss, one line each
     (SPEC 4 judges sm_90; sm_80 is judged alike, against the A100's bandwidth)."""
     failures = []
-    rows = [r for r in result["rows"] if r["arch"] == arch]
+    # a tuning candidate that spills is never launched (launch.time_candidate drops it)
+    rows = [r for r in result["rows"] if r["arch"] == arch and r not in dropped_candidates(result, arch)]
     for r in rows:
         want = BANDWIDTH_TARGETS.get((*r["shape"], r["dtype"]))
         if r["kernel"] == "total" and r["role"] in UNTUNED_ROLES and want and (r["predicted_pct_copy_bw"] or 0) < want:
@@ -568,6 +569,17 @@ def check(result: dict, arch: int = 90) -> list[str]:
                  for k in result["extension_instantiations"]
                  if k["arch"] == arch and _spilled(k) and not k["fp64_instantiation"]]
     return failures
+
+
+def dropped_candidates(result: dict, arch: int = 90) -> list[dict]:
+    """The rows of sm_<arch>'s tuning candidates (role autotune) that spill, each kernel of
+    them: the tuner compiles a candidate before timing it and drops it when it spills, so the
+    code never launches them (the heuristic config, launched untuned, has no such way out)."""
+    spilling = {(r["backend"], r["config"], tuple(r["shape"]), r["dtype"]) for r in result["rows"]
+                if r["arch"] == arch and r["role"] == "autotune" and r["kernel"] == "forward" and _spilled(r)}
+    return [r for r in result["rows"]
+            if r["arch"] == arch and (r["backend"], r["config"], tuple(r["shape"]), r["dtype"]) in spilling
+            and r["role"] == "autotune"]
 
 
 def _spilled(r: dict) -> int:
@@ -659,6 +671,10 @@ def main(argv=None) -> dict:
           "all met" if not result["check"] else "")
     for line in result["check"]:
         print(f"  MISSED {line}")
+    for arch in args.arch:
+        for r in dropped_candidates(result, arch):
+            if r["kernel"] == "forward":
+                print(f"  (not a miss: the tuner drops {_where(r)}, which spills {_spilled(r)} bytes)")
     print("wrote " + ", ".join(map(str, paths)))
     if args.check and result["check"]:
         raise SystemExit(1)

@@ -17,7 +17,8 @@ Memory layout (what makes it fast at large B; rows of C = 7 bf16 values are 14 b
   vector stores. The compute tile is [BLOCK_B, BLOCK_C] with padding columns, the flat block is
   not (7 is not a power of two, so no tl.reshape), so the tile is permuted through shared memory
   by ``tl.gather`` into a [BLOCK_B, BLOCK_C] "flat rows" view (slot (i, j) = flat element
-  i * BLOCK_C + j, valid below BLOCK_B * C);
+  i * BLOCK_C + j, valid below BLOCK_B * C); 16-bit gradients take the compute tile
+  column-major there, which keeps the shared-memory reads' bank conflicts ~2-way (see _flat_rows);
 - logits: where rows are contiguous and C < BLOCK_C, read as the same flat block (16-byte
   vector loads) and permuted into the compute tile through shared memory by ``tl.gather``
   (compute (i, j) = flat element i * C + j: a base per thread and immediate offsets). Triton
@@ -241,15 +242,26 @@ def _nla_tile(
     if C != BLOCK_C:
         # the permutation's source of each flat slot (see _flat_rows), built per tile from one
         # loop-invariant value per thread (hoisted whole, it would hold BLOCK_C registers):
-        # flat_first = row0 * BLOCK_C + start_col, start_col < C <= BLOCK_C
         first = opaque + flat_first
-        start_col = first & (BLOCK_C - 1)
-        # slot j holds column start_col + j of row0, or past the row's end (once or, when
-        # BLOCK_C >= C + 2, twice) the next rows' columns: skip BLOCK_C - C padding slots each
-        # time (the test is on j, an immediate: one compare per slot)
-        src = first[:, None] + cols[None, :] + (cols[None, :] >= (C - start_col)[:, None]).to(tl.int32) * (BLOCK_C - C)
-        if BLOCK_C >= C + 2:
-            src += (cols[None, :] >= (2 * C - start_col)[:, None]).to(tl.int32) * (BLOCK_C - C)
+        # slot j holds column start_col + j of row0 or, past the row's end (once or, when
+        # BLOCK_C >= C + 2, twice), column start_col + j - C of the next row
+        if _columns_first(z_ptr):
+            # first = start_col * BLOCK_B + row0: a step of 1 - C * BLOCK_B past a row's end,
+            # which is where first >= (C - j) * BLOCK_B (row0 < BLOCK_B): a compare with an
+            # immediate a slot
+            step = 1 - C * BLOCK_B
+            src = first[:, None] + cols[None, :] * BLOCK_B
+            src += (first[:, None] >= (C - cols[None, :]) * BLOCK_B).to(tl.int32) * step
+            if BLOCK_C >= C + 2:
+                src += (first[:, None] >= (2 * C - cols[None, :]) * BLOCK_B).to(tl.int32) * step
+        else:
+            # first = row0 * BLOCK_C + start_col, start_col < C <= BLOCK_C: skip the BLOCK_C - C
+            # padding slots past a row's end (the test is on j, an immediate: one compare a slot)
+            start_col = first & (BLOCK_C - 1)
+            src = first[:, None] + cols[None, :] + (cols[None, :] >= (C - start_col)[:, None]).to(tl.int32) * (
+                BLOCK_C - C)
+            if BLOCK_C >= C + 2:
+                src += (cols[None, :] >= (2 * C - start_col)[:, None]).to(tl.int32) * (BLOCK_C - C)
         if BLOCK_B * C % BLOCK_C != 0:  # a flat row partly past the tile (tiny tiles): keep in bounds
             src = tl.minimum(src, BLOCK_B * BLOCK_C - 1)
         flat_src = tl.reshape(src, [BLOCK_B * BLOCK_C])
@@ -268,7 +280,7 @@ def _nla_tile(
             if GRAD_ZF:
                 gzf = (half_reg * inv_sf)[:, None] * ef - q_coef[:, None] * ev
                 gzf = tl.where(col_ok[None, :], gzf, 0.0)  # padding: never stored, not computed
-                gzf = _flat_rows(gzf.to(gzf_ptr.dtype.element_ty), flat_src, C == BLOCK_C, BLOCK_B, BLOCK_C)
+                gzf = _flat_rows(gzf, flat_src, gzf_ptr, _columns_first(z_ptr), C == BLOCK_C, BLOCK_B, BLOCK_C)
                 _store_flat(gzf_ptr + g_tile + f, gzf, f, rows_left, C, FULL, C == BLOCK_C, BLOCK_B)
 
     # (& col_ok: a padding column is never y, and the compiler then drops its selects)
@@ -310,7 +322,7 @@ def _nla_tile(
             reg_row, reg_gz, reg_gzf = _jsd_rows(z - m[:, None], zf - mf[:, None], e * inv_s[:, None],
                                                  ef * inv_sf[:, None], ln_s, ln_sf)
             if GRAD_ZF:
-                gzf = _flat_rows((coef_reg * reg_gzf).to(gzf_ptr.dtype.element_ty), flat_src, C == BLOCK_C,
+                gzf = _flat_rows(coef_reg * reg_gzf, flat_src, gzf_ptr, _columns_first(z_ptr), C == BLOCK_C,
                                  BLOCK_B, BLOCK_C)
                 _store_flat(gzf_ptr + g_tile + f, gzf, f, rows_left, C, FULL, C == BLOCK_C, BLOCK_B)
         else:
@@ -336,7 +348,7 @@ def _nla_tile(
                 a_p = (coef_naw * (one_w - c_y - c_k) + half_reg) * inv_s
                 gz = a_p[:, None] * e + (pick - q_coef[:, None] * ev)  # two FFMAs per element
                 gz = tl.where(col_ok[None, :], gz, 0.0)  # padding: never stored, not computed
-            gz = _flat_rows(gz.to(gz_ptr.dtype.element_ty), flat_src, C == BLOCK_C, BLOCK_B, BLOCK_C)
+            gz = _flat_rows(gz, flat_src, gz_ptr, _columns_first(z_ptr), C == BLOCK_C, BLOCK_B, BLOCK_C)
             _store_flat(gz_ptr + g_tile + f, gz, f, rows_left, C, FULL, C == BLOCK_C, BLOCK_B)
     return row_loss
 
@@ -361,16 +373,38 @@ def _jsd_rows(a, af, p, pf, log_s, log_sf):
 
 
 @triton.jit
-def _flat_rows(x, flat_src, EXACT_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
-    """[BLOCK_B, BLOCK_C] tile (C valid columns) -> its flat-rows view: slot (i, j) holds flat
-    element i * BLOCK_C + j of the tile's contiguous (rows, C) block, taken from the compute
-    tile at ``flat_src`` (a shared-memory permutation). When C == BLOCK_C the tile already is
-    its flat-rows view."""
+def _columns_first(z_ptr):
+    """Whether the gradients' permutation takes the compute tile column-major (16-bit logits and
+    gradients; see _flat_rows)."""
+    return z_ptr.dtype.element_ty.primitive_bitwidth < 32
+
+
+@triton.jit
+def _flat_rows(x, flat_src, out_ptr, COLUMNS_FIRST: tl.constexpr, EXACT_C: tl.constexpr, BLOCK_B: tl.constexpr,
+               BLOCK_C: tl.constexpr):
+    """float32 [BLOCK_B, BLOCK_C] tile (C valid columns) -> its flat-rows view in out_ptr's dtype:
+    slot (i, j) holds flat element i * BLOCK_C + j of the tile's contiguous (rows, C) block,
+    taken from the compute tile at ``flat_src`` (a shared-memory permutation). When
+    C == BLOCK_C the tile already is its flat-rows view.
+
+    The gather stores its source in shared memory at the source's row-major offsets, and a
+    warp's 32 lanes read one slot each of 32 flat rows: ~37 consecutive compute rows. Row-major
+    rows of 8 words reach only 7 bank positions (C = 7: 35 wavefronts a warp, ~4.4-way
+    conflicts); ``COLUMNS_FIRST`` gives the tile column-major (compute (r, c) at c * BLOCK_B + r:
+    14 wavefronts, the wrap past 32 rows 2-way) for 8 four-byte shared stores a thread instead
+    of two 16-byte ones. Where the output is 16-bit the shared pipe, not DRAM, would bound the
+    kernel otherwise (bench/NOTES.md: ~3.8 against ~4.9 wavefronts a row, the DRAM floor ~3.9);
+    float32 rows move twice the bytes and keep the fewer instructions."""
     # (if/else, not an early return: Triton still compiles what follows a constexpr return)
     if EXACT_C:
-        flat = x
+        flat = x.to(out_ptr.dtype.element_ty)
+    elif COLUMNS_FIRST:
+        # gathered as float32 (no 16-bit packing for the narrow stores), converted after
+        flat = tl.reshape(tl.gather(tl.reshape(tl.trans(x), [BLOCK_C * BLOCK_B]), flat_src, 0), [BLOCK_B, BLOCK_C])
+        flat = flat.to(out_ptr.dtype.element_ty)
     else:
-        flat = tl.reshape(tl.gather(tl.reshape(x, [BLOCK_B * BLOCK_C]), flat_src, 0), [BLOCK_B, BLOCK_C])
+        flat = tl.reshape(tl.gather(tl.reshape(x.to(out_ptr.dtype.element_ty), [BLOCK_B * BLOCK_C]), flat_src, 0),
+                          [BLOCK_B, BLOCK_C])
     return flat
 
 
@@ -446,12 +480,16 @@ def _nla_fwd_kernel(
     num_programs = tl.num_programs(0)
 
     # the gradient tile's flat rows (see _flat_rows): flat row i starts at flat element i * BLOCK_C,
-    # which is column start_col of compute row row0 (at compute-tile position flat_first)
+    # which is column start_col of compute row row0: position flat_first of the compute tile as
+    # the permutation stores it (column- or row-major)
     r = tl.arange(0, BLOCK_B)
     row0 = (r * BLOCK_C) // C
     in_tile = r * BLOCK_C < BLOCK_B * C  # flat rows past the tile's last element: masked at the store
     flat_start_col = tl.where(in_tile, r * BLOCK_C - row0 * C, 0)
-    flat_first = tl.where(in_tile, row0 * BLOCK_C + flat_start_col, 0)
+    if _columns_first(z_ptr):
+        flat_first = tl.where(in_tile, flat_start_col * BLOCK_B + row0, 0)
+    else:
+        flat_first = tl.where(in_tile, row0 * BLOCK_C + flat_start_col, 0)
 
     # Persistent programs: program pid takes full tiles pid, pid + grid, ...; the program next in
     # turn takes the partial last tile. Fixed order: deterministic per (device, shape, config).

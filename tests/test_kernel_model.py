@@ -329,6 +329,20 @@ def test_check_lists_each_missed_target_and_nothing_else():
     assert kernel_model.check(dict(rows=a100, extension_instantiations=[])) == []
 
 
+def test_a_spilling_tuning_candidate_is_dropped_not_missed():
+    """The tuner drops a candidate that spills (launch.time_candidate), so no target judges it;
+    a heuristic config that spills is a miss (it is launched untuned)."""
+    candidate = [_row(role="autotune", config="bb512_w16", spill_bytes=8, instructions_per_row=25.0),
+                 _row(role="autotune", config="bb512_w16", kernel="total", main_kernel=False, spill_bytes=8,
+                      predicted_pct_copy_bw=10.0)]
+    result = dict(rows=[_row(), *candidate], extension_instantiations=[])
+    assert kernel_model.check(result) == []
+    assert kernel_model.dropped_candidates(result) == candidate
+    heuristic = [dict(r, role="heuristic") for r in candidate]
+    failures = kernel_model.check(dict(rows=heuristic, extension_instantiations=[]))
+    assert any("8 spill bytes" in f for f in failures) and any("25.0 warp-instructions" in f for f in failures)
+
+
 # ----------------------------------------------------------------------------- the extension's launches
 @pytest.mark.slow
 def test_extension_launches_are_the_ones_its_code_picks(stable_kernel_model_cache):

@@ -2,8 +2,9 @@
 
 What every backend shares (values and gradients against the oracle, layouts, dtypes, autograd,
 torch.compile) is in ``test_loss_backends.py``. Without CUDA the kernels run in Triton's
-interpreter (tests/conftest.py sets TRITON_INTERPRET=1), float32 only and small shapes;
-bf16/fp16, CUDA graphs, Inductor and B = 2^24 are marked ``gpu`` and run in ``make gpu-check``.
+interpreter (tests/conftest.py sets TRITON_INTERPRET=1), float32 and small shapes (16-bit
+short rows too: their gradients take another permutation); the rest of bf16/fp16, CUDA graphs,
+Inductor and B = 2^24 are marked ``gpu`` and run in ``make gpu-check``.
 Tolerances: ``tests/loss_cases.py``.
 """
 
@@ -47,6 +48,18 @@ def test_large_batches_without_the_weights():
     flags = dict(JSD=False, FLAT_ROWS=True, WRITE_W=False)
     assert launch.capped(flags) and not launch.capped(dict(flags, WRITE_W=True))
     assert not launch.capped(dict(flags, JSD=True)) and not launch.capped(dict(flags, FLAT_ROWS=False))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch,classes", [(33, 7), (256, 5), (70, 3), (2 * 1024 + 5, 7)])
+def test_16_bit_short_rows_in_the_interpreter(dtype, batch, classes):
+    """16-bit gradients leave through the column-major permutation (``_flat_rows``): one
+    program's partial tile and full one, flat rows spanning two and three rows (C = 5 in slots
+    of 8), C = 3 in slots of 4, and 1024-row tiles (the large-batch config: two full, one
+    partial), with and without the weights (two kinds of kernel), against the oracle."""
+    for i, name in enumerate(("paper", "official-jsd")):
+        z, zf, y = make_inputs(batch, classes, dtype=dtype, seed=50 + i)
+        check("triton", z, zf, y, EPS_KINDS[i + 1], CONFIGS[name], weights=bool(i))
 
 
 def test_strided_logits_are_planned_per_stride_pattern(monkeypatch):

@@ -1,0 +1,139 @@
+"""L1 / shared-memory wavefronts of the Triton short-row kernel, counted from its addresses.
+
+``kernel_model.py`` bounds a kernel by issue, DRAM and launch; it does not see the SM's unified
+L1 / shared-memory data pipe, which moves one 128-byte wavefront a clock and serves every
+shared and global access. What a shared access costs depends on its addresses (bank
+conflicts), which the machine code does not show, so this script replays them: for one warp
+of ``_nla_fwd_kernel``'s compute tile (one row a lane) and one view, every access of the tile
+loop, with the widths the sm_90 SASS shows (Triton 3.8):
+
+- logits in: 16-byte global loads of the flat block (LDG.128), stored to shared memory as
+  they are (2 x STS.64 a lane for bf16, 2 x STS.128 for float32), gathered into compute rows:
+  lane r reads flat elements r * C + c (C columns and the target's, 8 LDS);
+- gradients out: the compute tile stored to shared memory row-major (its 16-bit or float32
+  row: 2 x STS.64 / 2 x STS.128) or column-major (float32, 8 x STS.32 at c * BLOCK_B + r),
+  gathered into flat rows (lane i reads slot j = flat element 8 i + j, 8 LDS), stored with
+  16-byte global stores.
+
+A shared access of 4 bytes or less is one phase of 32 lanes, of 8 bytes two phases of 16, of
+16 bytes four of 8; a phase costs the most distinct 4-byte words any bank holds. A global
+access costs the 128-byte lines it touches. Prints a table, writes ``shared_wavefronts.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import result_files  # noqa: E402
+from kernel_model import DEVICES  # noqa: E402
+
+WARP = 32
+SLOTS = 8  # BLOCK_C for 5 <= C <= 7
+
+
+def shared_wavefronts(addresses: list[int], width: int) -> int:
+    """Wavefronts of one warp-wide shared access of ``width`` bytes a lane at ``addresses``."""
+    per_phase = {1: 32, 2: 32, 4: 32, 8: 16, 16: 8}[width]
+    total = 0
+    for start in range(0, len(addresses), per_phase):
+        words = {(a + b) // 4 for a in addresses[start:start + per_phase] for b in range(0, max(width, 1), 4)}
+        total += max(collections.Counter(w % 32 for w in words).values())
+    return total
+
+
+def global_wavefronts(addresses: list[int], width: int) -> int:
+    """128-byte lines one warp-wide global access touches."""
+    return len({(a + b) // 128 for a in addresses for b in (0, width - 1)})
+
+
+def pieces(total: int, width: int) -> list[int]:
+    """Byte offsets of the ``width``-byte accesses that move ``total`` bytes a lane."""
+    return list(range(0, total, width))
+
+
+def warp_accesses(classes: int, element: int, block_b: int, columns_first: bool, warp: int = 0) -> dict:
+    """Wavefronts of each access group, one warp (lanes = rows / flat rows) and one view."""
+    lanes = range(warp * WARP, warp * WARP + WARP)
+    flat_bytes = SLOTS * element  # a lane's flat row of the block
+    out = {}
+    # logits in
+    out["logits LDG"] = sum(global_wavefronts([i * flat_bytes + p for i in lanes], 16) for p in pieces(flat_bytes, 16))
+    sts = 8 if element == 2 else 16
+    out["logits STS"] = sum(shared_wavefronts([i * flat_bytes + p for i in lanes], sts) for p in pieces(flat_bytes, sts))
+    reads = [[(r * classes + c) * element for r in lanes] for c in range(classes)]
+    reads.append([(r * classes) * element for r in lanes])  # the target's column (addresses alike)
+    out["logits LDS"] = sum(shared_wavefronts(a, element) for a in reads)
+    # gradients out
+    if columns_first:
+        out["gradients STS"] = sum(shared_wavefronts([(c * block_b + r) * 4 for r in lanes], 4) for c in range(SLOTS))
+    else:
+        out["gradients STS"] = sum(shared_wavefronts([r * flat_bytes + p for r in lanes], sts)
+                                   for p in pieces(flat_bytes, sts))
+    lds = 0
+    for j in range(SLOTS):
+        addresses = []
+        for i in lanes:
+            f = i * SLOTS + j
+            if f >= block_b * classes:
+                continue
+            row, col = divmod(f, classes)
+            addresses.append((col * block_b + row) * 4 if columns_first else (row * SLOTS + col) * element)
+        if addresses:
+            lds += shared_wavefronts(addresses, 4 if columns_first else element)
+    out["gradients LDS"] = lds
+    out["gradients STG"] = sum(global_wavefronts([i * flat_bytes + p for i in lanes], 16) for p in pieces(flat_bytes, 16))
+    return out
+
+
+def rows(classes_list=(5, 6, 7), batch: int = 1 << 20) -> list[dict]:
+    device = DEVICES[0]  # the H200
+    result = []
+    for dtype, element, block_b in (("bfloat16", 2, 1024), ("float32", 4, 256)):
+        for classes in classes_list:
+            for columns_first in (False, True):
+                groups = warp_accesses(classes, element, block_b, columns_first)
+                per_row = 2 * sum(groups.values()) / WARP  # both views
+                rows_per_sm = batch / device.sms
+                l1_us = per_row * rows_per_sm / (device.clock_ghz * 1e3)
+                dram_bytes = batch * (4 * classes * element + 8)  # both views' logits and gradients, int64 targets
+                result.append(dict(dtype=dtype, classes=classes, block_b=block_b,
+                                   gradients="column-major" if columns_first else "row-major",
+                                   per_warp_and_view=groups, wavefronts_per_row=per_row, l1_us=l1_us,
+                                   dram_floor_us=dram_bytes / (device.copy_gb_per_s * 1e3), batch=batch,
+                                   device=device.name))
+    return result
+
+
+def table(result: list[dict]) -> str:
+    names = list(result[0]["per_warp_and_view"])
+    head = f"{'dtype':<9} {'C':>2} {'gradients':<13} " + " ".join(f"{n:>13}" for n in names)
+    head += f" {'wf/row':>7} {'L1 us':>6} {'DRAM us':>7}"
+    lines = [head]
+    for r in result:
+        lines.append(f"{r['dtype']:<9} {r['classes']:>2} {r['gradients']:<13} "
+                     + " ".join(f"{r['per_warp_and_view'][n]:>13}" for n in names)
+                     + f" {r['wavefronts_per_row']:>7.2f} {r['l1_us']:>6.1f} {r['dram_floor_us']:>7.1f}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    result_files.add_arguments(parser)
+    args = parser.parse_args(argv)
+    result = rows()
+    print(table(result))
+    print(f"(forward, {result[0]['batch']} rows, {result[0]['device']}: one wavefront a clock an SM; "
+          "DRAM floor at the measured copy bandwidth)")
+    out = result_files.output_dir(args, "model-sm90-80") / "shared_wavefronts.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
