@@ -1,0 +1,41 @@
+"""bench/shared_wavefronts.py: the bank-conflict counter and what it says of the permutations."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import shared_wavefronts as sw  # noqa: E402
+
+
+def test_the_counter_knows_conflict_free_and_conflicting_accesses():
+    lanes = range(32)
+    assert sw.shared_wavefronts([4 * i for i in lanes], 4) == 1  # 32 banks, one word each
+    assert sw.shared_wavefronts([0] * 32, 4) == 1  # one word: a broadcast
+    assert sw.shared_wavefronts([2 * i for i in lanes], 2) == 1  # two lanes a word
+    assert sw.shared_wavefronts([8 * i for i in lanes], 4) == 2  # stride 2 words: 2-way
+    assert sw.shared_wavefronts([128 * i for i in lanes], 4) == 32  # one bank
+    assert sw.shared_wavefronts([16 * i for i in lanes], 16) == 4  # 512 contiguous bytes
+    assert sw.shared_wavefronts([8 * i for i in lanes], 8) == 2
+    assert sw.global_wavefronts([16 * i for i in lanes], 16) == 4
+    assert sw.global_wavefronts([32 * i for i in lanes], 16) == 8  # half of each line
+
+
+def test_column_major_gradients_cut_the_conflicts_of_every_short_row():
+    for classes in (5, 6, 7):
+        for element, block_b in ((2, 1024), (4, 256)):
+            row_major = sw.warp_accesses(classes, element, block_b, columns_first=False)
+            column_major = sw.warp_accesses(classes, element, block_b, columns_first=True)
+            assert column_major["gradients LDS"] <= 16 < row_major["gradients LDS"], (classes, element)
+            assert {k: v for k, v in column_major.items() if "gradients" not in k} == \
+                   {k: v for k, v in row_major.items() if "gradients" not in k}
+    # every warp of a tile alike, the last (flat rows past the tile's end) no worse
+    first, last = (sw.warp_accesses(7, 2, 1024, True, warp) for warp in (0, 31))
+    assert last["gradients LDS"] <= first["gradients LDS"]
+
+
+def test_the_table_and_json(tmp_path, capsys):
+    result = sw.main(["--out-dir", str(tmp_path)])
+    assert (tmp_path / "shared_wavefronts.json").is_file()
+    bf16 = {r["gradients"]: r for r in result if r["dtype"] == "bfloat16" and r["classes"] == 7}
+    assert bf16["column-major"]["l1_us"] < bf16["column-major"]["dram_floor_us"] < bf16["row-major"]["l1_us"]
+    assert "column-major" in capsys.readouterr().out
