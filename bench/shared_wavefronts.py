@@ -1,4 +1,4 @@
-"""L1 / shared-memory wavefronts of the Triton short-row kernel, counted from its addresses.
+"""L1 / shared-memory wavefronts of the short-row loss kernels, counted from their addresses.
 
 ``kernel_model.py`` bounds a kernel by issue, DRAM and launch; it does not see the SM's unified
 L1 / shared-memory data pipe, which moves one 128-byte wavefront a clock and serves every
@@ -9,11 +9,15 @@ loop, with the widths the sm_90 SASS shows (Triton 3.8):
 
 - logits in: 16-byte global loads of the flat block (LDG.128), stored to shared memory as
   they are (2 x STS.64 a lane for bf16, 2 x STS.128 for float32), gathered into compute rows:
-  lane r reads flat elements r * C + c (C columns and the target's, 8 LDS);
+  lane r reads flat elements r * C + c (C columns and the target's: C + 1 LDS);
 - gradients out: the compute tile stored to shared memory row-major (its 16-bit or float32
   row: 2 x STS.64 / 2 x STS.128) or column-major (float32, 8 x STS.32 at c * BLOCK_B + r),
   gathered into flat rows (lane i reads slot j = flat element 8 i + j, 8 LDS), stored with
   16-byte global stores.
+
+Beside it, the extension's fixed tile kernel (C = 7, 8; ``extension_tile_accesses``),
+which stages a tile of 128 rows by 16-byte pieces and has each thread read and write its own
+row there.
 
 A shared access of 4 bytes or less is one phase of 32 lanes, of 8 bytes two phases of 16, of
 16 bytes four of 8; a phase costs the most distinct 4-byte words any bank holds. A global
@@ -89,33 +93,72 @@ def warp_accesses(classes: int, element: int, block_b: int, columns_first: bool,
     return out
 
 
+EXTENSION_TILE_ROWS = 128  # kCudaTileThreads (csrc/nla_loss.h): a row a thread, 128 rows a block
+
+
+def extension_tile_layout(classes: int, element: int) -> tuple[int, int, int]:
+    """(row stride in bytes, bytes a row read moves, lanes' row spacing): ``tile_layout`` of
+    csrc/nla_loss.h, whose fixed tile kernel runs C = 7 and 8."""
+    row = classes * element
+    low = row & -row
+    return (row + 16, 16, 1) if low >= 32 else ((row, low, 1) if low >= 4 else (row, 2, 2))
+
+
+def extension_tile_accesses(classes: int, element: int) -> dict:
+    """Wavefronts of each access group of the extension's fixed tile kernel, one tile of 128 rows
+    (4 warps) and one view: the tile staged into shared memory by 16-byte pieces (LDG.128 and
+    STS.128, thread q piece q), each thread's row read and its gradients written there with
+    ``vec``-byte accesses (C columns and the target's), the gradients out by 16-byte pieces."""
+    stride, vec, lane_rows = extension_tile_layout(classes, element)
+    row = classes * element
+    pieces_in_tile = EXTENSION_TILE_ROWS * row // 16
+    # piece q's shared offset (tile_offset): rows padded to `stride`
+    offset = (lambda q: q * 16) if stride == row else (lambda q: (q // (row // 16)) * stride + (q % (row // 16)) * 16)
+    staged = [list(range(w, min(w + WARP, pieces_in_tile))) for w in range(0, pieces_in_tile, WARP)]
+    out = {"logits LDG": sum(global_wavefronts([16 * q for q in qs], 16) for qs in staged),
+           "logits STS": sum(shared_wavefronts([offset(q) for q in qs], 16) for qs in staged)}
+    lds = sts = 0
+    for warp in range(EXTENSION_TILE_ROWS // WARP):
+        rows_ = [(warp >> 1) * 64 + 2 * lane + (warp & 1) if lane_rows == 2 else warp * WARP + lane for lane in range(WARP)]
+        per_row = [[r * stride + b for r in rows_] for b in range(0, row, vec)]
+        lds += sum(shared_wavefronts(a, vec) for a in per_row) + shared_wavefronts([r * stride for r in rows_], element)
+        sts += sum(shared_wavefronts(a, vec) for a in per_row)
+    out["logits LDS"] = lds
+    out["gradients STS"] = sts
+    out["gradients LDS"] = out["logits STS"]
+    out["gradients STG"] = out["logits LDG"]
+    return out
+
+
 def rows(classes_list=(5, 6, 7), batch: int = 1 << 20) -> list[dict]:
     device = DEVICES[0]  # the H200
     result = []
+
+    def add(backend, dtype, element, classes, layout, groups, rows_counted):
+        per_row = 2 * sum(groups.values()) / rows_counted  # both views
+        dram_bytes = batch * (4 * classes * element + 8)  # both views' logits and gradients, int64 targets
+        result.append(dict(backend=backend, dtype=dtype, classes=classes, gradients=layout, wavefronts=groups,
+                           rows_counted=rows_counted, wavefronts_per_row=per_row,
+                           l1_us=per_row * batch / device.sms / (device.clock_ghz * 1e3),
+                           dram_floor_us=dram_bytes / (device.copy_gb_per_s * 1e3), batch=batch, device=device.name))
+
     for dtype, element, block_b in (("bfloat16", 2, 1024), ("float32", 4, 256)):
         for classes in classes_list:
             for columns_first in (False, True):
-                groups = warp_accesses(classes, element, block_b, columns_first)
-                per_row = 2 * sum(groups.values()) / WARP  # both views
-                rows_per_sm = batch / device.sms
-                l1_us = per_row * rows_per_sm / (device.clock_ghz * 1e3)
-                dram_bytes = batch * (4 * classes * element + 8)  # both views' logits and gradients, int64 targets
-                result.append(dict(dtype=dtype, classes=classes, block_b=block_b,
-                                   gradients="column-major" if columns_first else "row-major",
-                                   per_warp_and_view=groups, wavefronts_per_row=per_row, l1_us=l1_us,
-                                   dram_floor_us=dram_bytes / (device.copy_gb_per_s * 1e3), batch=batch,
-                                   device=device.name))
+                add("triton", dtype, element, classes, "column-major" if columns_first else "row-major",
+                    warp_accesses(classes, element, block_b, columns_first), WARP)
+        add("extension", dtype, element, 7, "row a thread", extension_tile_accesses(7, element), EXTENSION_TILE_ROWS)
     return result
 
 
 def table(result: list[dict]) -> str:
-    names = list(result[0]["per_warp_and_view"])
-    head = f"{'dtype':<9} {'C':>2} {'gradients':<13} " + " ".join(f"{n:>13}" for n in names)
+    names = list(result[0]["wavefronts"])
+    head = f"{'backend':<9} {'dtype':<9} {'C':>2} {'gradients':<13} {'rows':>4} " + " ".join(f"{n:>13}" for n in names)
     head += f" {'wf/row':>7} {'L1 us':>6} {'DRAM us':>7}"
     lines = [head]
     for r in result:
-        lines.append(f"{r['dtype']:<9} {r['classes']:>2} {r['gradients']:<13} "
-                     + " ".join(f"{r['per_warp_and_view'][n]:>13}" for n in names)
+        lines.append(f"{r['backend']:<9} {r['dtype']:<9} {r['classes']:>2} {r['gradients']:<13} {r['rows_counted']:>4} "
+                     + " ".join(f"{r['wavefronts'][n]:>13}" for n in names)
                      + f" {r['wavefronts_per_row']:>7.2f} {r['l1_us']:>6.1f} {r['dram_floor_us']:>7.1f}")
     return "\n".join(lines)
 
@@ -126,8 +169,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     result = rows()
     print(table(result))
-    print(f"(forward, {result[0]['batch']} rows, {result[0]['device']}: one wavefront a clock an SM; "
-          "DRAM floor at the measured copy bandwidth)")
+    print(f"(wavefronts of one view over `rows` rows: a warp of the Triton kernel, a 128-row tile of the "
+          f"extension's; forward, {result[0]['batch']} rows, {result[0]['device']}: one wavefront a clock an SM, "
+          "the DRAM floor at the measured copy bandwidth)")
     out = result_files.output_dir(args, "model-sm90-80") / "shared_wavefronts.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
