@@ -11,19 +11,23 @@ and the real build's flags (ptxas's ``-v`` report kept beside the cubin). From e
 (``cubin_stats``): registers, spills, shared memory, resident warps per SM, SASS instructions of
 the main loop per row, load and store widths, MUFU and fp64 counts. Then a prediction per launch:
 
-    time = max(issue, memory, launch floor)
+    time = max(issue, memory, L1, launch floor)
     issue  = warp-instructions on the busiest SM / (4 per clock x clock) (or its MUFU ones at 16
              lanes a clock, if slower), stretched by WARPS_TO_HIDE_LATENCY / resident warps when
              fewer warps are resident
     memory = bytes moved / copy bandwidth (SPEC 4 bytes plus what else the kernel moves)
+    L1     = L1 / shared-memory wavefronts on the busiest SM / clock, where they are known:
+             ``shared_wavefronts.py`` replays the addresses of the short-row kernels' shared and
+             global accesses (Triton C = 5-7 contiguous, the extension's C = 7 tile), whose
+             shared-memory instructions the slow tests check against the main loop's SASS
 
 and per call the sum over its launches, with the share of copy bandwidth (SPEC 4 bytes / time).
 The instructions of a loop body are all counted, both arms of a branch (exact for the Triton
 kernels' branch-free bodies, an upper bound for branching CUDA code; ``instructions_per_row_min``
 counts the cheapest path through each body, a lower bound). Code a launch runs once outside its
 main loop (a partial last tile) is counted along its costliest path (an upper bound). Not
-modelled: overlap of memory and issue across launches, bank conflicts, the memory side of
-latency (bytes in flight per SM).
+modelled: overlap of memory and issue across launches, the L1 pipe of the kernels not replayed
+(wide rows), the memory side of latency (bytes in flight per SM).
 Every GPU figure it prints is a prediction (not measured on a GPU); the constants are below.
 
     python bench/kernel_model.py                      # table + kernel_model.json
@@ -34,6 +38,7 @@ Every GPU figure it prints is a prediction (not measured on a GPU); the constant
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import hashlib
 import json
@@ -55,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cubin_stats  # noqa: E402
 import extension_launches  # noqa: E402
 import result_files  # noqa: E402  (where every bench writes)
+import shared_wavefronts  # noqa: E402
 from loss_bench import versions  # noqa: E402
 
 from nla_fast import atomic  # noqa: E402
@@ -166,6 +172,8 @@ def analyse(code: cubin_stats.KernelCode, threads: int, grid: int, shared_dynami
     facts["loop_store_opcodes"] = loop_mix["store_opcodes"]
     facts["loop_max_load_bytes"] = loop_mix["max_global_load_bytes"]
     facts["loop_mufu_by_function"] = loop_mix["mufu_by_function"]
+    facts["loop_shared_opcodes"] = dict(sorted(collections.Counter(
+        ins.opcode for ins in (main.instructions if main else []) if ins.base in ("LDS", "STS")).items()))
     facts["kernel_fp64"] = cubin_stats.instruction_mix(code.instructions)["fp64"]
     if rows_per_warp_iteration and main and (warp_iterations or not tail_warps):
         facts["instructions_per_row"] = body / rows_per_warp_iteration
@@ -184,8 +192,10 @@ def _is_mufu(ins) -> int:
     return int(ins.base == "MUFU")
 
 
-def predict(facts: dict, bytes_moved: float, device: Device) -> dict:
-    """max(issue, memory, launch) in microseconds for one launch on ``device``."""
+def predict(facts: dict, bytes_moved: float, device: Device, l1_wavefronts: float | None = None) -> dict:
+    """max(issue, memory, launch) in microseconds for one launch on ``device``, and the L1 /
+    shared-memory pipe (one wavefront a clock an SM) where ``l1_wavefronts``, the launch's
+    total, is known (``shared_wavefronts.py`` replays the short-row kernels' addresses)."""
     warps = math.ceil(facts["threads"] / 32)
     grid, resident = facts["grid"], facts["blocks_per_sm"]
     if resident == 0:
@@ -199,8 +209,12 @@ def predict(facts: dict, bytes_moved: float, device: Device) -> dict:
     issue = clocks_per_block * blocks_on_busiest / (efficiency * device.clock_ghz * 1e3)
     memory = bytes_moved / (device.copy_gb_per_s * 1e3)
     times = {"issue": issue, "memory": memory, "launch": LAUNCH_FLOOR_US}
+    l1 = None
+    if l1_wavefronts is not None:
+        times["l1"] = l1 = l1_wavefronts * blocks_on_busiest / grid / (device.clock_ghz * 1e3)
     bound = max(times, key=times.get)
-    return dict(issue_us=issue, memory_us=memory, launch_us=LAUNCH_FLOOR_US, predicted_us=times[bound], bound=bound)
+    return dict(issue_us=issue, memory_us=memory, l1_us=l1, launch_us=LAUNCH_FLOOR_US, predicted_us=times[bound],
+                bound=bound)
 
 
 # ----------------------------------------------------------------------------- Triton backend
@@ -281,6 +295,19 @@ def _steady_grid(launch: dict, code: cubin_stats.KernelCode, shared: int, batch:
     return persistent_grid(batch, launch["constexprs"]["BLOCK_B"], per_sm, device.sms)
 
 
+def triton_l1_wavefronts(launch: dict, batch: int, dtype: str) -> float | None:
+    """The forward's L1 / shared wavefronts where ``shared_wavefronts`` replays it: contiguous
+    rows of 5-7 classes in slots of 8, both views and both gradients; else None (not counted)."""
+    c = launch["constexprs"]
+    if launch["name"] != "forward" or not (5 <= c.get("C", 0) <= 7 and c.get("BLOCK_C") == shared_wavefronts.SLOTS
+                                           and c.get("FLAT_ROWS") and c.get("HAS_FLIP") and c.get("GRAD_Z")
+                                           and c.get("GRAD_ZF")):
+        return None
+    element = ELEMENT_BYTES[dtype]
+    per_warp = shared_wavefronts.call_accesses(c["C"], element, c["BLOCK_B"], shared_wavefronts.columns_first(element))
+    return sum(per_warp.values()) * batch / shared_wavefronts.WARP
+
+
 def triton_rows(batch: int, classes: int, dtype: str, arch: int) -> list[dict]:
     """One row per launch of every config, and one "total" row per config."""
     device = device_for(arch)
@@ -293,9 +320,10 @@ def triton_rows(batch: int, classes: int, dtype: str, arch: int) -> list[dict]:
             iterations, rows_per_iteration, trips, moved = triton_work(launch, batch)
             facts = analyse(code, 32 * launch["num_warps"], _steady_grid(launch, code, shared, batch, device), shared,
                             iterations, rows_per_iteration, trips)
+            wavefronts = triton_l1_wavefronts(launch, batch, dtype)
             parts.append(dict(facts, kernel=launch["name"], phase=launch["phase"], role=launch["role"],
-                              launch_config=launch["config"], bytes=moved, cubin=str(path),
-                              **predict(facts, moved, device)))
+                              launch_config=launch["config"], bytes=moved, cubin=str(path), l1_wavefronts=wavefronts,
+                              **predict(facts, moved, device, wavefronts)))
         role = launches[0]["role"]
         rows += [_row("triton", label, role, batch, classes, dtype, device, p, i == 0) for i, p in enumerate(parts)]
         rows.append(_total_row("triton", label, role, batch, classes, dtype, device, parts))
@@ -420,10 +448,15 @@ def extension_rows(batch: int, classes: int, dtype: str, arch: int, consistency:
         facts = analyse(code, threads, grid, shared, work.warp_iterations, work.rows_per_warp_iteration,
                         work.trips, work.tail_warps)
         ptxas = ptxas_report(path).get(cubin_stats.stable_name(code.name), {})
+        wavefronts = None
+        if launch is call["launches"][0] and call["plan"]["kernel"] == "TileFixed" and classes == 7 and grad:
+            per_tile = shared_wavefronts.extension_tile_accesses(classes, ELEMENT_BYTES[dtype])
+            wavefronts = sum(per_tile.values()) * batch / shared_wavefronts.EXTENSION_TILE_ROWS
         parts.append(dict(facts, kernel=launch["label"], phase="backward" if launch["label"] == "scale" else "forward",
                           role="cuda_launch_plan", launch_config=f"{threads} threads, {grid} blocks",
                           plan=call["plan"] if launch is call["launches"][0] else None, ptxas=ptxas,
-                          bytes=work.moved, cubin=str(path), **predict(facts, work.moved, device)))
+                          bytes=work.moved, cubin=str(path), l1_wavefronts=wavefronts,
+                          **predict(facts, work.moved, device, wavefronts)))
     config = call["plan"]["kernel"]
     rows = [_row("extension", config, "cuda_launch_plan", batch, classes, dtype, device, p, i == 0)
             for i, p in enumerate(parts)]
@@ -480,6 +513,7 @@ def _total_row(backend, config, role, batch, classes, dtype, device, parts) -> d
         instructions_per_row_min=main["instructions_per_row_min"],
         bytes=counted, bytes_moved=sum(p["bytes"] for p in parts),
         issue_us=sum(p["issue_us"] for p in parts), memory_us=sum(p["memory_us"] for p in parts),
+        l1_us=main["l1_us"],
         predicted_us=total_us, predicted_pct_copy_bw=_pct(counted, total_us, device),
         floor_us=counted / (device.copy_gb_per_s * 1e3)).items()}
 
@@ -598,7 +632,8 @@ def _where(r: dict) -> str:
 
 def table(result: dict) -> str:
     head = (f"{'backend':<9} {'sm':>2} {'shape':>12} {'dtype':<8} {'config':<11} {'kernel':<12} {'regs':>4} "
-            f"{'spill':>5} {'warps':>5} {'ins/row':>7} {'mufu/row':>8} {'ld B':>4} {'us':>8} {'bound':<7} {'%BW':>5}")
+            f"{'spill':>5} {'warps':>5} {'ins/row':>7} {'mufu/row':>8} {'ld B':>4} {'L1 us':>6} {'us':>8} {'bound':<7} "
+            f"{'%BW':>5}")
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
         per_row = r.get("per_row") or {}
@@ -606,10 +641,11 @@ def table(result: dict) -> str:
         mufu = f"{per_row['mufu']:.2f}" if "mufu" in per_row else "-"
         us = f"{r['predicted_us']:.1f}" if r["predicted_us"] is not None else "inf"
         pct = f"{r['predicted_pct_copy_bw']:.1f}" if r["predicted_pct_copy_bw"] is not None else "-"
+        l1 = f"{r['l1_us']:.1f}" if r.get("l1_us") is not None else "-"  # (not replayed: not counted)
         lines.append(f"{r['backend']:<9} {r['arch']:>2} {r['shape'][0]:>7}x{r['shape'][1]:<4} {r['dtype']:<8} "
                      f"{r['config']:<11} {r['kernel']:<12} {r['registers']:>4} {r['spill_bytes']:>5} "
                      f"{r['warps_per_sm']:>5} {ins:>7} {mufu:>8} {r.get('loop_max_load_bytes', '') or '':>4} "
-                     f"{us:>8} {r.get('bound', '') or '':<7} {pct:>5}")
+                     f"{l1:>6} {us:>8} {r.get('bound', '') or '':<7} {pct:>5}")
     return "\n".join(lines)
 
 

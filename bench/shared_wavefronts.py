@@ -33,7 +33,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import result_files  # noqa: E402
-from kernel_model import DEVICES  # noqa: E402
 
 WARP = 32
 SLOTS = 8  # BLOCK_C for 5 <= C <= 7
@@ -59,17 +58,26 @@ def pieces(total: int, width: int) -> list[int]:
     return list(range(0, total, width))
 
 
-def warp_accesses(classes: int, element: int, block_b: int, columns_first: bool, warp: int = 0) -> dict:
-    """Wavefronts of each access group, one warp (lanes = rows / flat rows) and one view."""
+def columns_first(element: int) -> bool:
+    """The kernel's choice (``_columns_first`` in kernels/nla_loss.py): 16-bit gradients are
+    permuted column-major."""
+    return element < 4
+
+
+def warp_accesses(classes: int, element: int, block_b: int, columns_first: bool, target: bool = True,
+                  warp: int = 0) -> dict:
+    """Wavefronts of each access group, one warp (lanes = rows / flat rows) and one view
+    (``target``: the logits' view, which also reads each row's target logit)."""
     lanes = range(warp * WARP, warp * WARP + WARP)
     flat_bytes = SLOTS * element  # a lane's flat row of the block
+    sts = 8 if element == 2 else 16
     out = {}
     # logits in
     out["logits LDG"] = sum(global_wavefronts([i * flat_bytes + p for i in lanes], 16) for p in pieces(flat_bytes, 16))
-    sts = 8 if element == 2 else 16
     out["logits STS"] = sum(shared_wavefronts([i * flat_bytes + p for i in lanes], sts) for p in pieces(flat_bytes, sts))
     reads = [[(r * classes + c) * element for r in lanes] for c in range(classes)]
-    reads.append([(r * classes) * element for r in lanes])  # the target's column (addresses alike)
+    if target:
+        reads.append([(r * classes) * element for r in lanes])  # the target's column (addresses alike)
     out["logits LDS"] = sum(shared_wavefronts(a, element) for a in reads)
     # gradients out
     if columns_first:
@@ -93,6 +101,29 @@ def warp_accesses(classes: int, element: int, block_b: int, columns_first: bool,
     return out
 
 
+def call_accesses(classes: int, element: int, block_b: int, columns_first: bool) -> dict:
+    """``warp_accesses`` of both views (the logits' with the target read), summed: one warp."""
+    views = (warp_accesses(classes, element, block_b, columns_first, target)
+             for target in (True, False))
+    return dict(sum((collections.Counter(v) for v in views), collections.Counter()))
+
+
+def shared_instructions(classes: int, element: int, columns_first: bool) -> collections.Counter:
+    """The shared-memory instructions a thread runs per tile in the replay, both views, by SASS
+    opcode: what the kernel's machine code must show (tests/test_shared_wavefronts.py)."""
+    narrow = "LDS.U16" if element == 2 else "LDS"
+    wide_store = "STS.64" if element == 2 else "STS.128"
+    ops = collections.Counter({wide_store: 2 * (SLOTS * element // (8 if element == 2 else 16))})
+    ops[narrow] += 2 * classes + 1  # both views' columns, the target once
+    if columns_first:
+        ops["STS"] += 2 * SLOTS
+        ops["LDS"] += 2 * SLOTS
+    else:
+        ops[wide_store] += 2 * (SLOTS * element // (8 if element == 2 else 16))
+        ops[narrow] += 2 * SLOTS
+    return ops
+
+
 EXTENSION_TILE_ROWS = 128  # kCudaTileThreads (csrc/nla_loss.h): a row a thread, 128 rows a block
 
 
@@ -106,7 +137,7 @@ def extension_tile_layout(classes: int, element: int) -> tuple[int, int, int]:
 
 def extension_tile_accesses(classes: int, element: int) -> dict:
     """Wavefronts of each access group of the extension's fixed tile kernel, one tile of 128 rows
-    (4 warps) and one view: the tile staged into shared memory by 16-byte pieces (LDG.128 and
+    (4 warps), both views (the target read from the logits' only): the tile staged into shared memory by 16-byte pieces (LDG.128 and
     STS.128, thread q piece q), each thread's row read and its gradients written there with
     ``vec``-byte accesses (C columns and the target's), the gradients out by 16-byte pieces."""
     stride, vec, lane_rows = extension_tile_layout(classes, element)
@@ -115,14 +146,14 @@ def extension_tile_accesses(classes: int, element: int) -> dict:
     # piece q's shared offset (tile_offset): rows padded to `stride`
     offset = (lambda q: q * 16) if stride == row else (lambda q: (q // (row // 16)) * stride + (q % (row // 16)) * 16)
     staged = [list(range(w, min(w + WARP, pieces_in_tile))) for w in range(0, pieces_in_tile, WARP)]
-    out = {"logits LDG": sum(global_wavefronts([16 * q for q in qs], 16) for qs in staged),
-           "logits STS": sum(shared_wavefronts([offset(q) for q in qs], 16) for qs in staged)}
+    out = {"logits LDG": 2 * sum(global_wavefronts([16 * q for q in qs], 16) for qs in staged),
+           "logits STS": 2 * sum(shared_wavefronts([offset(q) for q in qs], 16) for qs in staged)}
     lds = sts = 0
     for warp in range(EXTENSION_TILE_ROWS // WARP):
         rows_ = [(warp >> 1) * 64 + 2 * lane + (warp & 1) if lane_rows == 2 else warp * WARP + lane for lane in range(WARP)]
         per_row = [[r * stride + b for r in rows_] for b in range(0, row, vec)]
-        lds += sum(shared_wavefronts(a, vec) for a in per_row) + shared_wavefronts([r * stride for r in rows_], element)
-        sts += sum(shared_wavefronts(a, vec) for a in per_row)
+        lds += 2 * sum(shared_wavefronts(a, vec) for a in per_row) + shared_wavefronts([r * stride for r in rows_], element)
+        sts += 2 * sum(shared_wavefronts(a, vec) for a in per_row)
     out["logits LDS"] = lds
     out["gradients STS"] = sts
     out["gradients LDS"] = out["logits STS"]
@@ -130,12 +161,29 @@ def extension_tile_accesses(classes: int, element: int) -> dict:
     return out
 
 
+def extension_shared_instructions(classes: int, element: int) -> collections.Counter:
+    """The shared-memory instructions a thread runs per tile in the replay of the extension's
+    fixed tile kernel, both views, by SASS opcode."""
+    stride, vec, _ = extension_tile_layout(classes, element)
+    row = classes * element
+    staged = -(-EXTENSION_TILE_ROWS * row // 16 // EXTENSION_TILE_ROWS)  # 16-byte pieces a thread
+    narrow = {2: "U16", 4: "", 8: "64", 16: "128"}
+    name = lambda op, width: op + ("." + narrow[width] if narrow[width] else "")  # noqa: E731
+    ops = collections.Counter({"STS.128": 2 * staged, "LDS.128": 2 * staged})
+    ops[name("LDS", vec)] += 2 * (row // vec)
+    ops[name("LDS", element)] += 1  # the target, from the logits' row
+    ops[name("STS", vec)] += 2 * (row // vec)
+    return ops
+
+
 def rows(classes_list=(5, 6, 7), batch: int = 1 << 20) -> list[dict]:
+    from kernel_model import DEVICES  # (kernel_model imports this module)
+
     device = DEVICES[0]  # the H200
     result = []
 
     def add(backend, dtype, element, classes, layout, groups, rows_counted):
-        per_row = 2 * sum(groups.values()) / rows_counted  # both views
+        per_row = sum(groups.values()) / rows_counted
         dram_bytes = batch * (4 * classes * element + 8)  # both views' logits and gradients, int64 targets
         result.append(dict(backend=backend, dtype=dtype, classes=classes, gradients=layout, wavefronts=groups,
                            rows_counted=rows_counted, wavefronts_per_row=per_row,
@@ -144,20 +192,21 @@ def rows(classes_list=(5, 6, 7), batch: int = 1 << 20) -> list[dict]:
 
     for dtype, element, block_b in (("bfloat16", 2, 1024), ("float32", 4, 256)):
         for classes in classes_list:
-            for columns_first in (False, True):
-                add("triton", dtype, element, classes, "column-major" if columns_first else "row-major",
-                    warp_accesses(classes, element, block_b, columns_first), WARP)
+            for order in (False, True):
+                add("triton", dtype, element, classes, ("column-major" if order else "row-major")
+                    + (" *" if order == columns_first(element) else ""), call_accesses(classes, element, block_b, order),
+                    WARP)
         add("extension", dtype, element, 7, "row a thread", extension_tile_accesses(7, element), EXTENSION_TILE_ROWS)
     return result
 
 
 def table(result: list[dict]) -> str:
     names = list(result[0]["wavefronts"])
-    head = f"{'backend':<9} {'dtype':<9} {'C':>2} {'gradients':<13} {'rows':>4} " + " ".join(f"{n:>13}" for n in names)
+    head = f"{'backend':<9} {'dtype':<9} {'C':>2} {'gradients':<14} {'rows':>4} " + " ".join(f"{n:>13}" for n in names)
     head += f" {'wf/row':>7} {'L1 us':>6} {'DRAM us':>7}"
     lines = [head]
     for r in result:
-        lines.append(f"{r['backend']:<9} {r['dtype']:<9} {r['classes']:>2} {r['gradients']:<13} {r['rows_counted']:>4} "
+        lines.append(f"{r['backend']:<9} {r['dtype']:<9} {r['classes']:>2} {r['gradients']:<14} {r['rows_counted']:>4} "
                      + " ".join(f"{r['wavefronts'][n]:>13}" for n in names)
                      + f" {r['wavefronts_per_row']:>7.2f} {r['l1_us']:>6.1f} {r['dram_floor_us']:>7.1f}")
     return "\n".join(lines)
@@ -169,7 +218,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     result = rows()
     print(table(result))
-    print(f"(wavefronts of one view over `rows` rows: a warp of the Triton kernel, a 128-row tile of the "
+    print(f"(*: the order the kernel takes; wavefronts of both views over `rows` rows: a warp of the Triton kernel, a 128-row tile of the "
           f"extension's; forward, {result[0]['batch']} rows, {result[0]['device']}: one wavefront a clock an SM, "
           "the DRAM floor at the measured copy bandwidth)")
     out = result_files.output_dir(args, "model-sm90-80") / "shared_wavefronts.json"

@@ -4,6 +4,7 @@ occupancy, the reading of real cubins, spills, the launch descriptions and its J
 Machine code for sm_90 is compiled on the CPU in subprocesses without TRITON_INTERPRET (this
 process runs the kernels in Triton's interpreter, tests/conftest.py)."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ sys.path.insert(0, str(BENCH))
 import cubin_stats  # noqa: E402
 from cubin_stats import readable_name  # noqa: E402
 import kernel_model  # noqa: E402
+import shared_wavefronts  # noqa: E402
 
 # ----------------------------------------------------------------------------- SASS, by hand
 # A kernel as cuobjdump -sass prints it: a prologue, a loop whose body has an if / else (the
@@ -270,7 +272,7 @@ def _facts(**kw):
     return {**base, **kw}
 
 
-def test_prediction_is_the_largest_of_issue_memory_and_launch():
+def test_prediction_is_the_largest_of_issue_memory_l1_and_launch():
     h200 = kernel_model.device_for(90)
     # 16 resident warps: issue stretched 2x; 2 blocks per SM run one after the other
     p = kernel_model.predict(_facts(), 67e6, h200)
@@ -288,6 +290,12 @@ def test_prediction_is_the_largest_of_issue_memory_and_launch():
     p = kernel_model.predict(_facts(grid=1, warp_instructions=100), 64, h200)
     assert p["bound"] == "launch" and p["predicted_us"] == kernel_model.LAUNCH_FLOOR_US
     assert kernel_model.predict(_facts(blocks_per_sm=0), 64, h200)["bound"] == "cannot launch"
+    # the L1 / shared pipe, where its wavefronts are known: one a clock on the busiest SM
+    facts = _facts(threads=1024, blocks_per_sm=2, warp_instructions=1e6)
+    p = kernel_model.predict(facts, 67e6, h200, l1_wavefronts=132 * 60e3)
+    assert p["bound"] == "l1" and p["l1_us"] == pytest.approx(60e3 * math.ceil(facts["grid"] / 132)
+                                                             / facts["grid"] * 132 / 1.98e3)
+    assert kernel_model.predict(facts, 67e6, h200)["l1_us"] is None
 
 
 def _row(**kw):
@@ -672,6 +680,10 @@ def test_sm90_extension_meets_the_static_targets(stable_kernel_model_cache):
         assert sum(n for op, n in loads.items() if ".128" in op) >= 2, loads
         assert not any(".U16" in op or ".U8" in op or ".S16" in op for op in loads), loads
         assert total["predicted_pct_copy_bw"] >= pct, total
+        # the L1 replay's shared-memory instructions are the machine code's; its pipe under DRAM
+        element = kernel_model.ELEMENT_BYTES[dtype]
+        assert tile["loop_shared_opcodes"] == dict(shared_wavefronts.extension_shared_instructions(7, element))
+        assert tile["l1_us"] is not None and tile["l1_us"] < tile["memory_us"], tile
     small = rows[((32, 7), "float32", "tile_fixed")]  # the same instantiation, its partial tile only
     assert small["function_name"] == rows[((2**20, 7), "float32", "tile_fixed")]["function_name"]
     assert small["tail_warps"] == 4 and small["instructions_per_row"] > 0
@@ -709,6 +721,12 @@ def test_sm90_triton_short_rows_meet_the_static_targets(tmp_path):
             assert totals[("bfloat16", r["config"])]["predicted_pct_copy_bw"] >= 70, r["config"]
         else:
             assert totals[("float32", r["config"])]["predicted_pct_copy_bw"] >= 50, r["config"]
+        # the L1 replay (bench/shared_wavefronts.py) assumes the shared-memory instructions the
+        # machine code has; with it, the L1 / shared pipe stays under the DRAM floor
+        element = kernel_model.ELEMENT_BYTES[r["dtype"]]
+        order = shared_wavefronts.columns_first(element)
+        assert r["loop_shared_opcodes"] == dict(shared_wavefronts.shared_instructions(7, element, order)), r
+        assert r["l1_us"] is not None and r["l1_us"] < r["memory_us"], r
 
 
 _VARIANTS = textwrap.dedent(
