@@ -295,16 +295,22 @@ def _steady_grid(launch: dict, code: cubin_stats.KernelCode, shared: int, batch:
     return persistent_grid(batch, launch["constexprs"]["BLOCK_B"], per_sm, device.sms)
 
 
-def triton_l1_wavefronts(launch: dict, batch: int, dtype: str) -> float | None:
+def triton_l1_wavefronts(launch: dict, facts: dict, batch: int, dtype: str) -> float | None:
     """The forward's L1 / shared wavefronts where ``shared_wavefronts`` replays it: contiguous
-    rows of 5-7 classes in slots of 8, both views and both gradients; else None (not counted)."""
+    rows of 5-7 classes in slots of 8, both views and both gradients, and a main loop with the
+    replay's shared-memory instructions (the flat rows' store width is read from them: Triton
+    3.6 and 3.8 differ); else None (not counted)."""
     c = launch["constexprs"]
     if launch["name"] != "forward" or not (5 <= c.get("C", 0) <= 7 and c.get("BLOCK_C") == shared_wavefronts.SLOTS
                                            and c.get("FLAT_ROWS") and c.get("HAS_FLIP") and c.get("GRAD_Z")
                                            and c.get("GRAD_ZF")):
         return None
     element = ELEMENT_BYTES[dtype]
-    per_warp = shared_wavefronts.call_accesses(c["C"], element, c["BLOCK_B"], shared_wavefronts.columns_first(element))
+    order = shared_wavefronts.columns_first(element)
+    store = shared_wavefronts.flat_store_of(facts["loop_shared_opcodes"], c["C"], element, order)
+    if store is None:
+        return None
+    per_warp = shared_wavefronts.call_accesses(c["C"], element, c["BLOCK_B"], order, store)
     return sum(per_warp.values()) * batch / shared_wavefronts.WARP
 
 
@@ -320,7 +326,7 @@ def triton_rows(batch: int, classes: int, dtype: str, arch: int) -> list[dict]:
             iterations, rows_per_iteration, trips, moved = triton_work(launch, batch)
             facts = analyse(code, 32 * launch["num_warps"], _steady_grid(launch, code, shared, batch, device), shared,
                             iterations, rows_per_iteration, trips)
-            wavefronts = triton_l1_wavefronts(launch, batch, dtype)
+            wavefronts = triton_l1_wavefronts(launch, facts, batch, dtype)
             parts.append(dict(facts, kernel=launch["name"], phase=launch["phase"], role=launch["role"],
                               launch_config=launch["config"], bytes=moved, cubin=str(path), l1_wavefronts=wavefronts,
                               **predict(facts, moved, device, wavefronts)))

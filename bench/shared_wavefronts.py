@@ -64,13 +64,24 @@ def columns_first(element: int) -> bool:
     return element < 4
 
 
+# Bytes a shared store of a lane's flat row (the logits' flat block, row-major gradients) moves:
+# Triton 3.8 stores a 16-byte row of 16-bit values as 2 x STS.64, Triton 3.6 as one STS.128;
+# float32 rows (32 bytes) go as 2 x STS.128 in both.
+FLAT_STORES = (8, 16)
+
+
+def flat_store_default(element: int) -> int:
+    """Triton 3.8's flat-row store width for ``element``-byte values."""
+    return 8 if element == 2 else 16
+
+
 def warp_accesses(classes: int, element: int, block_b: int, columns_first: bool, target: bool = True,
-                  warp: int = 0) -> dict:
+                  *, warp: int = 0, flat_store: int | None = None) -> dict:
     """Wavefronts of each access group, one warp (lanes = rows / flat rows) and one view
     (``target``: the logits' view, which also reads each row's target logit)."""
     lanes = range(warp * WARP, warp * WARP + WARP)
     flat_bytes = SLOTS * element  # a lane's flat row of the block
-    sts = 8 if element == 2 else 16
+    sts = min(flat_bytes, flat_store or flat_store_default(element))
     out = {}
     # logits in
     out["logits LDG"] = sum(global_wavefronts([i * flat_bytes + p for i in lanes], 16) for p in pieces(flat_bytes, 16))
@@ -101,27 +112,36 @@ def warp_accesses(classes: int, element: int, block_b: int, columns_first: bool,
     return out
 
 
-def call_accesses(classes: int, element: int, block_b: int, columns_first: bool) -> dict:
+def call_accesses(classes: int, element: int, block_b: int, columns_first: bool, flat_store: int | None = None) -> dict:
     """``warp_accesses`` of both views (the logits' with the target read), summed: one warp."""
-    views = (warp_accesses(classes, element, block_b, columns_first, target)
+    views = (warp_accesses(classes, element, block_b, columns_first, target, flat_store=flat_store)
              for target in (True, False))
     return dict(sum((collections.Counter(v) for v in views), collections.Counter()))
 
 
-def shared_instructions(classes: int, element: int, columns_first: bool) -> collections.Counter:
+def shared_instructions(classes: int, element: int, columns_first: bool,
+                        flat_store: int | None = None) -> collections.Counter:
     """The shared-memory instructions a thread runs per tile in the replay, both views, by SASS
-    opcode: what the kernel's machine code must show (tests/test_shared_wavefronts.py)."""
+    opcode: what the kernel's machine code must show (tests/test_kernel_model.py)."""
     narrow = "LDS.U16" if element == 2 else "LDS"
-    wide_store = "STS.64" if element == 2 else "STS.128"
-    ops = collections.Counter({wide_store: 2 * (SLOTS * element // (8 if element == 2 else 16))})
+    width = min(SLOTS * element, flat_store or flat_store_default(element))
+    wide_store, per_row = {8: "STS.64", 16: "STS.128"}[width], SLOTS * element // width
+    ops = collections.Counter({wide_store: 2 * per_row})
     ops[narrow] += 2 * classes + 1  # both views' columns, the target once
     if columns_first:
         ops["STS"] += 2 * SLOTS
         ops["LDS"] += 2 * SLOTS
     else:
-        ops[wide_store] += 2 * (SLOTS * element // (8 if element == 2 else 16))
+        ops[wide_store] += 2 * per_row
         ops[narrow] += 2 * SLOTS
     return ops
+
+
+def flat_store_of(loop_shared_opcodes: dict, classes: int, element: int, columns_first: bool) -> int | None:
+    """The flat-row store width whose replay has exactly a main loop's shared-memory opcodes
+    (None: the machine code is not the one replayed)."""
+    return next((w for w in FLAT_STORES
+                 if dict(shared_instructions(classes, element, columns_first, w)) == dict(loop_shared_opcodes)), None)
 
 
 EXTENSION_TILE_ROWS = 128  # kCudaTileThreads (csrc/nla_loss.h): a row a thread, 128 rows a block

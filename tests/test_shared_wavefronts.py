@@ -29,8 +29,21 @@ def test_column_major_gradients_cut_the_conflicts_of_every_short_row():
             assert {k: v for k, v in column_major.items() if "gradients" not in k} == \
                    {k: v for k, v in row_major.items() if "gradients" not in k}
     # every warp of a tile alike, the last (flat rows past the tile's end) no worse
-    first, last = (sw.warp_accesses(7, 2, 1024, True, warp) for warp in (0, 31))
+    first, last = (sw.warp_accesses(7, 2, 1024, True, warp=warp) for warp in (0, 31))
     assert last["gradients LDS"] <= first["gradients LDS"]
+
+
+def test_the_replayed_instructions_name_the_flat_store_width():
+    """Triton 3.8 stores a 16-byte flat row of bf16 as 2 x STS.64, 3.6 as one STS.128: the
+    replay tells them apart by the loop's opcodes, and no other mix matches."""
+    v38 = {"LDS": 16, "LDS.U16": 15, "STS": 16, "STS.64": 4}
+    v36 = {"LDS": 16, "LDS.U16": 15, "STS": 16, "STS.128": 2}
+    assert sw.flat_store_of(v38, 7, 2, True) == 8 and sw.flat_store_of(v36, 7, 2, True) == 16
+    assert sw.flat_store_of({**v38, "LDS.U16": 14}, 7, 2, True) is None
+    assert sw.flat_store_of({"LDS": 31, "STS.128": 8}, 7, 4, False) == 16
+    # 16-byte stores of a contiguous flat block: half the wavefronts of 8-byte ones at 16-byte stride
+    wide, narrow = (sw.warp_accesses(7, 2, 1024, True, flat_store=w)["logits STS"] for w in (16, 8))
+    assert (wide, narrow) == (4, 8)
 
 
 def test_the_extensions_row_reads_are_conflict_free_at_c_7():
