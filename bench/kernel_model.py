@@ -437,6 +437,18 @@ def extension_work(launch: dict, plan: dict, code: cubin_stats.KernelCode, batch
     raise KeyError(f"{launch['name']}: no work model in bench/kernel_model.py (extension_work)")
 
 
+def extension_l1_wavefronts(facts: dict, plan: dict, batch: int, classes: int, dtype: str, grad: bool) -> float | None:
+    """The fixed tile kernel's L1 / shared wavefronts where ``shared_wavefronts`` replays it (C = 7,
+    both gradients written) and its main loop has the replay's shared-memory instructions; else
+    None (not counted)."""
+    element = ELEMENT_BYTES[dtype]
+    if not (plan["kernel"] == "TileFixed" and classes == 7 and grad and facts["loop_shared_opcodes"]
+            == dict(shared_wavefronts.extension_shared_instructions(classes, element))):
+        return None
+    per_tile = shared_wavefronts.extension_tile_accesses(classes, element)
+    return sum(per_tile.values()) * batch / shared_wavefronts.EXTENSION_TILE_ROWS
+
+
 def extension_rows(batch: int, classes: int, dtype: str, arch: int, consistency: str = "official",
                    grad: bool = True) -> list[dict]:
     """One row per launch of the extension's fwd + bwd call and its "total" row."""
@@ -454,10 +466,8 @@ def extension_rows(batch: int, classes: int, dtype: str, arch: int, consistency:
         facts = analyse(code, threads, grid, shared, work.warp_iterations, work.rows_per_warp_iteration,
                         work.trips, work.tail_warps)
         ptxas = ptxas_report(path).get(cubin_stats.stable_name(code.name), {})
-        wavefronts = None
-        if launch is call["launches"][0] and call["plan"]["kernel"] == "TileFixed" and classes == 7 and grad:
-            per_tile = shared_wavefronts.extension_tile_accesses(classes, ELEMENT_BYTES[dtype])
-            wavefronts = sum(per_tile.values()) * batch / shared_wavefronts.EXTENSION_TILE_ROWS
+        wavefronts = (extension_l1_wavefronts(facts, call["plan"], batch, classes, dtype, grad)
+                      if launch is call["launches"][0] else None)
         parts.append(dict(facts, kernel=launch["label"], phase="backward" if launch["label"] == "scale" else "forward",
                           role="cuda_launch_plan", launch_config=f"{threads} threads, {grid} blocks",
                           plan=call["plan"] if launch is call["launches"][0] else None, ptxas=ptxas,
@@ -586,7 +596,8 @@ def check(result: dict, arch: int = 90) -> list[str]:
     (SPEC 4 judges sm_90; sm_80 is judged alike, against the A100's bandwidth)."""
     failures = []
     # a tuning candidate that spills is never launched (launch.time_candidate drops it)
-    rows = [r for r in result["rows"] if r["arch"] == arch and r not in dropped_candidates(result, arch)]
+    dropped = {id(r) for r in dropped_candidates(result, arch)}
+    rows = [r for r in result["rows"] if r["arch"] == arch and id(r) not in dropped]
     for r in rows:
         want = BANDWIDTH_TARGETS.get((*r["shape"], r["dtype"]))
         if r["kernel"] == "total" and r["role"] in UNTUNED_ROLES and want and (r["predicted_pct_copy_bw"] or 0) < want:

@@ -70,9 +70,10 @@ def columns_first(element: int) -> bool:
 FLAT_STORES = (8, 16)
 
 
-def flat_store_default(element: int) -> int:
-    """Triton 3.8's flat-row store width for ``element``-byte values."""
-    return 8 if element == 2 else 16
+def flat_store_width(element: int, flat_store: int | None = None) -> int:
+    """Bytes a flat-row store moves: ``flat_store`` (one of FLAT_STORES), by default Triton
+    3.8's for ``element``-byte values, at most the row's SLOTS * element bytes."""
+    return min(SLOTS * element, flat_store or (8 if element == 2 else 16))
 
 
 def warp_accesses(classes: int, element: int, block_b: int, columns_first: bool, target: bool = True,
@@ -81,7 +82,7 @@ def warp_accesses(classes: int, element: int, block_b: int, columns_first: bool,
     (``target``: the logits' view, which also reads each row's target logit)."""
     lanes = range(warp * WARP, warp * WARP + WARP)
     flat_bytes = SLOTS * element  # a lane's flat row of the block
-    sts = min(flat_bytes, flat_store or flat_store_default(element))
+    sts = flat_store_width(element, flat_store)
     out = {}
     # logits in
     out["logits LDG"] = sum(global_wavefronts([i * flat_bytes + p for i in lanes], 16) for p in pieces(flat_bytes, 16))
@@ -124,7 +125,7 @@ def shared_instructions(classes: int, element: int, columns_first: bool,
     """The shared-memory instructions a thread runs per tile in the replay, both views, by SASS
     opcode: what the kernel's machine code must show (tests/test_kernel_model.py)."""
     narrow = "LDS.U16" if element == 2 else "LDS"
-    width = min(SLOTS * element, flat_store or flat_store_default(element))
+    width = flat_store_width(element, flat_store)
     wide_store, per_row = {8: "STS.64", 16: "STS.128"}[width], SLOTS * element // width
     ops = collections.Counter({wide_store: 2 * per_row})
     ops[narrow] += 2 * classes + 1  # both views' columns, the target once
@@ -157,9 +158,10 @@ def extension_tile_layout(classes: int, element: int) -> tuple[int, int, int]:
 
 def extension_tile_accesses(classes: int, element: int) -> dict:
     """Wavefronts of each access group of the extension's fixed tile kernel, one tile of 128 rows
-    (4 warps), both views (the target read from the logits' only): the tile staged into shared memory by 16-byte pieces (LDG.128 and
-    STS.128, thread q piece q), each thread's row read and its gradients written there with
-    ``vec``-byte accesses (C columns and the target's), the gradients out by 16-byte pieces."""
+    (4 warps), both views (the target read from the logits' only): the tile staged into shared
+    memory by 16-byte pieces (LDG.128 and STS.128, thread q piece q), each thread's row read and
+    its gradients written there with ``vec``-byte accesses (C columns and the target's), the
+    gradients out by 16-byte pieces."""
     stride, vec, lane_rows = extension_tile_layout(classes, element)
     row = classes * element
     pieces_in_tile = EXTENSION_TILE_ROWS * row // 16

@@ -389,12 +389,13 @@ def _flat_rows(x, flat_src, out_ptr, COLUMNS_FIRST: tl.constexpr, EXACT_C: tl.co
 
     The gather stores its source in shared memory at the source's row-major offsets, and a
     warp's 32 lanes read one slot each of 32 flat rows: ~37 consecutive compute rows. Row-major
-    rows of 8 words reach only 7 bank positions (C = 7: 35 wavefronts a warp, ~4.4-way
-    conflicts); ``COLUMNS_FIRST`` gives the tile column-major (compute (r, c) at c * BLOCK_B + r:
-    14 wavefronts, the wrap past 32 rows 2-way) for 8 four-byte shared stores a thread instead
-    of two 16-byte ones. Where the output is 16-bit the shared pipe, not DRAM, would bound the
-    kernel otherwise (bench/NOTES.md: ~3.8 against ~4.9 wavefronts a row, the DRAM floor ~3.9);
-    float32 rows move twice the bytes and keep the fewer instructions."""
+    rows of 16 or 32 bytes reach only 7-8 bank positions (C = 7: 40 wavefronts a warp and view,
+    ~5-way conflicts); ``COLUMNS_FIRST`` gives the tile column-major (compute (r, c) at
+    c * BLOCK_B + r: 16 wavefronts, 2-way where the rows wrap past 32) for 8 four-byte shared
+    stores a thread instead of one or two wide ones. Where the output is 16-bit the shared pipe,
+    not DRAM, would bound the kernel otherwise (bench/shared_wavefronts.py at C = 7: 3.4 against
+    4.9 wavefronts a row, the DRAM floor ~3.9); float32 rows stay under their floor row-major
+    and keep the fewer instructions."""
     # (if/else, not an early return: Triton still compiles what follows a constexpr return)
     if EXACT_C:
         flat = x.to(out_ptr.dtype.element_ty)

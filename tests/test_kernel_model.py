@@ -337,6 +337,30 @@ def test_check_lists_each_missed_target_and_nothing_else():
     assert kernel_model.check(dict(rows=a100, extension_instantiations=[])) == []
 
 
+def test_l1_is_counted_only_where_the_replay_is_the_machine_code():
+    """The L1 term comes from shared_wavefronts' replay, and only for a main loop whose
+    shared-memory opcodes are the replay's: other machine code gets no L1 bound (None)."""
+    ext_ops = dict(shared_wavefronts.extension_shared_instructions(7, 2))
+    plan = dict(kernel="TileFixed")
+    per_tile = sum(shared_wavefronts.extension_tile_accesses(7, 2).values())
+    assert kernel_model.extension_l1_wavefronts(dict(loop_shared_opcodes=ext_ops), plan, 2**20, 7, "bfloat16",
+                                                True) == per_tile * 2**20 / 128
+    for facts, plan_, grad in ((dict(loop_shared_opcodes={**ext_ops, "STS.U16": 7}), plan, True),
+                               (dict(loop_shared_opcodes=ext_ops), dict(kernel="WarpRow"), True),
+                               (dict(loop_shared_opcodes=ext_ops), plan, False)):
+        assert kernel_model.extension_l1_wavefronts(facts, plan_, 2**20, 7, "bfloat16", grad) is None
+    constexprs = dict(C=7, BLOCK_C=8, BLOCK_B=1024, FLAT_ROWS=True, HAS_FLIP=True, GRAD_Z=True, GRAD_ZF=True)
+    launch = dict(name="forward", constexprs=constexprs)
+    v38 = dict(shared_wavefronts.shared_instructions(7, 2, True, 8))
+    per_warp = sum(shared_wavefronts.call_accesses(7, 2, 1024, True, 8).values())
+    assert kernel_model.triton_l1_wavefronts(launch, dict(loop_shared_opcodes=v38), 2**20, "bfloat16") \
+        == per_warp * 2**20 / 32
+    assert kernel_model.triton_l1_wavefronts(launch, dict(loop_shared_opcodes={"LDS.U16": 31, "STS.64": 8}),
+                                             2**20, "bfloat16") is None  # row-major: not this kernel
+    strided = dict(launch, constexprs=dict(constexprs, FLAT_ROWS=False))
+    assert kernel_model.triton_l1_wavefronts(strided, dict(loop_shared_opcodes=v38), 2**20, "bfloat16") is None
+
+
 def test_a_spilling_tuning_candidate_is_dropped_not_missed():
     """The tuner drops a candidate that spills (launch.time_candidate), so no target judges it;
     a heuristic config that spills is a miss (it is launched untuned)."""
